@@ -1,0 +1,253 @@
+"""End-to-end generation benchmark: random weights of a real Mistral-Small shape, no files.
+
+    python benchmarks/bench_generate.py --engine ours --config mistral-small-2501 --out ours.json
+    python benchmarks/bench_generate.py --engine hf   --config mistral-small-2501 --out hf.json
+    python benchmarks/bench_generate.py --engine ceilings --out ceil.json
+    python benchmarks/bench_generate.py --table ceil.json ours.json hf.json
+
+Each engine runs in its own process so that two copies of a 47 GB model never share the GPU.
+Reported: prefill tokens/s (batch 1 at 512 and 4096 tokens, time to first token), decode
+tokens/s at batch 1, 8 and 32 (128-token prompts), compile time, and the ceilings they are
+measured against: decode = HBM bandwidth / weight bytes (per step), prefill = matmul rate / FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PREFILL_LENS = (512, 4096)
+DECODE_BATCHES = (1, 8, 32)
+DECODE_PROMPT = 128
+DECODE_TOKENS = 64
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    for mod in ("jax", "jaxlib", "flax", "torch", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # not installed in this world
+            pass
+    return out
+
+
+def _random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1000, vocab, size=length).tolist() for _ in range(batch)]
+
+
+# ---- ceilings ---------------------------------------------------------------------------------
+
+def ceilings() -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    def median_time(f, *args, n=10):
+        jax.block_until_ready(f(*args))
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16)  # 2 GiB, random
+    copy = jax.jit(lambda a: a * 2)
+    t = median_time(copy, x)
+    bw = 2 * x.nbytes / t  # read + write
+    del x
+    n = 8192
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda p, q: p @ q)
+    t = median_time(mm, a, b)
+    return {"device": str(jax.devices()[0].device_kind), "hbm_bytes_per_s": bw,
+            "bf16_matmul_flops_per_s": 2 * n**3 / t, "versions": _versions()}
+
+
+# ---- ours -------------------------------------------------------------------------------------
+
+def bench_ours(config: str, dtype: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from mistral_jax.config import ModelConfig
+    from mistral_jax.engine import Engine, Request
+    from mistral_jax.llm import resolve_dtype
+    from mistral_jax.sampling import SamplingParams
+    from mistral_jax.sharding import make_mesh
+    from mistral_jax.tokenizer import MistralTokenizerAdapter
+    from mistral_jax.weights import random_weights
+
+    cfg = ModelConfig.named(config)
+    mesh = make_mesh()
+    t = time.perf_counter()
+    model = random_weights(cfg, resolve_dtype(dtype), mesh)
+    jax.block_until_ready(nnx_state(model))
+    init_s = time.perf_counter() - t
+    tok_file = "tekken_240911.json" if cfg.vocab_size == 131072 else "mistral_instruct_tokenizer_240323.model.v3"
+    tokenizer = MistralTokenizerAdapter.from_mistral_common_data(tok_file)
+    engine = Engine(model, tokenizer, mesh, max_model_len=cfg.max_seq_len, max_num_seqs=max(DECODE_BATCHES))
+
+    def run(prompts, max_tokens):
+        """Returns (time to first event, time of last event - first event, events)."""
+        reqs = [Request(p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), i)
+                for i, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        first = last = None
+        for _ in engine.stream(reqs):
+            last = time.perf_counter()
+            first = first or last
+        return first - t0, last - first
+
+    out = {"engine": "mistral_jax", "config": config, "dtype": dtype, "init_seconds": init_s,
+           "params": cfg.num_params(), "prefill": {}, "decode": {}, "compile_seconds": {}}
+    for length in PREFILL_LENS:
+        prompts = _random_prompts(1, length, cfg.vocab_size, length)
+        cold, _ = run(prompts, 1)
+        warm = statistics.median(run(prompts, 1)[0] for _ in range(3))
+        out["compile_seconds"][f"prefill_{length}"] = cold - warm
+        out["prefill"][str(length)] = {"ttft_s": warm, "tokens_per_s": length / warm}
+    for batch in DECODE_BATCHES:
+        prompts = _random_prompts(batch, DECODE_PROMPT, cfg.vocab_size, batch)
+        cold_first, cold_rest = run(prompts, DECODE_TOKENS)
+        times = [run(prompts, DECODE_TOKENS)[1] for _ in range(2)]
+        dt = statistics.median(times)
+        per_step = dt / (DECODE_TOKENS - 1)
+        out["compile_seconds"][f"decode_b{batch}"] = max(0.0, cold_rest - dt)
+        out["decode"][str(batch)] = {"step_ms": per_step * 1e3, "tokens_per_s": batch / per_step}
+    out["versions"] = _versions()
+    out["device"] = str(jax.devices()[0].device_kind)
+    return out
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model)
+
+
+# ---- Hugging Face transformers peer -----------------------------------------------------------
+
+def bench_hf(config: str, dtype: str) -> dict:
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from mistral_jax.config import ModelConfig
+
+    cfg = ModelConfig.named(config)
+    hc = MistralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                       num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+                       rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len)
+    hc._attn_implementation = "eager"
+    torch_dtype = torch.bfloat16 if dtype in ("bfloat16", "auto") else torch.float32
+    torch.set_default_dtype(torch_dtype)  # build in bf16 directly: an f32 copy would not fit
+    t = time.perf_counter()
+    with torch.device("cuda"):
+        model = MistralForCausalLM(hc).eval()
+    torch.cuda.synchronize()
+    init_s = time.perf_counter() - t
+
+    def sync_time(f):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        f()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    out = {"engine": "transformers (eager)", "config": config, "dtype": str(torch_dtype), "init_seconds": init_s,
+           "prefill": {}, "decode": {}}
+    with torch.inference_mode():
+        for length in PREFILL_LENS:
+            ids = torch.tensor(_random_prompts(1, length, cfg.vocab_size, length), device="cuda")
+            sync_time(lambda: model(ids, logits_to_keep=1))
+            warm = statistics.median(sync_time(lambda: model(ids, logits_to_keep=1)) for _ in range(3))
+            out["prefill"][str(length)] = {"ttft_s": warm, "tokens_per_s": length / warm}
+        for batch in DECODE_BATCHES:
+            ids = torch.tensor(_random_prompts(batch, DECODE_PROMPT, cfg.vocab_size, batch), device="cuda")
+
+            def gen(n):
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+            sync_time(lambda: gen(4))
+            # decode time per step: difference of two lengths cancels the prefill
+            t_long = sync_time(lambda: gen(DECODE_TOKENS))
+            t_short = sync_time(lambda: gen(8))
+            per_step = (t_long - t_short) / (DECODE_TOKENS - 8)
+            out["decode"][str(batch)] = {"step_ms": per_step * 1e3, "tokens_per_s": batch / per_step}
+    out["versions"] = _versions()
+    out["device"] = torch.cuda.get_device_name()
+    return out
+
+
+# ---- table ------------------------------------------------------------------------------------
+
+def table(paths: list[str]) -> str:
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    ceil = next((r for r in runs if "hbm_bytes_per_s" in r), None)
+    engines = [r for r in runs if "engine" in r]
+    lines = []
+    if ceil:
+        lines.append(f"Device: {ceil['device']}; versions: {json.dumps(ceil['versions'])}")
+        lines.append(f"Measured ceilings: HBM copy {ceil['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+                     f"bf16 matmul {ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    ours = next((r for r in engines if r["engine"] == "mistral_jax"), None)
+    params = ours["params"] if ours else None
+    bytes_per_param = 2
+    lines.append("")
+    lines.append("| measure | " + " | ".join(r["engine"] for r in engines) + " | ceiling |")
+    lines.append("|---|" + "---|" * (len(engines) + 1))
+    for length in PREFILL_LENS:
+        c = ""
+        if ceil and params:
+            c = f"{ceil['bf16_matmul_flops_per_s'] / (2 * params):,.0f}"  # 2 FLOPs per param per token
+        row = [f"{r['prefill'][str(length)]['tokens_per_s']:,.0f}" for r in engines]
+        lines.append(f"| prefill 1x{length} tokens/s | " + " | ".join(row) + f" | {c} |")
+    for batch in DECODE_BATCHES:
+        c = ""
+        if ceil and params:
+            c = f"{batch * ceil['hbm_bytes_per_s'] / (bytes_per_param * params):,.1f}"
+        row = [f"{r['decode'][str(batch)]['tokens_per_s']:,.1f} ({r['decode'][str(batch)]['step_ms']:.1f} ms)"
+               for r in engines]
+        lines.append(f"| decode batch {batch} tokens/s (step) | " + " | ".join(row) + f" | {c} |")
+    if ours:
+        lines.append("")
+        lines.append("Compile seconds (ours, cold minus warm): " +
+                     ", ".join(f"{k} {v:.1f}" for k, v in ours["compile_seconds"].items()))
+        lines.append(f"Random init on device: ours {ours['init_seconds']:.1f}s")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--engine", choices=("ours", "hf", "ceilings"))
+    p.add_argument("--config", default="mistral-small-2501")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out")
+    p.add_argument("--table", nargs="*")
+    args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
+    fn = {"ours": lambda: bench_ours(args.config, args.dtype), "hf": lambda: bench_hf(args.config, args.dtype),
+          "ceilings": ceilings}[args.engine]
+    result = fn()
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Command line: `python -m mistral_jax.generate [--model PATH] [--prompt TEXT | --chat] ...`
+
+Streams the answer to stdout and a timing summary (time to first token, tokens/s) to stderr.
+`--prompt` is sent as one user turn through the model's chat template (these are instruct
+models); `--raw` sends it as plain text. `--chat` is an interactive multi-turn session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .llm import LLM
+from .sampling import SamplingParams
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mistral_jax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct demo)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--prompt", help="one request (default: 'What is the capital of France?')")
+    mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
+    p.add_argument("--raw", action="store_true", help="send --prompt as plain text, without the chat template")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU/TPU, f32 on CPU), bfloat16, float32")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's)")
+    return p.parse_args(argv)
+
+
+def stream_reply(llm: LLM, prompt, params: SamplingParams) -> str:
+    """Print one reply as it streams; return its text. Timing goes to stderr."""
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    text = []
+    for ev in llm.stream([prompt], params):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+        if ev.text:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            text.append(ev.text)
+    end = time.perf_counter()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    decode = f"{(n - 1) / (end - first):.1f} tokens/s" if n > 1 and end > first else "n/a"
+    print(f"[{n} tokens; first token after {first - t0:.2f}s (prompt + compile); decode {decode}]",
+          file=sys.stderr)
+    return "".join(text)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[model {llm.model_path}: {llm.config.n_layers} layers, loaded in {llm.load_seconds:.1f}s]",
+          file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if not args.chat:
+        text = args.prompt if args.prompt is not None else "What is the capital of France?"
+        if args.raw:
+            prompt = text
+        else:
+            ids = llm.tokenizer.encode_chat(system + [{"role": "user", "content": text}])
+            prompt = {"prompt_token_ids": ids}
+        try:
+            stream_reply(llm, prompt, params)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        try:
+            reply = stream_reply(llm, {"prompt_token_ids": llm.tokenizer.encode_chat(messages)}, params)
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Model parameters on devices: streamed from a checkpoint, or random for tests and benchmarks.
+
+The canonical checkpoint names (checkpoint.py) mirror the model's attribute paths:
+`layers.7.attention.wq.weight` is layer 7 of `model.layers.attention.wq`, `*norm.weight` is the
+norm's `scale`. Each tensor goes from the file to its device buffer on its own, so host memory
+holds about one tensor at a time, never the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from .config import ModelConfig
+from .model import Transformer
+from .sharding import logical_spec, make_mesh, use_mesh
+
+_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+
+
+def _path(model_name: str) -> tuple[str, ...]:
+    parts = model_name.split(".")
+    return (*parts, "scale") if parts[-1].endswith("norm") else tuple(parts)
+
+
+def param_target(name: str) -> tuple[tuple[str, ...], int | None]:
+    """Canonical tensor name -> (attribute path in Transformer, layer index or None)."""
+    m = _LAYER_NAME.match(name)
+    if m:
+        return ("layers", *_path(m.group(2))), int(m.group(1))
+    if not name.endswith(".weight"):
+        raise KeyError(name)
+    return _path(name[: -len(".weight")]), None
+
+
+def _variable(model: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:
+    obj = model
+    for attr in path:
+        obj = getattr(obj, attr)
+    return obj
+
+
+def _sharding(mesh: Mesh, var: nnx.Variable, drop_layer_axis: bool = False) -> NamedSharding:
+    axes = var.get_metadata()["logical_axes"]
+    return NamedSharding(mesh, logical_spec(axes[1:] if drop_layer_axis else axes))
+
+
+def abstract_model(cfg: ModelConfig, dtype) -> Transformer:
+    """The model's structure with shapes only: nothing allocated."""
+    return nnx.eval_shape(lambda: Transformer(cfg, dtype, nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zeros(shape, dtype, sharding):
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack: jax.Array, value: jax.Array, layer: jax.Array) -> jax.Array:
+    # stack: [layers, ...]; writes one layer in place (the buffer is donated).
+    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), layer, 0)
+
+
+def _to_device(array: np.ndarray, shape, dtype, sharding: NamedSharding) -> jax.Array:
+    """Host tensor -> sharded device array; each device gets only its slice."""
+    array = array.reshape(shape)
+    out = jax.make_array_from_callback(shape, sharding, lambda index: array[index])
+    return out if out.dtype == dtype else out.astype(dtype)
+
+
+def load_weights(
+    checkpoint, dtype=jnp.bfloat16, mesh: Mesh | None = None, progress: bool = True
+) -> Transformer:
+    """Stream a checkpoint (checkpoint.open_checkpoint(...)) into a model on `mesh`'s devices."""
+    cfg = checkpoint.config
+    mesh = mesh or make_mesh()
+    model = abstract_model(cfg, dtype)
+    # Stacked per-layer parameters start as zero buffers on device and are filled layer by layer.
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param) and path and path[0] == "layers":
+            var.set_value(_zeros(var.shape, var.dtype, _sharding(mesh, var)))
+    for name, array in checkpoint.tensors(progress=progress):
+        path, layer = param_target(name)
+        var = _variable(model, path)
+        if layer is None:
+            var.set_value(_to_device(array, var.shape, var.dtype, _sharding(mesh, var)))
+        else:
+            value = _to_device(array, var.shape[1:], array.dtype, _sharding(mesh, var, True))
+            var.set_value(_set_layer(var[...], value, jnp.int32(layer)))
+    return model
+
+
+def random_weights(cfg: ModelConfig, dtype=jnp.bfloat16, mesh: Mesh | None = None, seed: int = 0) -> Transformer:
+    """Random parameters generated directly on the devices (real-shape benchmarks need no files)."""
+    mesh = mesh or make_mesh()
+    abstract = abstract_model(cfg, dtype)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = jax.tree.map(
+        lambda v: _sharding(mesh, v), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        with use_mesh(mesh):
+            return nnx.state(Transformer(cfg, dtype, nnx.Rngs(seed)))
+
+    return nnx.merge(graphdef, init())

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random checkpoints in both layouts, and small helpers."""
+
+import os
+import shutil
+from pathlib import Path
+
+import mistral_common
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from mistral_jax.config import ModelConfig
+
+    return ModelConfig.named("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, tiny_cfg):
+    """The same random f32 weights saved as a Mistral and as a Hugging Face checkpoint, each with
+    the v3 tokenizer beside it. Returns (mistral_dir, hf_dir, canonical weights)."""
+    from checkpoint_fixtures import make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    mistral_dir, hf_dir = root / "mistral", root / "hf"
+    weights = make_tiny_mistral_checkpoint(mistral_dir, tiny_cfg, seed=0, dtype="float32")
+    make_tiny_hf_checkpoint(hf_dir, weights, tiny_cfg, dtype="float32")
+    for d in (mistral_dir, hf_dir):
+        shutil.copy(V3_TOKENIZER, d / "tokenizer.model.v3")
+    return mistral_dir, hf_dir, weights

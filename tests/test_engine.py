@@ -1,0 +1,141 @@
+"""The generation engine on the tiny model: batching, stops, logprobs, compile counts, errors."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from checkpoint_fixtures import hf_model_from_dir
+from mistral_jax import LLM, SamplingParams
+from mistral_jax import engine as engine_mod
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoints):
+    return LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=256, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoints):
+    return hf_model_from_dir(tiny_checkpoints[1])
+
+
+def prompts(n, seed=0, lo=3, hi=60):
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(5, 32768, size=int(rng.integers(lo, hi))).tolist()} for _ in range(n)]
+
+
+def test_batch_gives_each_prompts_own_greedy_tokens(llm):
+    ps = prompts(5, seed=1)
+    together = [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY)]
+    alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in ps]
+    assert together == alone
+
+
+def test_text_prompt_and_vllm_output_shape(llm):
+    out = llm.generate("Hello world", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert out.prompt == "Hello world"
+    assert out.prompt_token_ids == llm.tokenizer.encode("Hello world", add_bos=True)
+    c = out.outputs[0]
+    assert len(c.token_ids) == 5 and c.finish_reason == "length"
+    assert c.text == llm.tokenizer.decode(c.token_ids)
+
+
+def test_stream_concatenates_to_generate(llm):
+    p = prompts(1, seed=3)
+    full = llm.generate(p, GREEDY)[0].outputs[0]
+    events = list(llm.stream(p, GREEDY))
+    assert [e.token_id for e in events] == full.token_ids
+    assert "".join(e.text for e in events) == full.text
+    assert events[-1].finished and not any(e.finished for e in events[:-1])
+
+
+def test_stop_token_ids_and_stop_strings(llm):
+    p = prompts(1, seed=4)
+    base = llm.generate(p, GREEDY)[0].outputs[0]
+    stop_id = base.token_ids[4]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.token_ids == base.token_ids[: first + 1] and out.finish_reason == "stop"
+    # A stop string taken from the middle of the text: output stops right before it.
+    text = base.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), "degenerate stop string; change the seed"
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, stop=[stop], ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
+    streamed = "".join(e.text for e in llm.stream(p, SamplingParams(temperature=0, max_tokens=12, stop=stop,
+                                                                  ignore_eos=True)))
+    assert streamed == out.text
+
+
+def test_logprobs_match_transformers(llm, hf):
+    p = prompts(1, seed=5)[0]["prompt_token_ids"]
+    out = llm.generate([{"prompt_token_ids": p}],
+                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3, prompt_logprobs=2))[0]
+    gen = out.outputs[0].token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([p + gen])).logits[0].double(), -1).numpy()
+    for i, (tok, lp) in enumerate(zip(gen, out.outputs[0].logprobs)):
+        row = ref[len(p) - 1 + i]
+        assert tok in lp and abs(lp[tok] - row[tok]) < 1e-4
+        top3 = np.argsort(-row)[:3]
+        assert set(top3) <= set(lp) and all(abs(lp[t] - row[t]) < 1e-4 for t in top3)
+    assert out.outputs[0].cumulative_logprob == pytest.approx(sum(ref[len(p) - 1 + i, t] for i, t in enumerate(gen)), abs=1e-3)
+    plp = out.prompt_logprobs
+    assert len(plp) == len(p) and plp[0] is None
+    for t in range(1, len(p)):
+        row = ref[t - 1]
+        assert abs(plp[t][p[t]] - row[p[t]]) < 1e-4
+        assert set(np.argsort(-row)[:2]) <= set(plp[t])
+
+
+def test_seeded_sampling_reproducible_across_batches(llm):
+    ps = prompts(3, seed=6)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
+    alone = llm.generate([ps[1]], sp)[0].outputs[0].token_ids
+    mixed = llm.generate(ps, [GREEDY, sp, SamplingParams(temperature=0.7, seed=5, max_tokens=4)])
+    assert mixed[1].outputs[0].token_ids == alone
+    other = llm.generate([ps[1]], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=99, ignore_eos=True))
+    assert other[0].outputs[0].token_ids != alone
+
+
+def test_no_recompilation_after_warmup(llm):
+    """A mixed workload in the same buckets compiles nothing new."""
+    mix = [GREEDY, SamplingParams(temperature=0.8, top_k=20, seed=1, max_tokens=9),
+           SamplingParams(temperature=1.2, top_p=0.5, min_p=0.1, repetition_penalty=1.3, max_tokens=7)]
+    llm.generate(prompts(3, seed=7, lo=20, hi=30), mix)  # warm-up: prompt bucket 32, batch 4
+    before = engine_mod._step._cache_size()
+    for seed in range(8, 12):
+        rng = np.random.default_rng(seed)
+        params = [mix[i] for i in rng.permutation(3)]
+        llm.generate(prompts(3, seed=seed, lo=17, hi=32), params)
+    assert engine_mod._step._cache_size() == before
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ({"prompt_token_ids": []}, SamplingParams(), "empty"),
+    ({"prompt_token_ids": [1, 40000]}, SamplingParams(), "outside"),
+    ({"prompt_token_ids": [1] * 300}, SamplingParams(), "past the model's context of 256"),
+    ({"prompt_token_ids": [1] * 200}, SamplingParams(max_tokens=100), "Lower max_tokens to 56"),
+])
+def test_bad_requests_fail_clearly_before_work(llm, prompt, params, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate([prompt], params)
+
+
+def test_bad_api_use(llm):
+    with pytest.raises(ValueError, match="2 prompts but 3 sampling_params"):
+        llm.generate(["a", "b"], [GREEDY] * 3)
+    with pytest.raises(TypeError, match="prompt_token_ids"):
+        llm.generate([123])
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(model="unused", dtype="int4")
+
+
+def test_max_tokens_none_runs_to_context(tiny_checkpoints):
+    small = LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=40, progress=False)
+    out = small.generate([{"prompt_token_ids": [1] * 30}], SamplingParams(max_tokens=None, temperature=0,
+                                                                         ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
