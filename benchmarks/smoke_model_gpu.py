@@ -9,7 +9,9 @@ from mistral_jax.weights import random_weights
 from benchmarks.bench_generate import ceilings
 
 print(jax.__version__, jax.devices())
-c = ceilings(); print({k: v for k, v in c.items()})
+import os
+if not os.environ.get("SKIP_CEIL"):
+    c = ceilings(); print({k: v for k, v in c.items()})
 cfg = ModelConfig.named(sys.argv[1] if len(sys.argv) > 1 else "mistral-small-2501")
 t = time.perf_counter(); model = random_weights(cfg, jnp.bfloat16); jax.block_until_ready(nnx.state(model)); print("init", time.perf_counter() - t)
 graphdef, state = nnx.split(model)
@@ -19,7 +21,10 @@ def fwd(state, tokens, positions, cache):
     logits, cache = nnx.merge(graphdef, state)(tokens, positions, cache, logits_at=jnp.zeros((tokens.shape[0], 1), jnp.int32) + tokens.shape[1] - 1)
     return jnp.argmax(logits[:, 0], -1), cache
 
-for B, T, S in [(1, 512, 1024), (1, 4096, 8192), (1, 1, 1024), (8, 1, 1024), (32, 1, 1024)]:
+SHAPES = [(1, 512, 1024), (1, 4096, 8192), (1, 1, 1024), (8, 1, 1024), (32, 1, 1024)]
+if os.environ.get("SHAPES"):
+    SHAPES = [tuple(int(v) for v in s.split("x")) for s in os.environ["SHAPES"].split(",")]
+for B, T, S in SHAPES:
     cache = jax.jit(DenseKVCache.init, static_argnums=(0,1,2,3))(cfg, B, S, jnp.bfloat16)
     tokens = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(T) + (100 if T == 1 else 0), (B, T))

@@ -5,6 +5,10 @@
     print(llm.generate("The capital of France is", SamplingParams(max_tokens=8))[0].outputs[0].text)
 """
 
+from .xla_flags import apply_default_xla_flags
+
+apply_default_xla_flags()  # before JAX initializes its backend
+
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
