@@ -1,0 +1,260 @@
+"""Sampling: vLLM-style SamplingParams, their per-row device arrays, and one jittable `sample`.
+
+Every per-request setting travels as a [batch] array, so a single compiled step serves any mix
+of greedy and sampled rows, penalties and filters without recompiling.
+
+Order (as in vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> draw. Greedy rows
+(temperature < 1e-5) take the argmax of the penalized logits. Filters keep ties: top-k keeps every
+token whose logit equals the k-th largest, top-p every token tied with the last one of the kept
+prefix, so the kept set never depends on how a sort orders equal values.
+
+Randomness: row b at generation step s draws with fold_in(fold_in(fold_in(key(0), seed_hi),
+seed_lo), s), so a seeded request gives the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax in all but name
+
+_HOST_RNG = np.random.default_rng()  # seeds for requests that give none
+
+
+# ---- user-facing parameters -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """Per-request settings, with vLLM's names and defaults. top_k 0 or -1 = off."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if not _is_int(self.n) or self.n != 1:
+            _bad("n", self.n, "1 (one completion per request)",
+                 "send the prompt several times with different seeds to get several completions")
+        _check_real("temperature", self.temperature, 0, math.inf, "0 <= temperature (0 = greedy)",
+                    "use 0 for greedy decoding or a positive value such as 0.7")
+        _check_real("top_p", self.top_p, 0, 1, "0 < top_p <= 1", "use 1.0 to turn top-p off",
+                    low_open=True)
+        if not _is_int(self.top_k) or self.top_k < -1:
+            _bad("top_k", self.top_k, "an integer >= 1, or 0 / -1 for off", "use 0 or -1 to turn top-k off")
+        _check_real("min_p", self.min_p, 0, 1, "0 <= min_p <= 1", "use 0.0 to turn min-p off")
+        _check_real("repetition_penalty", self.repetition_penalty, 0, math.inf, "repetition_penalty > 0",
+                    "use 1.0 for no penalty, values > 1 discourage repeats", low_open=True)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_real(name, getattr(self, name), -2, 2, f"-2 <= {name} <= 2", "use 0.0 for no penalty")
+        if self.seed is not None and not _is_int(self.seed):
+            _bad("seed", self.seed, "an integer or None", "pass an int, or None for a random seed")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]  # vLLM normalizes the same way
+        self.stop = list(self.stop or [])
+        if not all(isinstance(s, str) and s for s in self.stop):
+            _bad("stop", self.stop, "a non-empty string or a list of them", "remove empty or non-string entries")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            _bad("stop_token_ids", self.stop_token_ids, "a list of token ids >= 0", "pass integer token ids")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, getattr(self, name), "True or False", "pass a bool")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            _bad("max_tokens", self.max_tokens, "an integer >= 1, or None (up to the context length)",
+                 "ask for at least 1 token")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                _bad(name, v, f"None or an integer in [0, {MAX_LOGPROBS}]",
+                     f"use 0 for the chosen token only, at most {MAX_LOGPROBS} alternatives")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _bad(field: str, value, allowed: str, fix: str):
+    raise ValueError(f"SamplingParams.{field}={value!r} is invalid: allowed is {allowed}; {fix}")
+
+
+def _check_real(field, value, lo, hi, allowed, fix, low_open=False):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    # Written as `lo <= v <= hi` so that NaN fails too.
+    ok = ok and (lo < value <= hi if low_open else lo <= value <= hi) and not math.isinf(value)
+    if not ok:
+        _bad(field, value, allowed, fix)
+
+
+# ---- device-side arrays ---------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class SamplingArrays:
+    """SamplingParams of a batch as [batch] arrays (a pytree: pass it through jit as data)."""
+
+    temperature: jax.Array  # [batch] f32, 1.0 on greedy rows (never divided by 0)
+    top_k: jax.Array  # [batch] i32, 0 = off
+    top_p: jax.Array  # [batch] f32, 1.0 = off
+    min_p: jax.Array  # [batch] f32, 0.0 = off
+    repetition_penalty: jax.Array  # [batch] f32
+    presence_penalty: jax.Array  # [batch] f32
+    frequency_penalty: jax.Array  # [batch] f32
+    greedy: jax.Array  # [batch] bool
+    seed: jax.Array  # [batch, 2] u32: (high, low) 32 bits of the 64-bit seed
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], pad_to: int | None = None) -> "SamplingArrays":
+        """One row per request, then greedy padding rows up to pad_to. Unseeded rows get a fresh
+        random seed here, on the host."""
+        batch = len(params) if pad_to is None else pad_to
+        if batch < len(params):
+            raise ValueError(f"pad_to={pad_to} is smaller than the {len(params)} requests: pass pad_to >= {len(params)}")
+        pad = [SamplingParams(temperature=0.0, seed=0)] * (batch - len(params))
+        rows = list(params) + pad
+        greedy = np.array([p.greedy for p in rows])
+        # Greedy rows get neutral filters: a batch of only greedy rows then skips the sort.
+        col = lambda f, dtype, neutral: np.array([neutral if p.greedy else f(p) for p in rows], dtype)
+        seeds = [int(_HOST_RNG.integers(2**64, dtype=np.uint64) if p.seed is None else p.seed) % 2**64
+                 for p in rows]
+        return cls(
+            temperature=jnp.asarray(col(lambda p: p.temperature, np.float32, 1.0)),
+            top_k=jnp.asarray(col(lambda p: max(p.top_k, 0), np.int32, 0)),
+            top_p=jnp.asarray(col(lambda p: p.top_p, np.float32, 1.0)),
+            min_p=jnp.asarray(col(lambda p: p.min_p, np.float32, 0.0)),
+            repetition_penalty=jnp.asarray(np.array([p.repetition_penalty for p in rows], np.float32)),
+            presence_penalty=jnp.asarray(np.array([p.presence_penalty for p in rows], np.float32)),
+            frequency_penalty=jnp.asarray(np.array([p.frequency_penalty for p in rows], np.float32)),
+            greedy=jnp.asarray(greedy),
+            seed=jnp.asarray(np.array([(s >> 32, s & 0xFFFFFFFF) for s in seeds], np.uint32).reshape(batch, 2)),
+        )
+
+
+@flax.struct.dataclass
+class SampleResult:
+    tokens: jax.Array  # [batch] i32
+    logprob: jax.Array  # [batch] f32: the chosen token under log_softmax(raw logits)
+    top_ids: jax.Array | None = None  # [batch, num_logprobs] i32, raw distribution
+    top_logprobs: jax.Array | None = None  # [batch, num_logprobs] f32
+
+
+# ---- penalty state --------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("vocab",))
+def init_penalty_state(prompt_ids: jax.Array, prompt_lens: jax.Array, vocab: int):
+    """prompt_ids: [batch, seq] right-padded, prompt_lens: [batch].
+    Returns (output_counts [batch, vocab] i32, all zero; seen_mask [batch, vocab] bool, the prompt)."""
+    batch, seq = prompt_ids.shape
+    valid = jnp.arange(seq)[None, :] < prompt_lens[:, None]  # [batch, seq]
+    ids = jnp.where(valid, prompt_ids, vocab)  # padding -> out of range, dropped by the scatter
+    rows = jnp.arange(batch)[:, None]
+    seen = jnp.zeros((batch, vocab), bool).at[rows, ids].set(True, mode="drop")
+    return jnp.zeros((batch, vocab), jnp.int32), seen
+
+
+def update_penalty_state(output_counts: jax.Array, seen_mask: jax.Array, tokens: jax.Array):
+    """Record one generated token per row. tokens: [batch] i32."""
+    rows = jnp.arange(tokens.shape[0])
+    return output_counts.at[rows, tokens].add(1), seen_mask.at[rows, tokens].set(True)
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+
+def apply_penalties(logits, arrays: SamplingArrays, output_counts, seen_mask):
+    """vLLM/HF semantics. logits: [batch, vocab] f32 -> [batch, vocab] f32.
+    Repetition (prompt + output tokens): positive logits / penalty, negative ones * penalty.
+    Frequency and presence (output tokens only, as in OpenAI): subtract penalty * count, penalty * [count > 0]."""
+    rep = arrays.repetition_penalty[:, None]
+    logits = jnp.where(seen_mask, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - arrays.frequency_penalty[:, None] * output_counts.astype(jnp.float32)
+    return logits - arrays.presence_penalty[:, None] * (output_counts > 0).astype(jnp.float32)
+
+
+def keep_mask(scaled, top_k, top_p, min_p):
+    """Which tokens survive top-k, then top-p, then min-p. scaled: [batch, vocab] temperature-scaled
+    logits; top_k [batch] i32 (0 = off), top_p, min_p [batch] f32. Returns [batch, vocab] bool."""
+    need_sort = jnp.any((top_k > 0) | (top_p < 1))
+    threshold = jax.lax.cond(need_sort, _sorted_threshold, lambda s, *_: jnp.full(s.shape[:1], -jnp.inf, s.dtype),
+                             scaled, top_k, top_p)  # [batch]
+    # min-p: p / p_max >= min_p, with the ratio taken in logit space (renormalizing changes nothing).
+    ratio = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+    return (scaled >= threshold[:, None]) & (ratio >= min_p[:, None])
+
+
+def _sorted_threshold(scaled, top_k, top_p):
+    """The smallest logit that top-k and top-p keep, per row. scaled: [batch, vocab] -> [batch]."""
+    vocab = scaled.shape[-1]
+    desc = -jnp.sort(-scaled, axis=-1)  # [batch, vocab], largest first
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [batch, 1]; ties with it are kept
+    # top-p over the top-k-renormalized distribution: keep sorted position i while the mass
+    # before it is < top_p, i.e. the shortest prefix whose mass reaches top_p (at least 1 token).
+    probs = jax.nn.softmax(jnp.where(desc >= kth, desc, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.maximum(jnp.sum(mass_before < top_p[:, None], axis=-1), 1)
+    last = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
+    # top_p == 1 keeps everything: no trust in a rounded cumsum reaching exactly 1.
+    last = jnp.where(top_p[:, None] < 1, last, -jnp.inf)
+    return jnp.maximum(kth, last)[:, 0]
+
+
+def _gumbel_noise(seed, step, vocab: int):
+    """One row's noise at one step. seed: [2] u32, step: [] i32 -> [vocab] f32."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), seed[0]), seed[1])
+    return jax.random.gumbel(jax.random.fold_in(key, step), (vocab,), jnp.float32)
+
+
+def _draw(penalized, arrays: SamplingArrays, step):
+    """Temperature, filters, then Gumbel-max (an exact categorical draw). -> [batch] i32."""
+    scaled = penalized / arrays.temperature[:, None]
+    keep = keep_mask(scaled, arrays.top_k, arrays.top_p, arrays.min_p)
+    noise = jax.vmap(_gumbel_noise, in_axes=(0, 0, None))(arrays.seed, step, scaled.shape[-1])
+    sampled = jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + noise, axis=-1)
+    return jnp.where(arrays.greedy, jnp.argmax(penalized, axis=-1), sampled).astype(jnp.int32)
+
+
+def sample(logits, arrays: SamplingArrays, step, output_counts, seen_mask, num_logprobs: int = 0) -> SampleResult:
+    """Pick one token per row. Jittable; num_logprobs must be static.
+
+    logits: [batch, vocab] any float dtype; step: [batch] i32 tokens generated so far per row;
+    output_counts: [batch, vocab] i32 generated-token counts; seen_mask: [batch, vocab] bool
+    prompt or generated tokens. Logprobs are of the raw model distribution (vLLM's default).
+    """
+    logits = logits.astype(jnp.float32)
+    penalized = apply_penalties(logits, arrays, output_counts, seen_mask)
+    greedy_only = lambda p, a, s: jnp.argmax(p, axis=-1).astype(jnp.int32)
+    tokens = jax.lax.cond(jnp.all(arrays.greedy), greedy_only, _draw, penalized, arrays, step)
+    raw = jax.nn.log_softmax(logits, axis=-1)  # [batch, vocab]
+    logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+    if num_logprobs == 0:
+        return SampleResult(tokens, logprob)
+    top_logprobs, top_ids = jax.lax.top_k(raw, num_logprobs)
+    return SampleResult(tokens, logprob, top_ids.astype(jnp.int32), top_logprobs)

@@ -1,0 +1,362 @@
+"""Sampling: seeds, greedy, exact filter sets, penalties, distributions, logprobs, no recompiles."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mistral_jax.sampling import (
+    MAX_LOGPROBS,
+    SamplingArrays,
+    SamplingParams,
+    apply_penalties,
+    init_penalty_state,
+    keep_mask,
+    sample,
+    update_penalty_state,
+)
+
+TRACES = []  # one entry per trace of _sample: counts compilations
+
+
+@functools.partial(jax.jit, static_argnames="num_logprobs")
+def _sample(logits, arrays, step, counts, seen, num_logprobs=0):
+    TRACES.append(num_logprobs)  # runs only while tracing
+    return sample(logits, arrays, step, counts, seen, num_logprobs)
+
+
+def run(logits, arrays, step=0, counts=None, seen=None, num_logprobs=0):
+    """Sample from logits [batch, vocab] with fresh penalty state unless given."""
+    batch, vocab = logits.shape
+    counts = jnp.zeros((batch, vocab), jnp.int32) if counts is None else jnp.asarray(counts)
+    seen = jnp.zeros((batch, vocab), bool) if seen is None else jnp.asarray(seen)
+    step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (batch,))
+    return jax.device_get(_sample(jnp.asarray(logits), arrays, step, counts, seen, num_logprobs=num_logprobs))
+
+
+def tile(params: SamplingParams, n: int) -> SamplingArrays:
+    """n rows with the same params (and seed)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), SamplingArrays.from_params([params]))
+
+
+def draws(logits_row, params: SamplingParams, n: int) -> np.ndarray:
+    """n draws from one distribution: the same seed at steps 0..n-1."""
+    logits = np.broadcast_to(np.asarray(logits_row, np.float32), (n, len(logits_row)))
+    return run(logits, tile(params, n), step=np.arange(n)).tokens
+
+
+def random_logits(seed, shape, scale=3.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# ---- seeds ------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_tokens_whatever_the_batch():
+    vocab, steps = 500, 8
+    logits = random_logits(0, (steps, vocab))
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
+    others = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=5, top_k=20),
+              SamplingParams(min_p=0.05), SamplingParams(temperature=1.3, repetition_penalty=1.2, seed=7)]
+
+    def generate(params, row, batch):
+        arrays = SamplingArrays.from_params(params, pad_to=batch)
+        noise = random_logits(row + batch, (batch, vocab))  # other rows see other logits
+        out = []
+        for s in range(steps):
+            noise[row] = logits[s]
+            out.append(int(run(noise, arrays, step=s).tokens[row]))
+        return out
+
+    alone = generate([sp], 0, 1)
+    assert generate(others[:3] + [sp] + others[3:], 3, 8) == alone
+    assert generate([sp] + others, 0, 5) == alone
+    assert generate([dataclasses.replace(sp, seed=99)], 0, 1) != alone
+    assert len(set(alone)) > 1  # the steps differ too
+
+
+def test_large_and_negative_seeds_are_accepted_and_distinct():
+    logits = random_logits(1, (1, 1000))
+    outs = {tuple(draws(logits[0], SamplingParams(seed=s), 16)) for s in (0, 1, 2**32, 2**63 + 1, -1)}
+    assert len(outs) == 5
+
+
+def test_unseeded_rows_get_fresh_seeds():
+    a = SamplingArrays.from_params([SamplingParams()] * 2)
+    b = SamplingArrays.from_params([SamplingParams()])
+    assert not np.array_equal(a.seed[0], a.seed[1]) and not np.array_equal(a.seed[0], b.seed[0])
+
+
+# ---- greedy -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_greedy_is_argmax(dtype):
+    logits = jnp.asarray(random_logits(2, (6, 300)), dtype)
+    want = np.argmax(np.asarray(logits, np.float32), -1)
+    only_greedy = SamplingArrays.from_params([SamplingParams(temperature=0.0, seed=i) for i in range(6)])
+    assert np.array_equal(run(logits, only_greedy).tokens, want)
+    # Mixed with sampled rows (the other code path), temperature below 1e-5 is greedy too.
+    mixed = SamplingArrays.from_params([SamplingParams(temperature=1e-6), SamplingParams(temperature=1.0)] * 3)
+    assert np.array_equal(run(logits, mixed).tokens[::2], want[::2])
+
+
+def test_padding_rows_are_greedy():
+    arrays = SamplingArrays.from_params([SamplingParams(temperature=1.0)], pad_to=4)
+    assert arrays.greedy.tolist() == [False, True, True, True]
+    with pytest.raises(ValueError, match="pad_to"):
+        SamplingArrays.from_params([SamplingParams()] * 3, pad_to=2)
+
+
+# ---- filters: exact kept sets -----------------------------------------------------------------
+
+PROBS = np.array([0.30, 0.20, 0.15, 0.10, 0.08, 0.06, 0.05, 0.03, 0.02, 0.01])
+LOGITS = np.log(PROBS).astype(np.float32)
+
+
+def mask(logits, top_k=0, top_p=1.0, min_p=0.0):
+    """keep_mask for one row, as the set of kept ids."""
+    m = keep_mask(jnp.asarray(logits, jnp.float32)[None], jnp.array([top_k]), jnp.array([top_p], jnp.float32),
+                  jnp.array([min_p], jnp.float32))
+    return set(np.flatnonzero(np.asarray(m[0])).tolist())
+
+
+@pytest.mark.parametrize("kw, kept", [
+    ({}, set(range(10))),
+    ({"top_k": 3}, {0, 1, 2}),
+    ({"top_k": 1}, {0}),
+    ({"top_k": 50}, set(range(10))),  # larger than the vocab: off
+    ({"top_p": 0.45}, {0, 1}),  # 0.30 < 0.45 <= 0.50
+    ({"top_p": 0.55}, {0, 1, 2}),
+    ({"top_p": 0.01}, {0}),  # always at least one token
+    ({"min_p": 0.6}, {0, 1}),  # p >= 0.18
+    ({"min_p": 0.3}, {0, 1, 2, 3}),  # p >= 0.09
+    ({"min_p": 1.0}, {0}),
+    ({"top_k": 4, "top_p": 0.6}, {0, 1}),  # top-p over the top-4 renormalized: 0.30/0.75 = 0.4, 0.67
+    ({"top_k": 5, "top_p": 0.9, "min_p": 0.4}, {0, 1, 2}),
+])
+def test_keep_mask_exact_sets(kw, kept):
+    assert mask(LOGITS, **kw) == kept
+
+
+def test_keep_mask_keeps_ties():
+    tied = np.array([3.0, 2.0, 2.0, 2.0, 1.0, 0.0], np.float32)
+    assert mask(tied, top_k=2) == {0, 1, 2, 3}  # every token equal to the 2nd largest
+    assert mask(tied, top_p=0.7) == {0, 1, 2, 3}  # tied with the last token of the prefix
+    assert mask(tied, min_p=np.exp(-1.0) - 1e-6) == {0, 1, 2, 3}
+
+
+def np_keep_mask(x, k, p, m):
+    """Reference in float64. Returns (mask, near_boundary)."""
+    x = np.asarray(x, np.float64)
+    keep = np.ones(len(x), bool)
+    if k > 0:
+        keep &= x >= np.sort(x)[::-1][min(k, len(x)) - 1]
+    near = False
+    if p < 1:
+        probs = np.exp(log_softmax(np.where(keep, x, -np.inf)))
+        order = np.argsort(-probs, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]
+        near |= bool(np.any(np.abs(before - p) < 1e-4))
+        keep &= probs >= probs[order][max(1, np.sum(before < p)) - 1]
+    ratio = np.exp(x - x.max())
+    near |= m > 0 and bool(np.any(np.abs(ratio - m) < 1e-4))
+    return keep & (ratio >= m), near
+
+
+def test_keep_mask_matches_numpy_on_random_rows():
+    rng = np.random.default_rng(3)
+    n, vocab = 400, 64
+    x = random_logits(4, (n, vocab), scale=2.0)
+    k = rng.choice([0, 1, 2, 5, 17, 64, 100], n).astype(np.int32)
+    p = rng.choice([1.0, 0.999, 0.9, 0.5, 0.1], n).astype(np.float32)
+    m = rng.choice([0.0, 0.01, 0.1, 0.5], n).astype(np.float32)
+    got = np.asarray(keep_mask(jnp.asarray(x), jnp.asarray(k), jnp.asarray(p), jnp.asarray(m)))
+    checked = 0
+    for i in range(n):
+        want, near = np_keep_mask(x[i], k[i], float(p[i]), float(m[i]))
+        if not near:
+            assert np.array_equal(got[i], want), (i, k[i], p[i], m[i])
+            checked += 1
+    assert checked > 0.9 * n, checked
+
+
+@pytest.mark.parametrize("kw, kept", [
+    ({"top_k": 3}, {0, 1, 2}),
+    ({"top_p": 0.55}, {0, 1, 2}),
+    ({"min_p": 0.3}, {0, 1, 2, 3}),
+    ({"top_k": 6, "top_p": 0.8, "min_p": 0.25}, {0, 1, 2, 3}),
+])
+def test_sampling_draws_exactly_the_kept_set(kw, kept):
+    tokens = draws(LOGITS, SamplingParams(temperature=1.0, seed=11, **kw), 4000)
+    assert set(tokens.tolist()) == kept
+
+
+def test_sampled_tokens_stay_in_set_after_temperature():
+    # Temperature changes which tokens pass top-p and min-p: filters act on the scaled logits.
+    sp = SamplingParams(temperature=0.5, top_p=0.55, seed=3)  # p^2 renormalized: 0.39, 0.17, ...
+    assert set(draws(LOGITS, sp, 4000).tolist()) == mask(LOGITS / 0.5, top_p=0.55) == {0, 1}
+
+
+# ---- penalties --------------------------------------------------------------------------------
+
+
+def np_penalties(x, counts, seen, rep, pres, freq):
+    x = np.where(seen, np.where(x > 0, x / rep, x * rep), x)
+    return x - freq * counts - pres * (counts > 0)
+
+
+def test_penalties_match_formulas():
+    batch, vocab = 4, 50
+    rng = np.random.default_rng(5)
+    x = random_logits(6, (batch, vocab))
+    counts = rng.integers(0, 3, (batch, vocab)) * (rng.random((batch, vocab)) < 0.3)
+    seen = (counts > 0) | (rng.random((batch, vocab)) < 0.2)  # the prompt adds more seen tokens
+    params = [SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+              SamplingParams(repetition_penalty=0.7, presence_penalty=-1.0, frequency_penalty=1.5),
+              SamplingParams(), SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=-2.0)]
+    arrays = SamplingArrays.from_params(params)
+    got = apply_penalties(jnp.asarray(x), arrays, jnp.asarray(counts, jnp.int32), jnp.asarray(seen))
+    for i, p in enumerate(params):
+        want = np_penalties(x[i], counts[i], seen[i], p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+        np.testing.assert_allclose(np.asarray(got[i]), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got[2]), x[2])  # defaults change nothing
+    # Greedy takes the argmax of the penalized logits; logprob stays that of the raw ones.
+    out = run(x, arrays, counts=counts.astype(np.int32), seen=seen)
+    assert out.tokens[3] == np.argmax(np_penalties(x[3], counts[3], seen[3], 2.0, 0.0, -2.0))
+    np.testing.assert_allclose(out.logprob, log_softmax(x)[np.arange(batch), out.tokens], atol=1e-5)
+
+
+def test_penalty_state():
+    prompt = jnp.array([[3, 1, 3, 0], [2, 0, 0, 0]])  # right-padded with 0
+    counts, seen = init_penalty_state(prompt, jnp.array([3, 1]), 6)
+    assert np.asarray(seen).tolist() == [[0, 1, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]]  # pad 0 not seen
+    assert not np.asarray(counts).any()
+    counts, seen = update_penalty_state(counts, seen, jnp.array([5, 2]))
+    counts, seen = update_penalty_state(counts, seen, jnp.array([5, 0]))
+    assert np.asarray(counts).tolist() == [[0, 0, 0, 0, 0, 2], [1, 0, 1, 0, 0, 0]]
+    assert np.asarray(seen).tolist() == [[0, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 0]]
+
+
+def test_repetition_penalty_steers_sampling():
+    x = np.array([[2.0, 1.9, -5.0]], np.float32)
+    arrays = SamplingArrays.from_params([SamplingParams(temperature=0, repetition_penalty=1.5)])
+    assert run(x, arrays, seen=np.array([[True, False, False]])).tokens[0] == 1
+
+
+# ---- distributions ----------------------------------------------------------------------------
+
+
+def chi_square_ok(counts, probs):
+    """Chi-square goodness of fit at the 0.001 level."""
+    expected = probs * counts.sum()
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    try:
+        from scipy.stats import chi2
+
+        crit = chi2.ppf(0.999, len(probs) - 1)
+    except ImportError:
+        crit = {9: 27.877, 2: 13.816}[len(probs) - 1]
+    return stat < crit, stat, crit
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_temperature_sampling_follows_softmax(temperature):
+    x = random_logits(7, (10,), scale=1.0)
+    tokens = draws(x, SamplingParams(temperature=temperature, seed=21), 20000)
+    probs = np.exp(log_softmax(x / temperature))
+    ok, stat, crit = chi_square_ok(np.bincount(tokens, minlength=10), probs)
+    assert ok, (stat, crit)
+    # The test has power: the untempered distribution is rejected.
+    assert not chi_square_ok(np.bincount(tokens, minlength=10), np.exp(log_softmax(x)))[0]
+
+
+def test_filtered_sampling_renormalizes():
+    tokens = draws(LOGITS, SamplingParams(top_k=3, seed=8), 20000)
+    ok, stat, crit = chi_square_ok(np.bincount(tokens, minlength=3), PROBS[:3] / PROBS[:3].sum())
+    assert ok, (stat, crit)
+
+
+# ---- logprobs ---------------------------------------------------------------------------------
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    batch, vocab, n = 5, 200, 4
+    x = random_logits(9, (batch, vocab))
+    params = [SamplingParams(temperature=0.5, top_k=10, seed=1, logprobs=n), SamplingParams(temperature=0),
+              SamplingParams(repetition_penalty=1.5, presence_penalty=1.0, seed=2), SamplingParams(top_p=0.3),
+              SamplingParams(temperature=2.0, min_p=0.1)]
+    counts = np.random.default_rng(0).integers(0, 2, (batch, vocab)).astype(np.int32)
+    out = run(x, SamplingArrays.from_params(params), counts=counts, seen=counts > 0, num_logprobs=n)
+    ref = log_softmax(x)
+    np.testing.assert_allclose(out.logprob, ref[np.arange(batch), out.tokens], atol=1e-5)
+    want_ids = np.argsort(-ref, axis=-1, kind="stable")[:, :n]
+    np.testing.assert_array_equal(out.top_ids, want_ids)
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(ref, want_ids, -1), atol=1e-5)
+    assert out.top_ids.dtype == np.int32 and out.tokens.dtype == np.int32
+
+
+def test_no_top_logprobs_when_not_asked():
+    out = run(random_logits(10, (2, 30)), SamplingArrays.from_params([SamplingParams()] * 2))
+    assert out.top_ids is None and out.top_logprobs is None
+
+
+# ---- compilation ------------------------------------------------------------------------------
+
+
+def test_one_compilation_serves_any_mix_of_settings():
+    batch, vocab = 4, 128
+    mixes = [
+        [SamplingParams(temperature=0)] * 4,
+        [SamplingParams(), SamplingParams(temperature=0), SamplingParams(top_k=5, seed=1), SamplingParams(top_p=0.5)],
+        [SamplingParams(min_p=0.2, repetition_penalty=1.3), SamplingParams(temperature=0.3, presence_penalty=1.0)] * 2,
+        [SamplingParams(temperature=2.0, top_k=-1, frequency_penalty=-0.5, seed=2**40)],  # padded to 4
+    ]
+    x = random_logits(11, (batch, vocab))
+    run(x, SamplingArrays.from_params(mixes[0], pad_to=batch))  # warm-up
+    before = len(TRACES)
+    for step, mix in enumerate(mixes):
+        run(x, SamplingArrays.from_params(mix, pad_to=batch), step=step)
+    assert len(TRACES) == before
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 2), ("n", 0),
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "hot"),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.2),
+    ("top_k", -2), ("top_k", 2.5),
+    ("min_p", -0.1), ("min_p", 1.1),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+    ("presence_penalty", 2.5), ("presence_penalty", -2.1),
+    ("frequency_penalty", 3.0), ("frequency_penalty", -2.5),
+    ("seed", 1.5), ("seed", "42"), ("seed", True),
+    ("stop", ""), ("stop", ["ok", 3]),
+    ("stop_token_ids", [-1]), ("stop_token_ids", ["2"]),
+    ("ignore_eos", "yes"), ("skip_special_tokens", None),
+    ("max_tokens", 0), ("max_tokens", -5), ("max_tokens", 2.0),
+    ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1), ("prompt_logprobs", -1), ("prompt_logprobs", 100),
+])
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=") as err:
+        SamplingParams(**{field: value})
+    assert "allowed" in str(err.value)
+
+
+def test_valid_edge_values_and_normalization():
+    p = SamplingParams(temperature=0, top_p=1e-6, top_k=-1, min_p=1.0, presence_penalty=-2, frequency_penalty=2,
+                       seed=-3, stop="###", max_tokens=None, logprobs=MAX_LOGPROBS, prompt_logprobs=0)
+    assert p.greedy and p.stop == ["###"] and p.stop_token_ids == []
+    assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-5).greedy
+    assert SamplingParams(seed=np.int64(7)).seed == 7
