@@ -100,6 +100,27 @@ class ModelConfig:
             max_seq_len=int(cfg.get("max_position_embeddings", 32768)),
         )
 
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, vocab_size: int, tied_embeddings: bool) -> "ModelConfig":
+        """A GGUF file's metadata (key -> scalar value). The vocabulary size and the tying come
+        from the tensors (token_embd's rows; whether an output.weight exists), which is where
+        llama.cpp records them reliably."""
+        arch = meta["general.architecture"]
+        dim, n_heads = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
+        return cls(
+            dim=dim,
+            n_layers=meta[f"{arch}.block_count"],
+            n_heads=n_heads,
+            n_kv_heads=meta.get(f"{arch}.attention.head_count_kv", n_heads),
+            head_dim=meta.get(f"{arch}.attention.key_length", dim // n_heads),
+            hidden_dim=meta[f"{arch}.feed_forward_length"],
+            vocab_size=vocab_size,
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 1e4)),
+            norm_eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
+            tied_embeddings=tied_embeddings,
+            max_seq_len=int(meta.get(f"{arch}.context_length", 32768)),
+        )
+
     def to_mistral_params(self) -> dict:
         return {
             "dim": self.dim,

@@ -1,0 +1,50 @@
+"""Checkpoints of every supported format, read as one canonical tensor stream.
+
+    ckpt = open_checkpoint(path)          # a Mistral or Hugging Face directory, or a .gguf file
+    ckpt.config                           # ModelConfig
+    for name, array in ckpt.tensors():    # canonical names (base.py), one tensor at a time
+        ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import hf, mistral
+from .base import Checkpoint, CheckpointError, expected_shapes
+from .gguf import GGUFCheckpoint
+from .hf import HFCheckpoint
+from .mistral import MistralCheckpoint
+
+__all__ = ["open_checkpoint", "Checkpoint", "CheckpointError", "expected_shapes",
+           "MistralCheckpoint", "HFCheckpoint", "GGUFCheckpoint"]
+
+LOOKED_FOR = (
+    "params.json + consolidated*.safetensors (Mistral), "
+    f"config.json + model.safetensors or model-0000N-of-0000M.safetensors with {hf.INDEX} (Hugging Face), "
+    "or a .gguf file"
+)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Detect the format of `path` and open it (reads headers and config, no weights)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory (expected a checkpoint: {LOOKED_FOR})")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return GGUFCheckpoint(path)
+        raise CheckpointError(f"{path}: not a checkpoint; expected a directory with {LOOKED_FOR}")
+    has_params, has_config = (path / "params.json").exists(), (path / "config.json").exists()
+    # Mistral's repositories often ship both layouts; the consolidated one needs no conversion.
+    if has_params and (mistral.weight_files(path) or not has_config):
+        return MistralCheckpoint(path)  # raises, naming the missing weights, if there are none
+    if has_config:
+        return HFCheckpoint(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return GGUFCheckpoint(ggufs[0])
+    if ggufs:
+        raise CheckpointError(f"{path}: several .gguf files {[p.name for p in ggufs]}; pass the one to load")
+    found = sorted(p.name for p in path.iterdir())
+    raise CheckpointError(f"{path}: no checkpoint found; looked for {LOOKED_FOR}. Found: {found or 'nothing'}")

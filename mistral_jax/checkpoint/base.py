@@ -1,0 +1,162 @@
+"""The canonical tensor stream that every checkpoint format is read into, and its validation.
+
+Canonical names, shapes and layout are Mistral's consolidated ones: Linear weights [out, in],
+q/k rows in Mistral's interleaved-rotary order (pairs 2i, 2i+1 rotate together).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read into this model's canonical tensors."""
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape, for a model of config `cfg`."""
+    d, q, kv, h = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
+    if not cfg.tied_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "attention_norm.weight": (d,),
+            p + "attention.wq.weight": (q, d),
+            p + "attention.wk.weight": (kv, d),
+            p + "attention.wv.weight": (kv, d),
+            p + "attention.wo.weight": (d, q),
+            p + "ffn_norm.weight": (d,),
+            p + "feed_forward.w1.weight": (h, d),
+            p + "feed_forward.w2.weight": (d, h),
+            p + "feed_forward.w3.weight": (h, d),
+        }
+    return shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor of a file, described from the file's header alone: nothing is read until `read()`."""
+
+    file: Path
+    source: str  # its name in the file
+    name: str | None  # canonical name (unknown names pass through as-is); None: a known extra, skipped
+    shape: tuple[int, ...]  # canonical layout
+    dtype: str  # the file's dtype name, e.g. "BF16", "Q4_1"
+    kind: str  # "float" (readable), "fp8" or "other" (rejected)
+    nbytes: int
+    read: Callable[[], np.ndarray]  # the tensor in canonical layout
+
+    def where(self) -> str:
+        renamed = f" ({self.name})" if self.name and self.name != self.source else ""
+        return f"{self.file}: tensor {self.source!r}{renamed}"
+
+
+def _check(entry: Entry, expected: dict, cfg: ModelConfig) -> None:
+    if entry.name not in expected:
+        hint = " (the config ties the output head to tok_embeddings)" if entry.name == "output.weight" else ""
+        raise CheckpointError(
+            f"{entry.where()}: unknown tensor, not part of a {cfg.n_layers}-layer model{hint}; expected "
+            f"canonical names such as 'tok_embeddings.weight', 'layers.0.attention.wq.weight'"
+        )
+    if entry.shape != expected[entry.name]:
+        raise CheckpointError(
+            f"{entry.where()}: shape {entry.shape}, expected {expected[entry.name]} from the config"
+        )
+    if entry.kind == "fp8":
+        raise CheckpointError(
+            f"{entry.where()}: dtype {entry.dtype}, expected F32, F16 or BF16. FP8 checkpoints need "
+            "quantization support (a later `quantization=\"fp8\"` option), which is not there yet"
+        )
+    if entry.kind != "float":
+        raise CheckpointError(f"{entry.where()}: dtype {entry.dtype}, expected a float dtype (F32, F16 or BF16)")
+
+
+class Checkpoint:
+    """A checkpoint on disk, read as the canonical tensor stream. Subclasses: one per format."""
+
+    format: str = ""
+
+    def __init__(self, path: Path, config: ModelConfig):
+        self.path = path
+        self.config = config
+
+    def __repr__(self):
+        return f"<{self.format} checkpoint {self.path}>"
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return expected_shapes(self.config)
+
+    def _entries(self, stack: contextlib.ExitStack) -> Iterator[Entry]:
+        """The file's tensors; file handles go on `stack` so they live as long as the stream."""
+        raise NotImplementedError
+
+    def _plan(self, entries: list[Entry]) -> list[Entry]:
+        """The entries to read, after checking every name, shape and dtype from the headers: a bad
+        checkpoint fails before anything is read, not halfway through loading a model."""
+        expected, seen, plan = self.expected_shapes(), {}, []
+        for entry in entries:
+            if entry.name is None:
+                continue
+            _check(entry, expected, self.config)
+            if entry.name in seen:
+                raise CheckpointError(f"{entry.where()}: appears twice (also in {seen[entry.name]})")
+            seen[entry.name] = entry.file
+            plan.append(entry)
+        missing = [name for name in expected if name not in seen]
+        if missing:
+            shown = ", ".join(missing[:20]) + (f" ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+            raise CheckpointError(f"{self.path}: {len(missing)} of {len(expected)} tensors missing: {shown}")
+        return plan
+
+    def tensors(self, progress: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        """Canonical (name, array) pairs, one tensor at a time: host memory holds about one tensor.
+        Arrays keep the file's float dtype (quantized GGUF types come dequantized, as f32)."""
+        with contextlib.ExitStack() as stack:
+            plan = self._plan(list(self._entries(stack)))
+            bar = stack.enter_context(
+                tqdm(total=sum(e.nbytes for e in plan), unit="B", unit_scale=True, file=sys.stderr,
+                     desc=f"loading {self.path.name}", disable=not progress)
+            )
+            for entry in plan:
+                yield entry.name, entry.read()
+                bar.update(entry.nbytes)
+
+
+# ---- safetensors (the Mistral and Hugging Face formats) -----------------------------------
+
+_FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def safetensors_entries(
+    stack: contextlib.ExitStack,
+    file: Path,
+    rename: Callable[[str], str | None],
+    transform: Callable[[str, np.ndarray], np.ndarray] = lambda name, x: x,
+) -> Iterator[Entry]:
+    """A safetensors file's tensors. rename: file name -> canonical name (None: skip);
+    transform(canonical name, array): a layout change that keeps the shape."""
+    from safetensors import safe_open
+
+    handle = stack.enter_context(safe_open(str(file), framework="numpy"))
+    for source in handle.keys():
+        info = handle.get_slice(source)
+        dtype, shape = info.get_dtype(), tuple(info.get_shape())
+        name = rename(source)
+        kind = "float" if dtype in _FLOAT_BYTES else "fp8" if dtype.startswith("F8") else "other"
+        yield Entry(
+            file, source, name, shape, dtype, kind,
+            nbytes=math.prod(shape) * _FLOAT_BYTES.get(dtype, 1),
+            read=lambda source=source, name=name: transform(name, handle.get_tensor(source)),
+        )

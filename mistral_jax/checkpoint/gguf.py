@@ -1,0 +1,110 @@
+"""GGUF (llama.cpp) files, memory-mapped: config from the metadata, tensors dequantized one at a time.
+
+Layout: GGUF records ggml's dims (ne: innermost first), so a Linear weight's numpy shape is the
+reverse, [out, in] -- the canonical layout. llama.cpp's converter undoes Hugging Face's rotary
+row permutation for the llama architecture (ggml's normal rope rotates adjacent pairs), so q/k
+rows are already in Mistral's interleaved order: checked in tests/test_checkpoint.py against the
+state dict transformers reads from the same file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ..config import ModelConfig
+from .base import Checkpoint, CheckpointError, Entry
+
+# Architectures whose q/k rows are stored in the interleaved (canonical) order.
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+}
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
+_INTEGER_TYPES = ("I8", "I16", "I32", "I64")
+
+
+def canonical_name(gguf_name: str) -> str:
+    """GGUF tensor name -> canonical name; an unknown name comes back unchanged (and fails validation)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return gguf_name
+
+
+def scalar_metadata(reader) -> dict:
+    """The metadata's scalar values (arrays such as the token list are left out)."""
+    from gguf import GGUFValueType
+
+    meta = {}
+    for key, field in reader.fields.items():
+        if field.types and field.types[0] != GGUFValueType.ARRAY:
+            value = field.parts[field.data[0]]
+            meta[key] = bytes(value).decode() if field.types[0] == GGUFValueType.STRING else value[0].item()
+    return meta
+
+
+def read_tensor(tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """A GGUF tensor as an array of `shape`: float types as stored, quantized ones dequantized to f32."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    if tensor.tensor_type in (Q.F32, Q.F16, Q.F64):
+        return tensor.data.reshape(shape)  # a view of the memory map
+    if tensor.tensor_type == Q.BF16:
+        return tensor.data.view(ml_dtypes.bfloat16).reshape(shape)
+    return dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+
+
+class GGUFCheckpoint(Checkpoint):
+    format = "gguf"
+
+    def __init__(self, file: Path):
+        from gguf import GGUFReader
+
+        self.reader = GGUFReader(file)  # memory-mapped; tensors are read when touched
+        meta = scalar_metadata(self.reader)
+        arch = meta.get("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(f"{file}: GGUF architecture {arch!r}, expected one of {SUPPORTED_ARCHITECTURES}")
+        tensors = {t.name: t for t in self.reader.tensors}
+        if "token_embd.weight" not in tensors:
+            raise CheckpointError(f"{file}: no tensor 'token_embd.weight' (the embedding)")
+        try:
+            config = ModelConfig.from_gguf_metadata(
+                meta, vocab_size=int(tensors["token_embd.weight"].shape[1]),
+                tied_embeddings="output.weight" not in tensors,
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{file}: missing metadata key {e}") from None
+        super().__init__(file, config)
+
+    def _entries(self, stack):
+        for t in self.reader.tensors:
+            shape = tuple(int(n) for n in reversed(t.shape))  # ggml's ne, innermost first
+            dtype = t.tensor_type.name
+            yield Entry(
+                self.path, t.name, canonical_name(t.name), shape, dtype,
+                kind="other" if dtype in _INTEGER_TYPES else "float",  # quantized types dequantize to float
+                nbytes=int(t.n_bytes),
+                read=lambda t=t, shape=shape: read_tensor(t, shape),
+            )

@@ -1,0 +1,109 @@
+"""Hugging Face format: config.json + model*.safetensors (Mistral and Llama architectures).
+
+Names differ, and transformers' conversion script reorders each head's q/k rows: Mistral's
+rotary rotates interleaved pairs (x0, x1), (x2, x3), ...; HF's rotate_half rotates (x_i, x_{i+d/2}),
+so HF stores a head's rows as [even rows..., odd rows...]. We undo that to get canonical rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from .base import Checkpoint, CheckpointError, safetensors_entries
+
+SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+INDEX = "model.safetensors.index.json"
+
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_NAMES = {
+    "input_layernorm": "attention_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+# Older Llama conversions saved the rotary frequencies as a buffer; the model computes them.
+_KNOWN_EXTRA = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+def canonical_name(hf_name: str) -> str:
+    """HF tensor name -> canonical name; an unknown name comes back unchanged (and fails validation)."""
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    m = _LAYER.match(hf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+    return hf_name
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF's q/k row order -> Mistral's, along axis 0: per head, rows [x_0..x_{d/2-1}, x_{d/2}..x_{d-1}]
+    become interleaved pairs (x_0, x_{d/2}), (x_1, x_{d/2+1}), ..."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files: those the index names, else model.safetensors, else model-*-of-*."""
+    index = directory / INDEX
+    if index.exists():
+        files = [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index} lists {f.name}, which does not exist")
+        return files
+    if (directory / "model.safetensors").exists():
+        return [directory / "model.safetensors"]
+    return sorted(directory.glob("model-*-of-*.safetensors"))
+
+
+class HFCheckpoint(Checkpoint):
+    format = "hf"
+
+    def __init__(self, directory: Path):
+        config_path = directory / "config.json"
+        hf_config = json.loads(config_path.read_text())
+        model_type = hf_config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(f"{config_path}: model_type {model_type!r}, expected one of {SUPPORTED_MODEL_TYPES}")
+        try:
+            config = ModelConfig.from_hf_config(hf_config)
+        except KeyError as e:
+            raise CheckpointError(f"{config_path}: missing key {e}") from None
+        super().__init__(directory, config)
+        self.files = weight_files(directory)
+        if not self.files:
+            raise CheckpointError(
+                f"{directory}: has config.json but no weights: looked for model.safetensors, or "
+                f"model-0000N-of-0000M.safetensors with {INDEX}"
+            )
+
+    def _rename(self, hf_name: str) -> str | None:
+        if _KNOWN_EXTRA.match(hf_name) or (hf_name == "lm_head.weight" and self.config.tied_embeddings):
+            return None  # a tied checkpoint may still carry a copy of the embedding as lm_head
+        return canonical_name(hf_name)
+
+    def _unpermute(self, name: str, w: np.ndarray) -> np.ndarray:
+        if name.endswith("attention.wq.weight"):
+            return unpermute_rotary(w, self.config.n_heads)
+        if name.endswith("attention.wk.weight"):
+            return unpermute_rotary(w, self.config.n_kv_heads)
+        return w
+
+    def _entries(self, stack):
+        for file in self.files:
+            yield from safetensors_entries(stack, file, self._rename, self._unpermute)
