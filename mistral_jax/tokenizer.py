@@ -1,0 +1,478 @@
+"""Tokenizers behind one interface, and streaming detokenization.
+
+Two implementations:
+- `MistralTokenizer` wraps mistral-common, the source of truth for Mistral prompts (SentencePiece v1-v7
+  and Tekken): we never write Mistral chat templates by hand.
+- `HFTokenizer` (alias `GGUFTokenizer`) is a `tokenizers.Tokenizer` plus the model's jinja chat template,
+  read either from a GGUF file's metadata or from a Hugging Face `tokenizer.json` directory.
+
+`load_tokenizer(path)` picks one; `StreamDecoder` turns generated ids into text one token at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+
+
+@dataclass
+class ToolCall:
+    id: str | None
+    name: str
+    arguments: dict[str, Any]
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI's shape; the arguments travel as a JSON string there."""
+        return {"id": self.id or new_tool_call_id(), "type": "function",
+                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
+
+
+def new_tool_call_id() -> str:
+    # mistral-common only accepts 9 ASCII letters/digits as the id of a call echoed back in a later turn.
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+class Tokenizer:
+    """What the engine needs from a tokenizer."""
+
+    bos_id: int
+    eos_id: int
+    vocab_size: int
+    stop_token_ids: frozenset[int]  # ids that end generation: eos, plus e.g. <|im_end|> for ChatML models
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids for OpenAI-shaped messages (and tools), ending where the assistant's reply starts."""
+        raise NotImplementedError
+
+    def parse_tool_calls(self, token_ids: list[int]) -> tuple[str, list[ToolCall]]:
+        """Split generated ids into content text and tool calls ([] when there are none)."""
+        raise NotImplementedError
+
+
+# ---- Mistral (mistral-common) --------------------------------------------------------------------
+
+
+class MistralTokenizer(Tokenizer):
+    """mistral-common's tokenizer: tokenizer.model.v* (SentencePiece) or tekken.json."""
+
+    def __init__(self, path: str | Path):
+        # Imported here so the engine runs where only GGUF/HF tokenizers are needed.
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MistralCommonTokenizer
+
+        self.mistral = MistralCommonTokenizer.from_file(str(path))
+        self.raw = self.mistral.instruct_tokenizer.tokenizer
+        self.bos_id, self.eos_id, self.vocab_size = self.raw.bos_id, self.raw.eos_id, self.raw.n_words
+        self.stop_token_ids = frozenset({self.eos_id})
+        self._special_ids: set[int] = set(self.raw.special_ids)
+        self._tool_calls_id = self._special("[TOOL_CALLS]")
+        self._args_id = self._special("[ARGS]")
+        self._call_id_id = self._special("[CALL_ID]")
+
+    def _special(self, token: str) -> int | None:
+        try:
+            tid = self.raw.get_special_token(token)
+        except ValueError:  # Tekken: unknown token
+            return None
+        return tid if tid in self._special_ids else None  # SentencePiece maps unknown pieces to <unk>
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.raw.encode(text, bos=add_bos, eos=False)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+            return self.raw.decode(list(ids), special_token_policy=SpecialTokenPolicy.IGNORE)
+        # SentencePiece's KEEP policy returns raw pieces ("▁Hello"), so decode the text between special
+        # tokens ourselves and put the special tokens' names in between.
+        parts, run = [], []
+        for t in ids:
+            if t in self._special_ids:
+                parts += [self.raw.decode(run), self.raw.id_to_piece(t)]
+                run = []
+            else:
+                run.append(t)
+        return "".join(parts) + self.raw.decode(run)
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        # A conversation ending with an assistant message is continued (mistral-common's `prefix`).
+        cont = bool(messages) and messages[-1].get("role") == "assistant"
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        request = ChatCompletionRequest.from_openai(messages, tools=tools, continue_final_message=cont)
+        return self.mistral.encode_chat_completion(request).tokens
+
+    def parse_tool_calls(self, token_ids: list[int]) -> tuple[str, list[ToolCall]]:
+        ids = list(token_ids)
+        while ids and ids[-1] in self.stop_token_ids:  # the engine reports the stop token too
+            ids.pop()
+        if self._tool_calls_id is None or self._tool_calls_id not in ids:
+            return self.decode(ids), []
+        start = ids.index(self._tool_calls_id)
+        segments, calls = _split_at(ids[start + 1:], self._tool_calls_id), []
+        try:
+            for seg in segments:
+                calls += self._parse_segment(seg)
+        except (ValueError, KeyError, TypeError, AttributeError):  # malformed output: give it back as text
+            return self.decode(ids), []
+        return self.decode(ids[:start]), calls
+
+    def _parse_segment(self, seg: list[int]) -> list[ToolCall]:
+        """One [TOOL_CALLS] segment. v2-v7 write a JSON list of {"name", "arguments"[, "id"]}; v11+
+        write `name[ARGS]{json}`, or `name[CALL_ID]id[ARGS]{json}` (mistral-common's formats)."""
+        if self._args_id is not None and self._args_id in seg:
+            cut = seg.index(self._args_id)
+            head, args = seg[:cut], json.loads(self.decode(seg[cut + 1:]))
+            call_id = None
+            if self._call_id_id is not None and self._call_id_id in head:
+                c = head.index(self._call_id_id)
+                head, call_id = head[:c], self.decode(head[c + 1:]).strip()
+            return [_tool_call(call_id, self.decode(head).strip(), args)]
+        items = json.loads(self.decode(seg))
+        items = items if isinstance(items, list) else [items]
+        return [_tool_call(it.get("id"), it["name"], it.get("arguments", {})) for it in items]
+
+
+def _split_at(ids: list[int], sep: int) -> list[list[int]]:
+    out: list[list[int]] = [[]]
+    for t in ids:
+        if t == sep:
+            out.append([])
+        else:
+            out[-1].append(t)
+    return out
+
+
+def _tool_call(call_id: Any, name: Any, arguments: Any) -> ToolCall:
+    """Validate one parsed call; raises ValueError/TypeError so callers fall back to plain text."""
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        arguments = json.loads(arguments)
+    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+        raise ValueError(f"not a tool call: name={name!r} arguments={arguments!r}")
+    valid_id = isinstance(call_id, str) and call_id not in ("", "null")
+    return ToolCall(call_id if valid_id else new_tool_call_id(), name, arguments)
+
+
+# ---- tokenizers + jinja (GGUF files, Hugging Face tokenizer.json) --------------------------------
+
+# Pre-tokenizer split regexes of byte-level GGUF vocabularies, by `tokenizer.ggml.pre` (llama.cpp's
+# names). Anything else gets GPT-2's split, which is what SmolLM2 ('smollm') uses: llama.cpp also splits
+# digits one by one there, but SmolLM2's merges never join digits, so the result is the same.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+                "tekken": _TEKKEN_SPLIT}
+
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` with the model's own jinja chat template (GGUF or tokenizer.json)."""
+
+    def __init__(self, tok: Any, bos_id: int | None, eos_id: int, chat_template: str | None,
+                 extra_stop_ids: Iterable[int] = ()):
+        self.tok = tok
+        self.bos_id = bos_id if bos_id is not None else -1
+        self.eos_id = eos_id
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # Whether the model wants BOS on plain text: its post-processor adds it (GGUF: tokenizer.ggml.add_bos_token).
+        self.add_bos = bos_id is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+        self.bos_token = tok.id_to_token(bos_id) if bos_id is not None else ""
+        self.eos_token = tok.id_to_token(eos_id)
+        self.chat_template = chat_template
+        self._template = _compile_template(chat_template) if chat_template else None
+        self.stop_token_ids = frozenset({eos_id, *extra_stop_ids, *self._turn_end_ids()})
+
+    # -- construction --
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "HFTokenizer":
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+
+        def field(key: str, default: Any = None) -> Any:
+            f = reader.fields.get(key)
+            return f.contents() if f is not None else default
+
+        kind = field("tokenizer.ggml.model")
+        tokens: list[str] = field("tokenizer.ggml.tokens")
+        types: list[int] = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if kind == "gpt2":
+            tok = _byte_level_bpe(tokens, field("tokenizer.ggml.merges"), field("tokenizer.ggml.pre"))
+        elif kind == "llama":
+            tok = _sentencepiece_bpe(tokens, field("tokenizer.ggml.scores"), field("tokenizer.ggml.unknown_token_id"),
+                                     field("tokenizer.ggml.add_space_prefix", True))
+        else:
+            raise ValueError(f"{path}: unsupported GGUF tokenizer {kind!r} (supported: 'gpt2', 'llama')")
+        from tokenizers import AddedToken
+
+        # Control tokens (<|im_start|>) must be matched whole in text and skipped when decoding;
+        # user-defined ones (<think>) are matched whole but are ordinary text.
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty == _GGUF_CONTROL])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, ty in zip(tokens, types) if ty == _GGUF_USER_DEFINED])
+        bos_id, eos_id = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+        # llama.cpp's default: SentencePiece vocabularies get BOS unless the file says otherwise.
+        add_bos = bool(field("tokenizer.ggml.add_bos_token", kind == "llama")) and bos_id is not None
+        extra = {field(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")} - {None}
+        _set_bos_processor(tok, bos_id, add_bos)
+        return cls(tok, bos_id, eos_id, field("tokenizer.chat_template"), extra)
+
+    @classmethod
+    def from_hf_dir(cls, folder: str | Path) -> "HFTokenizer":
+        from tokenizers import Tokenizer as HFRawTokenizer
+
+        folder = Path(folder)
+        tok = HFRawTokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg = _read_json(folder / "tokenizer_config.json")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (folder / "chat_template.jinja").is_file():  # newer repos keep it in its own file
+            template = (folder / "chat_template.jinja").read_text()
+
+        def token_id(name: str) -> int | None:
+            t = cfg.get(name)
+            t = t.get("content") if isinstance(t, dict) else t
+            return tok.token_to_id(t) if t else None
+
+        bos_id, eos_id = token_id("bos_token"), token_id("eos_token")
+        gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        extra = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        if eos_id is None:
+            if not extra:
+                raise ValueError(f"{folder}: no eos_token in tokenizer_config.json or generation_config.json")
+            eos_id = min(extra)
+        if "add_bos_token" in cfg:  # otherwise tokenizer.json's own post-processor decides, as in transformers
+            _set_bos_processor(tok, bos_id, bool(cfg["add_bos_token"]))
+        return cls(tok, bos_id, eos_id, template, extra)
+
+    # -- interface --
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        # add_bos=True means "as the model expects": the post-processor adds BOS only if the model wants it.
+        return self.tok.encode(text, add_special_tokens=add_bos).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise ValueError("this tokenizer has no chat template: pass token ids or plain text prompts")
+        return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = self.render_chat(messages, tools)
+        # The template writes its own special tokens; add BOS only if the model wants it and it is missing.
+        ids = self.encode(text, add_bos=False)
+        if self.add_bos and self.bos_token and not text.startswith(self.bos_token):
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def parse_tool_calls(self, token_ids: list[int]) -> tuple[str, list[ToolCall]]:
+        """Hermes-style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (the common
+        convention of ChatML models, SmolLM2 included; a block may also hold a JSON list)."""
+        text = self.decode([t for t in token_ids if t not in self.stop_token_ids])
+        blocks = re.findall(r"<tool_call>(.*?)</tool_call>", text, flags=re.S)
+        if not blocks:
+            return text, []
+        try:
+            calls = []
+            for block in blocks:
+                items = json.loads(block)
+                for it in items if isinstance(items, list) else [items]:
+                    calls.append(_tool_call(it.get("id"), it["name"], it.get("arguments", {})))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return text, []
+        return re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.S).strip(), calls
+
+    def _turn_end_ids(self) -> set[int]:
+        """The special token the template writes right after an assistant message (e.g. <|im_end|>),
+        found by rendering a sample conversation: the model emits it to end its turn."""
+        if self._template is None:
+            return set()
+        marker = "\u2063MARKER\u2063"
+        try:
+            text = self.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],
+                                    add_generation_prompt=False)
+        except Exception:  # a template may reject the sample (e.g. it requires a system message)
+            return set()
+        after = text.split(marker, 1)[-1] if marker in text else ""
+        specials = [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special]
+        hits = [t for t in specials if after.startswith(t)]
+        return {self.tok.token_to_id(max(hits, key=len))} if hits else set()
+
+
+GGUFTokenizer = HFTokenizer  # the same class: GGUF metadata is just another source for it
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Any:
+    from tokenizers import Regex, Tokenizer as HFRawTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFRawTokenizer(models.BPE(vocab, pairs, fuse_unk=False))
+    split = _GGUF_SPLITS.get(pre or "")
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece_bpe(tokens: list[str], scores: list[float], unk_id: int | None, add_space_prefix: bool) -> Any:
+    """SentencePiece BPE (Mistral/Llama GGUFs): GGUF keeps pieces and scores but no merges; a piece's
+    score ranks the merge that makes it, so rebuild merges from every split of every piece."""
+    from tokenizers import Tokenizer as HFRawTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, score in zip(tokens, scores):
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, vocab[left], vocab[right], left, right))
+    merges = [(l, r) for *_, l, r in sorted(ranked)]
+    unk = tokens[unk_id] if unk_id is not None else None
+    tok = HFRawTokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    scheme = "first" if add_space_prefix else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:  # drop the space the pre-tokenizer prepended
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def _set_bos_processor(tok: Any, bos_id: int | None, add_bos: bool) -> None:
+    from tokenizers import processors
+
+    if add_bos and bos_id is not None:
+        bos = tok.id_to_token(bos_id)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, bos_id)])
+    else:
+        tok.post_processor = None
+
+
+def _compile_template(source: str) -> Any:
+    """Compile a chat template the way transformers does, so prompts match token for token."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat template: {message}")
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+_MISTRAL_FILES = ("tekken.json", "tokenizer.model.v*")
+
+
+def load_tokenizer(model_path: str | Path) -> Tokenizer:
+    """A .gguf file, a tokenizer file, or a model directory: Mistral files (tekken.json,
+    tokenizer.model.v*) win over Hugging Face's tokenizer.json, since they carry the exact template."""
+    path = Path(model_path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return HFTokenizer.from_gguf(path)
+        if path.name == "tokenizer.json":
+            return HFTokenizer.from_hf_dir(path.parent)
+        return MistralTokenizer(path)  # tekken*.json, tokenizer.model.v*
+    if not path.is_dir():
+        raise FileNotFoundError(f"no tokenizer: {path} does not exist")
+    if (path / "tekken.json").is_file():
+        return MistralTokenizer(path / "tekken.json")
+    sentencepiece = sorted(path.glob("tokenizer.model.v*"))
+    if len(sentencepiece) > 1:  # no safe guess: the version decides the prompt format
+        raise ValueError(f"several tokenizers in {path}: {[p.name for p in sentencepiece]}; pass one file")
+    if sentencepiece:
+        return MistralTokenizer(sentencepiece[0])
+    if (path / "tokenizer.json").is_file():
+        return HFTokenizer.from_hf_dir(path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return HFTokenizer.from_gguf(ggufs[0])
+    raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(_MISTRAL_FILES)}, tokenizer.json "
+                            "or a single .gguf file")
+
+
+# ---- streaming ---------------------------------------------------------------------------------
+
+_PROMPT_CONTEXT = 6  # prompt tokens decoded ahead of the first generated one (vLLM uses 5)
+
+
+class StreamDecoder:
+    """Incremental detokenization (the prefix/read offset technique of vLLM and TGI).
+
+    Each step decodes a small window of recent tokens twice, without and with the new tokens, and
+    emits the difference. Decoding in context keeps the leading space a token gets from its
+    neighbour (SentencePiece drops it on the first piece of a decode), and text is held back
+    while it ends with U+FFFD, i.e. while a multi-byte character is still incomplete.
+
+    Without prompt_ids, "".join(steps) + flush() == tokenizer.decode(all ids). With prompt_ids, the
+    first token decodes after the prompt's tail, so its leading space is kept (as vLLM does).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = list(prompt_ids or [])[-_PROMPT_CONTEXT:]
+        self.prefix = 0  # window start: tokens already emitted, decoded again for context
+        self.read = len(self.ids)  # tokens before this index have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # nothing printable yet (a special token, or half a character)
+        # The next window starts at the tokens just emitted: they are the context for what follows.
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. a trailing incomplete character, as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]

