@@ -181,8 +181,11 @@ class Engine:
                     return
 
     def _new_cache(self, batch: int, max_len: int) -> DenseKVCache:
-        init = jax.jit(DenseKVCache.init, static_argnums=(0, 1, 2, 3))
-        return init(self.cfg, batch, max_len, self.dtype)
+        return _init_cache(self.cfg, batch, max_len, self.dtype)
+
+
+# One jitted function for the process, so a new batch reuses its compiled program.
+_init_cache = jax.jit(DenseKVCache.init, static_argnums=(0, 1, 2, 3))
 
 
 def _row_logprobs(host, b: int, n: int | None) -> dict[int, float] | None:
