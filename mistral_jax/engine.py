@@ -149,6 +149,7 @@ class Engine:
         num_logprobs = bucket(num_logprobs, 1) if num_logprobs else 0
         num_prompt_logprobs = bucket(num_prompt_logprobs, 1) if num_prompt_logprobs else 0
 
+        self._check_cache_fits(n, batch, cache_len)
         with use_mesh(self.mesh):
             cache = self._new_cache(batch, cache_len)
             sampling = SamplingArrays.from_params(params, pad_to=batch)
@@ -179,6 +180,26 @@ class Engine:
                         yield row.add(int(host.tokens[b]), _row_logprobs(host, b, row.params.logprobs))
                 if all(row.finished for row in rows):
                     return
+
+    def device_memory(self) -> dict | None:
+        """The first device's allocator statistics (bytes_limit, bytes_in_use); None on CPU."""
+        stats = self.mesh.devices.flat[0].memory_stats()
+        return stats if stats and "bytes_limit" in stats else None
+
+    def _check_cache_fits(self, n: int, batch: int, cache_len: int) -> None:
+        """Say so before allocating a KV cache the device cannot hold (instead of an XLA OOM)."""
+        stats = self.device_memory()
+        if stats is None:
+            return
+        per_token = 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * jnp.dtype(self.dtype).itemsize
+        need = per_token * batch * cache_len
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        if need > 0.9 * free:
+            raise ValueError(
+                f"{n} requests x {cache_len} tokens of KV cache need {need / 2**30:.1f} GiB, "
+                f"{free / 2**30:.1f} GiB is free on {self.mesh.devices.flat[0]}: lower max_tokens, "
+                "send fewer prompts at once, or lower max_num_seqs"
+            )
 
     def _new_cache(self, batch: int, max_len: int) -> DenseKVCache:
         return _init_cache(self.cfg, batch, max_len, self.dtype)

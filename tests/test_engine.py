@@ -155,3 +155,27 @@ def test_max_tokens_none_runs_to_context(tiny_checkpoints):
     out = small.generate([{"prompt_token_ids": [1] * 30}], SamplingParams(max_tokens=None, temperature=0,
                                                                          ignore_eos=True))[0].outputs[0]
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_chat_with_tools_encodes_like_mistral_common(llm):
+    """LLM.chat sends exactly mistral-common's tokens for a system prompt, tools and history."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from conftest import V3_TOKENIZER
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Weather in Paris?"}]
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4), tools=tools)[0]
+    ref = MistralTokenizer.from_file(str(V3_TOKENIZER)).encode_chat_completion(
+        ChatCompletionRequest.from_openai(messages, tools=tools)).tokens
+    assert out.prompt_token_ids == ref
+    assert len(out.outputs[0].token_ids) >= 1
+
+
+def test_cache_budget_error_names_the_fix(llm, monkeypatch):
+    monkeypatch.setattr(llm.engine, "device_memory", lambda: {"bytes_limit": 1 << 16, "bytes_in_use": 0})
+    with pytest.raises(ValueError, match="lower max_tokens"):
+        llm.generate(prompts(2, seed=3), GREEDY)
