@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -160,3 +161,16 @@ def safetensors_entries(
             nbytes=math.prod(shape) * _FLOAT_BYTES.get(dtype, 1),
             read=lambda source=source, name=name: transform(name, handle.get_tensor(source)),
         )
+
+
+def rename_to_canonical(name: str, global_names: dict[str, str], layer_pattern: "re.Pattern[str]",
+                        layer_names: dict[str, str]) -> str:
+    """A format's tensor name -> canonical name, from its table of global names and a layer regex
+    (group 1: layer index, group 2: per-layer suffix). Unknown names come back unchanged, so that
+    validation reports them under their own name."""
+    if name in global_names:
+        return global_names[name]
+    m = layer_pattern.match(name)
+    if m and m.group(2) in layer_names:
+        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}.weight"
+    return name

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from ..config import ModelConfig
-from .base import Checkpoint, CheckpointError, Entry
+from .base import Checkpoint, CheckpointError, Entry, rename_to_canonical
 
 # Architectures whose q/k rows are stored in the interleaved (canonical) order.
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -42,13 +42,8 @@ _INTEGER_TYPES = ("I8", "I16", "I32", "I64")
 
 
 def canonical_name(gguf_name: str) -> str:
-    """GGUF tensor name -> canonical name; an unknown name comes back unchanged (and fails validation)."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _LAYER.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-    return gguf_name
+    """GGUF tensor name -> canonical name (unknown names unchanged, to fail validation)."""
+    return rename_to_canonical(gguf_name, _GLOBAL_NAMES, _LAYER, _LAYER_NAMES)
 
 
 def scalar_metadata(reader) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from .base import Checkpoint, CheckpointError, safetensors_entries
+from .base import Checkpoint, CheckpointError, safetensors_entries, rename_to_canonical
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 INDEX = "model.safetensors.index.json"
@@ -41,13 +41,8 @@ _KNOWN_EXTRA = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq
 
 
 def canonical_name(hf_name: str) -> str:
-    """HF tensor name -> canonical name; an unknown name comes back unchanged (and fails validation)."""
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    m = _LAYER.match(hf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-    return hf_name
+    """HF tensor name -> canonical name (unknown names unchanged, to fail validation)."""
+    return rename_to_canonical(hf_name, _GLOBAL_NAMES, _LAYER, _LAYER_NAMES)
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
