@@ -166,12 +166,13 @@ class Engine:
                     row.prompt_logprobs = plp
             max_steps = max(r.params.max_tokens for r in reqs)
             pos = jnp.asarray(lens)
+            first_column = jnp.zeros((batch,), jnp.int32)  # decode steps sample from their only token
             for i in range(max_steps):
                 pending = result
                 if i + 1 < max_steps:  # dispatch the next step before reading this one
                     step = step + 1
                     result, _, cache, counts, seen = run(
-                        pending.tokens[:, None], pos[:, None], jnp.zeros((batch,), jnp.int32), cache,
+                        pending.tokens[:, None], pos[:, None], first_column, cache,
                         sampling, step, counts, seen, num_prompt_logprobs=0)
                     pos = pos + 1
                 host = jax.device_get(pending)
