@@ -1,0 +1,149 @@
+"""Ragged paged attention: the plain-`jnp` reference (the spec a Pallas kernel must match).
+
+A serving step packs the new tokens of many sequences into one flat batch of queries,
+sequence after sequence, and keeps every sequence's keys/values in fixed-size pages of a
+shared pool, found through a block table:
+
+    q            [num_tokens, n_heads, head_dim]       packed queries; rows of sequence s are
+                                                       cu_q_lens[s]:cu_q_lens[s+1]
+    k_pages,
+    v_pages      [num_pages, page_size, n_kv_heads, head_dim]   one layer's page pool
+    kv_lens      [max_seqs] int32                      cached tokens of each sequence, INCLUDING
+                                                       this step's new ones (0 for empty slots)
+    page_indices [max_seqs, pages_per_seq] int32       block tables
+    cu_q_lens    [max_seqs + 1] int32                  cumulative query lengths
+    num_seqs     int32 scalar                          how many leading slots are live
+
+Semantics. Query i (0-based within its chunk of length q_len = cu_q_lens[s+1] - cu_q_lens[s])
+of sequence s sits at absolute position kv_len - q_len + i and attends causally to cache
+positions 0..that position; cache position p of sequence s lives in page
+page_indices[s, p // page_size], slot p % page_size. Grouped-query attention: query head h uses
+kv head h // (n_heads // n_kv_heads). Scores and softmax are f32 (probabilities are cast back to
+the value dtype before the second matmul, as `mistral_jax.kv_cache.dense_attention` does);
+the output is in q's dtype. Query rows that belong to no live sequence (rows at or past
+cu_q_lens[num_seqs], i.e. padding) come out as exact zeros.
+
+Masking uses the finite MASK_VALUE of `mistral_jax.kv_cache`, so a row with nothing visible
+(only possible for malformed input, kv_len < q_len) gives finite output rather than NaN.
+Values at cache positions >= kv_len (stale or never-written page slots, unused block-table
+entries) are zeroed before use, so garbage there, even NaN, cannot leak into the output.
+
+Formulation and cost (reference only; clarity over speed). A `lax.fori_loop` over the live
+sequences; iteration s gathers sequence s's whole padded KV, L = pages_per_seq * page_size
+positions, into a contiguous [L, n_kv_heads, head_dim] view, scores ALL num_tokens query rows
+against it, masks rows that are not sequence s's and cache positions they may not see, and
+writes its rows of the output. Per iteration: memory O(L * n_kv_heads * head_dim) for the
+gathered KV plus O(num_tokens * n_heads * L) f32 for the scores; compute
+O(num_tokens * n_heads * L * head_dim). Total compute is num_seqs times that (each sequence
+recomputes all rows and keeps only its own) -- wasteful but memory-sane and shape-static;
+the loop bound num_seqs is a traced value, so one compilation serves every batch mix.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mistral_jax.kv_cache import MASK_VALUE
+
+__all__ = ["ragged_paged_attention_reference", "write_kv_pages", "token_seq_ids"]
+
+
+def token_seq_ids(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:
+    """[num_tokens] int32: the sequence each packed query row belongs to, -1 for padding rows
+    (rows at or past cu_q_lens[num_seqs])."""
+    cu_q_lens = jnp.asarray(cu_q_lens, jnp.int32)
+    num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)
+    # cu_q_lens[s] <= row < cu_q_lens[s+1]  <=>  s = (number of cu entries <= row) - 1.
+    # side="right" skips zero-length sequences (repeated cu entries) correctly.
+    seq = jnp.searchsorted(cu_q_lens, rows, side="right").astype(jnp.int32) - 1
+    live = rows < cu_q_lens[num_seqs]
+    return jnp.where(live, seq, -1)
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Causal GQA of packed ragged queries over paged KV; see the module docstring for shapes,
+    semantics and cost. Returns [num_tokens, n_heads, head_dim] in q's dtype."""
+    num_tokens, n_heads, head_dim = q.shape
+    _, page_size, n_kv, _ = k_pages.shape
+    if n_heads % n_kv:
+        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
+    group = n_heads // n_kv
+    pages_per_seq = page_indices.shape[1]
+    max_len = pages_per_seq * page_size
+    scale = head_dim**-0.5 if sm_scale is None else sm_scale
+
+    kv_lens = jnp.asarray(kv_lens, jnp.int32)
+    cu_q_lens = jnp.asarray(cu_q_lens, jnp.int32)
+    page_indices = jnp.asarray(page_indices, jnp.int32)
+    num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
+
+    seq_of_row = token_seq_ids(cu_q_lens, num_seqs, num_tokens)  # [T]
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)
+    qg = q.reshape(num_tokens, n_kv, group, head_dim)  # query heads grouped by kv head
+    kv_pos = jnp.arange(max_len, dtype=jnp.int32)
+
+    def body(s, out):
+        kv_len = kv_lens[s]
+        q_start = cu_q_lens[s]
+        q_len = cu_q_lens[s + 1] - q_start
+        # Sequence s's cache as one contiguous slab: [pages_per_seq, page_size, ...] -> [L, ...].
+        pages = page_indices[s]
+        k = k_pages[pages].reshape(max_len, n_kv, head_dim)
+        v = v_pages[pages].reshape(max_len, n_kv, head_dim)
+        in_cache = kv_pos < kv_len  # [L]
+        v = jnp.where(in_cache[:, None, None], v, jnp.zeros((), v.dtype))
+
+        mine = seq_of_row == s  # [T]
+        q_pos = kv_len - q_len + (rows - q_start)  # [T] absolute position of each row (if mine)
+        visible = (kv_pos[None, :] <= q_pos[:, None]) & in_cache[None, :]  # [T, L]
+
+        scores = jnp.einsum("tkgd,skd->tkgs", qg, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        o = jnp.einsum("tkgs,skd->tkgd", probs, v, preferred_element_type=jnp.float32)
+        o = o.reshape(num_tokens, n_heads, head_dim)
+        return jnp.where(mine[:, None, None], o, out)
+
+    out = jnp.zeros((num_tokens, n_heads, head_dim), jnp.float32)
+    out = jax.lax.fori_loop(0, num_seqs, body, out)
+    return out.astype(q.dtype)
+
+
+def write_kv_pages(
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    slot_mapping: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter this step's keys/values into the page pool.
+
+    k_pages, v_pages: [num_pages, page_size, n_kv_heads, head_dim]; k_new, v_new:
+    [num_tokens, n_kv_heads, head_dim]; slot_mapping: [num_tokens] int32 flat slot
+    page * page_size + offset. Negative or out-of-range slots (padding) are dropped.
+    Returns the updated (k_pages, v_pages), in the pages' dtype.
+    """
+    num_pages, page_size, n_kv, head_dim = k_pages.shape
+    n_slots = num_pages * page_size
+    slot = jnp.asarray(slot_mapping, jnp.int32)
+    # JAX wraps negative indices even with mode="drop", so send them out of range explicitly.
+    slot = jnp.where((slot >= 0) & (slot < n_slots), slot, n_slots)
+
+    def scatter(pages, new):
+        flat = pages.reshape(n_slots, n_kv, head_dim)
+        flat = flat.at[slot].set(new.astype(pages.dtype), mode="drop")
+        return flat.reshape(pages.shape)
+
+    return scatter(k_pages, k_new), scatter(v_pages, v_new)
