@@ -1,31 +1,41 @@
-"""Batched generation: one jitted step for prefill and decode, bucketed shapes, host-side stops.
+"""The serving engine: continuous batching over a paged KV cache, one jitted step for any mix.
 
-A batch of requests is prefilled together (prompts right-padded, padding at position -1), then
-decoded one token per step. Shapes are rounded up to a small set of buckets (batch, prompt
-length, cache length), so a steady workload never recompiles. The host reads step i's tokens
-while the device already runs step i+1 (the next input tokens never leave the device).
+Each step packs the scheduled tokens of every sequence (prefill chunks and single decode
+tokens alike) into one row, runs the model once over the paged cache and samples one token per
+sequence. Shapes are rounded up to buckets (tokens, sequences, pages per sequence), so a steady
+workload never recompiles.
+
+The host stays one step ahead of the device: it launches step i+1 before reading step i's
+tokens. A decode token that is still on the device is fed from step i's output
+(`prev_index`), so the device never waits for the host's bookkeeping.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator
+import itertools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .kv_cache import DenseKVCache
 from .model import Transformer
-from .sampling import SamplingArrays, SamplingParams, init_penalty_state, sample, update_penalty_state
-from .sharding import use_mesh
-from .tokenizer import StreamDecoder, Tokenizer
+from .outputs import OutputState, StepEvent
+from .page_allocator import PageAllocator
+from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
+from .sampling import SamplingArrays, SamplingParams, sample
+from .scheduler import Scheduled, Scheduler, Sequence, Status
+from .sharding import constrain, named_sharding, use_mesh
+from .tokenizer import Tokenizer
 
-MIN_PROMPT_BUCKET = 16
-MIN_CACHE_BUCKET = 64
+MIN_TOKEN_BUCKET = 16
+MIN_SEQS_BUCKET = 8  # small batches share one program (padding rows cost little)
+MIN_PAGES_BUCKET = 4
+CPU_CACHE_BYTES = 1 << 30  # KV cache on a CPU host when neither num_pages nor a device limit says
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -35,70 +45,186 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 
 
 @dataclasses.dataclass
-class Request:
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    index: int  # position in the caller's list
+class EngineConfig:
+    """Serving settings (vLLM's names where vLLM has one)."""
+
+    max_model_len: int
+    block_size: int = 16  # tokens per KV page
+    num_pages: int | None = None  # explicit page count (overrides gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.9  # fraction of device memory the engine may use
+    max_num_seqs: int = 256  # sequences per step
+    max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decode tokens)
+    enable_prefix_caching: bool = True
+    attention_impl: str = "auto"  # "auto" | "reference" | "triton" | "tpu"
+
+    def __post_init__(self):
+        checks = [
+            ("block_size", self.block_size, 1 <= self.block_size <= 1024, "an integer in [1, 1024], e.g. 16"),
+            ("max_num_seqs", self.max_num_seqs, self.max_num_seqs >= 1, "an integer >= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens, self.max_num_batched_tokens >= 1,
+             "an integer >= 1 (e.g. 2048)"),
+            ("gpu_memory_utilization", self.gpu_memory_utilization, 0 < self.gpu_memory_utilization <= 1,
+             "a fraction in (0, 1], e.g. 0.9"),
+            ("num_pages", self.num_pages, self.num_pages is None or self.num_pages >= 2,
+             "None (size from memory) or an integer >= 2"),
+        ]
+        for name, value, ok, fix in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r} is invalid: use {fix}")
 
 
-@dataclasses.dataclass
-class StepEvent:
-    """What one request produced in one step (streamed to the caller)."""
+@flax.struct.dataclass
+class StepInputs:
+    """One step's packed batch (host-built, one transfer)."""
 
-    index: int
-    token_id: int | None
-    text: str  # new text, possibly "" (held back until it is valid UTF-8 / not a stop prefix)
-    logprobs: dict[int, float] | None
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length"
-    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first event only
+    tokens: jax.Array  # [T] i32 token ids (placeholder where prev_index >= 0)
+    prev_index: jax.Array  # [T] i32 row of the previous step's sampled tokens to use, -1 = tokens
+    positions: jax.Array  # [T] i32, -1 = padding
+    slot_mapping: jax.Array  # [T] i32 flat cache slot, -1 = padding
+    next_ids: jax.Array  # [T] i32 the prompt token after each position (prompt logprobs), -1 = none
+    kv_lens: jax.Array  # [S] i32
+    page_indices: jax.Array  # [S, pages] i32
+    cu_q_lens: jax.Array  # [S + 1] i32
+    num_seqs: jax.Array  # [] i32
+    logits_at: jax.Array  # [S] i32 packed row of each sequence's last token
+    slots: jax.Array  # [S] i32 row of the persistent penalty state (max_num_seqs = none)
+    sampled: jax.Array  # [S] bool this step's token of the sequence is kept
+    step: jax.Array  # [S] i32 index of the token being sampled among the generated ones
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "num_logprobs", "num_prompt_logprobs"),
-    donate_argnames=("cache", "counts", "seen"),
+    static_argnames=("graphdef", "num_logprobs", "num_prompt_logprobs", "use_penalties", "impl", "max_seqs"),
+    donate_argnames=("k_pages", "v_pages", "counts", "seen"),
 )
-def _step(graphdef, state, tokens, positions, logits_at, cache, sampling, step, counts, seen,
-          num_logprobs: int, num_prompt_logprobs: int):
-    """Run the model on tokens [batch, t] and sample one token per row from position logits_at."""
+def _step(graphdef, state, k_pages, v_pages, inputs: StepInputs, prev_tokens, sampling, counts, seen, *,
+          num_logprobs: int, num_prompt_logprobs: int, use_penalties: bool, impl: str, max_seqs: int):
     model: Transformer = nnx.merge(graphdef, state)
+    prev = prev_tokens[jnp.maximum(inputs.prev_index, 0)]
+    tokens = jnp.where(inputs.prev_index >= 0, prev, inputs.tokens)[None]  # [1, T]
+    cache = PagedKVCache(k_pages, v_pages, inputs.slot_mapping, inputs.kv_lens, inputs.page_indices,
+                         inputs.cu_q_lens, inputs.num_seqs, impl=impl)
+    positions = inputs.positions[None]
     if num_prompt_logprobs:
-        logits, cache = model(tokens, positions, cache)  # [batch, t, vocab]: every position
-        last = jnp.take_along_axis(logits, logits_at[:, None, None], axis=1)[:, 0]
-        prompt_lp = _prompt_logprobs(logits, tokens, num_prompt_logprobs)
+        logits, cache = model(tokens, positions, cache)  # [1, T, vocab]: every position
+        last = logits[0, inputs.logits_at]
+        prompt_lp = _prompt_logprobs(logits[0], inputs.next_ids, num_prompt_logprobs)
     else:
-        logits, cache = model(tokens, positions, cache, logits_at=logits_at[:, None])
-        last, prompt_lp = logits[:, 0], None
-    result = sample(last, sampling, step, counts, seen, num_logprobs)
-    counts, seen = update_penalty_state(counts, seen, result.tokens)
-    return result, prompt_lp, cache, counts, seen
+        logits, cache = model(tokens, positions, cache, logits_at=inputs.logits_at[None])
+        last, prompt_lp = logits[0], None
+    vocab = last.shape[-1]
+    if use_penalties:
+        row_counts, row_seen = counts[inputs.slots], seen[inputs.slots]
+    else:
+        row_counts = jnp.zeros(last.shape, jnp.int32)
+        row_seen = jnp.zeros(last.shape, bool)
+    result = sample(last, sampling, inputs.step, row_counts, row_seen, num_logprobs)
+    if use_penalties:  # record kept tokens; rows of padding or unsampled chunks are dropped
+        kept = jnp.where(inputs.sampled, result.tokens, vocab)
+        counts = counts.at[inputs.slots, kept].add(1, mode="drop")
+        seen = seen.at[inputs.slots, kept].set(True, mode="drop")
+    # A fixed-size copy of the sampled tokens feeds the next step, whatever its bucket.
+    next_tokens = jnp.zeros((max_seqs,), jnp.int32).at[: result.tokens.shape[0]].set(result.tokens)
+    k_pages, v_pages = constrain(cache.k, PAGE_AXES), constrain(cache.v, PAGE_AXES)  # keep their placement
+    return result, prompt_lp, next_tokens, k_pages, v_pages, counts, seen
 
 
-def _prompt_logprobs(logits, tokens, n: int):
-    """log p(prompt token t+1 | prefix up to t), and the top-n at each position."""
-    lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [batch, t-1, vocab]
-    actual = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+def _prompt_logprobs(logits, next_ids, n: int):
+    """logits [T, vocab] -> log p(next prompt token) [T] and the top-n [T, n] at each row."""
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    actual = jnp.take_along_axis(lp, jnp.maximum(next_ids, 0)[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(lp, n)
     return actual, top_ids, top_lp
 
 
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _reset_penalty_row(counts, seen, slot, ids, num_prompt):
+    """Row `slot` of the penalty state from a sequence's tokens. ids: [L] padded with vocab."""
+    vocab = counts.shape[1]
+    generated = jnp.arange(ids.shape[0]) >= num_prompt
+    row_seen = jnp.zeros((vocab,), bool).at[ids].set(True, mode="drop")
+    row_counts = jnp.zeros((vocab,), jnp.int32).at[jnp.where(generated, ids, vocab)].add(1, mode="drop")
+    return counts.at[slot].set(row_counts), seen.at[slot].set(row_seen)
+
+
+_HOST_RNG = np.random.default_rng()
+
+
+def _uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+@dataclasses.dataclass
+class _Launched:
+    batch: list[Scheduled]
+    result: object  # device SampleResult
+    prompt_lp: object  # device prompt logprobs or None
+
+
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, mesh: Mesh, max_model_len: int,
-                 max_num_seqs: int = 32):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, mesh: Mesh, config: EngineConfig):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.dtype = model.dtype
         self.tokenizer = tokenizer
         self.mesh = mesh
-        self.max_model_len = max_model_len
-        self.max_num_seqs = max_num_seqs
+        self.config = config
+        self.max_model_len = config.max_model_len
+        self.page_size = config.block_size
+        self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
+        self.max_seqs_bucket = bucket(config.max_num_seqs, MIN_SEQS_BUCKET)
+        self.num_pages = self._size_cache()
+        self.allocator = PageAllocator(self.num_pages, self.page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        with use_mesh(mesh):
+            # Placed as the step returns them (so the second step does not compile again),
+            # straight into their sharding (a device_put afterwards could copy gigabytes).
+            sharding = named_sharding(mesh, PAGE_AXES)
+            init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
+            self.k_pages, self.v_pages = init(self.cfg, self.num_pages, self.page_size, self.dtype)
+        self.counts = self.seen = None  # penalty state, [max_num_seqs, vocab], made on first use
+        self.prev_tokens = self._replicated(jnp.zeros((self.max_seqs_bucket,), jnp.int32))
+        self.sequences: dict[str, Sequence] = {}
+        self.outputs: dict[str, OutputState] = {}
+        self._prompt_lps: dict[str, dict[int, dict[int, float]]] = {}
+        self._pending: _Launched | None = None
+        self._rows: dict[Sequence, int] = {}  # the pending step's row of each sequence
+        self._ids = itertools.count()
 
-    # ---- validation -----------------------------------------------------------------------
+    # ---- sizing and validation ------------------------------------------------------------
 
-    def check_request(self, ids: list[int], params: SamplingParams, index: int) -> SamplingParams:
+    def device_memory(self) -> dict | None:
+        """The first device's allocator statistics (bytes_limit, bytes_in_use); None on CPU."""
+        stats = self.mesh.devices.flat[0].memory_stats()
+        return stats if stats and "bytes_limit" in stats else None
+
+    def _activation_bytes(self) -> int:
+        """A generous bound on one step's temporaries (activations, logits, sampling)."""
+        c, t, s = self.cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs
+        per_token = (8 * c.dim + 3 * c.hidden_dim + 4 * c.n_heads * c.head_dim) * 4
+        return t * per_token + 6 * s * c.vocab_size * 4 + (256 << 20)
+
+    def _size_cache(self) -> int:
+        per_page = page_bytes(self.cfg, self.page_size, self.dtype)
+        if self.config.num_pages is not None:
+            return self.config.num_pages
+        stats = self.device_memory()
+        if stats is None:  # CPU: enough for max_num_seqs full sequences, within a fixed budget
+            want = self.config.max_num_seqs * self.max_pages_per_seq + 1
+            return max(2, min(want, CPU_CACHE_BYTES // per_page))
+        budget = (self.config.gpu_memory_utilization * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+                  - self._activation_bytes())
+        pages = int(budget // per_page)
+        if pages < 2:
+            raise ValueError(
+                f"no room for a KV cache: gpu_memory_utilization={self.config.gpu_memory_utilization} of "
+                f"{stats['bytes_limit'] / 2**30:.1f} GiB leaves {budget / 2**30:.2f} GiB after the weights "
+                f"({stats.get('bytes_in_use', 0) / 2**30:.1f} GiB) and step buffers: raise "
+                "gpu_memory_utilization, lower max_num_batched_tokens / max_num_seqs, or use a smaller dtype")
+        return pages
+
+    def check_request(self, ids: list[int], params: SamplingParams, where: str) -> SamplingParams:
         """Reject bad input before any work starts; fill max_tokens=None up to the context."""
-        where = f"prompt {index}"
         if len(ids) == 0:
             raise ValueError(f"{where} is empty: give at least one token (the tokenizer adds BOS to text prompts)")
         bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab_size]
@@ -108,106 +234,213 @@ class Engine:
         if room < 1:
             raise ValueError(
                 f"{where} has {len(ids)} tokens, past the model's context of {self.max_model_len}: "
-                f"shorten it to at most {self.max_model_len - 1} tokens"
-            )
+                f"shorten it to at most {self.max_model_len - 1} tokens")
         if params.max_tokens is None:
-            return dataclasses.replace(params, max_tokens=room)
-        if params.max_tokens > room:
+            params = dataclasses.replace(params, max_tokens=room)
+        elif params.max_tokens > room:
             raise ValueError(
                 f"{where} has {len(ids)} tokens and asks for max_tokens={params.max_tokens}: "
                 f"{len(ids)} + {params.max_tokens} > context {self.max_model_len}. "
-                f"Lower max_tokens to {room} or shorten the prompt"
-            )
+                f"Lower max_tokens to {room} or shorten the prompt")
+        pages = -(-(len(ids) + params.max_tokens) // self.page_size)
+        if pages > self.num_pages - 1:
+            fits = (self.num_pages - 1) * self.page_size
+            raise ValueError(
+                f"{where} needs {len(ids)} + {params.max_tokens} tokens of KV cache = {pages} pages of "
+                f"{self.page_size}, but the whole cache has {self.num_pages - 1} pages ({fits} tokens): "
+                "lower max_tokens, shorten the prompt, or give the cache more memory "
+                "(gpu_memory_utilization / num_pages)")
+        if params.seed is None:  # fixed now, so a preempted and recomputed request continues alike
+            params = dataclasses.replace(params, seed=int(_HOST_RNG.integers(2**63)))
         return params
 
-    # ---- generation -----------------------------------------------------------------------
+    # ---- requests -------------------------------------------------------------------------
 
-    def stream(self, requests: list[Request]) -> Iterator[StepEvent]:
-        checked = [dataclasses.replace(r, params=self.check_request(r.prompt_token_ids, r.params, r.index))
-                   for r in requests]
-        for start in range(0, len(checked), self.max_num_seqs):
-            yield from self._stream_batch(checked[start : start + self.max_num_seqs])
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int = 0,
+                    request_id: str | None = None) -> str:
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.sequences:
+            raise ValueError(f"request_id {request_id!r} is already running: use a new id")
+        params = self.check_request(list(prompt_ids), params, f"prompt {index}")
+        seq = Sequence(request_id, [int(t) for t in prompt_ids], params, index)
+        self.sequences[request_id] = seq
+        self.outputs[request_id] = OutputState(request_id, index, params, self.tokenizer)
+        self.scheduler.add(seq)
+        return request_id
 
-    def _stream_batch(self, reqs: list[Request]) -> Iterator[StepEvent]:
-        n = len(reqs)
-        batch = bucket(n, 1)
-        lens = np.array([len(r.prompt_token_ids) for r in reqs] + [1] * (batch - n), np.int32)
-        t = bucket(int(lens.max()), MIN_PROMPT_BUCKET, self.max_model_len)
-        cache_len = bucket(max(len(r.prompt_token_ids) + r.params.max_tokens for r in reqs),
-                           MIN_CACHE_BUCKET, self.max_model_len)
-        tokens = np.zeros((batch, t), np.int32)
-        positions = np.full((batch, t), -1, np.int32)
-        for i, r in enumerate(reqs):
-            tokens[i, : lens[i]] = r.prompt_token_ids
-            positions[i, : lens[i]] = np.arange(lens[i])
-        positions[n:, 0] = 0  # padding rows: one dummy token so their softmax is well defined
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its pages; False if it is unknown or already done."""
+        seq = self.sequences.pop(str(request_id), None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        self.outputs.pop(seq.request_id, None)
+        self._prompt_lps.pop(seq.request_id, None)
+        return True
 
-        params = [r.params for r in reqs]
-        num_logprobs = max((p.logprobs or 0) for p in params)
-        num_prompt_logprobs = max((p.prompt_logprobs or 0) for p in params)
-        # Each distinct value compiles once; round up so that few variants exist.
-        num_logprobs = bucket(num_logprobs, 1) if num_logprobs else 0
-        num_prompt_logprobs = bucket(num_prompt_logprobs, 1) if num_prompt_logprobs else 0
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.sequences) or self._pending is not None
 
-        self._check_cache_fits(n, batch, cache_len)
+    # ---- stepping -------------------------------------------------------------------------
+
+    def step(self) -> list[StepEvent]:
+        """Launch the next step, then read the previous one: its tokens become events."""
+        batch = self.scheduler.schedule()
+        if not batch and self._pending is None and self.scheduler.has_work():
+            raise RuntimeError("the scheduler could not place any request: this is a bug, please report it")
+        launched = self._launch(batch) if batch else None
+        events = self._read(self._pending) if self._pending else []
+        self._pending = launched
+        return events
+
+    def run(self):
+        """Step until every request is done, yielding events as they come."""
+        while self.has_unfinished_requests():
+            yield from self.step()
+
+    def _launch(self, batch: list[Scheduled]) -> _Launched:
+        inputs, sampling, statics = self._pack(batch)
         with use_mesh(self.mesh):
-            cache = self._new_cache(batch, cache_len)
-            sampling = SamplingArrays.from_params(params, pad_to=batch)
-            counts, seen = init_penalty_state(jnp.asarray(tokens), jnp.asarray(lens), self.cfg.vocab_size)
-            step = jnp.zeros((batch,), jnp.int32)
-            run = functools.partial(_step, self.graphdef, self.state, num_logprobs=num_logprobs)
-            result, prompt_lp, cache, counts, seen = run(
-                jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(lens - 1), cache, sampling,
-                step, counts, seen, num_prompt_logprobs=num_prompt_logprobs)
+            if statics["use_penalties"]:
+                self._reset_penalties(batch)
+            counts, seen = (self.counts, self.seen) if statics["use_penalties"] else (None, None)
+            result, prompt_lp, self.prev_tokens, self.k_pages, self.v_pages, counts, seen = _step(
+                self.graphdef, self.state, self.k_pages, self.v_pages, inputs, self.prev_tokens, sampling,
+                counts, seen, impl=self.config.attention_impl, max_seqs=self.max_seqs_bucket, **statics)
+            if statics["use_penalties"]:
+                self.counts, self.seen = counts, seen
+        for s in batch:
+            self.scheduler.register_full_pages(s.seq)
+        self._rows = {s.seq: i for i, s in enumerate(batch)}  # where each sequence's token lands
+        return _Launched(batch, result, prompt_lp)
 
-            rows = [_RowState(r, self.tokenizer) for r in reqs]
-            if num_prompt_logprobs:
-                for row, plp in zip(rows, _split_prompt_logprobs(prompt_lp, reqs)):
-                    row.prompt_logprobs = plp
-            max_steps = max(r.params.max_tokens for r in reqs)
-            pos = jnp.asarray(lens)
-            first_column = jnp.zeros((batch,), jnp.int32)  # decode steps sample from their only token
-            for i in range(max_steps):
-                pending = result
-                if i + 1 < max_steps:  # dispatch the next step before reading this one
-                    step = step + 1
-                    result, _, cache, counts, seen = run(
-                        pending.tokens[:, None], pos[:, None], first_column, cache,
-                        sampling, step, counts, seen, num_prompt_logprobs=0)
-                    pos = pos + 1
-                host = jax.device_get(pending)
-                for b, row in enumerate(rows):
-                    if not row.finished:
-                        yield row.add(int(host.tokens[b]), _row_logprobs(host, b, row.params.logprobs))
-                if all(row.finished for row in rows):
-                    return
+    def _pack(self, batch: list[Scheduled]):
+        """Host arrays of one step, padded to its buckets."""
+        n_tok = sum(s.n for s in batch)
+        T = bucket(n_tok, MIN_TOKEN_BUCKET, bucket(self.config.max_num_batched_tokens, MIN_TOKEN_BUCKET))
+        S = bucket(len(batch), MIN_SEQS_BUCKET, self.max_seqs_bucket)
+        pages = bucket(max(len(s.seq.pages) for s in batch), MIN_PAGES_BUCKET,
+                       bucket(self.max_pages_per_seq, MIN_PAGES_BUCKET))
+        tokens = np.zeros(T, np.int32)
+        prev_index = np.full(T, -1, np.int32)
+        positions = np.full(T, -1, np.int32)
+        slot_mapping = np.full(T, -1, np.int32)
+        next_ids = np.full(T, -1, np.int32)
+        kv_lens = np.zeros(S, np.int32)
+        page_indices = np.zeros((S, pages), np.int32)
+        cu_q_lens = np.zeros(S + 1, np.int32)
+        logits_at = np.zeros(S, np.int32)
+        slots = np.full(S, self.config.max_num_seqs, np.int32)
+        sampled = np.zeros(S, bool)
+        step = np.zeros(S, np.int32)
+        rows = self._rows if self._pending else {}
+        t = 0
+        for i, s in enumerate(batch):
+            seq = s.seq
+            pos = np.arange(s.start, s.start + s.n)
+            known = min(s.start + s.n, len(seq.token_ids)) - s.start
+            tokens[t : t + known] = seq.token_ids[s.start : s.start + known]
+            if known < s.n:  # the last token is still on the device, from the previous step
+                assert known == s.n - 1 and seq in rows, "a decode token is missing"
+                prev_index[t + known] = rows[seq]
+            positions[t : t + s.n] = pos
+            page_of = np.asarray(seq.pages, np.int32)
+            slot_mapping[t : t + s.n] = page_of[pos // self.page_size] * self.page_size + pos % self.page_size
+            if seq.params.prompt_logprobs is not None:
+                nxt = pos + 1
+                ok = nxt < len(seq.prompt_ids)
+                next_ids[t : t + s.n][ok] = np.asarray(seq.prompt_ids)[nxt[ok]]
+            kv_lens[i] = s.start + s.n
+            page_indices[i, : len(seq.pages)] = seq.pages
+            cu_q_lens[i + 1] = t + s.n
+            logits_at[i] = t + s.n - 1
+            slots[i] = seq.slot
+            sampled[i] = s.sample
+            step[i] = seq.num_generated - 1 if s.sample else 0
+            t += s.n
+        cu_q_lens[len(batch) + 1 :] = t
+        inputs = jax.device_put(StepInputs(tokens, prev_index, positions, slot_mapping, next_ids, kv_lens,
+                                           page_indices, cu_q_lens, np.int32(len(batch)), logits_at, slots,
+                                           sampled, step))
+        params = [s.seq.params for s in batch]
+        sampling = SamplingArrays.from_params(params, pad_to=S)
+        kept = [s.seq.params for s in batch if s.sample]
+        num_logprobs = max((p.logprobs or 0) for p in kept) if kept else 0
+        prompt = [s.seq.params.prompt_logprobs for s in batch
+                  if s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids)]
+        num_prompt_logprobs = max(max(prompt), 1) if prompt else 0
+        statics = dict(
+            # Each distinct value compiles once; round up so that few variants exist.
+            num_logprobs=bucket(num_logprobs, 1) if num_logprobs else 0,
+            num_prompt_logprobs=bucket(num_prompt_logprobs, 1) if num_prompt_logprobs else 0,
+            use_penalties=any(_uses_penalties(p) for p in params),
+        )
+        return inputs, sampling, statics
 
-    def device_memory(self) -> dict | None:
-        """The first device's allocator statistics (bytes_limit, bytes_in_use); None on CPU."""
-        stats = self.mesh.devices.flat[0].memory_stats()
-        return stats if stats and "bytes_limit" in stats else None
+    def _replicated(self, x: jax.Array) -> jax.Array:
+        """Placed as the step's outputs are, so feeding them back does not recompile."""
+        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
 
-    def _check_cache_fits(self, n: int, batch: int, cache_len: int) -> None:
-        """Say so before allocating a KV cache the device cannot hold (instead of an XLA OOM)."""
-        stats = self.device_memory()
-        if stats is None:
-            return
-        per_token = 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * jnp.dtype(self.dtype).itemsize
-        need = per_token * batch * cache_len
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        if need > 0.9 * free:
-            raise ValueError(
-                f"{n} requests x {cache_len} tokens of KV cache need {need / 2**30:.1f} GiB, "
-                f"{free / 2**30:.1f} GiB is free on {self.mesh.devices.flat[0]}: lower max_tokens, "
-                "send fewer prompts at once, or lower max_num_seqs"
-            )
+    def _reset_penalties(self, batch: list[Scheduled]) -> None:
+        if self.counts is None:
+            shape = (self.config.max_num_seqs, self.cfg.vocab_size)
+            self.counts = self._replicated(jnp.zeros(shape, jnp.int32))
+            self.seen = self._replicated(jnp.zeros(shape, bool))
+        for s in batch:
+            seq = s.seq
+            if _uses_penalties(seq.params) and s.admitted:
+                ids = np.full(bucket(len(seq.token_ids), MIN_TOKEN_BUCKET), self.cfg.vocab_size, np.int32)
+                ids[: len(seq.token_ids)] = seq.token_ids
+                self.counts, self.seen = _reset_penalty_row(self.counts, self.seen, np.int32(seq.slot), ids,
+                                                            np.int32(len(seq.prompt_ids)))
 
-    def _new_cache(self, batch: int, max_len: int) -> DenseKVCache:
-        return _init_cache(self.cfg, batch, max_len, self.dtype)
+    def _read(self, launched: _Launched) -> list[StepEvent]:
+        """Bring a step's tokens to the host and turn them into events."""
+        host = jax.device_get(launched.result)
+        prompt_lp = jax.device_get(launched.prompt_lp) if launched.prompt_lp is not None else None
+        events = []
+        t = 0
+        for i, s in enumerate(launched.batch):
+            seq = s.seq
+            rows = slice(t, t + s.n)
+            t += s.n
+            if seq.status is Status.FINISHED:
+                continue  # aborted or stopped after this step was launched: its output is dropped
+            if prompt_lp is not None and seq.params.prompt_logprobs is not None:
+                self._collect_prompt_logprobs(seq, s, rows, prompt_lp)
+            if not s.sample:
+                continue
+            seq.in_flight -= 1
+            token = int(host.tokens[i])
+            seq.token_ids.append(token)
+            out = self.outputs[seq.request_id]
+            event = out.add(token, _row_logprobs(host, i, seq.params.logprobs))
+            if out.count == 1 and seq.params.prompt_logprobs is not None:
+                event.prompt_logprobs = self._finish_prompt_logprobs(seq)
+            if event.finished:
+                event.num_cached_tokens = seq.num_cached_tokens or 0
+                self.scheduler.finish(seq)
+                self.sequences.pop(seq.request_id, None)
+                self.outputs.pop(seq.request_id, None)
+            else:
+                self.scheduler.register_full_pages(seq)
+            events.append(event)
+        return events
 
+    def _collect_prompt_logprobs(self, seq: Sequence, s: Scheduled, rows: slice, prompt_lp) -> None:
+        actual, top_ids, top_lp = prompt_lp
+        n = seq.params.prompt_logprobs
+        got = self._prompt_lps.setdefault(seq.request_id, {})
+        for r, pos in zip(range(rows.start, rows.stop), range(s.start, s.start + s.n)):
+            if pos + 1 < len(seq.prompt_ids):  # entry for prompt token pos + 1
+                d = {seq.prompt_ids[pos + 1]: float(actual[r])}
+                for tid, lp in zip(top_ids[r, :n], top_lp[r, :n]):
+                    d.setdefault(int(tid), float(lp))
+                got[pos + 1] = d
 
-# One jitted function for the process, so a new batch reuses its compiled program.
-_init_cache = jax.jit(DenseKVCache.init, static_argnums=(0, 1, 2, 3))
+    def _finish_prompt_logprobs(self, seq: Sequence) -> list[dict[int, float] | None]:
+        got = self._prompt_lps.pop(seq.request_id, {})
+        return [None] + [got.get(p) for p in range(1, len(seq.prompt_ids))]  # nothing predicts token 0
 
 
 def _row_logprobs(host, b: int, n: int | None) -> dict[int, float] | None:
@@ -218,74 +451,3 @@ def _row_logprobs(host, b: int, n: int | None) -> dict[int, float] | None:
         for tid, lp in zip(host.top_ids[b, :n], host.top_logprobs[b, :n]):
             out.setdefault(int(tid), float(lp))
     return out
-
-
-def _split_prompt_logprobs(prompt_lp, reqs: list[Request]) -> list[list[dict[int, float] | None]]:
-    actual, top_ids, top_lp = jax.device_get(prompt_lp)
-    out = []
-    for b, r in enumerate(reqs):
-        n = r.params.prompt_logprobs
-        if n is None:
-            out.append(None)
-            continue
-        per_token: list[dict[int, float] | None] = [None]  # nothing predicts the first token
-        for t in range(len(r.prompt_token_ids) - 1):
-            d = {int(r.prompt_token_ids[t + 1]): float(actual[b, t])}
-            for tid, lp in zip(top_ids[b, t, :n], top_lp[b, t, :n]):
-                d.setdefault(int(tid), float(lp))
-            per_token.append(d)
-        out.append(per_token)
-    return out
-
-
-class _RowState:
-    """Host-side bookkeeping of one request: tokens, text, stop conditions."""
-
-    def __init__(self, req: Request, tokenizer: Tokenizer):
-        self.req = req
-        self.params = req.params
-        self.stop_ids = set(self.params.stop_token_ids or ())
-        if not self.params.ignore_eos:
-            self.stop_ids |= set(tokenizer.stop_token_ids)
-        stop = self.params.stop
-        self.stops = [stop] if isinstance(stop, str) else list(stop or ())
-        # Text that could still become a stop string is held back from the stream.
-        self.holdback = max((len(s) for s in self.stops), default=1) - 1
-        self.decoder = StreamDecoder(tokenizer, skip_special_tokens=self.params.skip_special_tokens)
-        self.text = ""  # decoded so far (up to any stop)
-        self.emitted = 0  # characters of self.text already streamed
-        self.count = 0
-        self.finished = False
-        self.prompt_logprobs = None
-
-    def add(self, token: int, logprobs) -> StepEvent:
-        self.count += 1
-        reason = None
-        if token in self.stop_ids:
-            reason = "stop"  # the stop token is reported in token_ids, not in the text
-        else:
-            self.text += self.decoder.step(token)
-            cut = self._find_stop()
-            if cut is not None:
-                self.text, reason = self.text[:cut], "stop"
-        if reason is None and self.count >= self.params.max_tokens:
-            reason = "length"
-        if reason is not None:
-            self.finished = True
-            if reason == "length" or token in self.stop_ids:
-                self.text += self.decoder.flush()
-                cut = self._find_stop()
-                if cut is not None:
-                    self.text, reason = self.text[:cut], "stop"
-            visible = len(self.text)
-        else:
-            visible = max(self.emitted, len(self.text) - self.holdback)
-        delta, self.emitted = self.text[self.emitted : visible], visible
-        event = StepEvent(self.req.index, token, delta, logprobs, self.finished, reason)
-        if self.count == 1:
-            event.prompt_logprobs = self.prompt_logprobs
-        return event
-
-    def _find_stop(self) -> int | None:
-        hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.stops) if i >= 0]
-        return min(hits) if hits else None

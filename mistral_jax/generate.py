@@ -32,6 +32,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU/TPU, f32 on CPU), bfloat16, float32")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's)")
+    serve = p.add_argument_group("serving (vLLM's names)")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache page")
+    serve.add_argument("--num-pages", type=int, default=None, help="KV cache pages (default: from memory)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="fraction of device memory for weights + KV cache")
+    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="tokens per step; longer prompts are prefilled in chunks")
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV pages of repeated prompt prefixes")
+    serve.add_argument("--attention-impl", default="auto", choices=("auto", "reference", "triton", "tpu"),
+                       help="ragged paged attention: the Pallas kernel of the backend (auto) or the jnp reference")
     return p.parse_args(argv)
 
 
@@ -63,7 +75,11 @@ def main(argv=None) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+        llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                  block_size=args.block_size, num_pages=args.num_pages,
+                  gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from .checkpoint import open_checkpoint
 from .default_model import default_model_path
-from .engine import Engine, Request, StepEvent
+from .engine import Engine, EngineConfig
+from .outputs import StepEvent
 from .sampling import SamplingParams
 from .sharding import make_mesh
 from .tokenizer import ToolCall, load_tokenizer
@@ -43,6 +44,7 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None
     outputs: list[CompletionOutput]
     finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -69,10 +71,23 @@ class LLM:
     model: a Mistral checkpoint directory (params.json + consolidated*.safetensors), a Hugging
     Face directory (config.json + model*.safetensors) or a .gguf file. None: the embedded demo
     model, SmolLM2-135M-Instruct (see README).
+
+    Serving settings keep vLLM's names: block_size (tokens per KV page), num_pages (explicit
+    page count) or gpu_memory_utilization (fraction of device memory), max_num_seqs,
+    max_num_batched_tokens (tokens per step; longer prompts are prefilled in chunks),
+    enable_prefix_caching. attention_impl: "auto" (the Pallas kernel of the backend), or
+    "reference" (the plain-jnp twin), "triton", "tpu".
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
-                 max_num_seqs: int = 32, tokenizer: str | None = None, progress: bool = True):
+                 max_num_seqs: int = 256, tokenizer: str | None = None, progress: bool = True, *,
+                 block_size: int = 16, num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 attention_impl: str = "auto"):
+        from pallas_kernels.ragged_paged_attention import IMPLS
+
+        if attention_impl not in IMPLS:
+            raise ValueError(f"attention_impl={attention_impl!r} is not one of {IMPLS}")
         enable_compilation_cache()
         self.model_path = str(model) if model is not None else default_model_path()
         self.dtype = resolve_dtype(dtype)
@@ -82,12 +97,17 @@ class LLM:
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {self.config.max_seq_len}] "
                              "(the model's context)")
         self.max_model_len = max_model_len or self.config.max_seq_len
+        engine_config = EngineConfig(  # validates the settings before the slow weight load
+            self.max_model_len, block_size=block_size, num_pages=num_pages,
+            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            attention_impl=attention_impl)
         self.tokenizer = load_tokenizer(tokenizer or self.model_path)
         self.mesh = make_mesh()
         t0 = time.perf_counter()
         model_ = load_weights(checkpoint, self.dtype, self.mesh, progress=progress)
         self.load_seconds = time.perf_counter() - t0
-        self.engine = Engine(model_, self.tokenizer, self.mesh, self.max_model_len, max_num_seqs)
+        self.engine = Engine(model_, self.tokenizer, self.mesh, engine_config)
         self._next_id = 0
 
     def get_tokenizer(self):
@@ -102,7 +122,8 @@ class LLM:
             return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
         raise TypeError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
-    def _requests(self, prompts, sampling_params) -> tuple[list[Request], list[str | None]]:
+    def _add(self, prompts, sampling_params) -> tuple[list[str], list[str | None], list[list[int]]]:
+        """Validate every request first (nothing is queued if one is bad), then queue them all."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -111,43 +132,56 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling_params: give one, or one each")
-        texts, reqs = [], []
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            text, ids = self._prompt_ids(p)
-            texts.append(text)
-            reqs.append(Request(ids, sp, i))
-        return reqs, texts
+        texts, ids = zip(*(self._prompt_ids(p) for p in prompts)) if prompts else ((), ())
+        for i, (tokens, sp) in enumerate(zip(ids, params)):
+            self.engine.check_request(tokens, sp, f"prompt {i}")
+        request_ids = []
+        for i, (tokens, sp) in enumerate(zip(ids, params)):
+            request_ids.append(self.engine.add_request(tokens, sp, index=i, request_id=str(self._next_id)))
+            self._next_id += 1
+        return request_ids, list(texts), list(ids)
 
     # ---- generation -----------------------------------------------------------------------
 
     def stream(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[StepEvent]:
-        """Yield StepEvents (index, token_id, text delta, logprobs, finished) as tokens come."""
-        reqs, _ = self._requests(prompts, sampling_params)
-        return self.engine.stream(reqs)
+        """Yield StepEvents (request_id, index, token_id, text delta, logprobs, finished) per
+        request as tokens come; `abort(request_id)` from the loop stops one request."""
+        self._add(prompts, sampling_params)
+        return self.engine.run()
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a running or queued request and free its KV pages at once."""
+        return self.engine.abort_request(request_id)
+
+    def prefix_cache_stats(self):
+        """Prefix-cache hits so far: lookups, prompt_tokens, cached_tokens, hit_rate."""
+        return self.engine.allocator.stats
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        reqs, texts = self._requests(prompts, sampling_params)
-        outs = [CompletionOutput(0, "", [], None, [] if r.params.logprobs is not None else None, None)
-                for r in reqs]
-        prompt_lps: list = [None] * len(reqs)
-        for ev in self.engine.stream(reqs):
-            out = outs[ev.index]
+        """Run every prompt through the engine together (continuous batching)."""
+        request_ids, texts, ids = self._add(prompts, sampling_params)
+        outs = {rid: CompletionOutput(0, "", [], None, [] if self.engine.sequences[rid].params.logprobs is not None
+                                      else None, None) for rid in request_ids}
+        prompt_lps: dict[str, list | None] = {}
+        cached: dict[str, int] = {}
+        for ev in self.engine.run():
+            if ev.request_id not in outs:
+                continue  # a request queued by someone else (e.g. an unfinished stream)
+            out = outs[ev.request_id]
             out.text += ev.text
             out.token_ids.append(ev.token_id)
             if ev.logprobs is not None:
                 out.logprobs.append(ev.logprobs)
                 out.cumulative_logprob = (out.cumulative_logprob or 0.0) + ev.logprobs[ev.token_id]
             if ev.prompt_logprobs is not None:
-                prompt_lps[ev.index] = ev.prompt_logprobs
+                prompt_lps[ev.request_id] = ev.prompt_logprobs
             if ev.finished:
                 out.finish_reason = ev.finish_reason
-        results = []
-        for r, text, out, plp in zip(reqs, texts, outs, prompt_lps):
-            results.append(RequestOutput(str(self._next_id), text, r.prompt_token_ids, plp, [out]))
-            self._next_id += 1
-        return results
+                cached[ev.request_id] = ev.num_cached_tokens or 0
+        return [RequestOutput(rid, text, tokens, prompt_lps.get(rid), [outs[rid]], num_cached_tokens=cached.get(rid, 0))
+                for rid, text, tokens in zip(request_ids, texts, ids)]
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -71,10 +71,15 @@ def ragged_paged_attention_reference(
     cu_q_lens: jax.Array,
     num_seqs: jax.Array,
     *,
+    layer: jax.Array | None = None,
     sm_scale: float | None = None,
 ) -> jax.Array:
     """Causal GQA of packed ragged queries over paged KV; see the module docstring for shapes,
-    semantics and cost. Returns [num_tokens, n_heads, head_dim] in q's dtype."""
+    semantics and cost. With `layer`, k_pages/v_pages are the stacked pools of every layer,
+    [n_layers, num_pages, page_size, n_kv_heads, head_dim], and `layer` picks one.
+    Returns [num_tokens, n_heads, head_dim] in q's dtype."""
+    if layer is not None:
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
     num_tokens, n_heads, head_dim = q.shape
     _, page_size, n_kv, _ = k_pages.shape
     if n_heads % n_kv:
@@ -127,23 +132,71 @@ def write_kv_pages(
     k_new: jax.Array,
     v_new: jax.Array,
     slot_mapping: jax.Array,
+    *,
+    layer: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter this step's keys/values into the page pool.
 
-    k_pages, v_pages: [num_pages, page_size, n_kv_heads, head_dim]; k_new, v_new:
-    [num_tokens, n_kv_heads, head_dim]; slot_mapping: [num_tokens] int32 flat slot
-    page * page_size + offset. Negative or out-of-range slots (padding) are dropped.
+    k_pages, v_pages: [num_pages, page_size, n_kv_heads, head_dim], or with `layer` the
+    stacked [n_layers, num_pages, ...] pools (written in place under donation: no layer copy);
+    k_new, v_new: [num_tokens, n_kv_heads, head_dim]; slot_mapping: [num_tokens] int32 flat
+    slot page * page_size + offset. Negative or out-of-range slots (padding) are dropped.
     Returns the updated (k_pages, v_pages), in the pages' dtype.
     """
-    num_pages, page_size, n_kv, head_dim = k_pages.shape
+    *lead, num_pages, page_size, n_kv, head_dim = k_pages.shape
     n_slots = num_pages * page_size
     slot = jnp.asarray(slot_mapping, jnp.int32)
     # JAX wraps negative indices even with mode="drop", so send them out of range explicitly.
     slot = jnp.where((slot >= 0) & (slot < n_slots), slot, n_slots)
 
     def scatter(pages, new):
-        flat = pages.reshape(n_slots, n_kv, head_dim)
-        flat = flat.at[slot].set(new.astype(pages.dtype), mode="drop")
+        flat = pages.reshape(*lead, n_slots, n_kv, head_dim)
+        index = (layer, slot) if layer is not None else (slot,)
+        flat = flat.at[index].set(new.astype(pages.dtype), mode="drop")
         return flat.reshape(pages.shape)
 
     return scatter(k_pages, k_new), scatter(v_pages, v_new)
+
+
+# --------------------------------------------------------------------------------------------
+# The one entry point: the engine calls this; `impl` picks the kernel or the reference twin.
+# --------------------------------------------------------------------------------------------
+
+IMPLS = ("auto", "reference", "triton", "tpu")
+
+
+def default_impl(platform: str | None = None) -> str:
+    """The kernel for a backend: Triton on GPU, Pallas TPU on TPU, the reference elsewhere."""
+    platform = platform or jax.default_backend()
+    return {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform, "reference")
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    layer: jax.Array | None = None,
+    sm_scale: float | None = None,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """Ragged paged attention (see the module docstring) by the implementation `impl`:
+    "reference" (plain jnp), "triton" (Pallas GPU), "tpu" (Pallas TPU) or "auto" (the one for
+    the default backend). `interpret=True` runs a Pallas kernel in interpret mode (CPU tests)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        impl = default_impl()
+    args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    if impl == "reference":
+        return ragged_paged_attention_reference(*args, layer=layer, sm_scale=sm_scale)
+    if impl == "triton":
+        from .ragged_paged_attention_triton import ragged_paged_attention_triton as kernel
+    else:
+        from .ragged_paged_attention_tpu import ragged_paged_attention_tpu as kernel
+    return kernel(*args, layer=layer, sm_scale=sm_scale, interpret=interpret)

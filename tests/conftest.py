@@ -4,12 +4,25 @@ import os
 import shutil
 from pathlib import Path
 
-import mistral_common
 import pytest
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+def pytest_configure(config):
+    # The CPU suite pins JAX to the CPU; `pytest -m gpu` (run on the device) keeps the GPU.
+    if config.getoption("markexpr", "") != "gpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _v3_tokenizer() -> Path:
+    import mistral_common  # imported lazily: the GPU image has no mistral-common
+
+    return Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+
+
+def __getattr__(name):  # `from conftest import V3_TOKENIZER` stays lazy
+    if name == "V3_TOKENIZER":
+        return _v3_tokenizer()
+    raise AttributeError(name)
 
 
 @pytest.fixture(scope="session")
@@ -30,5 +43,5 @@ def tiny_checkpoints(tmp_path_factory, tiny_cfg):
     weights = make_tiny_mistral_checkpoint(mistral_dir, tiny_cfg, seed=0, dtype="float32")
     make_tiny_hf_checkpoint(hf_dir, weights, tiny_cfg, dtype="float32")
     for d in (mistral_dir, hf_dir):
-        shutil.copy(V3_TOKENIZER, d / "tokenizer.model.v3")
+        shutil.copy(_v3_tokenizer(), d / "tokenizer.model.v3")
     return mistral_dir, hf_dir, weights

@@ -1,0 +1,65 @@
+"""The paged KV cache: one page pool per layer, shared by every sequence of the serving engine.
+
+It implements the same `attend(layer, q, k, v, positions)` as the dense cache, so the model is
+unchanged. A serving step packs the new tokens of all its sequences into one row of the model
+input, tokens: [1, num_tokens]; the cache carries the step's metadata (where each token's k/v
+goes, which pages each sequence reads) next to the page pools:
+
+    k, v          [n_layers, num_pages, page_size, n_kv_heads, head_dim]   the pools (donated)
+    slot_mapping  [num_tokens]       flat slot page * page_size + offset of each token, -1 = padding
+    kv_lens       [max_seqs]         tokens in each sequence's cache after this step (0 = empty slot)
+    page_indices  [max_seqs, pages]  block tables (unused entries: the null page 0)
+    cu_q_lens     [max_seqs + 1]     where each sequence's tokens start in the packed batch
+    num_seqs      []                 live sequences
+
+The pools keep all layers in one array so that the layer scan writes them in place; the kernel
+receives the whole pool and the layer index (slicing a layer out would copy it every step).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages
+
+from .config import ModelConfig
+from .sharding import constrain
+
+PAGE_AXES = ("layers", None, None, "kv_heads", "head_dim")
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:
+    """Device bytes of one page across all layers, keys and values."""
+    return 2 * cfg.n_layers * page_size * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple[jax.Array, jax.Array]:
+    shape = (cfg.n_layers, num_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+    zeros = constrain(jnp.zeros(shape, dtype), PAGE_AXES)
+    return zeros, zeros
+
+
+@flax.struct.dataclass
+class PagedKVCache:
+    k: jax.Array
+    v: jax.Array
+    slot_mapping: jax.Array
+    kv_lens: jax.Array
+    page_indices: jax.Array
+    cu_q_lens: jax.Array
+    num_seqs: jax.Array
+    impl: str = flax.struct.field(pytree_node=False, default="auto")
+
+    def attend(
+        self, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, "PagedKVCache"]:
+        """q: [1, num_tokens, n_heads, head_dim]; k, v: [1, num_tokens, n_kv_heads, head_dim].
+        `positions` already placed the rotary phases; where the tokens go is slot_mapping."""
+        ck, cv = write_kv_pages(self.k, self.v, k[0], v[0], self.slot_mapping, layer=layer)
+        out = ragged_paged_attention(
+            q[0], ck, cv, self.kv_lens, self.page_indices, self.cu_q_lens, self.num_seqs,
+            layer=layer, impl=self.impl,
+        )
+        return out[None], self.replace(k=ck, v=cv)
