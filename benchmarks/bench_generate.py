@@ -77,13 +77,14 @@ def ceilings() -> dict:
 
 # ---- ours -------------------------------------------------------------------------------------
 
-def bench_ours(config: str, dtype: str) -> dict:
+def random_engine(config: str, dtype: str, **engine_settings):
+    """An Engine over random weights of a named config, with a tokenizer that only counts ids.
+    Returns (engine, cfg, seconds to build the weights on the device)."""
     import jax
 
     from mistral_jax.config import ModelConfig
-    from mistral_jax.engine import Engine, Request
+    from mistral_jax.engine import Engine, EngineConfig
     from mistral_jax.llm import resolve_dtype
-    from mistral_jax.sampling import SamplingParams
     from mistral_jax.sharding import make_mesh
     from mistral_jax.tokenizer import Tokenizer
     from mistral_jax.weights import random_weights
@@ -102,15 +103,26 @@ def bench_ours(config: str, dtype: str) -> dict:
     model = random_weights(cfg, resolve_dtype(dtype), mesh)
     jax.block_until_ready(nnx_state(model))
     init_s = time.perf_counter() - t
-    engine = Engine(model, IdsOnly(), mesh, max_model_len=cfg.max_seq_len, max_num_seqs=max(DECODE_BATCHES))
+    settings = {"max_model_len": cfg.max_seq_len, **engine_settings}
+    return Engine(model, IdsOnly(), mesh, EngineConfig(**settings)), cfg, init_s
+
+
+def bench_ours(config: str, dtype: str) -> dict:
+    import jax
+
+    from mistral_jax.sampling import SamplingParams
+
+    engine, cfg, init_s = random_engine(config, dtype, max_num_seqs=max(DECODE_BATCHES),
+                                        enable_prefix_caching=False)
 
     def run(prompts, max_tokens):
         """Returns (time to first event, time of last event - first event, events)."""
-        reqs = [Request(p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), i)
-                for i, p in enumerate(prompts)]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            engine.add_request(p, params, index=i)
         first = last = None
-        for _ in engine.stream(reqs):
+        for _ in engine.run():
             last = time.perf_counter()
             first = first or last
         return first - t0, last - first

@@ -223,6 +223,13 @@ class Engine:
                 "gpu_memory_utilization, lower max_num_batched_tokens / max_num_seqs, or use a smaller dtype")
         return pages
 
+    def describe_cache(self) -> str:
+        gib = self.num_pages * page_bytes(self.cfg, self.page_size, self.dtype) / 2**30
+        return (f"KV cache: {self.num_pages} pages of {self.page_size} tokens = "
+                f"{(self.num_pages - 1) * self.page_size:,} tokens, {gib:.2f} GiB on "
+                f"{self.mesh.devices.size} x {self.mesh.devices.flat[0].device_kind}; attention "
+                f"{self.config.attention_impl}; prefix cache {'on' if self.config.enable_prefix_caching else 'off'}")
+
     def check_request(self, ids: list[int], params: SamplingParams, where: str) -> SamplingParams:
         """Reject bad input before any work starts; fill max_tokens=None up to the context."""
         if len(ids) == 0:

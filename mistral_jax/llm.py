@@ -108,6 +108,8 @@ class LLM:
         model_ = load_weights(checkpoint, self.dtype, self.mesh, progress=progress)
         self.load_seconds = time.perf_counter() - t0
         self.engine = Engine(model_, self.tokenizer, self.mesh, engine_config)
+        if progress:
+            print(f"[{self.engine.describe_cache()}]", file=sys.stderr)
         self._next_id = 0
 
     def get_tokenizer(self):

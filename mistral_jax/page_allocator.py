@@ -135,7 +135,7 @@ class PageAllocator:
         held by another page keeps that page: this one stays unnamed and is freed normally."""
         if not self.enable_prefix_caching:
             return
-        if self.refs[page] <= 0:
+        if not 0 < page < self.num_pages or self.refs[page] <= 0:
             raise ValueError(f"page {page} is not allocated: only a held page can be registered")
         current = self.hash_of.get(page)
         if current is not None:

@@ -78,10 +78,11 @@ def ragged_paged_attention_reference(
     semantics and cost. With `layer`, k_pages/v_pages are the stacked pools of every layer,
     [n_layers, num_pages, page_size, n_kv_heads, head_dim], and `layer` picks one.
     Returns [num_tokens, n_heads, head_dim] in q's dtype."""
-    if layer is not None:
-        k_pages, v_pages = k_pages[layer], v_pages[layer]
     num_tokens, n_heads, head_dim = q.shape
-    _, page_size, n_kv, _ = k_pages.shape
+    page_size, n_kv = k_pages.shape[-3], k_pages.shape[-2]
+    # Gather a sequence's pages straight from the (stacked) pool: slicing the layer out first
+    # would copy the whole layer's pool every call.
+    gather = (lambda pool, pages: pool[pages]) if layer is None else (lambda pool, pages: pool[layer, pages])
     if n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
     group = n_heads // n_kv
@@ -105,8 +106,8 @@ def ragged_paged_attention_reference(
         q_len = cu_q_lens[s + 1] - q_start
         # Sequence s's cache as one contiguous slab: [pages_per_seq, page_size, ...] -> [L, ...].
         pages = page_indices[s]
-        k = k_pages[pages].reshape(max_len, n_kv, head_dim)
-        v = v_pages[pages].reshape(max_len, n_kv, head_dim)
+        k = gather(k_pages, pages).reshape(max_len, n_kv, head_dim)
+        v = gather(v_pages, pages).reshape(max_len, n_kv, head_dim)
         in_cache = kv_pos < kv_len  # [L]
         v = jnp.where(in_cache[:, None, None], v, jnp.zeros((), v.dtype))
 
