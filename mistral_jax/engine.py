@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pallas_kernels.ragged_paged_attention import default_impl
+
 from .model import Transformer
 from .outputs import OutputState, StepEvent
 from .page_allocator import PageAllocator
@@ -32,8 +34,12 @@ from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, named_sharding, use_mesh
 from .tokenizer import Tokenizer
 
+# Small batches share one program: on an accelerator a padded row costs next to nothing (decode
+# streams the weights either way). A CPU is compute-bound, so there a batch-1 decode step runs
+# one token, not 16 (16 padded rows made the default model's decode 1.6x slower).
 MIN_TOKEN_BUCKET = 16
-MIN_SEQS_BUCKET = 8  # small batches share one program (padding rows cost little)
+MIN_TOKEN_BUCKET_CPU = 1
+MIN_SEQS_BUCKET = 8
 MIN_PAGES_BUCKET = 4
 CPU_CACHE_BYTES = 1 << 30  # KV cache on a CPU host when neither num_pages nor a device limit says
 
@@ -173,6 +179,11 @@ class Engine:
         self.page_size = config.block_size
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.max_seqs_bucket = bucket(config.max_num_seqs, MIN_SEQS_BUCKET)
+        on_cpu = mesh.devices.flat[0].platform == "cpu"
+        self.min_token_bucket = MIN_TOKEN_BUCKET_CPU if on_cpu else MIN_TOKEN_BUCKET
+        self.attention_impl = config.attention_impl
+        if self.attention_impl == "auto":
+            self.attention_impl = default_impl(mesh.devices.flat[0].platform)
         self.num_pages = self._size_cache()
         self.allocator = PageAllocator(self.num_pages, self.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
@@ -228,7 +239,7 @@ class Engine:
         return (f"KV cache: {self.num_pages} pages of {self.page_size} tokens = "
                 f"{(self.num_pages - 1) * self.page_size:,} tokens, {gib:.2f} GiB on "
                 f"{self.mesh.devices.size} x {self.mesh.devices.flat[0].device_kind}; attention "
-                f"{self.config.attention_impl}; prefix cache {'on' if self.config.enable_prefix_caching else 'off'}")
+                f"{self.attention_impl}; prefix cache {'on' if self.config.enable_prefix_caching else 'off'}")
 
     def check_request(self, ids: list[int], params: SamplingParams, where: str) -> SamplingParams:
         """Reject bad input before any work starts; fill max_tokens=None up to the context."""
@@ -313,7 +324,7 @@ class Engine:
             counts, seen = (self.counts, self.seen) if statics["use_penalties"] else (None, None)
             result, prompt_lp, self.prev_tokens, self.k_pages, self.v_pages, counts, seen = _step(
                 self.graphdef, self.state, self.k_pages, self.v_pages, inputs, self.prev_tokens, sampling,
-                counts, seen, impl=self.config.attention_impl, max_seqs=self.max_seqs_bucket, **statics)
+                counts, seen, impl=self.attention_impl, max_seqs=self.max_seqs_bucket, **statics)
             if statics["use_penalties"]:
                 self.counts, self.seen = counts, seen
         for s in batch:
@@ -324,10 +335,14 @@ class Engine:
     def _pack(self, batch: list[Scheduled]):
         """Host arrays of one step, padded to its buckets."""
         n_tok = sum(s.n for s in batch)
-        T = bucket(n_tok, MIN_TOKEN_BUCKET, bucket(self.config.max_num_batched_tokens, MIN_TOKEN_BUCKET))
+        min_t = self.min_token_bucket
+        T = bucket(n_tok, min_t, bucket(self.config.max_num_batched_tokens, min_t))
         S = bucket(len(batch), MIN_SEQS_BUCKET, self.max_seqs_bucket)
-        pages = bucket(max(len(s.seq.pages) for s in batch), MIN_PAGES_BUCKET,
-                       bucket(self.max_pages_per_seq, MIN_PAGES_BUCKET))
+        pages = bucket(self.max_pages_per_seq, MIN_PAGES_BUCKET)
+        if self.attention_impl == "reference":
+            # The reference gathers every listed page: list only as many as needed. The kernels
+            # stop at each kv_len, so one full-width table serves all (fewer programs to compile).
+            pages = bucket(max(len(s.seq.pages) for s in batch), MIN_PAGES_BUCKET, pages)
         tokens = np.zeros(T, np.int32)
         prev_index = np.full(T, -1, np.int32)
         positions = np.full(T, -1, np.int32)

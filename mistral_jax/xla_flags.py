@@ -4,6 +4,12 @@
 decode-shaped products of Mistral-Small-2501 at 0.98 TB/s of weights; cuBLAS ran them at
 2.19 TB/s (batch-1 decode 47.9 -> 21.5 ms per step) and prefill 1.6x faster
 (benchmarks/NOTES.md). The flag only concerns GPUs; CPU and TPU ignore it.
+
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.90: JAX's GPU allocator takes 75% of device memory by default,
+so `gpu_memory_utilization` (a fraction of what the allocator may hold) left an H100 serving
+Mistral-Small-2501 with 7.9 GB of KV cache instead of ~17 GB. 0.95 was too much: the CUDA
+driver then ran out of memory instantiating CUDA graphs (H100, 2026-11-23). The user's own
+setting wins.
 """
 
 import os
@@ -11,7 +17,12 @@ import os
 DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false"}
 
 
+DEFAULT_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}
+
+
 def apply_default_xla_flags() -> None:
+    for k, v in DEFAULT_ENV.items():
+        os.environ.setdefault(k, v)
     current = os.environ.get("XLA_FLAGS", "")
     extra = [f"{k}={v}" for k, v in DEFAULT_FLAGS.items() if k not in current]
     if extra:
