@@ -112,8 +112,9 @@ def bench_ours(config: str, dtype: str) -> dict:
 
     from mistral_jax.sampling import SamplingParams
 
+    # Each prefill in one step (as issue 2's dense engine did), to compare like with like.
     engine, cfg, init_s = random_engine(config, dtype, max_num_seqs=max(DECODE_BATCHES),
-                                        enable_prefix_caching=False)
+                                        max_num_batched_tokens=max(PREFILL_LENS), enable_prefix_caching=False)
 
     def run(prompts, max_tokens):
         """Returns (time to first event, time of last event - first event, events)."""
@@ -156,7 +157,9 @@ def nnx_state(model):
 
 # ---- Hugging Face transformers peer -----------------------------------------------------------
 
-def bench_hf(config: str, dtype: str) -> dict:
+def random_hf_model(config: str, torch_dtype):
+    """transformers' Mistral with random weights of a named shape, built on the GPU in torch_dtype
+    (an f32 copy of a 24B model would not fit). Returns (model, seconds to build)."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -168,13 +171,22 @@ def bench_hf(config: str, dtype: str) -> dict:
                        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
                        rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len)
     hc._attn_implementation = "eager"
-    torch_dtype = torch.bfloat16 if dtype in ("bfloat16", "auto") else torch.float32
-    torch.set_default_dtype(torch_dtype)  # build in bf16 directly: an f32 copy would not fit
+    torch.set_default_dtype(torch_dtype)
     t = time.perf_counter()
     with torch.device("cuda"):
         model = MistralForCausalLM(hc).eval()
     torch.cuda.synchronize()
-    init_s = time.perf_counter() - t
+    return model, time.perf_counter() - t
+
+
+def bench_hf(config: str, dtype: str) -> dict:
+    import torch
+
+    from mistral_jax.config import ModelConfig
+
+    cfg = ModelConfig.named(config)
+    torch_dtype = torch.bfloat16 if dtype in ("bfloat16", "auto") else torch.float32
+    model, init_s = random_hf_model(config, torch_dtype)
 
     def sync_time(f):
         torch.cuda.synchronize()

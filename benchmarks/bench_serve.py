@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import mistral_jax  # noqa: F401  (XLA flags before JAX starts)
-from bench_generate import _versions, random_engine
+from bench_generate import _versions, random_engine, random_hf_model
 
 CONCURRENCY = (1, 8, 64, 256)
 HF_CONCURRENCY = (1, 8)
@@ -87,22 +87,29 @@ def run_ours(engine, requests) -> dict:
     return out
 
 
-def bench_ours(config: str, dtype: str, attention_impl: str, max_num_batched_tokens: int) -> dict:
+def bench_ours(config: str, dtype: str, attention_impl: str, max_num_batched_tokens: int, save) -> dict:
     import jax
 
     engine, cfg, init_s = random_engine(config, dtype, max_model_len=4096, max_num_seqs=max(CONCURRENCY),
                                         max_num_batched_tokens=max_num_batched_tokens,
                                         attention_impl=attention_impl)
-    out = {"engine": "mistral_jax", "config": config, "dtype": dtype, "attention_impl": attention_impl,
+    out = {"engine": "mistral_jax", "config": config, "dtype": dtype, "attention_impl": engine.attention_impl,
            "max_num_batched_tokens": max_num_batched_tokens, "num_pages": engine.num_pages,
            "block_size": engine.page_size, "init_seconds": init_s, "params": cfg.num_params(),
-           "concurrency": {}, "cold_wall_s": {}}
+           "concurrency": {}, "cold_wall_s": {}, "versions": _versions(), "device": str(jax.devices()[0].device_kind)}
     engine.allocator.enable_prefix_caching = False  # random prompts: measure the engine, not the cache
     for c in CONCURRENCY:
+        if c == max(CONCURRENCY):
+            prefix_cache_runs(engine, cfg, out, save)  # before the longest run, which may hit a time limit
         reqs = workload(c, cfg.vocab_size, seed=c)
         out["cold_wall_s"][str(c)] = run_ours(engine, reqs)["wall_s"]
         out["concurrency"][str(c)] = run_ours(engine, reqs)
         print(c, out["concurrency"][str(c)], flush=True)
+        save(out)  # partial results survive a time limit
+    return out
+
+
+def prefix_cache_runs(engine, cfg, out, save) -> None:
     reqs = prefix_workload(cfg.vocab_size, seed=7)
     prefix = {}
     for on in (False, True):
@@ -113,29 +120,20 @@ def bench_ours(config: str, dtype: str, attention_impl: str, max_num_batched_tok
             run_ours(engine, reqs[:1])  # one earlier request has put the system prompt in the cache
             prefix["on" if on else "off"] = run_ours(engine, reqs[1:])
         print("prefix", on, prefix["on" if on else "off"], flush=True)
-    out["prefix_cache"] = prefix
-    out["versions"] = _versions()
-    out["device"] = str(jax.devices()[0].device_kind)
-    return out
+        out["prefix_cache"] = prefix
+        save(out)
+    engine.allocator.enable_prefix_caching = False
 
 
 # ---- transformers peer ------------------------------------------------------------------------
 
 def bench_hf(config: str) -> dict:
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
 
     from mistral_jax.config import ModelConfig
 
     cfg = ModelConfig.named(config)
-    hc = MistralConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
-                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                       num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
-                       rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len)
-    hc._attn_implementation = "eager"
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = MistralForCausalLM(hc).eval()
+    model, _ = random_hf_model(config, torch.bfloat16)
 
     def run(requests):
         width = max(len(p) for p, _ in requests)
@@ -193,10 +191,10 @@ def table(paths: list[str]) -> str:
                  if h else "n/a | n/a | n/a")
         lines.append(f"| {c} | {r['output_tokens_per_s']:,.0f} | {r['ttft_median_s']:.2f} s ({r['ttft_max_s']:.2f}) | "
                      f"{r['tpot_median_ms']:.1f} ms | {hcols} | {ours['cold_wall_s'][c]:.0f} s vs {r['wall_s']:.0f} s |")
-    p = ours["prefix_cache"]
+    p = ours.get("prefix_cache", {})
     lines += ["", f"Prefix cache, {PREFIX_REQUESTS - 1} requests sharing a {SYSTEM_TOKENS}-token system prompt:",
               "", "| prefix cache | tok/s | TTFT med | cached / prompt tokens |", "|---|---|---|---|"]
-    for k in ("off", "on"):
+    for k in [k for k in ("off", "on") if k in p]:
         r = p[k]
         lines.append(f"| {k} | {r['output_tokens_per_s']:,.0f} | {r['ttft_median_s']:.2f} s | "
                      f"{r['cached_prompt_tokens']:,} / {r['prompt_tokens']:,} |")
@@ -221,13 +219,15 @@ def main() -> int:
     if args.table:
         print(table(args.table))
         return 0
+
+    def save(result):
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+
     if args.engine == "ours":
-        result = bench_ours(args.config, args.dtype, args.attention_impl, args.max_num_batched_tokens)
+        save(bench_ours(args.config, args.dtype, args.attention_impl, args.max_num_batched_tokens, save))
     else:
-        result = bench_hf(args.config)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
+        save(bench_hf(args.config))
     return 0
 
 
