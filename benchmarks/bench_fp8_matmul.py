@@ -1,0 +1,196 @@
+"""W8A8 FP8 matmul on the GPU: our Pallas/Triton kernel vs XLA fp8 and XLA bf16.
+
+Projection shapes of Mistral-Small-2501 and -2409 (w stored [n, k]), m tokens in
+{1, 8, 64, 256, 4096}. Median time per call (batches of async calls, each batch ended by
+jax.block_until_ready), inputs rotating among several weight copies (>= 256 MiB in all) so a
+small weight is not served from L2. Reports TFLOP/s (2mnk / t) and weight TB/s (weight bytes /
+t: n*k for fp8, 2*n*k for bf16) next to measured ceilings: copy bandwidth (2 GiB bf16 x*2,
+read + write) and an 8192^3 bf16 XLA matmul. Also the kernel's error against the reference.
+
+    python benchmarks/bench_fp8_matmul.py --out fp8.json [--quick] [--sweep] [--models 2501]
+
+--sweep times 27 plan variants per decode shape (7 per prefill shape): restrict it with --ms
+and --models to fit a 10-minute device call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.fp8_matmul import fp8_matmul_reference, fp8_matmul_xla, quantize_weight
+from pallas_kernels.fp8_matmul_triton import fp8_matmul_triton, plan
+
+# (dim, n_heads, n_kv_heads, head_dim, hidden)
+MODELS = {"2501": (5120, 32, 8, 128, 32768), "2409": (6144, 48, 8, 128, 16384)}
+MS = (1, 8, 64, 256, 4096)
+ROTATE_BYTES = 256 << 20  # > 5x the H100's 50 MiB L2
+MAX_SETS = 16
+
+
+def projections(dim, n_heads, n_kv, head_dim, hidden):
+    """[(name, n, k)]: the Linear weights of one layer as stored, [out, in]."""
+    return [("q", n_heads * head_dim, dim), ("kv", n_kv * head_dim, dim),
+            ("o", dim, n_heads * head_dim), ("w1/w3", hidden, dim), ("w2", dim, hidden)]
+
+
+def median_time(fn, arg_sets, *, batch=None, reps=7, min_batch_s=0.02):
+    """Median over `reps` of (time of `batch` async calls rotating over arg_sets) / batch."""
+    for a in arg_sets:  # warm-up: compile + first touch of every set
+        jax.block_until_ready(fn(*a))
+    if batch is None:
+        t0 = time.perf_counter()
+        jax.block_until_ready([fn(*a) for a in arg_sets])
+        one = (time.perf_counter() - t0) / len(arg_sets)
+        batch = max(len(arg_sets), min(1000, math.ceil(min_batch_s / max(one, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for i in range(batch):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / batch)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
+    t = median_time(jax.jit(lambda x: x * 2), [(x,)], batch=5)
+    return 2 * x.nbytes / t
+
+
+def bf16_matmul_tflops(size=8192):
+    a = jnp.ones((size, size), jnp.bfloat16)
+    t = median_time(jax.jit(lambda a, b: a @ b), [(a, a)], batch=5)
+    return 2 * size**3 / t / 1e12
+
+
+def make_sets(m, n, k):
+    """Rotating (x [m, k] bf16, w [n, k] e4m3, w_scale [n], w_bf16 [n, k]) input sets."""
+    n_sets = max(2, min(MAX_SETS, math.ceil(ROTATE_BYTES / (3 * n * k))))
+    sets = []
+    for i in range(n_sets):
+        kx, kw = jax.random.split(jax.random.key(i))
+        w_bf16 = (jax.random.normal(kw, (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        w, w_scale = quantize_weight(w_bf16)
+        x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+        sets.append((x, w, w_scale, w_bf16))
+    return sets
+
+
+def kernel_error(x, w, w_scale, **tuning):
+    """max |kernel - reference| / max |reference| (f32 out; e4m3 products are exact, so
+    only the summation order differs: expect < 1e-5)."""
+    out = fp8_matmul_triton(x, w, w_scale, out_dtype=jnp.float32, **tuning)
+    ref = fp8_matmul_reference(x, w, w_scale, out_dtype=jnp.float32)
+    return float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def sweep_variants(m):
+    """`plan` overrides worth timing for one m (the default plan is always timed first)."""
+    if m <= 256:
+        return [dict(block_n=bn, block_k=bk, split_k=sk)
+                for bn, bk, sk in itertools.product((32, 64, 128), (128, 256, 512), (None, 1, 4))]
+    return [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=wp, num_stages=st)
+            for bm, bn, bk, wp, st in [(128, 128, 128, 8, 3), (128, 128, 128, 4, 4),
+                                       (128, 256, 128, 8, 3), (64, 128, 128, 4, 4),
+                                       (128, 128, 256, 8, 3), (256, 128, 128, 8, 3),
+                                       (128, 64, 256, 4, 4)]]
+
+
+def bench_shape(model, name, m, n, k, *, sweep):
+    sets = make_sets(m, n, k)
+    fp8_sets = [s[:3] for s in sets]
+    row = dict(model=model, proj=name, m=m, n=n, k=k, n_sets=len(sets), plan=plan(m, n, k))
+    flops, wbytes = 2 * m * n * k, n * k
+
+    def record(key, t, weight_bytes):
+        row[key + "_us"] = t * 1e6
+        row[key + "_tflops"] = flops / t / 1e12
+        row[key + "_wTBs"] = weight_bytes / t / 1e12
+
+    try:
+        row["triton_err"] = kernel_error(*fp8_sets[0])
+        record("triton", median_time(jax.jit(fp8_matmul_triton), fp8_sets), wbytes)
+    except Exception as e:  # keep the other columns if the kernel fails to build
+        row["triton_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    record("xla_fp8", median_time(jax.jit(fp8_matmul_xla), fp8_sets), wbytes)
+    bf16_sets = [(s[0], s[3]) for s in sets]
+    record("xla_bf16", median_time(jax.jit(lambda x, w: x @ w.T), bf16_sets), 2 * wbytes)
+
+    if sweep:
+        row["sweep"] = []
+        for tuning in sweep_variants(m):
+            entry = dict(tuning=tuning, plan=plan(m, n, k, **tuning))
+            try:
+                fn = jax.jit(lambda x, w, s, t=tuple(tuning.items()):
+                             fp8_matmul_triton(x, w, s, **dict(t)))
+                t = median_time(fn, fp8_sets, reps=3)
+                entry.update(us=t * 1e6, tflops=flops / t / 1e12, wTBs=wbytes / t / 1e12)
+            except Exception as e:
+                entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            row["sweep"].append(entry)
+        ok = [e for e in row["sweep"] if "us" in e]
+        if ok:
+            row["sweep_best"] = min(ok, key=lambda e: e["us"])
+    return row
+
+
+def markdown(rows):
+    head = ("| model | proj | m | n x k | triton µs | TFLOP/s | wTB/s | xla fp8 µs | wTB/s "
+            "| xla bf16 µs | wTB/s | err |")
+    lines = [head, "|" + "---|" * 12]
+    f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['proj']} | {r['m']} | {r['n']}x{r['k']} "
+            f"| {f(r, 'triton_us', '.1f')} | {f(r, 'triton_tflops', '.0f')} "
+            f"| {f(r, 'triton_wTBs', '.2f')} | {f(r, 'xla_fp8_us', '.1f')} "
+            f"| {f(r, 'xla_fp8_wTBs', '.2f')} | {f(r, 'xla_bf16_us', '.1f')} "
+            f"| {f(r, 'xla_bf16_wTBs', '.2f')} | {f(r, 'triton_err', '.1e')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench_fp8_matmul.json", help="JSON results file")
+    ap.add_argument("--models", default="2501,2409", help="comma list of " + ",".join(MODELS))
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma list of m (tokens)")
+    ap.add_argument("--quick", action="store_true", help="2501 only, m in 1, 64, 4096")
+    ap.add_argument("--sweep", action="store_true", help="also time several plan variants")
+    args = ap.parse_args(argv)
+    models = ["2501"] if args.quick else args.models.split(",")
+    ms = [1, 64, 4096] if args.quick else [int(v) for v in args.ms.split(",")]
+
+    dev = jax.devices()[0]
+    res = dict(device=str(dev.device_kind), jax=jax.__version__,
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               rows=[])
+    res["copy_bw_TBs"] = copy_bandwidth() / 1e12
+    res["bf16_8192_tflops"] = bf16_matmul_tflops()
+    print(f"device {dev.device_kind}  jax {jax.__version__}  copy {res['copy_bw_TBs']:.2f} TB/s"
+          f"  bf16 8192^3 {res['bf16_8192_tflops']:.0f} TFLOP/s", flush=True)
+
+    for model in models:
+        for name, n, k in projections(*MODELS[model]):
+            for m in ms:
+                row = bench_shape(model, name, m, n, k, sweep=args.sweep)
+                res["rows"].append(row)
+                print(markdown([row]).splitlines()[-1], flush=True)
+                with open(args.out, "w") as fh:  # partial results survive a crash
+                    json.dump(res, fh, indent=1)
+    print()
+    print(markdown(res["rows"]))
+
+
+if __name__ == "__main__":
+    main()

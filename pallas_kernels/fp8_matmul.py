@@ -1,0 +1,94 @@
+"""W8A8 FP8 matmul: the plain-`jnp` reference (the spec the Pallas kernels must match).
+
+    y = (quant(x) @ w.T) * x_scale * w_scale
+
+    x        [m, k]  bf16 or f32 activations, quantized here per row (dynamic, per token)
+    w        [n, k]  float8_e4m3fn weights, stored [out, in] as checkpoints store Linear weights
+                     (fp8 wgmma wants its right operand [N, K]; the math is x @ W with W = w.T)
+    w_scale  [n]     f32, one scale per output channel: W_real[:, j] = w[j, :] * w_scale[j]
+    y        [m, n]  out_dtype (bf16 by default)
+
+Activation quantization (llm-compressor's "FP8 dynamic" scheme, as vLLM runs it): per row,
+x_scale = max|x| / 448 (448 = largest finite e4m3), x_q = saturate(x / x_scale) cast to e4m3
+with round-to-nearest-even. A row of zeros gets scale 1 (its x_q is zeros, so y's row is 0).
+The product of e4m3 values is exact in f32; the k-sum accumulates in f32; both scales apply
+to the f32 accumulator before the one cast to out_dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["E4M3_MAX", "quantize_rows", "quantize_weight", "fp8_matmul_reference", "fp8_matmul_xla", "fp8_matmul"]
+
+E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448.0
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [m, k] -> (x_q [m, k] float8_e4m3fn, x_scale [m, 1] f32), one scale per row."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    x_q = jnp.clip(xf / scale, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return x_q, scale
+
+
+def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A 16/32-bit Linear weight w [n, k] -> (w_q [n, k] float8_e4m3fn, w_scale [n] f32),
+    one scale per output channel (row of w): quantization at load time."""
+    w_q, scale = quantize_rows(w)
+    return w_q, scale[:, 0]
+
+
+def fp8_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array, *,
+                         out_dtype=jnp.bfloat16) -> jax.Array:
+    """x [m, k] @ (w [n, k] * w_scale[:, None]).T with x quantized per row; see module docstring."""
+    m, k = x.shape
+    n, k2 = w.shape
+    if k != k2 or w_scale.shape != (n,):
+        raise ValueError(f"fp8 matmul shapes: x {x.shape}, w {w.shape} (want [n, {k}]), "
+                         f"w_scale {w_scale.shape} (want [{n}])")
+    x_q, x_scale = quantize_rows(x)
+    acc = jax.lax.dot_general(x_q.astype(jnp.float32), w.astype(jnp.float32),
+                              (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+    return (acc * x_scale * w_scale.astype(jnp.float32)[None, :]).astype(out_dtype)
+
+
+def fp8_matmul_xla(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, out_dtype=jnp.bfloat16) -> jax.Array:
+    """The same function through XLA's native fp8 dot (the peer our kernels must beat)."""
+    x_q, x_scale = quantize_rows(x)
+    acc = jax.lax.dot_general(x_q, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (acc * x_scale * w_scale.astype(jnp.float32)[None, :]).astype(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The one entry point: the model calls this; `impl` picks a kernel or a twin.
+# --------------------------------------------------------------------------------------------
+
+IMPLS = ("auto", "reference", "xla", "triton", "tpu")
+
+
+def default_impl(platform: str | None = None) -> str:
+    """The kernel for a backend: Triton on GPU, Pallas TPU on TPU, XLA's dot elsewhere."""
+    platform = platform or jax.default_backend()
+    return {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform, "xla")
+
+
+def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, impl: str = "auto",
+               out_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
+    """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T by the implementation `impl`
+    (see the module docstring). `interpret=True` runs a Pallas kernel in interpret mode."""
+    if impl not in IMPLS:
+        raise ValueError(f"fp8 matmul impl {impl!r} is not one of {IMPLS}")
+    if impl == "auto":
+        impl = default_impl()
+    if impl == "reference":
+        return fp8_matmul_reference(x, w, w_scale, out_dtype=out_dtype)
+    if impl == "xla":
+        return fp8_matmul_xla(x, w, w_scale, out_dtype=out_dtype)
+    if impl == "triton":
+        from .fp8_matmul_triton import fp8_matmul_triton as kernel
+    else:
+        from .fp8_matmul_tpu import fp8_matmul_tpu as kernel
+    return kernel(x, w, w_scale, out_dtype=out_dtype, interpret=interpret)

@@ -1,0 +1,182 @@
+"""W8A8 FP8 matmul as a Pallas GPU kernel (Triton lowering); spec: `fp8_matmul.py`.
+
+    y [m, n] = (quant(x) [m, k] @ w [n, k].T) * x_scale [m, 1] * w_scale [n]
+
+Design
+------
+* Activation quantization is a separate small jnp step (`quantize_rows`) before the kernel, not
+  fused: the per-row amax spans all of K, while a program sees one K block at a time, so a fused
+  kernel would need a second pass over x in every one of the n/BN column programs. The separate
+  step reads x once (m*k, tiny next to the n*k weight bytes in decode) and is bit-identical to
+  the reference's quantization by construction. x's rows are zero-padded to a multiple of BM
+  before quantizing (fused into that step by XLA; zero rows get scale 1 and x_q = 0), so loads
+  of x never need a row mask.
+* Grid (m tiles, n tiles, k splits). A program loads x_q [BM, BK] and w [BN, BK] fp8 blocks and
+  accumulates `dot(x, w.T)` in f32 over its K blocks (fp8 x fp8 -> f32 on the tensor cores).
+  K blocks wholly inside k run unmasked; only the ragged tail block (static: k % BK != 0) is
+  loaded with mask / other=0, so masked-out k terms are exact zeros (an e4m3fn NaN byte in
+  the padding could otherwise poison the sum). w rows >= n are masked the same way (static:
+  n % BN != 0).
+* Epilogue: both scales apply to the f32 accumulator ((acc * x_scale) * w_scale, the
+  reference's order), one cast to out_dtype, masked store of rows < m and columns < n.
+* Split-K (decode): with few (m, n) tiles the SMs would idle while streaming the weights, so
+  K is cut into `split_k` contiguous ranges of whole blocks; each program writes its raw f32
+  partial sum [split_k, m, n], and XLA adds them and applies the scales (a tiny epilogue when
+  m is small, the only case `plan` splits).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .fp8_matmul import quantize_rows
+
+__all__ = ["fp8_matmul_triton", "plan"]
+
+_DEFAULT_SMS = 132  # H100 SXM
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _num_sms() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or _DEFAULT_SMS
+    except Exception:  # pragma: no cover
+        return _DEFAULT_SMS
+
+
+def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | None = None,
+         block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
+         num_stages: int | None = None, sms: int | None = None) -> dict:
+    """Static tiling for one (m, n, k); any explicit argument overrides the heuristic (sweeps).
+
+    Decode (m <= 256): a small BM (tensor-core dots need >= 16 rows), wide BK to stream long
+    contiguous weight rows, split-K when the (m, n) tiles alone cannot fill the SMs.
+    Prefill (m > 256): 128 x 128 x 128 tiles, 8 warps, no split.
+    """
+    if m <= 256:
+        bm = block_m or min(64, max(16, _next_pow2(m)))
+        bn = block_n or (64 if m <= 64 else 128)
+        bk = block_k or 256
+        warps = num_warps or 4
+        # SMEM per stage is (BM + BN) * BK bytes: 4 stages of 64 + 128 rows would be 192 KiB.
+        stages = num_stages or (4 if m <= 64 else 3)
+    else:
+        bm, bn, bk = block_m or 128, block_n or 128, block_k or 128
+        warps = num_warps or 8
+        stages = num_stages or 3
+    bk = max(32, min(bk, _next_pow2(k)))  # fp8 mma wants K >= 32; don't over-pad tiny k
+    bn = max(16, min(bn, _next_pow2(n)))
+    k_blocks = -(-k // bk)
+    if split_k is None:
+        tiles = -(-m // bm) * -(-n // bn)
+        target = 2 * (sms or _num_sms())  # ~2 waves
+        # Split only small-m products (the f32 partials cost split*m*n*4 bytes) and keep
+        # >= 4 K blocks per split so the pipeline has something to overlap.
+        split_k = 1
+        if m <= 256 and tiles < target:
+            split_k = max(1, min(-(-target // tiles), k_blocks // 4, 16))
+    split_k = max(1, min(split_k, k_blocks))
+    return dict(block_m=bm, block_n=bn, block_k=bk, split_k=split_k, num_warps=warps,
+                num_stages=stages)
+
+
+def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, k: int, n: int, m: int, bm: int, bn: int,
+            bk: int, split_k: int):
+    # x_ref: [Mp, k] e4m3 (Mp = m padded to BM), xs_ref: [Mp] f32, w_ref: [n, k] e4m3,
+    # ws_ref: [n] f32, o_ref: [m, n] out_dtype, or [split_k, m, n] f32 partials.
+    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)  # [BM]
+    cols = j * bn + lax.broadcasted_iota(jnp.int32, (bn,), 0)  # [BN]
+    n_ragged = n % bn != 0
+    col_ok = cols < n
+
+    k_blocks = pl.cdiv(k, bk)
+    per_split = pl.cdiv(k_blocks, split_k)
+    b_lo = jnp.minimum(s * per_split, k_blocks)
+    b_hi = jnp.minimum(b_lo + per_split, k_blocks)
+    b_mid = jnp.clip(k // bk, b_lo, b_hi)  # blocks before b_mid lie wholly inside k
+
+    def make_body(k_tail: bool):
+        def body(b, acc):
+            ks = pl.ds(pl.multiple_of(b * bk, bk), bk)
+            if k_tail:
+                k_ok = (b * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)) < k  # [BK]
+                x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks], mask=k_ok[None, :], other=0)
+                w_mask = k_ok[None, :] & col_ok[:, None] if n_ragged else k_ok[None, :]
+            else:
+                x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks])
+                w_mask = col_ok[:, None] if n_ragged else None
+            w_kw = {} if w_mask is None else dict(mask=w_mask, other=0)
+            w = plgpu.load(w_ref.at[pl.ds(j * bn, bn), ks], **w_kw)  # [BN, BK]
+            return acc + plgpu.dot(x, w, trans_b=True)  # fp8 x fp8 -> f32 [BM, BN]
+        return body
+
+    acc = jnp.zeros((bm, bn), jnp.float32)
+    acc = lax.fori_loop(b_lo, b_mid, make_body(False), acc)
+    if k % bk:
+        acc = lax.fori_loop(b_mid, b_hi, make_body(True), acc)
+
+    st_mask = rows[:, None] < m
+    if n_ragged:
+        st_mask = st_mask & col_ok[None, :]
+    if split_k > 1:
+        plgpu.store(o_ref.at[s, pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=st_mask)
+        return
+    xs = plgpu.load(xs_ref.at[pl.ds(i * bm, bm)])  # [BM]
+    ws = (plgpu.load(ws_ref.at[pl.ds(j * bn, bn)], mask=col_ok, other=0.0) if n_ragged
+          else plgpu.load(ws_ref.at[pl.ds(j * bn, bn)]))  # [BN]
+    y = acc * xs[:, None] * ws[None, :]
+    plgpu.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], y.astype(o_ref.dtype),
+                mask=st_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_m", "block_n",
+                                             "block_k", "split_k", "num_warps", "num_stages"))
+def _fp8_matmul(x, w, w_scale, *, out_dtype, interpret, block_m, block_n, block_k, split_k,
+                num_warps, num_stages):
+    m, k = x.shape
+    n = w.shape[0]
+    bm, bn, bk = block_m, block_n, block_k
+    mp = pl.cdiv(m, bm) * bm
+    x_q, x_scale = quantize_rows(jnp.pad(x, ((0, mp - m), (0, 0))))  # [Mp, k], [Mp, 1]
+    ws = w_scale.astype(jnp.float32)
+    kernel = functools.partial(_kernel, k=k, n=n, m=m, bm=bm, bn=bn, bk=bk, split_k=split_k)
+    out_shape = (jax.ShapeDtypeStruct((split_k, m, n), jnp.float32) if split_k > 1
+                 else jax.ShapeDtypeStruct((m, n), out_dtype))
+    out = pl.pallas_call(
+        kernel,
+        grid=(mp // bm, pl.cdiv(n, bn), split_k),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="fp8_matmul",
+    )(x_q, x_scale[:, 0], w, ws)
+    if split_k > 1:
+        out = (jnp.sum(out, axis=0) * x_scale[:m] * ws[None, :]).astype(out_dtype)
+    return out
+
+
+def fp8_matmul_triton(x: jax.Array, w: jax.Array, w_scale: jax.Array, *,
+                      out_dtype=jnp.bfloat16, interpret: bool = False, **tuning) -> jax.Array:
+    """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T through Pallas/Triton.
+    `interpret=True` runs in Pallas interpret mode (CPU). `tuning` (benchmarks, sweeps): any
+    `plan` override: block_m, block_n, block_k, split_k, num_warps, num_stages."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or w_scale.shape != (w.shape[0],):
+        raise ValueError(f"fp8 matmul shapes: x {x.shape}, w {w.shape} (want [n, k]), "
+                         f"w_scale {w_scale.shape} (want [n])")
+    if w.dtype != jnp.float8_e4m3fn:
+        raise ValueError(f"w must be float8_e4m3fn, got {w.dtype}")
+    m, k = x.shape
+    n = w.shape[0]
+    cfg = plan(m, n, k, sms=_DEFAULT_SMS if interpret else None, **tuning)
+    return _fp8_matmul(x, w, w_scale, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
+                       **cfg)

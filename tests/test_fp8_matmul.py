@@ -1,0 +1,238 @@
+"""W8A8 FP8 matmul: the jnp reference against a float64 NumPy oracle, the Pallas kernels
+(Triton and TPU, interpret mode on CPU) against the reference, the dispatcher, and (`pytest -m
+gpu`, on the device) the compiled Triton kernel at Mistral-Small projection shapes."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pallas_kernels.fp8_matmul import (
+    fp8_matmul,
+    fp8_matmul_reference,
+    quantize_rows,
+    quantize_weight,
+)
+from pallas_kernels.fp8_matmul_tpu import fp8_matmul_tpu
+from pallas_kernels.fp8_matmul_triton import fp8_matmul_triton, plan
+
+E4M3 = ml_dtypes.float8_e4m3fn
+
+
+def oracle_quantize(x):
+    """Per-row dynamic quantization re-implemented in float64 with ml_dtypes: scale = amax / 448
+    (1 for a zero row), x / scale saturated to +-448, rounded to nearest even into e4m3.
+    Returns (x_q as float64, scale [m, 1] float64, the unrounded x / scale)."""
+    xf = np.asarray(x, np.float64)
+    amax = np.abs(xf).max(axis=1, keepdims=True)
+    scale = np.where(amax > 0, amax / 448.0, 1.0)
+    t = np.clip(xf / scale, -448.0, 448.0)
+    return t.astype(E4M3).astype(np.float64), scale, t
+
+
+def assert_quantization_matches(x_q, x_scale, x):
+    """quantize_rows' (x_q, x_scale) against the oracle. The f32 scale may differ from the
+    float64 one by an ulp or two (XLA turns `/ 448` into `* (1/448)`); a wrong convention
+    (e.g. amax / 240, or no saturation) is off by far more. An e4m3 code may then differ
+    only for a value within a hair of a rounding midpoint, and by one step."""
+    oq, oscale, t = oracle_quantize(x)
+    np.testing.assert_allclose(np.asarray(x_scale, np.float64), oscale, rtol=3e-7, atol=0)
+    q = np.asarray(x_q).astype(np.float64)
+    diff = q != oq
+    mid = (q + oq) / 2
+    assert (np.abs(t - mid)[diff] <= 1e-6 * np.abs(t[diff])).all(), "x_q differs off a tie"
+    assert diff.mean() < 1e-3
+    return oq, oscale
+
+
+def oracle(x, w, w_scale):
+    """float64 y = (x_q @ w.T) * x_scale * w_scale."""
+    x_q, x_scale, _ = oracle_quantize(x)
+    w64 = np.asarray(w).astype(np.float64)
+    return (x_q @ w64.T) * x_scale * np.asarray(w_scale, np.float64)[None, :]
+
+
+def rel_err(out, ref):
+    out = np.asarray(out, np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+def make_inputs(rng, m, k, n, x_dtype=jnp.bfloat16):
+    """Random x [m, k] (rows of different magnitudes) and a quantized random weight [n, k]."""
+    x = rng.normal(size=(m, k)) * rng.uniform(0.1, 10.0, size=(m, 1))
+    w, w_scale = quantize_weight(jnp.asarray(rng.normal(size=(n, k)) * 0.05, jnp.float32))
+    return jnp.asarray(x, x_dtype), w, w_scale
+
+
+# ------------------------------------------------------------------------------------------
+# (a) the reference against the float64 oracle
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_reference_matches_oracle(x_dtype):
+    rng = np.random.default_rng(0)
+    m, k, n = 6, 200, 72
+    x, w, w_scale = make_inputs(rng, m, k, n, jnp.float32)
+    x = np.array(x)
+    x[1] = 0.0                       # a row of zeros: scale 1, y row exactly 0
+    x[2] *= 3e3                      # large values (still finite in bf16)
+    x[3] = 1e-3 * rng.normal(size=k)  # small values
+    x[4, 17] = -5e4                  # one outlier dominating its row's scale
+    x = jnp.asarray(x, x_dtype)
+
+    x_q, x_scale = quantize_rows(x)
+    oq, _ = assert_quantization_matches(x_q, x_scale, np.asarray(x, np.float32))
+    assert np.abs(oq).max(axis=1)[[0, 2, 3, 4, 5]].tolist() == [448.0] * 5  # amax hits 448
+    assert x_scale[1, 0] == 1.0 and (np.asarray(x_q[1]).astype(np.float32) == 0).all()
+
+    ref = oracle(np.asarray(x, np.float32), w, w_scale)
+    out = fp8_matmul_reference(x, w, w_scale, out_dtype=jnp.float32)
+    assert out.shape == (m, n) and out.dtype == jnp.float32
+    assert (np.asarray(out[1]) == 0).all()
+    # Per-row relative error: rows differ by 1e7 in magnitude, so a norm over the whole
+    # matrix would hide a wrong small row. f32 accumulation of k=200 exact products: ~1e-6.
+    live = [0, 2, 3, 4, 5]
+    for r in live:
+        assert rel_err(out[r], ref[r]) < 1e-6, r
+    out16 = fp8_matmul_reference(x, w, w_scale)  # bf16 out: one rounding of the f32 result
+    assert out16.dtype == jnp.bfloat16
+    for r in live:
+        assert rel_err(out16[r], ref[r]) < 4e-3, r
+
+
+def test_quantize_weight_per_channel():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(5, 40)).astype(np.float32) * np.array([[1e-3], [1], [10], [1e3], [0.5]],
+                                                              np.float32)
+    w_q, w_scale = quantize_weight(jnp.asarray(w))
+    assert w_scale.shape == (5,) and w_q.dtype == jnp.float8_e4m3fn
+    assert_quantization_matches(w_q, w_scale[:, None], w)
+
+
+# ------------------------------------------------------------------------------------------
+# (b) the Pallas kernels in interpret mode against the reference
+# ------------------------------------------------------------------------------------------
+
+# Every m of {1, 7, 129} with both ragged (k, n) (k, n not multiples of any block), and every
+# (x dtype, out dtype) pair at least once; one interpret-mode compilation per case (~3 s).
+F32, BF16 = jnp.float32, jnp.bfloat16
+CASES = [
+    (1, 200, 72, BF16, BF16), (1, 96, 130, F32, F32),
+    (7, 200, 72, F32, BF16), (7, 96, 130, BF16, F32),
+    (129, 200, 72, BF16, F32), (129, 96, 130, F32, BF16),
+]
+# Kernel and reference quantize identically and multiply exact e4m3 products, so they differ
+# only by f32 summation order (~k * 2^-24 relative at worst): 1e-5 for f32 out. bf16 out: a
+# half-ulp difference can flip a rounding of an element (2^-8 relative), so 1e-2.
+TOL = {F32: 1e-5, BF16: 1e-2}
+
+
+def check_kernel(kernel, m, k, n, x_dtype, out_dtype, seed, **kw):
+    rng = np.random.default_rng(seed)
+    x, w, w_scale = make_inputs(rng, m, k, n, x_dtype)
+    out = kernel(x, w, w_scale, out_dtype=out_dtype, interpret=True, **kw)
+    ref = np.asarray(fp8_matmul_reference(x, w, w_scale, out_dtype=out_dtype), np.float64)
+    assert out.shape == (m, n) and out.dtype == out_dtype
+    o = np.asarray(out, np.float64)
+    assert np.isfinite(o).all()
+    assert (o != 0).all()  # random inputs: an all-zero / unwritten element would show
+    err = np.abs(o - ref).max(axis=1) / np.abs(ref).max(axis=1)  # per row, every element
+    assert err.max() < TOL[out_dtype], err.max()
+    return out
+
+
+@pytest.mark.parametrize("m,k,n,x_dtype,out_dtype", CASES)
+def test_triton_interpret(m, k, n, x_dtype, out_dtype):
+    check_kernel(fp8_matmul_triton, m, k, n, x_dtype, out_dtype, seed=m + k)
+
+
+def test_triton_interpret_split_k_small_blocks():
+    # Split-K with an uneven split (7 K blocks of 32 in 3 splits, the tail block ragged) and
+    # n tiles of 16 with a ragged last tile.
+    cfg = plan(3, 72, 200, block_n=16, block_k=32, split_k=3)
+    assert cfg["split_k"] == 3 and cfg["block_k"] == 32
+    check_kernel(fp8_matmul_triton, 3, 200, 72, BF16, F32, seed=5, block_n=16, block_k=32,
+                 split_k=3)
+
+
+@pytest.mark.parametrize("m,k,n,x_dtype,out_dtype", CASES)
+def test_tpu_interpret(m, k, n, x_dtype, out_dtype):
+    # The smallest legal blocks, so these shapes span several m, n and k blocks (k=200: two,
+    # the second half padding): the accumulator carries across k and is reset per (m, n)
+    # block. The default plan (one block here) runs in test_dispatch.
+    check_kernel(fp8_matmul_tpu, m, k, n, x_dtype, out_dtype, seed=m + n, bm=32, bn=128, bk=128)
+
+
+def test_plan_regimes():
+    dec = plan(1, 1024, 5120, sms=132)
+    assert dec["block_m"] == 16 and dec["split_k"] > 1
+    pre = plan(4096, 6144, 5120, sms=132)
+    assert (pre["block_m"], pre["block_n"], pre["block_k"], pre["split_k"]) == (128, 128, 128, 1)
+    tiny = plan(1, 8, 10)
+    assert tiny["block_k"] >= 32 and tiny["block_n"] >= 16 and tiny["split_k"] == 1
+
+
+# ------------------------------------------------------------------------------------------
+# (c) the dispatcher
+# ------------------------------------------------------------------------------------------
+
+def test_dispatch():
+    # The shape and dtypes of a CASES entry: the kernels' compilations are reused.
+    rng = np.random.default_rng(7)
+    x, w, w_scale = make_inputs(rng, 7, 96, 130)
+    ref = np.asarray(fp8_matmul(x, w, w_scale, impl="reference", out_dtype=F32), np.float64)
+    for impl in ("auto", "xla"):  # auto is XLA on CPU; XLA's fp8 dot is the twin
+        assert rel_err(fp8_matmul(x, w, w_scale, impl=impl, out_dtype=F32), ref) < 1e-5
+    for impl in ("triton", "tpu"):
+        out = fp8_matmul(x, w, w_scale, impl=impl, out_dtype=F32, interpret=True)
+        assert out.dtype == F32 and rel_err(out, ref) < 1e-5
+    assert fp8_matmul(x, w, w_scale, impl="reference").dtype == BF16  # default out_dtype
+
+
+def test_dispatch_errors():
+    rng = np.random.default_rng(8)
+    x, w, w_scale = make_inputs(rng, 2, 64, 48)
+    with pytest.raises(ValueError, match="impl"):
+        fp8_matmul(x, w, w_scale, impl="cuda")
+    for impl in ("reference", "triton", "tpu"):
+        with pytest.raises(ValueError, match="shapes"):
+            fp8_matmul(x[:, :32], w, w_scale, impl=impl, interpret=True)
+        with pytest.raises(ValueError, match="shapes"):
+            fp8_matmul(x, w, w_scale[:5], impl=impl, interpret=True)
+
+
+# ------------------------------------------------------------------------------------------
+# (d) GPU (run on the device: python -m pytest -q -m gpu tests/test_fp8_matmul.py)
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+class TestGPU:
+    @pytest.fixture(autouse=True)
+    def _need_gpu(self):
+        if jax.default_backend() != "gpu":
+            pytest.skip("needs a GPU")
+
+    @staticmethod
+    def _check(m, k, n, out_dtype, tol, **tuning):
+        rng = np.random.default_rng(m)
+        x, w, w_scale = make_inputs(rng, m, k, n)
+        out = fp8_matmul_triton(x, w, w_scale, out_dtype=out_dtype, **tuning)
+        ref = np.asarray(fp8_matmul_reference(x, w, w_scale, out_dtype=F32), np.float64)
+        o = np.asarray(out, np.float64)
+        assert out.shape == (m, n) and np.isfinite(o).all()
+        err = np.abs(o - ref).max() / np.abs(ref).max()
+        assert err < tol, err
+
+    # The GPU reference runs its f32 dot at HIGHEST precision; e4m3 products are exact, so
+    # only the summation order over k=5120 differs (f32: 1e-5 of the largest element).
+    @pytest.mark.parametrize("m", [1, 64, 4096])
+    @pytest.mark.parametrize("out_dtype,tol", [(F32, 1e-5), (BF16, 1e-2)])
+    def test_mistral_small_projection(self, m, out_dtype, tol):
+        self._check(m, 5120, 6144, out_dtype, tol)
+
+    @pytest.mark.parametrize("m,k,n", [(1, 200, 72), (7, 96, 130), (300, 5120, 1000),
+                                       (33, 4096, 5120)])
+    def test_ragged_and_split(self, m, k, n):
+        self._check(m, k, n, F32, 1e-5)
+        self._check(m, k, n, F32, 1e-5, split_k=1)
