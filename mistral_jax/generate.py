@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU/TPU, f32 on CPU), bfloat16, float32")
+    p.add_argument("--quantization", default=None, choices=("fp8",),
+                   help="fp8: quantize the projections at load (e4m3 per-channel weights, per-token activations)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's)")
     serve = p.add_argument_group("serving (vLLM's names)")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache page")
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
                   block_size=args.block_size, num_pages=args.num_pages,
                   gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl)
+                  enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl,
+                  quantization=args.quantization)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

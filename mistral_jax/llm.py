@@ -77,17 +77,30 @@ class LLM:
     max_num_batched_tokens (tokens per step; longer prompts are prefilled in chunks),
     enable_prefix_caching. attention_impl: "auto" (the Pallas kernel of the backend), or
     "reference" (the plain-jnp twin), "triton", "tpu".
+
+    quantization: None, or "fp8" to quantize a 16/32-bit checkpoint's layer projections at load
+    (e4m3, one scale per output channel; activations quantized per token at run time). An FP8
+    checkpoint (compressed-tensors "FP8 dynamic") always loads as fp8. fp8_impl: the FP8 matmul
+    (pallas_kernels.fp8_matmul's impl: "auto", "reference", "xla", "triton", "tpu").
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
                  max_num_seqs: int = 256, tokenizer: str | None = None, progress: bool = True, *,
                  block_size: int = 16, num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", quantization: str | None = None, fp8_impl: str = "auto"):
+        from pallas_kernels import fp8_matmul
         from pallas_kernels.ragged_paged_attention import IMPLS
+
+        from .model import QUANTIZATIONS
 
         if attention_impl not in IMPLS:
             raise ValueError(f"attention_impl={attention_impl!r} is not one of {IMPLS}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={quantization!r} is not supported; use None (the checkpoint's "
+                             "own weights) or 'fp8' (e4m3 projections, per-channel scales, quantized at load)")
+        if fp8_impl not in fp8_matmul.IMPLS:
+            raise ValueError(f"fp8_impl={fp8_impl!r} is not one of {fp8_matmul.IMPLS}")
         enable_compilation_cache()
         self.model_path = str(model) if model is not None else default_model_path()
         self.dtype = resolve_dtype(dtype)
@@ -105,11 +118,16 @@ class LLM:
         self.tokenizer = load_tokenizer(tokenizer or self.model_path)
         self.mesh = make_mesh()
         t0 = time.perf_counter()
-        model_ = load_weights(checkpoint, self.dtype, self.mesh, progress=progress)
+        model_ = load_weights(checkpoint, self.dtype, self.mesh, progress=progress,
+                              quantization=quantization, fp8_impl=fp8_impl)
+        self.quantization = model_.quantization  # an FP8 checkpoint sets it even when None was asked
         self.load_seconds = time.perf_counter() - t0
         self.engine = Engine(model_, self.tokenizer, self.mesh, engine_config)
         if progress:
-            print(f"[{self.engine.describe_cache()}]", file=sys.stderr)
+            impl = fp8_matmul.default_impl() if fp8_impl == "auto" else fp8_impl
+            weights = (f"weights fp8 (e4m3 per-channel, per-token dynamic activations, fp8_matmul {impl})"
+                       if self.quantization == "fp8" else f"weights {jnp.dtype(self.dtype).name}")
+            print(f"[{weights}; {self.engine.describe_cache()}]", file=sys.stderr)
         self._next_id = 0
 
     def get_tokenizer(self):

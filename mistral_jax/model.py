@@ -15,12 +15,16 @@ Layout choices (why):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
 from .sharding import constrain
+
+QUANTIZATIONS = (None, "fp8")  # fp8: e4m3 projection weights + per-output-channel scales (W8A8)
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -33,6 +37,34 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> n
         fan_in = shape[-1]
         value = (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5).astype(dtype)
     return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def _linear_params(rngs, shape, axes, dtype, quantization: str | None, n_in: int = 1):
+    """A projection's weight [..., out..., in...] and its scale [..., out...] (None unless fp8).
+    n_in: how many trailing axes are the input (2 for wo's [embed, heads, head_dim])."""
+    weight = _param(rngs, shape, axes, dtype)
+    if quantization != "fp8":
+        return weight, None
+    from pallas_kernels.fp8_matmul import quantize_weight
+
+    w_q, scale = quantize_weight(weight[...].reshape(-1, math.prod(shape[-n_in:])))  # one scale per row
+    return (nnx.Param(w_q.reshape(shape), logical_axes=tuple(axes)),
+            nnx.Param(scale.reshape(shape[:-n_in]), logical_axes=tuple(axes[:-n_in])))
+
+
+def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, impl: str = "auto") -> jax.Array:
+    """Every projection: x [batch, seq, in...] times weight [out..., in...] -> [batch, seq, out...].
+
+    16-bit weights: the einsum `eq`. FP8 weights (scale [out...] given): the W8A8 kernel on the
+    2-D view [tokens, in] x [out, in], activations quantized per token inside it."""
+    if scale is None:
+        return jnp.einsum(eq, x, weight)
+    from pallas_kernels.fp8_matmul import fp8_matmul
+
+    b, s = x.shape[:2]
+    y = fp8_matmul(x.reshape(b * s, -1), weight.reshape(scale.size, -1), scale.reshape(-1),
+                   impl=impl, out_dtype=x.dtype)
+    return y.reshape(b, s, *scale.shape)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -68,50 +100,64 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = ()):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (),
+                 quantization: str | None = None, fp8_impl: str = "auto"):
         L = ("layers",) * len(stack)
         h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
-        self.wq = _param(rngs, (*stack, h, d, e), (*L, "q_heads", "head_dim", "embed"), dtype)
-        self.wk = _param(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype)
-        self.wv = _param(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype)
-        self.wo = _param(rngs, (*stack, e, h, d), (*L, "embed", "q_heads", "head_dim"), dtype)
+        q = quantization
+        self.wq, self.wq_scale = _linear_params(rngs, (*stack, h, d, e), (*L, "q_heads", "head_dim", "embed"), dtype, q)
+        self.wk, self.wk_scale = _linear_params(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype, q)
+        self.wv, self.wv_scale = _linear_params(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype, q)
+        self.wo, self.wo_scale = _linear_params(rngs, (*stack, e, h, d), (*L, "embed", "q_heads", "head_dim"), dtype, q,
+                                                n_in=2)
         self.rope_theta = cfg.rope_theta
+        self.fp8_impl = fp8_impl
+
+    def _linear(self, eq, x, name):
+        """linear() with the projection `name`'s weight and scale (None for 16-bit weights)."""
+        scale = getattr(self, name + "_scale")
+        return linear(eq, x, getattr(self, name)[...], None if scale is None else scale[...], self.fp8_impl)
 
     def __call__(self, x, positions, cache, layer):
         # x: [batch, seq, embed] -> q: [batch, seq, q_heads, head_dim], k/v: [.., kv_heads, ..]
-        q = jnp.einsum("bse,hde->bshd", x, self.wq[...])
-        k = jnp.einsum("bse,hde->bshd", x, self.wk[...])
-        v = jnp.einsum("bse,hde->bshd", x, self.wv[...])
+        q = self._linear("bse,hde->bshd", x, "wq")
+        k = self._linear("bse,hde->bshd", x, "wk")
+        v = self._linear("bse,hde->bshd", x, "wv")
         q = constrain(rotary(q, positions, self.rope_theta), ("batch", "seq", "q_heads", "head_dim"))
         k = constrain(rotary(k, positions, self.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
         out, cache = cache.attend(layer, q, k, v, positions)
-        return jnp.einsum("bshd,ehd->bse", out, self.wo[...]), cache
+        return self._linear("bshd,ehd->bse", out, "wo"), cache
 
 
 class MLP(nnx.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = ()):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (),
+                 quantization: str | None = None, fp8_impl: str = "auto"):
         L = ("layers",) * len(stack)
-        self.w1 = _param(rngs, (*stack, cfg.hidden_dim, cfg.dim), (*L, "mlp", "embed"), dtype)
-        self.w3 = _param(rngs, (*stack, cfg.hidden_dim, cfg.dim), (*L, "mlp", "embed"), dtype)
-        self.w2 = _param(rngs, (*stack, cfg.dim, cfg.hidden_dim), (*L, "embed", "mlp"), dtype)
+        q = quantization
+        self.w1, self.w1_scale = _linear_params(rngs, (*stack, cfg.hidden_dim, cfg.dim), (*L, "mlp", "embed"), dtype, q)
+        self.w3, self.w3_scale = _linear_params(rngs, (*stack, cfg.hidden_dim, cfg.dim), (*L, "mlp", "embed"), dtype, q)
+        self.w2, self.w2_scale = _linear_params(rngs, (*stack, cfg.dim, cfg.hidden_dim), (*L, "embed", "mlp"), dtype, q)
+        self.fp8_impl = fp8_impl
+
+    _linear = Attention._linear
 
     def __call__(self, x):
-        gate = jnp.einsum("bse,fe->bsf", x, self.w1[...])
-        up = jnp.einsum("bse,fe->bsf", x, self.w3[...])
+        gate = self._linear("bse,fe->bsf", x, "w1")
+        up = self._linear("bse,fe->bsf", x, "w3")
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("bsf,ef->bse", h, self.w2[...])
+        return self._linear("bsf,ef->bse", h, "w2")
 
 
 class DecoderLayer(nnx.Module):
     """One transformer block; built with `stack=(n_layers,)` it holds every layer's weights."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = ()):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (), **quant):
         self.attention_norm = RMSNorm(cfg, dtype, stack)
-        self.attention = Attention(cfg, dtype, rngs, stack)
+        self.attention = Attention(cfg, dtype, rngs, stack, **quant)
         self.ffn_norm = RMSNorm(cfg, dtype, stack)
-        self.feed_forward = MLP(cfg, dtype, rngs, stack)
+        self.feed_forward = MLP(cfg, dtype, rngs, stack, **quant)
 
     def __call__(self, x, positions, cache, layer):
         h, cache = self.attention(self.attention_norm(x), positions, cache, layer)
@@ -121,12 +167,19 @@ class DecoderLayer(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None,
+                 quantization: str | None = None, fp8_impl: str = "auto"):
+        """quantization: None (16/32-bit projections) or "fp8" (see QUANTIZATIONS); embeddings,
+        norms and the output head always stay in `dtype`. fp8_impl: fp8_matmul's `impl`."""
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={quantization!r} is not supported; use one of {QUANTIZATIONS}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype
+        self.quantization = quantization
         self.tok_embeddings = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype)
-        self.layers = DecoderLayer(cfg, dtype, rngs, stack=(cfg.n_layers,))
+        self.layers = DecoderLayer(cfg, dtype, rngs, stack=(cfg.n_layers,), quantization=quantization,
+                                   fp8_impl=fp8_impl)
         self.norm = RMSNorm(cfg, dtype)
         if not cfg.tied_embeddings:
             self.output = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype)

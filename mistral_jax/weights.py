@@ -2,13 +2,17 @@
 
 The canonical checkpoint names (checkpoint.py) mirror the model's attribute paths:
 `layers.7.attention.wq.weight` is layer 7 of `model.layers.attention.wq`, `*norm.weight` is the
-norm's `scale`. Each tensor goes from the file to its device buffer on its own, so host memory
+norm's `scale`, an FP8 projection's `*.weight_scale` [out, 1] is its `wq_scale` [out...].
+A model built with quantization="fp8" takes FP8 weights as they are, and quantizes 16/32-bit
+projection weights per output channel as they stream in.
+Each tensor goes from the file to its device buffer on its own, so host memory
 holds about one tensor at a time, never the model.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import jax
@@ -21,19 +25,21 @@ from .config import ModelConfig
 from .model import Transformer
 from .sharding import logical_spec, make_mesh, use_mesh
 
-_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+_LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)\.weight(_scale)?$")
 
 
-def _path(model_name: str) -> tuple[str, ...]:
+def _path(model_name: str, suffix: str = "") -> tuple[str, ...]:
     parts = model_name.split(".")
-    return (*parts, "scale") if parts[-1].endswith("norm") else tuple(parts)
+    if parts[-1].endswith("norm"):
+        return (*parts, "scale")
+    return (*parts[:-1], parts[-1] + suffix)  # "wq" + "_scale": the projection's scale
 
 
 def param_target(name: str) -> tuple[tuple[str, ...], int | None]:
     """Canonical tensor name -> (attribute path in Transformer, layer index or None)."""
     m = _LAYER_NAME.match(name)
     if m:
-        return ("layers", *_path(m.group(2))), int(m.group(1))
+        return ("layers", *_path(m.group(2), m.group(3) or "")), int(m.group(1))
     if not name.endswith(".weight"):
         raise KeyError(name)
     return _path(name[: -len(".weight")]), None
@@ -51,9 +57,10 @@ def _sharding(mesh: Mesh, var: nnx.Variable, drop_layer_axis: bool = False) -> N
     return NamedSharding(mesh, logical_spec(axes[1:] if drop_layer_axis else axes))
 
 
-def abstract_model(cfg: ModelConfig, dtype) -> Transformer:
-    """The model's structure with shapes only: nothing allocated."""
-    return nnx.eval_shape(lambda: Transformer(cfg, dtype, nnx.Rngs(0)))
+def abstract_model(cfg: ModelConfig, dtype, **quant) -> Transformer:
+    """The model's structure with shapes only: nothing allocated. quant: Transformer's
+    quantization and fp8_impl."""
+    return nnx.eval_shape(lambda: Transformer(cfg, dtype, nnx.Rngs(0), **quant))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -74,13 +81,33 @@ def _to_device(array: np.ndarray, shape, dtype, sharding: NamedSharding) -> jax.
     return out if out.dtype == dtype else out.astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize(w: jax.Array, scale_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Load-time quantization of one projection w [out..., in...] -> (e4m3 w, scale [out...])."""
+    from pallas_kernels.fp8_matmul import quantize_weight
+
+    w_q, scale = quantize_weight(w.reshape(math.prod(scale_shape), -1))  # [n, k]: one scale per row
+    return w_q.reshape(w.shape), scale.reshape(scale_shape)
+
+
+def _put(model, path, layer, value: jax.Array) -> None:
+    var = _variable(model, path)
+    if layer is None:
+        var.set_value(value)
+    else:
+        var.set_value(_set_layer(var[...], value, jnp.int32(layer)))
+
+
 def load_weights(
-    checkpoint, dtype=jnp.bfloat16, mesh: Mesh | None = None, progress: bool = True
+    checkpoint, dtype=jnp.bfloat16, mesh: Mesh | None = None, progress: bool = True,
+    quantization: str | None = None, fp8_impl: str = "auto",
 ) -> Transformer:
-    """Stream a checkpoint (checkpoint.open_checkpoint(...)) into a model on `mesh`'s devices."""
+    """Stream a checkpoint (checkpoint.open_checkpoint(...)) into a model on `mesh`'s devices.
+    quantization="fp8": FP8 projections; an FP8 checkpoint is always loaded so."""
     cfg = checkpoint.config
     mesh = mesh or make_mesh()
-    model = abstract_model(cfg, dtype)
+    quantization = getattr(checkpoint, "quantization", None) or quantization
+    model = abstract_model(cfg, dtype, quantization=quantization, fp8_impl=fp8_impl)
     # Stacked per-layer parameters start as zero buffers on device and are filled layer by layer.
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param) and path and path[0] == "layers":
@@ -90,16 +117,23 @@ def load_weights(
         var = _variable(model, path)
         if layer is None:
             var.set_value(_to_device(array, var.shape, var.dtype, _sharding(mesh, var)))
-        else:
-            value = _to_device(array, var.shape[1:], array.dtype, _sharding(mesh, var, True))
-            var.set_value(_set_layer(var[...], value, jnp.int32(layer)))
+            continue
+        value = _to_device(array, var.shape[1:], array.dtype, _sharding(mesh, var, True))
+        if var.dtype == jnp.float8_e4m3fn and value.dtype != var.dtype:  # quantize at load
+            scale_path = (*path[:-1], path[-1] + "_scale")
+            value, scale = _quantize(value, _variable(model, scale_path).shape[1:])
+            _put(model, scale_path, layer, scale)
+        _put(model, path, layer, value)
     return model
 
 
-def random_weights(cfg: ModelConfig, dtype=jnp.bfloat16, mesh: Mesh | None = None, seed: int = 0) -> Transformer:
-    """Random parameters generated directly on the devices (real-shape benchmarks need no files)."""
+def random_weights(cfg: ModelConfig, dtype=jnp.bfloat16, mesh: Mesh | None = None, seed: int = 0,
+                   quantization: str | None = None, fp8_impl: str = "auto") -> Transformer:
+    """Random parameters generated directly on the devices (real-shape benchmarks need no files).
+    quantization="fp8": the same random projections, quantized per output channel."""
     mesh = mesh or make_mesh()
-    abstract = abstract_model(cfg, dtype)
+    quant = dict(quantization=quantization, fp8_impl=fp8_impl)
+    abstract = abstract_model(cfg, dtype, **quant)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = jax.tree.map(
         lambda v: _sharding(mesh, v), abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
@@ -108,6 +142,6 @@ def random_weights(cfg: ModelConfig, dtype=jnp.bfloat16, mesh: Mesh | None = Non
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
         with use_mesh(mesh):
-            return nnx.state(Transformer(cfg, dtype, nnx.Rngs(seed)))
+            return nnx.state(Transformer(cfg, dtype, nnx.Rngs(seed), **quant))
 
     return nnx.merge(graphdef, init())

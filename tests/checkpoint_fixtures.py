@@ -128,3 +128,37 @@ def hf_model_from_dir(directory):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def make_tiny_fp8_hf_checkpoint(directory, hf_dir) -> None:
+    """The HF checkpoint in `hf_dir` quantized by the compressed-tensors package to llm-compressor's
+    FP8_DYNAMIC format (e4m3 weights + weight_scale [out, 1], dynamic per-token activations,
+    lm_head ignored). The weight scales are amax/448 per output channel, which is what
+    llm-compressor's min-max observer computes for this scheme (the package leaves the observer
+    step to llm-compressor, which this fixture does not need)."""
+    import torch
+    from compressed_tensors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+
+    model = hf_model_from_dir(hf_dir)
+    scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                amax = module.weight.abs().amax(dim=1, keepdim=True)  # [out, 1]
+                module.weight_scale.copy_((amax / 448.0).to(module.weight_scale.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(directory)
+    compressor.update_config(directory)  # writes quantization_config into config.json
+
+
+def hf_fp8_model_dequantized(directory):
+    """transformers' own load of a compressed-tensors checkpoint, decompressed to f32 weights."""
+    import torch
+    import transformers
+
+    qcfg = transformers.CompressedTensorsConfig(dequantize=True)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, quantization_config=qcfg).eval()

@@ -45,3 +45,24 @@ def tiny_checkpoints(tmp_path_factory, tiny_cfg):
     for d in (mistral_dir, hf_dir):
         shutil.copy(_v3_tokenizer(), d / "tokenizer.model.v3")
     return mistral_dir, hf_dir, weights
+
+
+@pytest.fixture(scope="session")
+def tokens(tiny_cfg):
+    """[3, 37] random token ids of the tiny config, for logits comparisons."""
+    import numpy as np
+
+    return np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, size=(3, 37)).astype(np.int32)
+
+
+def dense_logits(model, tokens):
+    """One full forward of `model` over tokens [batch, seq] with a dense cache: logits as NumPy."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mistral_jax.kv_cache import DenseKVCache
+
+    b, t = tokens.shape
+    cache = DenseKVCache.init(model.cfg, b, 64, model.dtype)
+    logits, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(t), (b, t)), cache)
+    return np.asarray(logits)

@@ -202,9 +202,10 @@ def test_int_dtype(broken):
     assert "tensor 'norm.weight': dtype I8, expected a float dtype (F32, F16 or BF16)" in msg
 
 
-def test_fp8_rejected(broken):
+def test_fp8_without_scales_rejected(broken):
+    # FP8 checkpoints are test_fp8.py's; an FP8 tensor with no FP8 scheme declared is an error.
     msg = broken(lambda t: t.update({"norm.weight": np.ones(64, ml_dtypes.float8_e4m3fn)}))
-    assert "tensor 'norm.weight': dtype F8_E4M3" in msg and "FP8 checkpoints need quantization" in msg
+    assert "tensor 'norm.weight': dtype F8_E4M3, but the checkpoint declares no FP8 quantization" in msg
 
 
 def test_hf_error_names_the_hf_tensor(tmp_path, tiny_checkpoints):

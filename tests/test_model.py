@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from checkpoint_fixtures import hf_model_from_dir
+from conftest import dense_logits
 from mistral_jax.checkpoint import open_checkpoint
 from mistral_jax.kv_cache import DenseKVCache
 from mistral_jax.weights import load_weights
@@ -18,16 +19,7 @@ def rel_err(a, b):
 
 
 def our_logits(path, tokens, dtype):
-    model = load_weights(open_checkpoint(str(path)), dtype, progress=False)
-    b, t = tokens.shape
-    cache = DenseKVCache.init(model.cfg, b, 64, dtype)
-    logits, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(t), (b, t)), cache)
-    return np.asarray(logits)
-
-
-@pytest.fixture(scope="module")
-def tokens(tiny_cfg):
-    return np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, size=(3, 37)).astype(np.int32)
+    return dense_logits(load_weights(open_checkpoint(str(path)), dtype, progress=False), tokens)
 
 
 @pytest.fixture(scope="module")

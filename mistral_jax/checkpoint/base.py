@@ -64,7 +64,7 @@ class Entry:
         return f"{self.file}: tensor {self.source!r}{renamed}"
 
 
-def _check(entry: Entry, expected: dict, cfg: ModelConfig) -> None:
+def _check(entry: Entry, expected: dict, cfg: ModelConfig, quantization: str | None) -> None:
     if entry.name not in expected:
         hint = " (the config ties the output head to tok_embeddings)" if entry.name == "output.weight" else ""
         raise CheckpointError(
@@ -72,14 +72,24 @@ def _check(entry: Entry, expected: dict, cfg: ModelConfig) -> None:
             f"canonical names such as 'tok_embeddings.weight', 'layers.0.attention.wq.weight'"
         )
     if entry.shape != expected[entry.name]:
+        what = " (one scale per output channel)" if entry.name.endswith("_scale") else ""
         raise CheckpointError(
-            f"{entry.where()}: shape {entry.shape}, expected {expected[entry.name]} from the config"
+            f"{entry.where()}: shape {entry.shape}, expected {expected[entry.name]}{what} from the config"
         )
     if entry.kind == "fp8":
-        raise CheckpointError(
-            f"{entry.where()}: dtype {entry.dtype}, expected F32, F16 or BF16. FP8 checkpoints need "
-            "quantization support (a later `quantization=\"fp8\"` option), which is not there yet"
-        )
+        from .quantization import FP8_DTYPE, is_projection
+
+        if quantization != "fp8":
+            raise CheckpointError(
+                f"{entry.where()}: dtype {entry.dtype}, but the checkpoint declares no FP8 quantization "
+                "(HF: config.json quantization_config; Mistral: *.weight_scale tensors); expected F32, F16 or BF16"
+            )
+        if not (is_projection(entry.name) and entry.name.endswith(".weight")):
+            raise CheckpointError(f"{entry.where()}: dtype {entry.dtype}; only layer projections may be FP8 "
+                                  "(embeddings, norms, the output head and scales are 16/32-bit)")
+        if entry.dtype != FP8_DTYPE:
+            raise CheckpointError(f"{entry.where()}: dtype {entry.dtype}, expected {FP8_DTYPE} (float8_e4m3fn)")
+        return
     if entry.kind != "float":
         raise CheckpointError(f"{entry.where()}: dtype {entry.dtype}, expected a float dtype (F32, F16 or BF16)")
 
@@ -88,6 +98,7 @@ class Checkpoint:
     """A checkpoint on disk, read as the canonical tensor stream. Subclasses: one per format."""
 
     format: str = ""
+    quantization: str | None = None  # "fp8": e4m3 projections + *.weight_scale (quantization.py)
 
     def __init__(self, path: Path, config: ModelConfig):
         self.path = path
@@ -97,7 +108,12 @@ class Checkpoint:
         return f"<{self.format} checkpoint {self.path}>"
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return expected_shapes(self.config)
+        shapes = expected_shapes(self.config)
+        if self.quantization == "fp8":
+            from .quantization import scale_shapes
+
+            shapes |= scale_shapes(shapes)
+        return shapes
 
     def _entries(self, stack: contextlib.ExitStack) -> Iterator[Entry]:
         """The file's tensors; file handles go on `stack` so they live as long as the stream."""
@@ -110,12 +126,19 @@ class Checkpoint:
         for entry in entries:
             if entry.name is None:
                 continue
-            _check(entry, expected, self.config)
+            _check(entry, expected, self.config, self.quantization)
             if entry.name in seen:
                 raise CheckpointError(f"{entry.where()}: appears twice (also in {seen[entry.name]})")
             seen[entry.name] = entry.file
             plan.append(entry)
         missing = [name for name in expected if name not in seen]
+        scales = [name for name in missing if name.endswith("_scale")]
+        if scales:
+            raise CheckpointError(
+                f"{self.path}: FP8 checkpoint without per-channel scales for {len(scales)} weights, e.g. "
+                f"{scales[0].removesuffix('_scale')} needs {scales[0]} [out, 1]; re-export with llm-compressor's "
+                "FP8_DYNAMIC scheme (or load the 16-bit checkpoint with quantization=\"fp8\")"
+            )
         if missing:
             shown = ", ".join(missing[:20]) + (f" ... and {len(missing) - 20} more" if len(missing) > 20 else "")
             raise CheckpointError(f"{self.path}: {len(missing)} of {len(expected)} tensors missing: {shown}")
@@ -156,11 +179,28 @@ def safetensors_entries(
         dtype, shape = info.get_dtype(), tuple(info.get_shape())
         name = rename(source)
         kind = "float" if dtype in _FLOAT_BYTES else "fp8" if dtype.startswith("F8") else "other"
+        # numpy has no float8: safetensors' numpy reader refuses it, so FP8 comes from raw bytes.
+        get = (lambda source: _read_fp8(file, source)) if kind == "fp8" else handle.get_tensor
         yield Entry(
             file, source, name, shape, dtype, kind,
             nbytes=math.prod(shape) * _FLOAT_BYTES.get(dtype, 1),
-            read=lambda source=source, name=name: transform(name, handle.get_tensor(source)),
+            read=lambda source=source, name=name, get=get: transform(name, get(source)),
         )
+
+
+def _read_fp8(file: Path, source: str) -> np.ndarray:
+    """An F8_E4M3 tensor of a safetensors file (u64 header size, JSON header, data) as ml_dtypes'."""
+    import json
+
+    import ml_dtypes
+
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(header_size))[source]
+        start, end = info["data_offsets"]
+        f.seek(8 + header_size + start)
+        data = f.read(end - start)
+    return np.frombuffer(data, dtype=ml_dtypes.float8_e4m3fn).reshape(info["shape"])
 
 
 def rename_to_canonical(name: str, global_names: dict[str, str], layer_pattern: "re.Pattern[str]",
@@ -168,6 +208,8 @@ def rename_to_canonical(name: str, global_names: dict[str, str], layer_pattern: 
     """A format's tensor name -> canonical name, from its table of global names and a layer regex
     (group 1: layer index, group 2: per-layer suffix). Unknown names come back unchanged, so that
     validation reports them under their own name."""
+    if name.endswith(".weight_scale"):  # an FP8 weight's scale: named after its weight
+        return rename_to_canonical(name.removesuffix("_scale"), global_names, layer_pattern, layer_names) + "_scale"
     if name in global_names:
         return global_names[name]
     m = layer_pattern.match(name)

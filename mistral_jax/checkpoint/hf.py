@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .base import Checkpoint, CheckpointError, safetensors_entries, rename_to_canonical
+from .quantization import parse_compressed_tensors
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 INDEX = "model.safetensors.index.json"
@@ -80,6 +81,8 @@ class HFCheckpoint(Checkpoint):
         except KeyError as e:
             raise CheckpointError(f"{config_path}: missing key {e}") from None
         super().__init__(directory, config)
+        if "quantization_config" in hf_config:
+            self.quantization = parse_compressed_tensors(hf_config["quantization_config"], str(config_path))
         self.files = weight_files(directory)
         if not self.files:
             raise CheckpointError(
@@ -93,9 +96,10 @@ class HFCheckpoint(Checkpoint):
         return canonical_name(hf_name)
 
     def _unpermute(self, name: str, w: np.ndarray) -> np.ndarray:
-        if name.endswith("attention.wq.weight"):
+        # An FP8 weight's scale rows [out, 1] follow its weight's rows.
+        if name.endswith(("attention.wq.weight", "attention.wq.weight_scale")):
             return unpermute_rotary(w, self.config.n_heads)
-        if name.endswith("attention.wk.weight"):
+        if name.endswith(("attention.wk.weight", "attention.wk.weight_scale")):
             return unpermute_rotary(w, self.config.n_kv_heads)
         return w
 

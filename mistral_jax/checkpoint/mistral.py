@@ -16,6 +16,13 @@ def weight_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(WEIGHT_GLOB))
 
 
+def _tensor_names(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="numpy") as handle:
+        return list(handle.keys())
+
+
 class MistralCheckpoint(Checkpoint):
     format = "mistral"
 
@@ -32,6 +39,10 @@ class MistralCheckpoint(Checkpoint):
                 f"{directory}: has params.json but no weights: looked for consolidated.safetensors, "
                 "consolidated.NN.safetensors or consolidated-0000N-of-0000M.safetensors"
             )
+        # params.json has no quantization entry we rely on: FP8 is recognized from the tensors
+        # themselves (any `*.weight_scale`), read from the headers only.
+        if any(name.endswith(".weight_scale") for file in self.files for name in _tensor_names(file)):
+            self.quantization = "fp8"
 
     def _entries(self, stack):
         for file in self.files:
