@@ -77,8 +77,10 @@ def ceilings() -> dict:
 
 # ---- ours -------------------------------------------------------------------------------------
 
-def random_engine(config: str, dtype: str, **engine_settings):
-    """An Engine over random weights of a named config, with a tokenizer that only counts ids.
+def random_engine(config: str, dtype: str, quantization: str | None = None, fp8_impl: str = "auto",
+                  **engine_settings):
+    """An Engine over random weights of a named config (quantization None or "fp8": e4m3
+    projections, per-channel scales), with a tokenizer that only counts ids.
     Returns (engine, cfg, seconds to build the weights on the device)."""
     import jax
 
@@ -100,21 +102,24 @@ def random_engine(config: str, dtype: str, **engine_settings):
     cfg = ModelConfig.named(config)
     mesh = make_mesh()
     t = time.perf_counter()
-    model = random_weights(cfg, resolve_dtype(dtype), mesh)
+    model = random_weights(cfg, resolve_dtype(dtype), mesh, quantization=quantization, fp8_impl=fp8_impl)
     jax.block_until_ready(nnx_state(model))
     init_s = time.perf_counter() - t
     settings = {"max_model_len": cfg.max_seq_len, **engine_settings}
     return Engine(model, IdsOnly(), mesh, EngineConfig(**settings)), cfg, init_s
 
 
-def bench_ours(config: str, dtype: str) -> dict:
+def bench_ours(config: str, dtype: str, quantization: str | None = None, fp8_impl: str = "auto",
+               decode_batches=DECODE_BATCHES, prefill_lens=PREFILL_LENS) -> dict:
     import jax
 
     from mistral_jax.sampling import SamplingParams
 
     # Each prefill in one step (as issue 2's dense engine did), to compare like with like.
-    engine, cfg, init_s = random_engine(config, dtype, max_num_seqs=max(DECODE_BATCHES),
-                                        max_num_batched_tokens=max(PREFILL_LENS), enable_prefix_caching=False)
+    engine, cfg, init_s = random_engine(config, dtype, quantization, fp8_impl, max_num_seqs=max(decode_batches),
+                                        max_num_batched_tokens=max(prefill_lens), enable_prefix_caching=False)
+    # Bytes a decode step must read: every parameter (fp8 projections are 1 byte each).
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.state))
 
     def run(prompts, max_tokens):
         """Returns (time to first event, time of last event - first event, events)."""
@@ -128,15 +133,17 @@ def bench_ours(config: str, dtype: str) -> dict:
             first = first or last
         return first - t0, last - first
 
-    out = {"engine": "mistral_jax", "config": config, "dtype": dtype, "init_seconds": init_s,
-           "params": cfg.num_params(), "prefill": {}, "decode": {}, "compile_seconds": {}}
-    for length in PREFILL_LENS:
+    name = "mistral_jax" + (f" {quantization} ({fp8_impl})" if quantization else "")
+    out = {"engine": name, "config": config, "dtype": dtype, "quantization": quantization,
+           "init_seconds": init_s, "params": cfg.num_params(), "weight_bytes": weight_bytes,
+           "prefill": {}, "decode": {}, "compile_seconds": {}}
+    for length in prefill_lens:
         prompts = _random_prompts(1, length, cfg.vocab_size, length)
         cold, _ = run(prompts, 1)
         warm = statistics.median(run(prompts, 1)[0] for _ in range(3))
         out["compile_seconds"][f"prefill_{length}"] = cold - warm
         out["prefill"][str(length)] = {"ttft_s": warm, "tokens_per_s": length / warm}
-    for batch in DECODE_BATCHES:
+    for batch in decode_batches:
         prompts = _random_prompts(batch, DECODE_PROMPT, cfg.vocab_size, batch)
         cold = sum(run(prompts, DECODE_TOKENS))  # the first decode step is dispatched before the first event
         warm = [run(prompts, DECODE_TOKENS) for _ in range(2)]
@@ -222,44 +229,56 @@ def bench_hf(config: str, dtype: str) -> dict:
 
 # ---- table ------------------------------------------------------------------------------------
 
-def _pct(value: float, ceiling: str) -> str:
-    return f", {100 * value / float(ceiling.replace(',', '')):.0f}%" if ceiling else ""
-
-
 def table(paths: list[str]) -> str:
+    """Each engine's figures next to its own ceiling: decode = HBM bandwidth / the weight bytes a
+    step reads (its `weight_bytes`, else 2 bytes per parameter); prefill = matmul rate / FLOPs,
+    the rate being the measured bf16 one, doubled for fp8 (Hopper's fp8 tensor-core rate is twice
+    its bf16 rate)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     ceil = next((r for r in runs if "hbm_bytes_per_s" in r), None)
     engines = [r for r in runs if "engine" in r]
+    params = next((r["params"] for r in engines if "params" in r), None)
     lines = []
     if ceil:
         lines.append(f"Device: {ceil['device']}; versions: {json.dumps(ceil['versions'])}")
         lines.append(f"Measured ceilings: HBM copy {ceil['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
                      f"bf16 matmul {ceil['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
-    ours = next((r for r in engines if r["engine"] == "mistral_jax"), None)
-    params = ours["params"] if ours else None
-    bytes_per_param = 2
+
+    def ceiling(r, measure, n):
+        if not (ceil and params):
+            return None
+        if measure == "prefill":
+            rate = ceil["bf16_matmul_flops_per_s"] * (2 if r.get("quantization") == "fp8" else 1)
+            return rate / (2 * params)  # 2 FLOPs per parameter per token
+        return n * ceil["hbm_bytes_per_s"] / r.get("weight_bytes", 2 * params)
+
+    def cell(r, measure, n):
+        v = r[measure].get(str(n))
+        if v is None:
+            return "-"
+        c = ceiling(r, measure, n)
+        pct = f", {100 * v['tokens_per_s'] / c:.0f}% of {c:,.0f}" if c else ""
+        step = f" ({v['step_ms']:.1f} ms)" if "step_ms" in v else ""
+        return f"{v['tokens_per_s']:,.1f}{step}{pct}"
+
+    lengths = sorted({int(n) for r in engines for n in r["prefill"]})
+    batches = sorted({int(n) for r in engines for n in r["decode"]})
     lines.append("")
-    lines.append("| measure | " + " | ".join(r["engine"] for r in engines) + " | ceiling |")
-    lines.append("|---|" + "---|" * (len(engines) + 1))
-    for length in PREFILL_LENS:
-        c = ""
-        if ceil and params:
-            c = f"{ceil['bf16_matmul_flops_per_s'] / (2 * params):,.0f}"  # 2 FLOPs per param per token
-        row = [f"{r['prefill'][str(length)]['tokens_per_s']:,.0f}{_pct(r['prefill'][str(length)]['tokens_per_s'], c)}"
-               for r in engines]
-        lines.append(f"| prefill 1x{length} tokens/s | " + " | ".join(row) + f" | {c} |")
-    for batch in DECODE_BATCHES:
-        c = ""
-        if ceil and params:
-            c = f"{batch * ceil['hbm_bytes_per_s'] / (bytes_per_param * params):,.1f}"
-        row = [f"{r['decode'][str(batch)]['tokens_per_s']:,.1f} ({r['decode'][str(batch)]['step_ms']:.1f} ms)"
-               f"{_pct(r['decode'][str(batch)]['tokens_per_s'], c)}" for r in engines]
-        lines.append(f"| decode batch {batch} tokens/s (step) | " + " | ".join(row) + f" | {c} |")
-    if ours:
-        lines.append("")
-        lines.append("Compile seconds (ours, cold minus warm): " +
-                     ", ".join(f"{k} {v:.1f}" for k, v in ours["compile_seconds"].items()))
-        lines.append(f"Random init on device: ours {ours['init_seconds']:.1f}s")
+    lines.append("| measure | " + " | ".join(r["engine"] for r in engines) + " |")
+    lines.append("|---|" + "---|" * len(engines))
+    for length in lengths:
+        lines.append(f"| prefill 1x{length} tokens/s | " + " | ".join(cell(r, "prefill", length) for r in engines) + " |")
+    for batch in batches:
+        lines.append(f"| decode batch {batch} tokens/s (step) | "
+                     + " | ".join(cell(r, "decode", batch) for r in engines) + " |")
+    lines.append("")
+    lines.append("Each cell: tokens/s, then % of that engine's own ceiling (see bench_generate.table).")
+    for r in engines:
+        if "compile_seconds" in r:
+            lines.append(f"Compile seconds ({r['engine']}, cold minus warm): " +
+                         ", ".join(f"{k} {v:.1f}" for k, v in r["compile_seconds"].items()))
+        if "weight_bytes" in r:
+            lines.append(f"{r['engine']}: weight bytes per decode step {r['weight_bytes'] / 1e9:.1f} GB")
     return "\n".join(lines)
 
 
@@ -270,11 +289,17 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out")
     p.add_argument("--table", nargs="*")
+    p.add_argument("--quantization", default="bf16", choices=("bf16", "fp8"), help="ours: projection weights")
+    p.add_argument("--fp8-impl", default="auto", help="ours: pallas_kernels.fp8_matmul impl")
+    p.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)))
+    p.add_argument("--prefill-lens", default=",".join(map(str, PREFILL_LENS)))
     args = p.parse_args()
     if args.table:
         print(table(args.table))
         return 0
-    fn = {"ours": lambda: bench_ours(args.config, args.dtype), "hf": lambda: bench_hf(args.config, args.dtype),
+    fn = {"ours": lambda: bench_ours(
+        args.config, args.dtype, None if args.quantization == "bf16" else args.quantization, args.fp8_impl,
+        tuple(int(b) for b in args.decode_batches.split(",")), tuple(int(n) for n in args.prefill_lens.split(","))), "hf": lambda: bench_hf(args.config, args.dtype),
           "ceilings": ceilings}[args.engine]
     result = fn()
     text = json.dumps(result, indent=1)

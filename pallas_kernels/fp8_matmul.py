@@ -69,10 +69,27 @@ def fp8_matmul_xla(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, out_dtype=
 IMPLS = ("auto", "reference", "xla", "triton", "tpu")
 
 
-def default_impl(platform: str | None = None) -> str:
-    """The kernel for a backend: Triton on GPU, Pallas TPU on TPU, XLA's dot elsewhere."""
+# GPU: above this many rows XLA's fp8 dot (cuBLASLt) beats the Pallas/Triton kernel, whose
+# tensor-core rate tops out near 490 TFLOP/s on an H100 against XLA's ~1,000 at prefill shapes;
+# at and below it the kernel streams the weights faster (benchmarks/NOTES.md, 2026-11-23).
+GPU_TRITON_MAX_M = 64
+
+
+def default_impl(platform: str | None = None, m: int | None = None) -> str:
+    """The implementation for a backend and row count m: on GPU the Triton kernel for decode
+    (m <= GPU_TRITON_MAX_M) and XLA's fp8 dot above; Pallas TPU on TPU; XLA's dot elsewhere."""
     platform = platform or jax.default_backend()
-    return {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform, "xla")
+    if platform in ("gpu", "cuda"):
+        return "triton" if m is None or m <= GPU_TRITON_MAX_M else "xla"
+    return {"tpu": "tpu"}.get(platform, "xla")
+
+
+def describe_impl(impl: str = "auto", platform: str | None = None) -> str:
+    """What `impl` runs on a backend, for logs: "auto" on GPU names both regimes."""
+    if impl != "auto":
+        return impl
+    small, large = default_impl(platform, 1), default_impl(platform, GPU_TRITON_MAX_M + 1)
+    return small if small == large else f"{small} up to {GPU_TRITON_MAX_M} tokens, {large} above"
 
 
 def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, impl: str = "auto",
@@ -82,7 +99,7 @@ def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, impl: str = "a
     if impl not in IMPLS:
         raise ValueError(f"fp8 matmul impl {impl!r} is not one of {IMPLS}")
     if impl == "auto":
-        impl = default_impl()
+        impl = default_impl(m=x.shape[0])
     if impl == "reference":
         return fp8_matmul_reference(x, w, w_scale, out_dtype=out_dtype)
     if impl == "xla":

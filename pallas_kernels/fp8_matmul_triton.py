@@ -14,8 +14,9 @@ Design
 * Grid (m tiles, n tiles, k splits). A program loads x_q [BM, BK] and w [BN, BK] fp8 blocks and
   accumulates `dot(x, w.T)` in f32 over its K blocks (fp8 x fp8 -> f32 on the tensor cores).
   K blocks wholly inside k run unmasked; only the ragged tail block (static: k % BK != 0) is
-  loaded with mask / other=0, so masked-out k terms are exact zeros (an e4m3fn NaN byte in
-  the padding could otherwise poison the sum). w rows >= n are masked the same way (static:
+  loaded with mask / other=0.0, so masked-out k terms are exact zeros (an e4m3fn NaN byte in
+  the padding could otherwise poison the sum). `other` is a float: Triton lowering casts it to
+  e4m3 with fp_to_fp, and has no int -> fp8 cast. w rows >= n are masked the same way (static:
   n % BN != 0).
 * Epilogue: both scales apply to the f32 accumulator ((acc * x_scale) * w_scale, the
   reference's order), one cast to out_dtype, masked store of rows < m and columns < n.
@@ -110,12 +111,12 @@ def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, k: int, n: int, m: int, bm: 
             ks = pl.ds(pl.multiple_of(b * bk, bk), bk)
             if k_tail:
                 k_ok = (b * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)) < k  # [BK]
-                x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks], mask=k_ok[None, :], other=0)
+                x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks], mask=k_ok[None, :], other=0.0)
                 w_mask = k_ok[None, :] & col_ok[:, None] if n_ragged else k_ok[None, :]
             else:
                 x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks])
                 w_mask = col_ok[:, None] if n_ragged else None
-            w_kw = {} if w_mask is None else dict(mask=w_mask, other=0)
+            w_kw = {} if w_mask is None else dict(mask=w_mask, other=0.0)
             w = plgpu.load(w_ref.at[pl.ds(j * bn, bn), ks], **w_kw)  # [BN, BK]
             return acc + plgpu.dot(x, w, trans_b=True)  # fp8 x fp8 -> f32 [BM, BN]
         return body

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.fp8_matmul import (
+    GPU_TRITON_MAX_M,
+    default_impl,
+    describe_impl,
     fp8_matmul,
     fp8_matmul_reference,
     quantize_rows,
@@ -188,6 +191,16 @@ def test_dispatch():
         out = fp8_matmul(x, w, w_scale, impl=impl, out_dtype=F32, interpret=True)
         assert out.dtype == F32 and rel_err(out, ref) < 1e-5
     assert fp8_matmul(x, w, w_scale, impl="reference").dtype == BF16  # default out_dtype
+
+
+def test_default_impl_by_backend_and_rows():
+    # GPU: the Triton kernel for decode-sized m, XLA's fp8 dot (cuBLASLt) for prefill-sized m.
+    assert default_impl("gpu", 1) == default_impl("gpu", GPU_TRITON_MAX_M) == "triton"
+    assert default_impl("gpu", GPU_TRITON_MAX_M + 1) == default_impl("gpu", 4096) == "xla"
+    assert default_impl("tpu", 1) == default_impl("tpu", 4096) == "tpu"
+    assert default_impl("cpu", 1) == "xla"
+    assert describe_impl("auto", "gpu") == f"triton up to {GPU_TRITON_MAX_M} tokens, xla above"
+    assert describe_impl("auto", "cpu") == "xla" and describe_impl("reference", "gpu") == "reference"
 
 
 def test_dispatch_errors():

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 4's GPU runs; PARTS picks what one device call does (each call must fit 10 minutes):
+#   t  the gpu-marked FP8 kernel tests
+#   s  a plan sweep on 2501's largest and smallest projections at decode-sized m
+#   g  the GEMM table (both models, all projections, m = 1, 8, 64, 256, 4096)
+#   e  end to end: random Mistral-Small-2501 weights, bf16 then fp8 (separate processes)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
+for part in ${PARTS:-t s g}; do case $part in
+t)
+  timeout ${TESTS_S:-150} python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_fp8_matmul.py 2>&1 \
+    | tee "$OUT/pytest_gpu_fp8.log" | tail -15 ;;
+s)
+  timeout ${SWEEP_S:-220} python3 benchmarks/bench_fp8_matmul.py --models 2501 --projs ${PROJS:-w1/w3,o} \
+    --ms ${SWEEP_MS:-1,64,128,256} --sweep --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; tail -12 "$OUT/sweep.log" ;;
+g)
+  timeout ${GEMM_S:-260} python3 benchmarks/bench_fp8_matmul.py --models ${MODELS:-2501,2409} ${GEMM_PROJS:+--projs $GEMM_PROJS} --out "$OUT/gemm_${MODELS:-all}.json" > "$OUT/gemm_${MODELS:-all}.log" 2>&1
+  tail -30 "$OUT/gemm_${MODELS:-all}.log" ;;
+e)
+  python3 benchmarks/bench_generate.py --engine ceilings --out "$OUT/ceilings.json" > "$OUT/ceilings.log" 2>&1 || tail -20 "$OUT/ceilings.log"
+  for q in bf16 fp8; do
+    timeout ${E2E_S:-240} python3 benchmarks/bench_generate.py --engine ours --quantization $q \
+      --decode-batches 1,8,64 --out "$OUT/gen_$q.json" > "$OUT/gen_$q.log" 2>&1 || tail -30 "$OUT/gen_$q.log"
+  done
+  python3 benchmarks/bench_generate.py --table "$OUT/ceilings.json" "$OUT/gen_bf16.json" "$OUT/gen_fp8.json" \
+    | tee "$OUT/table_fp8_e2e.md" ;;
+esac; done
