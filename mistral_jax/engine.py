@@ -31,7 +31,7 @@ from .page_allocator import PageAllocator
 from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from .sampling import SamplingArrays, SamplingParams, sample
 from .scheduler import Scheduled, Scheduler, Sequence, Status
-from .sharding import constrain, named_sharding, use_mesh
+from .sharding import constrain, mesh_size, named_sharding, use_mesh
 from .tokenizer import Tokenizer
 
 # Small batches share one program: on an accelerator a padded row costs next to nothing (decode
@@ -153,7 +153,11 @@ def _reset_penalty_row(counts, seen, slot, ids, num_prompt):
     return counts.at[slot].set(row_counts), seen.at[slot].set(row_seen)
 
 
-_HOST_RNG = np.random.default_rng()
+def _shared_seed() -> int:
+    """Process 0's random seed, on every process (multi-process runs)."""
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.random.default_rng().integers(2**31, dtype=np.int32)))
 
 
 def _uses_penalties(p: SamplingParams) -> bool:
@@ -174,6 +178,10 @@ class Engine:
         self.dtype = model.dtype
         self.tokenizer = tokenizer
         self.mesh = mesh
+        # Several processes (multi-host): each runs this same engine; step inputs are built on every
+        # host alike and placed replicated; only the local devices are touched from here.
+        self.multiprocess = jax.process_count() > 1
+        self.local_device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
         self.config = config
         self.max_model_len = config.max_model_len
         self.page_size = config.block_size
@@ -201,12 +209,14 @@ class Engine:
         self._pending: _Launched | None = None
         self._rows: dict[Sequence, int] = {}  # the pending step's row of each sequence
         self._ids = itertools.count()
+        # Default seeds must agree across processes, or their replicated inputs would differ.
+        self._rng = np.random.default_rng(_shared_seed() if self.multiprocess else None)
 
     # ---- sizing and validation ------------------------------------------------------------
 
     def device_memory(self) -> dict | None:
         """The first device's allocator statistics (bytes_limit, bytes_in_use); None on CPU."""
-        stats = self.mesh.devices.flat[0].memory_stats()
+        stats = self.local_device.memory_stats()
         return stats if stats and "bytes_limit" in stats else None
 
     def _activation_bytes(self) -> int:
@@ -225,7 +235,8 @@ class Engine:
             return max(2, min(want, CPU_CACHE_BYTES // per_page))
         budget = (self.config.gpu_memory_utilization * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
                   - self._activation_bytes())
-        pages = int(budget // per_page)
+        # The budget is one device's; each device holds its 1/tp of every page's kv heads.
+        pages = int(budget // (per_page / mesh_size(self.mesh, "tp")))
         if pages < 2:
             raise ValueError(
                 f"no room for a KV cache: gpu_memory_utilization={self.config.gpu_memory_utilization} of "
@@ -235,9 +246,9 @@ class Engine:
         return pages
 
     def describe_cache(self) -> str:
-        gib = self.num_pages * page_bytes(self.cfg, self.page_size, self.dtype) / 2**30
+        gib = self.num_pages * page_bytes(self.cfg, self.page_size, self.dtype) / 2**30 / mesh_size(self.mesh, "tp")
         return (f"KV cache: {self.num_pages} pages of {self.page_size} tokens = "
-                f"{(self.num_pages - 1) * self.page_size:,} tokens, {gib:.2f} GiB on "
+                f"{(self.num_pages - 1) * self.page_size:,} tokens, {gib:.2f} GiB per device on "
                 f"{self.mesh.devices.size} x {self.mesh.devices.flat[0].device_kind}; attention "
                 f"{self.attention_impl}; prefix cache {'on' if self.config.enable_prefix_caching else 'off'}")
 
@@ -269,7 +280,7 @@ class Engine:
                 "lower max_tokens, shorten the prompt, or give the cache more memory "
                 "(gpu_memory_utilization / num_pages)")
         if params.seed is None:  # fixed now, so a preempted and recomputed request continues alike
-            params = dataclasses.replace(params, seed=int(_HOST_RNG.integers(2**63)))
+            params = dataclasses.replace(params, seed=int(self._rng.integers(2**63)))
         return params
 
     # ---- requests -------------------------------------------------------------------------
@@ -381,11 +392,13 @@ class Engine:
             step[i] = seq.num_generated - 1 if s.sample else 0
             t += s.n
         cu_q_lens[len(batch) + 1 :] = t
-        inputs = jax.device_put(StepInputs(tokens, prev_index, positions, slot_mapping, next_ids, kv_lens,
+        inputs = self._host_to_mesh(StepInputs(tokens, prev_index, positions, slot_mapping, next_ids, kv_lens,
                                            page_indices, cu_q_lens, np.int32(len(batch)), logits_at, slots,
                                            sampled, step))
         params = [s.seq.params for s in batch]
         sampling = SamplingArrays.from_params(params, pad_to=S)
+        if self.multiprocess:
+            sampling = self._host_to_mesh(jax.tree.map(np.asarray, sampling))
         kept = [s.seq.params for s in batch if s.sample]
         num_logprobs = max((p.logprobs or 0) for p in kept) if kept else 0
         prompt = [s.seq.params.prompt_logprobs for s in batch
@@ -401,7 +414,30 @@ class Engine:
 
     def _replicated(self, x: jax.Array) -> jax.Array:
         """Placed as the step's outputs are, so feeding them back does not recompile."""
-        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        if self.multiprocess:  # each process gives its own (identical) copy: no cross-process check
+            return jax.make_array_from_process_local_data(replicated, np.asarray(x))
+        return jax.device_put(x, replicated)
+
+    def _host_to_mesh(self, tree):
+        """Host arrays (identical on every process) -> device arrays the step can take."""
+        if self.multiprocess:
+            return jax.tree.map(self._replicated, tree)
+        return jax.device_put(tree)
+
+    def _to_host(self, tree):
+        """Device results -> NumPy. Replicated arrays are read from a local copy; anything
+        else is gathered from every process."""
+        if not self.multiprocess:
+            return jax.device_get(tree)
+        from jax.experimental import multihost_utils
+
+        def get(x):
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+        return jax.tree.map(get, tree)
 
     def _reset_penalties(self, batch: list[Scheduled]) -> None:
         if self.counts is None:
@@ -413,13 +449,13 @@ class Engine:
             if _uses_penalties(seq.params) and s.admitted:
                 ids = np.full(bucket(len(seq.token_ids), MIN_TOKEN_BUCKET), self.cfg.vocab_size, np.int32)
                 ids[: len(seq.token_ids)] = seq.token_ids
-                self.counts, self.seen = _reset_penalty_row(self.counts, self.seen, np.int32(seq.slot), ids,
-                                                            np.int32(len(seq.prompt_ids)))
+                row = self._host_to_mesh((np.int32(seq.slot), ids, np.int32(len(seq.prompt_ids))))
+                self.counts, self.seen = _reset_penalty_row(self.counts, self.seen, *row)
 
     def _read(self, launched: _Launched) -> list[StepEvent]:
         """Bring a step's tokens to the host and turn them into events."""
-        host = jax.device_get(launched.result)
-        prompt_lp = jax.device_get(launched.prompt_lp) if launched.prompt_lp is not None else None
+        host = self._to_host(launched.result)
+        prompt_lp = self._to_host(launched.prompt_lp) if launched.prompt_lp is not None else None
         events = []
         t = 0
         for i, s in enumerate(launched.batch):

@@ -8,9 +8,11 @@ models); `--raw` sends it as plain text. `--chat` is an interactive multi-turn s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+from . import distributed
 from .llm import LLM
 from .sampling import SamplingParams
 
@@ -33,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU/TPU, f32 on CPU), bfloat16, float32")
     p.add_argument("--quantization", default=None, choices=("fp8",),
                    help="fp8: quantize the projections at load (e4m3 per-channel weights, per-token activations)")
+    p.add_argument("--mesh", default=None,
+                   help="devices to split the model over, e.g. tp=4 or dp=2,tp=4 (default: one device)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's)")
     serve = p.add_argument_group("serving (vLLM's names)")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache page")
@@ -46,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="reuse the KV pages of repeated prompt prefixes")
     serve.add_argument("--attention-impl", default="auto", choices=("auto", "reference", "triton", "tpu"),
                        help="ragged paged attention: the Pallas kernel of the backend (auto) or the jnp reference")
+    distributed.add_cli_flags(p)
     return p.parse_args(argv)
 
 
@@ -67,14 +72,20 @@ def stream_reply(llm: LLM, prompt, params: SamplingParams) -> str:
     sys.stdout.write("\n")
     sys.stdout.flush()
     decode = f"{(n - 1) / (end - first):.1f} tokens/s" if n > 1 and end > first else "n/a"
-    print(f"[{n} tokens; first token after {first - t0:.2f}s (prompt + compile); decode {decode}]",
-          file=sys.stderr)
+    if distributed.is_main_process():
+        print(f"[{n} tokens; first token after {first - t0:.2f}s (prompt + compile); decode {decode}]",
+              file=sys.stderr)
     return "".join(text)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if distributed.initialize_from_args(args):
+            if args.chat:
+                raise ValueError("--chat reads one terminal, but this run has several processes: use --prompt")
+            if not distributed.is_main_process():  # every process computes; process 0 alone shows the text
+                sys.stdout = open(os.devnull, "w")
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
@@ -82,12 +93,13 @@ def main(argv=None) -> int:
                   gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl,
-                  quantization=args.quantization)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+                  quantization=args.quantization, mesh=args.mesh)
+    except (ValueError, FileNotFoundError, TypeError, distributed.DistributedInitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[model {llm.model_path}: {llm.config.n_layers} layers, loaded in {llm.load_seconds:.1f}s]",
-          file=sys.stderr)
+    if distributed.is_main_process():
+        print(f"[model {llm.model_path}: {llm.config.n_layers} layers, loaded in {llm.load_seconds:.1f}s]",
+              file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if not args.chat:
         text = args.prompt if args.prompt is not None else "What is the capital of France?"

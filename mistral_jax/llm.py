@@ -12,12 +12,13 @@ from typing import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
-from .checkpoint import open_checkpoint
+from . import distributed
+from .checkpoint import OrbaxCheckpoint, open_checkpoint
 from .default_model import default_model_path
 from .engine import Engine, EngineConfig
 from .outputs import StepEvent
 from .sampling import SamplingParams
-from .sharding import make_mesh
+from .sharding import check_mesh, parse_mesh
 from .tokenizer import ToolCall, load_tokenizer
 from .weights import load_weights
 
@@ -69,7 +70,8 @@ class LLM:
     """Load a model and generate.
 
     model: a Mistral checkpoint directory (params.json + consolidated*.safetensors), a Hugging
-    Face directory (config.json + model*.safetensors) or a .gguf file. None: the embedded demo
+    Face directory (config.json + model*.safetensors), a .gguf file, or an Orbax checkpoint
+    (python -m mistral_jax.convert). None: the embedded demo
     model, SmolLM2-135M-Instruct (see README).
 
     Serving settings keep vLLM's names: block_size (tokens per KV page), num_pages (explicit
@@ -82,13 +84,24 @@ class LLM:
     (e4m3, one scale per output channel; activations quantized per token at run time). An FP8
     checkpoint (compressed-tensors "FP8 dynamic") always loads as fp8. fp8_impl: the FP8 matmul
     (pallas_kernels.fp8_matmul's impl: "auto", "reference", "xla", "triton", "tpu").
+
+    coordinator_address ("host:port" of process 0), num_processes, process_id: a multi-host run,
+    one process per host, all running the same program (mistral_jax.distributed.initialize; the
+    environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID work too).
+    Only process 0 prints.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
                  max_num_seqs: int = 256, tokenizer: str | None = None, progress: bool = True, *,
                  block_size: int = 16, num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 attention_impl: str = "auto", quantization: str | None = None, fp8_impl: str = "auto"):
+                 attention_impl: str = "auto", quantization: str | None = None, fp8_impl: str = "auto",
+                 mesh=None, coordinator_address: str | None = None, num_processes: int | None = None,
+                 process_id: int | None = None):
+        # Multi-host: join the other processes before JAX starts (see distributed.py; the
+        # environment's JAX_COORDINATOR_ADDRESS etc. work too). Only process 0 reports.
+        distributed.initialize(coordinator_address, num_processes, process_id)
+        progress = progress and distributed.is_main_process()
         from pallas_kernels import fp8_matmul
         from pallas_kernels.ragged_paged_attention import IMPLS
 
@@ -101,6 +114,7 @@ class LLM:
                              "own weights) or 'fp8' (e4m3 projections, per-channel scales, quantized at load)")
         if fp8_impl not in fp8_matmul.IMPLS:
             raise ValueError(f"fp8_impl={fp8_impl!r} is not one of {fp8_matmul.IMPLS}")
+        self.mesh = parse_mesh(mesh)  # a bad spec fails before anything is opened
         enable_compilation_cache()
         self.model_path = str(model) if model is not None else default_model_path()
         self.dtype = resolve_dtype(dtype)
@@ -115,16 +129,19 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             attention_impl=attention_impl)
+        check_mesh(self.config, self.mesh)
         self.tokenizer = load_tokenizer(tokenizer or self.model_path)
-        self.mesh = make_mesh()
         t0 = time.perf_counter()
-        model_ = load_weights(checkpoint, self.dtype, self.mesh, progress=progress,
-                              quantization=quantization, fp8_impl=fp8_impl)
+        if isinstance(checkpoint, OrbaxCheckpoint):  # read straight into the mesh's shardings
+            model_ = checkpoint.restore(self.dtype, self.mesh, quantization, fp8_impl)
+        else:
+            model_ = load_weights(checkpoint, self.dtype, self.mesh, progress=progress,
+                                  quantization=quantization, fp8_impl=fp8_impl)
         self.quantization = model_.quantization  # an FP8 checkpoint sets it even when None was asked
         self.load_seconds = time.perf_counter() - t0
         self.engine = Engine(model_, self.tokenizer, self.mesh, engine_config)
         if progress:
-            impl = fp8_matmul.default_impl() if fp8_impl == "auto" else fp8_impl
+            impl = fp8_matmul.describe_impl(fp8_impl)
             weights = (f"weights fp8 (e4m3 per-channel, per-token dynamic activations, fp8_matmul {impl})"
                        if self.quantization == "fp8" else f"weights {jnp.dtype(self.dtype).name}")
             print(f"[{weights}; {self.engine.describe_cache()}]", file=sys.stderr)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
-from .sharding import constrain
+from .sharding import constrain, current_mesh, mesh_size
 
 QUANTIZATIONS = (None, "fp8")  # fp8: e4m3 projection weights + per-output-channel scales (W8A8)
 
@@ -66,10 +66,17 @@ def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, im
     """Every projection: x [batch, seq, in...] times weight [out..., in...] -> [batch, seq, out...].
 
     16-bit weights: the einsum `eq`. FP8 weights (scale [out...] given): the W8A8 kernel on the
-    2-D view [tokens, in] x [out, in], activations quantized per token inside it."""
+    2-D view [tokens, in] x [out, in], activations quantized per token inside it.
+
+    On a mesh with tp > 1 the Pallas fp8 kernels give way to the "xla" twin, which XLA
+    partitions: the row-parallel projections (wo, w2) split the input axis, and per-token
+    activation scales need the max over the whole row, which a per-shard kernel cannot see."""
     if scale is None:
         return jnp.einsum(eq, x, weight)
     from pallas_kernels.fp8_matmul import fp8_matmul
+
+    if impl in ("auto", "triton", "tpu") and mesh_size(current_mesh(), "tp") > 1:
+        impl = "xla"
 
     b, s = x.shape[:2]
     y = fp8_matmul(x.reshape(b * s, -1), weight.reshape(scale.size, -1), scale.reshape(-1),

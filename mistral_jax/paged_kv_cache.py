@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages
 
 from .config import ModelConfig
-from .sharding import constrain
+from .sharding import constrain, current_mesh
 
 PAGE_AXES = ("layers", None, None, "kv_heads", "head_dim")
 
@@ -60,6 +60,6 @@ class PagedKVCache:
         ck, cv = write_kv_pages(self.k, self.v, k[0], v[0], self.slot_mapping, layer=layer)
         out = ragged_paged_attention(
             q[0], ck, cv, self.kv_lens, self.page_indices, self.cu_q_lens, self.num_seqs,
-            layer=layer, impl=self.impl,
+            layer=layer, impl=self.impl, mesh=current_mesh(),  # Pallas kernels: one call per tp shard
         )
         return out[None], self.replace(k=ck, v=cv)

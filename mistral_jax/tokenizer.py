@@ -265,6 +265,18 @@ class HFTokenizer(Tokenizer):
             _set_bos_processor(tok, bos_id, bool(cfg["add_bos_token"]))
         return cls(tok, bos_id, eos_id, template, extra)
 
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json, which
+        `from_hf_dir` reads back into the same tokenizer (how a GGUF file's tokenizer travels
+        to a converted checkpoint without the file's weights)."""
+        folder = Path(folder)
+        self.tok.save(str(folder / "tokenizer.json"))
+        cfg = {"bos_token": self.bos_token or None, "eos_token": self.eos_token, "add_bos_token": self.add_bos,
+               "chat_template": self.chat_template}
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        stops = sorted(self.stop_token_ids - self._turn_end_ids())  # the template's turn end is found again
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops}) + "\n")
+
     # -- interface --
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:

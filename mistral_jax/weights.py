@@ -6,7 +6,10 @@ norm's `scale`, an FP8 projection's `*.weight_scale` [out, 1] is its `wq_scale` 
 A model built with quantization="fp8" takes FP8 weights as they are, and quantizes 16/32-bit
 projection weights per output channel as they stream in.
 Each tensor goes from the file to its device buffer on its own, so host memory
-holds about one tensor at a time, never the model.
+holds about one tensor at a time, never the model. On a mesh, safetensors checkpoints (Mistral
+and HF, FP8 included) are read per shard: each device's slice is read from the file by itself
+(`jax.make_array_from_callback`), so no host reads more than its devices hold. GGUF tensors are
+read whole (quantized blocks do not slice along our axes), then split.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from .config import ModelConfig
 from .model import Transformer
-from .sharding import logical_spec, make_mesh, use_mesh
+from .checkpoint.base import Entry
+from .sharding import check_mesh, logical_spec, make_mesh, use_mesh
 
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)\.weight(_scale)?$")
 
@@ -74,11 +78,46 @@ def _set_layer(stack: jax.Array, value: jax.Array, layer: jax.Array) -> jax.Arra
     return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), layer, 0)
 
 
-def _to_device(array: np.ndarray, shape, dtype, sharding: NamedSharding) -> jax.Array:
-    """Host tensor -> sharded device array; each device gets only its slice."""
-    array = array.reshape(shape)
-    out = jax.make_array_from_callback(shape, sharding, lambda index: array[index])
-    return out if out.dtype == dtype else out.astype(dtype)
+def _file_index(index: tuple[slice, ...], shape: tuple[int, ...], file_shape: tuple[int, ...]):
+    """A slice of the parameter's view `shape` as a slice of the file's `file_shape` (the view
+    splits file axes, e.g. wq [heads, head_dim, embed] of the file's [heads * head_dim, embed]).
+    Exists when, within each file axis, only the outermost view axis is cut (whole heads);
+    None otherwise."""
+    out, i = [], 0
+    for n in file_shape:
+        group, size = [], 1
+        while size < n:
+            group.append(i)
+            size *= shape[i]
+            i += 1
+        if size != n:
+            return None
+        if not group:  # a file axis of 1 (a scale's [out, 1])
+            out.append(slice(None))
+            continue
+        cuts = [index[j].indices(shape[j]) for j in group]
+        if any(c != (0, shape[j], 1) for c, j in zip(cuts[1:], group[1:])) or cuts[0][2] != 1:
+            return None
+        inner = math.prod(shape[j] for j in group[1:])
+        out.append(slice(cuts[0][0] * inner, cuts[0][1] * inner))
+    return tuple(out) if all(shape[j] == 1 for j in range(i, len(shape))) else None
+
+
+def _to_device(entry: Entry, shape, dtype, sharding: NamedSharding) -> jax.Array:
+    """One checkpoint tensor -> sharded device array of `shape` (the parameter's view of it);
+    each device gets only its slice, read from the file alone where the format can."""
+    whole = []  # read once, if a slice cannot be read by itself
+
+    def read(index):
+        file_index = _file_index(index, shape, entry.shape) if entry.read_slice else None
+        if file_index is not None:
+            return entry.read_slice(file_index).reshape([len(range(*s.indices(n))) for s, n in zip(index, shape)])
+        if not whole:
+            whole.append(entry.read().reshape(shape))
+        return whole[0][index]
+
+    out = jax.make_array_from_callback(shape, sharding, read)
+    return out if dtype is None or out.dtype == dtype else out.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -106,19 +145,20 @@ def load_weights(
     quantization="fp8": FP8 projections; an FP8 checkpoint is always loaded so."""
     cfg = checkpoint.config
     mesh = mesh or make_mesh()
+    check_mesh(cfg, mesh)  # before anything is read
     quantization = getattr(checkpoint, "quantization", None) or quantization
     model = abstract_model(cfg, dtype, quantization=quantization, fp8_impl=fp8_impl)
     # Stacked per-layer parameters start as zero buffers on device and are filled layer by layer.
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param) and path and path[0] == "layers":
             var.set_value(_zeros(var.shape, var.dtype, _sharding(mesh, var)))
-    for name, array in checkpoint.tensors(progress=progress):
-        path, layer = param_target(name)
+    for entry in checkpoint.entries(progress=progress):
+        path, layer = param_target(entry.name)
         var = _variable(model, path)
         if layer is None:
-            var.set_value(_to_device(array, var.shape, var.dtype, _sharding(mesh, var)))
+            var.set_value(_to_device(entry, var.shape, var.dtype, _sharding(mesh, var)))
             continue
-        value = _to_device(array, var.shape[1:], array.dtype, _sharding(mesh, var, True))
+        value = _to_device(entry, var.shape[1:], None, _sharding(mesh, var, True))  # the file's dtype
         if var.dtype == jnp.float8_e4m3fn and value.dtype != var.dtype:  # quantize at load
             scale_path = (*path[:-1], path[-1] + "_scale")
             value, scale = _quantize(value, _variable(model, scale_path).shape[1:])
@@ -130,8 +170,9 @@ def load_weights(
 def random_weights(cfg: ModelConfig, dtype=jnp.bfloat16, mesh: Mesh | None = None, seed: int = 0,
                    quantization: str | None = None, fp8_impl: str = "auto") -> Transformer:
     """Random parameters generated directly on the devices (real-shape benchmarks need no files).
-    quantization="fp8": the same random projections, quantized per output channel."""
+    quantization="fp8": random projections of the same distribution, quantized per output channel."""
     mesh = mesh or make_mesh()
+    check_mesh(cfg, mesh)
     quant = dict(quantization=quantization, fp8_impl=fp8_impl)
     abstract = abstract_model(cfg, dtype, **quant)
     graphdef, abstract_state = nnx.split(abstract)

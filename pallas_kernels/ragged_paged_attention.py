@@ -185,10 +185,17 @@ def ragged_paged_attention(
     sm_scale: float | None = None,
     impl: str = "auto",
     interpret: bool = False,
+    mesh=None,
+    head_axis: str = "tp",
 ) -> jax.Array:
     """Ragged paged attention (see the module docstring) by the implementation `impl`:
     "reference" (plain jnp), "triton" (Pallas GPU), "tpu" (Pallas TPU) or "auto" (the one for
-    the default backend). `interpret=True` runs a Pallas kernel in interpret mode (CPU tests)."""
+    the default backend). `interpret=True` runs a Pallas kernel in interpret mode (CPU tests).
+
+    mesh: a jax Mesh whose axis `head_axis` splits q's heads and the pools' kv heads. XLA cannot
+    partition a Pallas call, so a kernel then runs under `shard_map`, once per head shard on its
+    own heads (whole GQA groups: the axis must divide n_kv_heads), everything else replicated.
+    The reference is plain jnp, which XLA partitions by itself."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
     if impl == "auto":
@@ -200,4 +207,21 @@ def ragged_paged_attention(
         from .ragged_paged_attention_triton import ragged_paged_attention_triton as kernel
     else:
         from .ragged_paged_attention_tpu import ragged_paged_attention_tpu as kernel
-    return kernel(*args, layer=layer, sm_scale=sm_scale, interpret=interpret)
+    shards = 1 if mesh is None else mesh.shape.get(head_axis, 1)
+    if shards == 1:
+        return kernel(*args, layer=layer, sm_scale=sm_scale, interpret=interpret)
+    if k_pages.shape[-2] % shards:
+        raise ValueError(f"{head_axis}={shards} does not divide n_kv_heads={k_pages.shape[-2]}")
+    from jax.sharding import PartitionSpec as P
+
+    layer = jnp.int32(0) if layer is None else jnp.asarray(layer, jnp.int32)
+    heads = P(None, head_axis, None)  # q, out: [T, heads, D]
+    pools = P(*(None,) * (k_pages.ndim - 2), head_axis, None)  # [(L,) P, page_size, kv_heads, D]
+    stacked = k_pages.ndim == 5
+
+    def local(q, k, v, lens, pages, cu, n, layer):
+        return kernel(q, k, v, lens, pages, cu, n, layer=layer if stacked else None, sm_scale=sm_scale,
+                      interpret=interpret)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads, pools, pools, P(), P(), P(), P(), P()),
+                         out_specs=heads, check_vma=False)(*args, layer)

@@ -7,10 +7,16 @@ from pathlib import Path
 import pytest
 
 
+CPU_DEVICES = 8  # host devices of the CPU suite: meshes up to dp x tp = 8 (issue 5's tests)
+
+
 def pytest_configure(config):
     # The CPU suite pins JAX to the CPU; `pytest -m gpu` (run on the device) keeps the GPU.
     if config.getoption("markexpr", "") != "gpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax  # before any backend starts: the device count is fixed at backend init
+
+        jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
 
 
 def _v3_tokenizer() -> Path:

@@ -15,14 +15,15 @@ from .base import Checkpoint, CheckpointError, expected_shapes
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint
 from .mistral import MistralCheckpoint
+from .orbax import OrbaxCheckpoint, is_orbax_dir
 
 __all__ = ["open_checkpoint", "Checkpoint", "CheckpointError", "expected_shapes",
-           "MistralCheckpoint", "HFCheckpoint", "GGUFCheckpoint"]
+           "MistralCheckpoint", "HFCheckpoint", "GGUFCheckpoint", "OrbaxCheckpoint"]
 
 LOOKED_FOR = (
     "params.json + consolidated*.safetensors (Mistral), "
     f"config.json + model.safetensors or model-0000N-of-0000M.safetensors with {hf.INDEX} (Hugging Face), "
-    "or a .gguf file"
+    "a .gguf file, or an Orbax checkpoint (mistral_jax.json + weights/, from python -m mistral_jax.convert)"
 )
 
 
@@ -35,6 +36,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if path.suffix == ".gguf":
             return GGUFCheckpoint(path)
         raise CheckpointError(f"{path}: not a checkpoint; expected a directory with {LOOKED_FOR}")
+    if is_orbax_dir(path):  # first: a converted directory also holds the source's tokenizer files
+        return OrbaxCheckpoint(path)
     has_params, has_config = (path / "params.json").exists(), (path / "config.json").exists()
     # Mistral's repositories often ship both layouts; the consolidated one needs no conversion.
     if has_params and (mistral.weight_files(path) or not has_config):

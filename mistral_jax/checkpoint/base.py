@@ -58,6 +58,9 @@ class Entry:
     kind: str  # "float" (readable), "fp8" or "other" (rejected)
     nbytes: int
     read: Callable[[], np.ndarray]  # the tensor in canonical layout
+    # read_slice(index): only the part `index` (a tuple of slices of the canonical shape) is read
+    # from the file; None where the format cannot (GGUF's quantized blocks: whole tensors only).
+    read_slice: Callable[[tuple[slice, ...]], np.ndarray] | None = None
 
     def where(self) -> str:
         renamed = f" ({self.name})" if self.name and self.name != self.source else ""
@@ -144,9 +147,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: {len(missing)} of {len(expected)} tensors missing: {shown}")
         return plan
 
-    def tensors(self, progress: bool = True) -> Iterator[tuple[str, np.ndarray]]:
-        """Canonical (name, array) pairs, one tensor at a time: host memory holds about one tensor.
-        Arrays keep the file's float dtype (quantized GGUF types come dequantized, as f32)."""
+    def entries(self, progress: bool = True) -> Iterator[Entry]:
+        """The validated entries, one at a time, files open meanwhile; the progress bar advances
+        as the caller moves on from each (it reads the whole tensor or only its slices)."""
         with contextlib.ExitStack() as stack:
             plan = self._plan(list(self._entries(stack)))
             bar = stack.enter_context(
@@ -154,8 +157,14 @@ class Checkpoint:
                      desc=f"loading {self.path.name}", disable=not progress)
             )
             for entry in plan:
-                yield entry.name, entry.read()
+                yield entry
                 bar.update(entry.nbytes)
+
+    def tensors(self, progress: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        """Canonical (name, array) pairs, one tensor at a time: host memory holds about one tensor.
+        Arrays keep the file's float dtype (quantized GGUF types come dequantized, as f32)."""
+        for entry in self.entries(progress):
+            yield entry.name, entry.read()
 
 
 # ---- safetensors (the Mistral and Hugging Face formats) -----------------------------------
@@ -170,7 +179,8 @@ def safetensors_entries(
     transform: Callable[[str, np.ndarray], np.ndarray] = lambda name, x: x,
 ) -> Iterator[Entry]:
     """A safetensors file's tensors. rename: file name -> canonical name (None: skip);
-    transform(canonical name, array): a layout change that keeps the shape."""
+    transform(canonical name, array): a layout change that keeps the shape, applied to whole
+    tensors and to the slices that read_slice asks for (so it must act within those slices)."""
     from safetensors import safe_open
 
     handle = stack.enter_context(safe_open(str(file), framework="numpy"))
@@ -180,16 +190,26 @@ def safetensors_entries(
         name = rename(source)
         kind = "float" if dtype in _FLOAT_BYTES else "fp8" if dtype.startswith("F8") else "other"
         # numpy has no float8: safetensors' numpy reader refuses it, so FP8 comes from raw bytes.
-        get = (lambda source: _read_fp8(file, source)) if kind == "fp8" else handle.get_tensor
+        if kind == "fp8":
+            get = lambda source, index=(): _read_fp8(file, source, index)
+        else:
+            get = lambda source, index=(): read_safetensors_slice(handle, source, index)
         yield Entry(
             file, source, name, shape, dtype, kind,
             nbytes=math.prod(shape) * _FLOAT_BYTES.get(dtype, 1),
             read=lambda source=source, name=name, get=get: transform(name, get(source)),
+            read_slice=lambda index, source=source, name=name, get=get: transform(name, get(source, index)),
         )
 
 
-def _read_fp8(file: Path, source: str) -> np.ndarray:
-    """An F8_E4M3 tensor of a safetensors file (u64 header size, JSON header, data) as ml_dtypes'."""
+def read_safetensors_slice(handle, source: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """Tensor `source`, or only its part `index`: safetensors reads just those bytes."""
+    return handle.get_slice(source)[index] if index else handle.get_tensor(source)
+
+
+def _read_fp8(file: Path, source: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """An F8_E4M3 tensor (or its part `index`) of a safetensors file (u64 header size, JSON
+    header, data) as ml_dtypes'. Memory-mapped: a slice of rows touches only those rows' pages."""
     import json
 
     import ml_dtypes
@@ -197,10 +217,9 @@ def _read_fp8(file: Path, source: str) -> np.ndarray:
     with open(file, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
         info = json.loads(f.read(header_size))[source]
-        start, end = info["data_offsets"]
-        f.seek(8 + header_size + start)
-        data = f.read(end - start)
-    return np.frombuffer(data, dtype=ml_dtypes.float8_e4m3fn).reshape(info["shape"])
+    start, _ = info["data_offsets"]
+    data = np.memmap(file, np.uint8, mode="r", offset=8 + header_size + start, shape=tuple(info["shape"]))
+    return np.array(data[index]).view(ml_dtypes.float8_e4m3fn)
 
 
 def rename_to_canonical(name: str, global_names: dict[str, str], layer_pattern: "re.Pattern[str]",

@@ -96,11 +96,13 @@ class HFCheckpoint(Checkpoint):
         return canonical_name(hf_name)
 
     def _unpermute(self, name: str, w: np.ndarray) -> np.ndarray:
-        # An FP8 weight's scale rows [out, 1] follow its weight's rows.
-        if name.endswith(("attention.wq.weight", "attention.wq.weight_scale")):
-            return unpermute_rotary(w, self.config.n_heads)
-        if name.endswith(("attention.wk.weight", "attention.wk.weight_scale")):
-            return unpermute_rotary(w, self.config.n_kv_heads)
+        # An FP8 weight's scale rows [out, 1] follow its weight's rows. The permutation acts within
+        # each head, so a slice of whole heads (a tp shard) is un-permuted on its own.
+        if name.endswith(("attention.wq.weight", "attention.wq.weight_scale",
+                          "attention.wk.weight", "attention.wk.weight_scale")):
+            if w.shape[0] % self.config.head_dim:
+                raise ValueError(f"{name}: a slice of {w.shape[0]} rows is not whole heads of {self.config.head_dim}")
+            return unpermute_rotary(w, w.shape[0] // self.config.head_dim)
         return w
 
     def _entries(self, stack):

@@ -1,0 +1,133 @@
+"""Orbax checkpoints (python -m mistral_jax.convert): converted, restored into a mesh, the same
+model as the source, bit for bit; FP8 stays FP8; any mesh; clear errors."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from checkpoint_fixtures import make_tiny_fp8_hf_checkpoint
+from conftest import V3_TOKENIZER, dense_logits
+from flax import nnx
+
+from mistral_jax.checkpoint import CheckpointError, OrbaxCheckpoint, open_checkpoint
+from mistral_jax.convert import convert, main
+from mistral_jax.sharding import make_mesh
+from mistral_jax.weights import _sharding, load_weights
+
+
+@pytest.fixture(scope="module")
+def orbax_dir(tiny_checkpoints, tmp_path_factory):
+    """The tiny f32 Mistral checkpoint, converted through the CLI."""
+    dst = tmp_path_factory.mktemp("orbax") / "tiny"
+    assert main([str(tiny_checkpoints[0]), str(dst), "--dtype", "float32"]) == 0
+    return dst
+
+
+@pytest.fixture(scope="module")
+def source_logits(tiny_checkpoints, tokens):
+    return dense_logits(load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, progress=False), tokens)
+
+
+def _params(model):
+    return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+def test_restore_gives_the_same_logits(orbax_dir, source_logits, tokens, tiny_cfg):
+    ckpt = open_checkpoint(orbax_dir)
+    assert isinstance(ckpt, OrbaxCheckpoint) and ckpt.config == tiny_cfg and ckpt.quantization is None
+    assert (orbax_dir / "tokenizer.model.v3").is_file()
+    np.testing.assert_array_equal(dense_logits(ckpt.restore(jnp.float32, make_mesh()), tokens), source_logits)
+
+
+def test_llm_loads_orbax_like_safetensors(orbax_dir, tiny_checkpoints):
+    from mistral_jax import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=6)
+    kw = dict(dtype="float32", num_pages=32, max_num_seqs=2, progress=False)
+    ref = LLM(model=str(tiny_checkpoints[0]), **kw).generate(["Hello world"], params)[0]
+    out = LLM(model=str(orbax_dir), **kw).generate(["Hello world"], params)[0]
+    assert out.prompt_token_ids == ref.prompt_token_ids and out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_restore_onto_another_mesh(orbax_dir, tiny_checkpoints, source_logits, tokens):
+    """Saved from one device, restored onto dp=2 x tp=2: every array carries the new mesh's
+    sharding, and the logits are those of the safetensors load on that mesh."""
+    mesh = make_mesh(dp=2, tp=2)
+    model = open_checkpoint(orbax_dir).restore(jnp.float32, mesh)
+    state = nnx.state(model, nnx.Param)
+    for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        assert var[...].sharding == _sharding(mesh, var)
+    assert model.layers.attention.wq[...].sharding.spec[1] == "tp"  # heads really split
+    logits = dense_logits(model, tokens)
+    on_mesh = load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, mesh, progress=False)
+    np.testing.assert_array_equal(logits, dense_logits(on_mesh, tokens))
+    np.testing.assert_allclose(logits, source_logits, rtol=1e-5, atol=1e-5)  # only the sum order differs
+
+
+def test_fp8_checkpoint_stays_fp8(tiny_checkpoints, tmp_path, tokens):
+    """An FP8 (compressed-tensors) checkpoint converts to e4m3 weights + scales, restored as such."""
+    src = tmp_path / "fp8"
+    make_tiny_fp8_hf_checkpoint(src, tiny_checkpoints[1])
+    shutil.copy(V3_TOKENIZER, src / "tokenizer.model.v3")
+    dst = convert(src, tmp_path / "orbax", dtype="float32", progress=False)
+    ckpt = open_checkpoint(dst)
+    assert ckpt.quantization == "fp8"
+    model = ckpt.restore(jnp.float32, make_mesh())
+    ref = load_weights(open_checkpoint(src), jnp.float32, progress=False)
+    assert model.layers.attention.wq[...].dtype == jnp.float8_e4m3fn
+    assert model.layers.feed_forward.w2_scale[...].shape == ref.layers.feed_forward.w2_scale[...].shape
+    for a, b in zip(_params(model), _params(ref), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    np.testing.assert_array_equal(dense_logits(model, tokens), dense_logits(ref, tokens))
+
+
+def test_quantize_at_conversion(tiny_checkpoints, tmp_path, tokens):
+    """--quantization fp8 on a 16/32-bit source: the model LLM(quantization="fp8") would load."""
+    dst = convert(tiny_checkpoints[0], tmp_path / "q", dtype="float32", quantization="fp8", progress=False)
+    model = open_checkpoint(dst).restore(jnp.float32, make_mesh())
+    ref = load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, quantization="fp8", progress=False)
+    assert model.layers.attention.wo[...].dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(dense_logits(model, tokens), dense_logits(ref, tokens))
+
+
+def test_fp8_wanted_from_a_16bit_conversion(orbax_dir):
+    with pytest.raises(CheckpointError, match="--quantization fp8"):
+        open_checkpoint(orbax_dir).restore(jnp.float32, make_mesh(), quantization="fp8")
+
+
+def test_gguf_tokenizer_travels(tmp_path):
+    """A GGUF file's tokenizer and chat template, written as tokenizer.json & co., read back the same."""
+    from mistral_jax.default_model import default_model_path
+    from mistral_jax.tokenizer import HFTokenizer, load_tokenizer
+
+    src = HFTokenizer.from_gguf(default_model_path())
+    src.save(tmp_path)
+    back = load_tokenizer(tmp_path)
+    text = "Hello <|im_start|> world, ünïcode 123\n  spaces"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    assert back.encode(text) == src.encode(text) and back.encode(text, add_bos=False) == src.encode(text, add_bos=False)
+    assert back.encode_chat(chat) == src.encode_chat(chat)
+    assert back.stop_token_ids == src.stop_token_ids and (back.bos_id, back.eos_id) == (src.bos_id, src.eos_id)
+    ids = src.encode(text)
+    assert back.decode(ids) == src.decode(ids)
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="Orbax checkpoint"):
+        open_checkpoint(tmp_path)
+
+
+def test_unfinished_or_foreign_orbax_dir(tmp_path, orbax_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(orbax_dir, broken)
+    shutil.rmtree(broken / "weights")
+    with pytest.raises(CheckpointError, match="no weights/ directory"):
+        open_checkpoint(broken)
+    meta = json.loads((orbax_dir / "mistral_jax.json").read_text())
+    (broken / "mistral_jax.json").write_text(json.dumps(meta | {"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="expected 'mistral_jax-orbax'"):
+        open_checkpoint(broken)

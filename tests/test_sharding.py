@@ -1,0 +1,243 @@
+"""One process, several devices (the suite's 8 host CPU devices): meshes from one option, the
+logical rules placing every parameter and the KV cache, the Pallas attention kernel under
+shard_map, and the per-shard checkpoint reader. Every mesh must give one device's answer."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from checkpoint_fixtures import make_tiny_fp8_hf_checkpoint, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
+from mistral_jax import LLM, SamplingParams
+from mistral_jax.checkpoint import base, open_checkpoint
+from mistral_jax.config import ModelConfig
+from mistral_jax.sharding import parse_mesh
+from mistral_jax.weights import load_weights
+
+# Head counts divisible by 8 (tp up to 8), grouped-query attention (2 q heads per kv head).
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8, hidden_dim=128,
+                  vocab_size=32768, rope_theta=10000.0, max_seq_len=256)
+MESHES = ["tp=2", "tp=4", "tp=8", "dp=2,tp=4"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    from conftest import V3_TOKENIZER
+
+    root = tmp_path_factory.mktemp("mesh")
+    weights = make_tiny_mistral_checkpoint(root / "mistral", CFG, seed=3, dtype="float32")
+    make_tiny_hf_checkpoint(root / "hf", weights, CFG, dtype="float32")
+    for d in ("mistral", "hf"):
+        shutil.copy(V3_TOKENIZER, root / d / "tokenizer.model.v3")
+    return root / "mistral", root / "hf", weights
+
+
+PROMPTS = [{"prompt_token_ids": np.random.default_rng(s).integers(5, 32768, size=n).tolist()}
+           for s, n in ((0, 23), (1, 5), (2, 30))]
+PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+
+
+def run(path, mesh):
+    # One prefill step (all prompts, every position's logits) then decode steps: two programs.
+    llm = LLM(model=str(path), dtype="float32", progress=False, max_num_batched_tokens=64, mesh=mesh)
+    return llm, llm.generate(PROMPTS, PARAMS)
+
+
+@pytest.fixture(scope="module")
+def one_device(ckpts):
+    return run(ckpts[0], None)[1]
+
+
+def _lp_close(a, b):
+    """Logprob dicts {token: logprob}: same tokens, values within f32 tolerance."""
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_mesh_gives_one_devices_tokens_and_logits(ckpts, one_device, mesh):
+    """The paged engine on each mesh gives the same greedy
+    tokens, the same logprobs of every generated token and of every prompt token."""
+    llm, outs = run(ckpts[0], mesh)
+    assert llm.mesh.devices.size == np.prod([int(p.split("=")[1]) for p in mesh.split(",")])
+    for got, want in zip(outs, one_device):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
+            _lp_close(a, b)
+        for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+            _lp_close(a, b)
+    # The parameters and the cache really are split: tp devices each hold 1/tp of the heads.
+    tp = llm.mesh.shape["tp"]
+    state = llm.engine.state
+    wq = state["layers"]["attention"]["wq"][...]  # [layers, heads, head_dim, embed]
+    assert tuple(wq.sharding.spec)[:2] == (None, "tp")
+    assert {s.data.shape for s in wq.addressable_shards} == {(2, 16 // tp, 8, 64)}
+    w2 = state["layers"]["feed_forward"]["w2"][...]  # [layers, embed, mlp]
+    assert {s.data.shape for s in w2.addressable_shards} == {(2, 64, 128 // tp)}
+    emb = state["tok_embeddings"][...]
+    assert {s.data.shape for s in emb.addressable_shards} == {(32768 // tp, 64)}
+    assert {s.data.shape[3] for s in llm.engine.k_pages.addressable_shards} == {8 // tp}  # kv heads
+
+
+def test_no_recompilation_after_warmup_on_a_mesh(ckpts):
+    from test_engine import LOWERINGS
+
+    llm = LLM(model=str(ckpts[0]), dtype="float32", progress=False, mesh="dp=2,tp=4")
+    mix = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+           SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1, max_tokens=5, ignore_eos=True,
+                          repetition_penalty=1.2, logprobs=2)]
+
+    def workload(seed):
+        rng = np.random.default_rng(seed)
+        return [{"prompt_token_ids": rng.integers(5, 32768, size=n).tolist()} for n in rng.permutation([20, 30])]
+
+    llm.generate(workload(0), mix)
+    before = LOWERINGS.count
+    llm.generate(workload(1), mix[::-1])
+    assert LOWERINGS.count == before
+
+
+def test_hf_checkpoint_on_a_mesh_equals_one_device(ckpts, one_device):
+    """The HF q/k rotary un-permutation acts within each head: per-shard reads stay right."""
+    _, outs = run(ckpts[1], "tp=8")
+    for got, want in zip(outs, one_device):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        _lp_close(got.outputs[0].logprobs[0], want.outputs[0].logprobs[0])
+
+
+def _count_reads(monkeypatch):
+    """Bytes that safetensors hands back, per call."""
+    reads = []
+    real = base.read_safetensors_slice
+
+    def counted(handle, source, index=()):
+        out = real(handle, source, index)
+        reads.append((source, out.nbytes))
+        return out
+
+    monkeypatch.setattr(base, "read_safetensors_slice", counted)
+    return reads
+
+
+@pytest.mark.parametrize("layout", [0, 1])
+def test_sliced_loader_reads_only_the_shards(ckpts, monkeypatch, layout):
+    """tp=4: each tp-split tensor is read as 4 slices of 1/4 (never whole), replicated ones
+    (norms) once per device; the loaded weights equal the canonical ones."""
+    reads = _count_reads(monkeypatch)
+    model = load_weights(open_checkpoint(ckpts[layout]), jnp.float32, parse_mesh("tp=4"), progress=False)
+    weights = ckpts[2]
+    wq_name = "layers.1.attention.wq.weight" if layout == 0 else "model.layers.1.self_attn.q_proj.weight"
+    wq_reads = [n for s, n in reads if s == wq_name]
+    assert wq_reads == [weights["layers.1.attention.wq.weight"].nbytes // 4] * 4
+    emb_name = "tok_embeddings.weight" if layout == 0 else "model.embed_tokens.weight"
+    assert [n for s, n in reads if s == emb_name] == [weights["tok_embeddings.weight"].nbytes // 4] * 4
+    np.testing.assert_array_equal(np.asarray(model.layers.attention.wq[...][1]).reshape(128, 64),
+                                  weights["layers.1.attention.wq.weight"])
+    np.testing.assert_array_equal(np.asarray(model.layers.attention.wk[...][0]).reshape(64, 64),
+                                  weights["layers.0.attention.wk.weight"])
+    np.testing.assert_array_equal(np.asarray(model.layers.feed_forward.w2[...][0]),
+                                  weights["layers.0.feed_forward.w2.weight"])
+    np.testing.assert_array_equal(np.asarray(model.output[...]), weights["output.weight"])
+
+
+def test_fp8_checkpoint_sliced_on_a_mesh(ckpts, tmp_path):
+    """FP8 weights (raw bytes, memory-mapped per slice) and their scales load per shard to the
+    one-device values; the forward on tp=4 (XLA's fp8 dot, partitioned) matches one device."""
+    from conftest import dense_logits
+
+    make_tiny_fp8_hf_checkpoint(tmp_path / "fp8", ckpts[1])
+    one = load_weights(open_checkpoint(tmp_path / "fp8"), jnp.float32, progress=False)
+    mesh = parse_mesh("tp=4")
+    sharded = load_weights(open_checkpoint(tmp_path / "fp8"), jnp.float32, mesh, progress=False)
+    for a, b in zip(jax.tree.leaves(nnx.state(one)), jax.tree.leaves(nnx.state(sharded))):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    assert sharded.layers.attention.wq[...].dtype == jnp.float8_e4m3fn
+    assert {s.data.shape for s in sharded.layers.attention.wq_scale[...].addressable_shards} == {(2, 4, 8)}
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, 9)).astype(np.int32)
+    from mistral_jax.sharding import use_mesh
+
+    with use_mesh(mesh):
+        got = dense_logits(sharded, tokens)
+    np.testing.assert_allclose(got, dense_logits(one, tokens), rtol=2e-4, atol=2e-4)
+
+
+def test_quantize_at_load_on_a_mesh(ckpts):
+    one = load_weights(open_checkpoint(ckpts[0]), jnp.float32, progress=False, quantization="fp8")
+    sharded = load_weights(open_checkpoint(ckpts[0]), jnp.float32, parse_mesh("tp=2"), progress=False,
+                           quantization="fp8")
+    for a, b in zip(jax.tree.leaves(nnx.state(one)), jax.tree.leaves(nnx.state(sharded))):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_triton_kernel_under_shard_map_matches_reference(stacked):
+    """The Pallas Triton kernel (interpret mode) per tp=2 shard of the heads equals the
+    unsharded reference; the call sits inside jit as in the engine."""
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+    from tests.test_ragged_paged_attention import make_batch
+
+    rng = np.random.default_rng(5)
+    q, kp, vp, *rest = map(jnp.asarray, make_batch(rng, [(1, 5), (3, 9), (6, 6)], page_size=4, n_heads=4,
+                                                   n_kv=2, head_dim=8, max_seqs=4))
+    layer = None
+    if stacked:  # the engine's layout: every layer's pool in one array, a traced layer index
+        kp, vp, layer = jnp.stack([vp, kp]), jnp.stack([kp, vp]), jnp.int32(1)
+    mesh = parse_mesh("tp=2")
+    ref = ragged_paged_attention(q, kp, vp, *rest, layer=layer, impl="reference")
+    fn = jax.jit(lambda *a: ragged_paged_attention(*a, layer=layer, impl="triton", interpret=True, mesh=mesh))
+    out = fn(q, kp, vp, *rest)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("pp=2", "unknown axis 'pp'"),
+    ("tp=0", "tp=0 is invalid"),
+    ("tp=-2", "tp=-2 is invalid"),
+    ("tp=two", "needs an integer size"),
+    ("tp=2,tp=2", "given twice"),
+    ("dp=4,tp=4", r"needs 16 devices, but 8 cpu device\(s\) are present"),
+])
+def test_bad_mesh_specs_fail_clearly(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_mesh(spec)
+
+
+def test_parse_mesh_shapes():
+    assert parse_mesh(None).devices.size == 1
+    assert dict(parse_mesh("tp=4").shape) == {"dp": 1, "tp": 4}
+    assert dict(parse_mesh("dp=2, tp=4").shape) == {"dp": 2, "tp": 4}
+
+
+def test_impossible_tp_fails_before_loading(ckpts, tiny_checkpoints, monkeypatch):
+    """tp=16 cannot split 8 kv heads (before the devices are even counted, nothing is read);
+    the tiny model's 4 heads / 2 kv heads refuse tp=4 and name the tps that fit."""
+    monkeypatch.setattr(base.Checkpoint, "entries", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match=r"n_kv_heads=2 .*not divisible by 4.*Use tp in \[1, 2\]"):
+        LLM(model=str(tiny_checkpoints[0]), dtype="float32", progress=False, mesh="tp=4")
+    from mistral_jax.sharding import check_mesh, make_mesh
+
+    fake = type("M", (), {"shape": {"dp": 1, "tp": 16}})()  # 16 devices are not needed to check
+    with pytest.raises(ValueError, match=r"n_kv_heads=8 not divisible by 16"):
+        check_mesh(CFG, fake)
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        LLM(model=str(ckpts[0]), dtype="float32", progress=False, mesh="tp=3")
+    assert make_mesh(tp=8).devices.size == 8
+
+
+def test_cli_mesh_option():
+    from mistral_jax.generate import parse_args
+
+    assert parse_args(["--mesh", "dp=2,tp=4"]).mesh == "dp=2,tp=4"
+
+
+def test_cache_sized_per_device_under_tp(ckpts, monkeypatch):
+    """A device's memory budget holds tp times the pages: each device keeps 1/tp of the kv heads."""
+    from mistral_jax.engine import Engine
+
+    monkeypatch.setattr(Engine, "device_memory", lambda self: {"bytes_limit": 1 << 30, "bytes_in_use": 0})
+    pages = {m: LLM(model=str(ckpts[0]), dtype="float32", progress=False, mesh=m).engine.num_pages
+             for m in (None, "tp=4")}
+    assert abs(pages["tp=4"] - 4 * pages[None]) <= 4
