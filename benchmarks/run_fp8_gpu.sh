@@ -4,6 +4,7 @@
 #   s  a plan sweep on 2501's largest and smallest projections at decode-sized m
 #   g  the GEMM table (both models, all projections, m = 1, 8, 64, 256, 4096)
 #   e  end to end: random Mistral-Small-2501 weights, bf16 then fp8 (separate processes)
+#   p  the layer-scan probe: per-layer slice vs whole stack + layer index into the kernel
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,4 +27,7 @@ e)
   done
   python3 benchmarks/bench_generate.py --table "$OUT/ceilings.json" "$OUT/gen_bf16.json" "$OUT/gen_fp8.json" \
     | tee "$OUT/table_fp8_e2e.md" ;;
+p)
+  timeout ${PROBE_S:-120} python3 benchmarks/probe_scan_fp8.py --out "$OUT/probe_scan_fp8.json" 2>&1 \
+    | grep -v "^    " | tee "$OUT/probe.log" ;;
 esac; done

@@ -62,11 +62,14 @@ def _linear_params(rngs, shape, axes, dtype, quantization: str | None, n_in: int
             nnx.Param(scale.reshape(shape[:-n_in]), logical_axes=tuple(axes[:-n_in])))
 
 
-def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, impl: str = "auto") -> jax.Array:
+def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, impl: str = "auto",
+           layer: jax.Array | None = None) -> jax.Array:
     """Every projection: x [batch, seq, in...] times weight [out..., in...] -> [batch, seq, out...].
 
     16-bit weights: the einsum `eq`. FP8 weights (scale [out...] given): the W8A8 kernel on the
-    2-D view [tokens, in] x [out, in], activations quantized per token inside it.
+    2-D view [tokens, in] x [out, in], activations quantized per token inside it. With `layer`,
+    an FP8 weight is the whole stack [layers, out..., in...] (scale [layers, out...]) and the
+    kernel reads that layer in place (see Transformer.__call__).
 
     On a mesh with tp > 1 the Pallas fp8 kernels give way to the "xla" twin, which XLA
     partitions: the row-parallel projections (wo, w2) split the input axis, and per-token
@@ -79,9 +82,19 @@ def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, im
         impl = "xla"
 
     b, s = x.shape[:2]
-    y = fp8_matmul(x.reshape(b * s, -1), weight.reshape(scale.size, -1), scale.reshape(-1),
-                   impl=impl, out_dtype=x.dtype)
-    return y.reshape(b, s, *scale.shape)
+    if layer is None:
+        out_shape = scale.shape
+        w, w_scale = weight.reshape(scale.size, -1), scale.reshape(-1)  # [n, k], [n]
+    else:
+        num_layers, out_shape = scale.shape[0], scale.shape[1:]
+        w, w_scale = weight.reshape(num_layers, -1, weight.size // scale.size), scale.reshape(num_layers, -1)
+    y = fp8_matmul(x.reshape(b * s, -1), w, w_scale, layer=layer, impl=impl, out_dtype=x.dtype)
+    return y.reshape(b, s, *out_shape)
+
+
+def _fp8_projection(path, variable) -> bool:
+    """nnx filter: an FP8 projection weight or its scale (`wq`, `wq_scale`, ...)."""
+    return variable[...].dtype == jnp.float8_e4m3fn or str(path[-1]).endswith("_scale")
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -130,20 +143,24 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.fp8_impl = fp8_impl
 
-    def _linear(self, eq, x, name):
-        """linear() with the projection `name`'s weight and scale (None for 16-bit weights)."""
-        scale = getattr(self, name + "_scale")
-        return linear(eq, x, getattr(self, name)[...], None if scale is None else scale[...], self.fp8_impl)
+    def _linear(self, eq, x, name, layer):
+        """linear() with the projection `name`'s weight and scale (None for 16-bit weights). An
+        FP8 weight may hold every layer (one rank more than `eq` says): then `layer` picks."""
+        weight, scale = getattr(self, name)[...], getattr(self, name + "_scale")
+        if scale is None:
+            return linear(eq, x, weight, None)
+        stacked = weight.ndim == len(eq.split(",")[1].split("->")[0]) + 1
+        return linear(eq, x, weight, scale[...], self.fp8_impl, layer if stacked else None)
 
     def __call__(self, x, positions, cache, layer):
         # x: [batch, seq, embed] -> q: [batch, seq, q_heads, head_dim], k/v: [.., kv_heads, ..]
-        q = self._linear("bse,hde->bshd", x, "wq")
-        k = self._linear("bse,hde->bshd", x, "wk")
-        v = self._linear("bse,hde->bshd", x, "wv")
+        q = self._linear("bse,hde->bshd", x, "wq", layer)
+        k = self._linear("bse,hde->bshd", x, "wk", layer)
+        v = self._linear("bse,hde->bshd", x, "wv", layer)
         q = constrain(rotary(q, positions, self.rope_theta), ("batch", "seq", "q_heads", "head_dim"))
         k = constrain(rotary(k, positions, self.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
         out, cache = cache.attend(layer, q, k, v, positions)
-        return self._linear("bshd,ehd->bse", out, "wo"), cache
+        return self._linear("bshd,ehd->bse", out, "wo", layer), cache
 
 
 class MLP(nnx.Module):
@@ -160,11 +177,11 @@ class MLP(nnx.Module):
 
     _linear = Attention._linear
 
-    def __call__(self, x):
-        gate = self._linear("bse,fe->bsf", x, "w1")
-        up = self._linear("bse,fe->bsf", x, "w3")
+    def __call__(self, x, layer=None):
+        gate = self._linear("bse,fe->bsf", x, "w1", layer)
+        up = self._linear("bse,fe->bsf", x, "w3", layer)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return self._linear("bsf,ef->bse", h, "w2")
+        return self._linear("bsf,ef->bse", h, "w2", layer)
 
 
 class DecoderLayer(nnx.Module):
@@ -179,7 +196,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, cache, layer):
         h, cache = self.attention(self.attention_norm(x), positions, cache, layer)
         x = x + h
-        x = x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.feed_forward(self.ffn_norm(x), layer)
         return constrain(x, ("batch", "seq", "embed")), cache
 
 
@@ -209,11 +226,15 @@ class Transformer(nnx.Module):
         Returns (logits [batch, seq or k, vocab] f32, cache).
         """
         x = constrain(self.tok_embeddings[...][tokens], ("batch", "seq", "embed"))
-        graphdef, stacked = nnx.split(self.layers)
+        # The scan slices each layer's parameters out of the stacks. FP8 projections stay whole
+        # and their kernel reads layer i in place: a Pallas call cannot take a slice as a view,
+        # so XLA would copy every layer's weight first (16-bit weights go to XLA's own dot,
+        # which reads the slice in place).
+        graphdef, whole, stacked = nnx.split(self.layers, _fp8_projection, ...)
 
         def one_layer(carry, layer_params):
             x, cache, i = carry
-            x, cache = nnx.merge(graphdef, layer_params)(x, positions, cache, i)
+            x, cache = nnx.merge(graphdef, whole, layer_params)(x, positions, cache, i)
             return (x, cache, i + 1), None
 
         (x, cache, _), _ = jax.lax.scan(one_layer, (x, cache, jnp.int32(0)), stacked)

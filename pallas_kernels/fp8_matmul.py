@@ -20,7 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["E4M3_MAX", "quantize_rows", "quantize_weight", "fp8_matmul_reference", "fp8_matmul_xla", "fp8_matmul"]
+__all__ = ["E4M3_MAX", "quantize_rows", "quantize_weight", "fp8_matmul_reference", "fp8_matmul_xla", "fp8_matmul",
+           "check_stacked"]
 
 E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448.0
 
@@ -62,6 +63,20 @@ def fp8_matmul_xla(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, out_dtype=
     return (acc * x_scale * w_scale.astype(jnp.float32)[None, :]).astype(out_dtype)
 
 
+def check_stacked(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer):
+    """The kernels' argument check. Returns (w [layers, n, k], w_scale [layers, n], layer [] i32):
+    a plain w [n, k] becomes a stack of one, layer 0."""
+    if layer is None:
+        w, w_scale, layer = w[None], w_scale[None], 0
+    if (x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[2]
+            or w_scale.shape != w.shape[:2]):
+        raise ValueError(f"fp8 matmul shapes: x {x.shape}, w {w.shape} (want [n, k] or [layers, n, k] with k "
+                         f"{x.shape[-1]}), w_scale {w_scale.shape} (want [n] or [layers, n])")
+    if w.dtype != jnp.float8_e4m3fn:
+        raise ValueError(f"w must be float8_e4m3fn, got {w.dtype}")
+    return w, w_scale, jnp.asarray(layer, jnp.int32)
+
+
 # --------------------------------------------------------------------------------------------
 # The one entry point: the model calls this; `impl` picks a kernel or a twin.
 # --------------------------------------------------------------------------------------------
@@ -92,20 +107,29 @@ def describe_impl(impl: str = "auto", platform: str | None = None) -> str:
     return small if small == large else f"{small} up to {GPU_TRITON_MAX_M} tokens, {large} above"
 
 
-def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, impl: str = "auto",
-               out_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
+def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer: jax.Array | int | None = None,
+               impl: str = "auto", out_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
     """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T by the implementation `impl`
-    (see the module docstring). `interpret=True` runs a Pallas kernel in interpret mode."""
+    (see the module docstring). `interpret=True` runs a Pallas kernel in interpret mode.
+
+    layer: with w [layers, n, k] and w_scale [layers, n] (a model's stacked weights), the product
+    with layer `layer` (an int32 scalar, traced or not). The Pallas kernels read that layer from
+    the stack in place; slicing it outside would make XLA copy the layer's weight into a buffer
+    of its own first (a custom call cannot take a view), which costs more than the product."""
     if impl not in IMPLS:
         raise ValueError(f"fp8 matmul impl {impl!r} is not one of {IMPLS}")
+    if (w.ndim == 3) != (layer is not None):
+        raise ValueError(f"fp8 matmul: w {w.shape} needs layer= exactly when it is stacked [layers, n, k]")
     if impl == "auto":
         impl = default_impl(m=x.shape[0])
-    if impl == "reference":
-        return fp8_matmul_reference(x, w, w_scale, out_dtype=out_dtype)
-    if impl == "xla":
-        return fp8_matmul_xla(x, w, w_scale, out_dtype=out_dtype)
+    if impl in ("reference", "xla"):
+        if layer is not None:
+            w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+            w_scale = jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False)
+        twin = fp8_matmul_reference if impl == "reference" else fp8_matmul_xla
+        return twin(x, w, w_scale, out_dtype=out_dtype)
     if impl == "triton":
         from .fp8_matmul_triton import fp8_matmul_triton as kernel
     else:
         from .fp8_matmul_tpu import fp8_matmul_tpu as kernel
-    return kernel(x, w, w_scale, out_dtype=out_dtype, interpret=interpret)
+    return kernel(x, w, w_scale, layer=layer, out_dtype=out_dtype, interpret=interpret)

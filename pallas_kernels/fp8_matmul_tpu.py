@@ -9,6 +9,8 @@ accumulates dot(x_q, w.T) across k; the last k step applies both scales to the f
 casts once to out_dtype. The blocks are upcast to bf16 before the dot (e4m3 values are exact in
 bf16 and their products exact in f32), so chips without an fp8 MXU (v5e) run it too.
 Weights whose n, k are already multiples of the blocks (pad them at load time) are not copied.
+Stacked weights [layers, n, k] are read in place: the layer index is a scalar-prefetch operand
+that the weight's index map uses, so no layer is sliced out (and copied) before the call.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .fp8_matmul import quantize_rows
+from .fp8_matmul import check_stacked, quantize_rows
 
 __all__ = ["fp8_matmul_tpu", "plan"]
 
@@ -42,8 +44,9 @@ def plan(m: int, n: int, k: int) -> dict:
                 bk=min(512, _round_up(k, 128)))
 
 
-def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref):
-    # x_ref: [bm, bk] e4m3, xs_ref: [bm, 1] f32, w_ref: [bn, bk] e4m3, ws_ref: [1, bn] f32,
+def _kernel(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref):
+    # layer_ref: [1] i32 in SMEM (used by the index maps), x_ref: [bm, bk] e4m3, xs_ref: [bm, 1] f32,
+    # w_ref: [bn, bk] e4m3 (of layer layer_ref[0]), ws_ref: [1, bn] f32,
     # o_ref: [bm, bn] out_dtype, acc_ref: [bm, bn] f32 scratch.
     kb = pl.program_id(2)
 
@@ -62,42 +65,46 @@ def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "bm", "bn", "bk"))
-def _fp8_matmul(x, w, w_scale, *, out_dtype, interpret, bm, bn, bk):
+def _fp8_matmul(x, w, w_scale, layer, *, out_dtype, interpret, bm, bn, bk):
+    # w: [layers, n, k], w_scale: [layers, n], layer: [] i32
     m, k = x.shape
-    n = w.shape[0]
+    n = w.shape[1]
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
     x_q, x_scale = quantize_rows(x)  # [m, k] e4m3, [m, 1] f32
     x_q = jnp.pad(x_q, ((0, mp - m), (0, kp - k)))
     x_scale = jnp.pad(x_scale, ((0, mp - m), (0, 0)))
-    w = jnp.pad(w, ((0, np_ - n), (0, kp - k)))  # no-op for block-aligned weights
-    ws = jnp.pad(w_scale.astype(jnp.float32), (0, np_ - n))[None, :]  # [1, Np]
+    w = jnp.pad(w, ((0, 0), (0, np_ - n), (0, kp - k)))  # no-op for block-aligned weights
+    ws = jnp.pad(jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False).astype(jnp.float32),
+                 (0, np_ - n))[None, :]  # [1, Np], that layer's
     cp = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    squeezed = pl.Squeezed() if hasattr(pl, "Squeezed") else None  # the layer axis of w's block
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(mp // bm, np_ // bn, kp // bk),
+        in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kb, l: (i, kb)),
+                  pl.BlockSpec((bm, 1), lambda i, j, kb, l: (i, 0)),
+                  pl.BlockSpec((squeezed, bn, bk), lambda i, j, kb, l: (l[0], j, kb)),
+                  pl.BlockSpec((1, bn), lambda i, j, kb, l: (0, j))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kb, l: (i, j)),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+    )
     out = pl.pallas_call(
         _kernel,
-        grid=(mp // bm, np_ // bn, kp // bk),
-        in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kb: (i, kb)),
-                  pl.BlockSpec((bm, 1), lambda i, j, kb: (i, 0)),
-                  pl.BlockSpec((bn, bk), lambda i, j, kb: (j, kb)),
-                  pl.BlockSpec((1, bn), lambda i, j, kb: (0, j))],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kb: (i, j)),
+        grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=cp(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_interpret_arg(interpret),
         name="fp8_matmul_tpu",
-    )(x_q, x_scale, w, ws)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale, w, ws)
     return out[:m, :n]
 
 
-def fp8_matmul_tpu(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, out_dtype=jnp.bfloat16,
+def fp8_matmul_tpu(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=None, out_dtype=jnp.bfloat16,
                    interpret: bool = False, **blocks) -> jax.Array:
-    """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T through Pallas TPU.
+    """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T through Pallas TPU; or, with
+    `layer`, w [layers, n, k] and w_scale [layers, n], layer `layer` read in place.
     `interpret=True` runs in TPU interpret mode (CPU). `blocks`: bm / bn / bk overrides."""
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or w_scale.shape != (w.shape[0],):
-        raise ValueError(f"fp8 matmul shapes: x {x.shape}, w {w.shape} (want [n, k]), "
-                         f"w_scale {w_scale.shape} (want [n])")
-    if w.dtype != jnp.float8_e4m3fn:
-        raise ValueError(f"w must be float8_e4m3fn, got {w.dtype}")
-    cfg = {**plan(x.shape[0], w.shape[0], x.shape[1]), **blocks}
-    return _fp8_matmul(x, w, w_scale, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
+    w, w_scale, layer = check_stacked(x, w, w_scale, layer)
+    cfg = {**plan(x.shape[0], w.shape[1], x.shape[1]), **blocks}
+    return _fp8_matmul(x, w, w_scale, layer, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
                        **cfg)

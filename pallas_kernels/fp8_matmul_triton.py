@@ -18,6 +18,11 @@ Design
   the padding could otherwise poison the sum). `other` is a float: Triton lowering casts it to
   e4m3 with fp_to_fp, and has no int -> fp8 cast. w rows >= n are masked the same way (static:
   n % BN != 0).
+* Stacked weights: the model keeps each projection as one [layers, n, k] array and runs its
+  layers in a scan. Handed a slice, XLA would first copy that layer's weight into a buffer of
+  its own (a custom call takes no views): on an H100 that made a w1 product 199 µs instead of
+  ~80 (benchmarks/NOTES.md). So the kernel takes the whole stack as [layers * n, k] plus the
+  layer index (a [1] i32 operand) and starts its weight rows at layer * n.
 * Epilogue: both scales apply to the f32 accumulator ((acc * x_scale) * w_scale, the
   reference's order), one cast to out_dtype, masked store of rows < m and columns < n.
 * Split-K (decode): with few (m, n) tiles the SMs would idle while streaming the weights, so
@@ -36,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .fp8_matmul import quantize_rows
+from .fp8_matmul import check_stacked, quantize_rows
 
 __all__ = ["fp8_matmul_triton", "plan"]
 
@@ -90,11 +95,13 @@ def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | N
                 num_stages=stages)
 
 
-def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, k: int, n: int, m: int, bm: int, bn: int,
+def _kernel(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *, k: int, n: int, m: int, bm: int, bn: int,
             bk: int, split_k: int):
-    # x_ref: [Mp, k] e4m3 (Mp = m padded to BM), xs_ref: [Mp] f32, w_ref: [n, k] e4m3,
-    # ws_ref: [n] f32, o_ref: [m, n] out_dtype, or [split_k, m, n] f32 partials.
+    # layer_ref: [1] i32, x_ref: [Mp, k] e4m3 (Mp = m padded to BM), xs_ref: [Mp] f32,
+    # w_ref: [layers * n, k] e4m3 (the stack, rows of layer l at l * n), ws_ref: [n] f32 (that
+    # layer's), o_ref: [m, n] out_dtype, or [split_k, m, n] f32 partials.
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    w_row = layer_ref[0] * n + j * bn  # this program's first weight row in the stack
     rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)  # [BM]
     cols = j * bn + lax.broadcasted_iota(jnp.int32, (bn,), 0)  # [BN]
     n_ragged = n % bn != 0
@@ -117,7 +124,7 @@ def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, k: int, n: int, m: int, bm: 
                 x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks])
                 w_mask = col_ok[:, None] if n_ragged else None
             w_kw = {} if w_mask is None else dict(mask=w_mask, other=0.0)
-            w = plgpu.load(w_ref.at[pl.ds(j * bn, bn), ks], **w_kw)  # [BN, BK]
+            w = plgpu.load(w_ref.at[pl.ds(w_row, bn), ks], **w_kw)  # [BN, BK]
             return acc + plgpu.dot(x, w, trans_b=True)  # fp8 x fp8 -> f32 [BM, BN]
         return body
 
@@ -142,14 +149,15 @@ def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, k: int, n: int, m: int, bm: 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_m", "block_n",
                                              "block_k", "split_k", "num_warps", "num_stages"))
-def _fp8_matmul(x, w, w_scale, *, out_dtype, interpret, block_m, block_n, block_k, split_k,
+def _fp8_matmul(x, w, w_scale, layer, *, out_dtype, interpret, block_m, block_n, block_k, split_k,
                 num_warps, num_stages):
+    # w: [layers, n, k], w_scale: [layers, n], layer: [] i32
     m, k = x.shape
-    n = w.shape[0]
+    num_layers, n = w.shape[:2]
     bm, bn, bk = block_m, block_n, block_k
     mp = pl.cdiv(m, bm) * bm
     x_q, x_scale = quantize_rows(jnp.pad(x, ((0, mp - m), (0, 0))))  # [Mp, k], [Mp, 1]
-    ws = w_scale.astype(jnp.float32)
+    ws = jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False).astype(jnp.float32)  # [n], tiny
     kernel = functools.partial(_kernel, k=k, n=n, m=m, bm=bm, bn=bn, bk=bk, split_k=split_k)
     out_shape = (jax.ShapeDtypeStruct((split_k, m, n), jnp.float32) if split_k > 1
                  else jax.ShapeDtypeStruct((m, n), out_dtype))
@@ -160,24 +168,21 @@ def _fp8_matmul(x, w, w_scale, *, out_dtype, interpret, block_m, block_n, block_
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="fp8_matmul",
-    )(x_q, x_scale[:, 0], w, ws)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0], w.reshape(num_layers * n, k), ws)
     if split_k > 1:
         out = (jnp.sum(out, axis=0) * x_scale[:m] * ws[None, :]).astype(out_dtype)
     return out
 
 
-def fp8_matmul_triton(x: jax.Array, w: jax.Array, w_scale: jax.Array, *,
+def fp8_matmul_triton(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=None,
                       out_dtype=jnp.bfloat16, interpret: bool = False, **tuning) -> jax.Array:
-    """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T through Pallas/Triton.
+    """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T through Pallas/Triton; or,
+    with `layer`, w [layers, n, k] and w_scale [layers, n], layer `layer` read in place.
     `interpret=True` runs in Pallas interpret mode (CPU). `tuning` (benchmarks, sweeps): any
     `plan` override: block_m, block_n, block_k, split_k, num_warps, num_stages."""
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or w_scale.shape != (w.shape[0],):
-        raise ValueError(f"fp8 matmul shapes: x {x.shape}, w {w.shape} (want [n, k]), "
-                         f"w_scale {w_scale.shape} (want [n])")
-    if w.dtype != jnp.float8_e4m3fn:
-        raise ValueError(f"w must be float8_e4m3fn, got {w.dtype}")
+    w, w_scale, layer = check_stacked(x, w, w_scale, layer)
     m, k = x.shape
-    n = w.shape[0]
+    n = w.shape[1]
     cfg = plan(m, n, k, sms=_DEFAULT_SMS if interpret else None, **tuning)
-    return _fp8_matmul(x, w, w_scale, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
+    return _fp8_matmul(x, w, w_scale, layer, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
                        **cfg)

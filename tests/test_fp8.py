@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 from checkpoint_fixtures import hf_fp8_model_dequantized, make_tiny_fp8_hf_checkpoint
@@ -175,6 +176,31 @@ def test_quantize_at_load_close_to_f32(tiny_checkpoints, tokens):
     fp8 = dense_logits(load_weights(ckpt, jnp.float32, progress=False, quantization="fp8"), tokens)
     assert rel_err(fp8, full) <= 0.1
     assert (fp8.argmax(-1) == full.argmax(-1)).mean() >= 0.75
+
+
+@pytest.mark.parametrize("kernel", ["triton", "tpu"])
+def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatch, kernel):
+    # The layer scan hands each FP8 projection's whole [layers, n, k] stack and the layer index
+    # to the kernel (no per-layer slice to copy); the kernel, run in interpret mode here, must
+    # give the logits of the jnp reference, which slices the layer itself.
+    import pallas_kernels.fp8_matmul as fm
+
+    model = load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, progress=False,
+                         quantization="fp8", fp8_impl="reference")
+    ref = dense_logits(model, tokens)
+    plain, seen = fm.fp8_matmul, []
+
+    def interpreted(x, w, w_scale, *, layer=None, impl="auto", out_dtype=jnp.bfloat16, interpret=False):
+        seen.append((impl, w.ndim, layer is not None))
+        return plain(x, w, w_scale, layer=layer, impl=impl, out_dtype=out_dtype, interpret=True)
+
+    monkeypatch.setattr(fm, "fp8_matmul", interpreted)
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "fp8_impl"):
+            module.fp8_impl = kernel
+    out = dense_logits(model, tokens)
+    assert seen and all(s == (kernel, 3, True) for s in seen), seen[:3]
+    assert rel_err(out, ref) < 1e-5
 
 
 def test_llm_fp8_engine_runs(tiny_checkpoints, capsys):

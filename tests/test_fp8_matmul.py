@@ -167,6 +167,31 @@ def test_tpu_interpret(m, k, n, x_dtype, out_dtype):
     check_kernel(fp8_matmul_tpu, m, k, n, x_dtype, out_dtype, seed=m + n, bm=32, bn=128, bk=128)
 
 
+@pytest.mark.parametrize("impl,kw", [("triton", dict(block_n=16, block_k=32, split_k=2)),
+                                     ("tpu", {}), ("reference", {}), ("xla", {})])
+def test_stacked_weights_read_the_asked_layer(impl, kw):
+    # A model's stacked [layers, n, k] weights with a traced layer index (as inside its layer
+    # scan): every layer's product equals the plain one on that layer's weight. Ragged n, k and
+    # a layer past the first make a wrong row offset (layer * n) or a stale layer show.
+    rng = np.random.default_rng(11)
+    m, k, n, layers = 5, 96, 40, 3
+    x = jnp.asarray(rng.normal(size=(m, k)), BF16)
+    ws, ss = zip(*(quantize_weight(jnp.asarray(rng.normal(size=(n, k)) * 0.05, F32)) for _ in range(layers)))
+    w, w_scale = jnp.stack(ws), jnp.stack(ss)  # [layers, n, k], [layers, n]
+    if impl == "triton":
+        run = jax.jit(lambda x, w, s, l: fp8_matmul_triton(x, w, s, layer=l, out_dtype=F32, interpret=True, **kw))
+    elif impl == "tpu":
+        run = jax.jit(lambda x, w, s, l: fp8_matmul_tpu(x, w, s, layer=l, out_dtype=F32, interpret=True))
+    else:
+        run = jax.jit(lambda x, w, s, l: fp8_matmul(x, w, s, layer=l, impl=impl, out_dtype=F32))
+    for layer in (2, 0, 1):
+        out = run(x, w, w_scale, jnp.int32(layer))
+        ref = np.asarray(fp8_matmul_reference(x, ws[layer], ss[layer], out_dtype=F32), np.float64)
+        assert rel_err(out, ref) < 1e-5, (impl, layer)
+    with pytest.raises(ValueError, match="layer"):
+        fp8_matmul(x, w, w_scale, impl=impl if impl != "triton" else "reference")
+
+
 def test_plan_regimes():
     dec = plan(1, 1024, 5120, sms=132)
     assert dec["block_m"] == 16 and dec["split_k"] > 1
