@@ -29,7 +29,7 @@ from .model import Transformer
 from .outputs import OutputState, StepEvent
 from .page_allocator import PageAllocator
 from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
-from .sampling import SamplingArrays, SamplingParams, sample
+from .sampling import SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, mesh_size, named_sharding, use_mesh
 from .tokenizer import Tokenizer
@@ -139,7 +139,7 @@ def _prompt_logprobs(logits, next_ids, n: int):
     """logits [T, vocab] -> log p(next prompt token) [T] and the top-n [T, n] at each row."""
     lp = jax.nn.log_softmax(logits, axis=-1)
     actual = jnp.take_along_axis(lp, jnp.maximum(next_ids, 0)[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(lp, n)
+    top_lp, top_ids = top_k_over_vocab(lp, n)
     return actual, top_ids, top_lp
 
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .sharding import constrain, current_mesh, mesh_size
+
 MAX_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax in all but name
 
@@ -241,6 +243,24 @@ def _draw(penalized, arrays: SamplingArrays, step):
     return jnp.where(arrays.greedy, jnp.argmax(penalized, axis=-1), sampled).astype(jnp.int32)
 
 
+def top_k_over_vocab(x, k: int):
+    """lax.top_k over the last axis of x [rows, vocab] -> (values [rows, k], ids [rows, k] i32),
+    without gathering a vocabulary that the mesh's tp axis splits: each shard takes its own
+    top k, then the tp * k candidates are merged (XLA's top_k on a sharded axis would first
+    all-gather the whole [rows, vocab]). Same result as lax.top_k, ties included (candidates
+    stay in vocabulary order)."""
+    rows, vocab = x.shape
+    shards = mesh_size(current_mesh(), "tp")
+    if shards == 1 or vocab % shards:
+        values, ids = jax.lax.top_k(x, k)
+        return values, ids.astype(jnp.int32)
+    local = constrain(x.reshape(rows, shards, vocab // shards), ("batch", "vocab", None))
+    values, ids = jax.lax.top_k(local, min(k, vocab // shards))  # [rows, shards, k] per shard
+    ids = ids + (jnp.arange(shards, dtype=ids.dtype) * (vocab // shards))[None, :, None]
+    values, pick = jax.lax.top_k(values.reshape(rows, -1), k)
+    return values, jnp.take_along_axis(ids.reshape(rows, -1), pick, axis=-1).astype(jnp.int32)
+
+
 def sample(logits, arrays: SamplingArrays, step, output_counts, seen_mask, num_logprobs: int = 0) -> SampleResult:
     """Pick one token per row. Jittable; num_logprobs must be static.
 
@@ -256,5 +276,5 @@ def sample(logits, arrays: SamplingArrays, step, output_counts, seen_mask, num_l
     logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
     if num_logprobs == 0:
         return SampleResult(tokens, logprob)
-    top_logprobs, top_ids = jax.lax.top_k(raw, num_logprobs)
-    return SampleResult(tokens, logprob, top_ids.astype(jnp.int32), top_logprobs)
+    top_logprobs, top_ids = top_k_over_vocab(raw, num_logprobs)
+    return SampleResult(tokens, logprob, top_ids, top_logprobs)

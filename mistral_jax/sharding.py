@@ -11,6 +11,10 @@ Meshes come from one option, `parse_mesh("dp=2,tp=4")` (LLM(mesh=...), CLI --mes
   `check_mesh` refuses, before any weight is read, a tp that does not divide n_heads,
   n_kv_heads, hidden_dim or vocab_size (no silent replication: the Pallas attention kernels run
   per tp shard and need whole GQA groups on each device).
+- Sampling takes the logits as tp splits them: greedy argmax, log-softmax and the top-k of
+  logprobs run on each shard with small merges (`sampling.top_k_over_vocab`); only the top-k /
+  top-p filters sort the whole vocabulary (an all-gather of [rows, vocab], in their own branch,
+  taken only by batches that ask for them).
 - `dp` maps the logical `batch` axis. The paged engine packs every token of a step into ONE row
   (tokens [1, T]), so its batch axis has size 1 and `constrain` replicates it: with dp > 1 each
   of the dp groups holds a full tp-sharded copy of the weights and KV cache and computes the same

@@ -100,6 +100,19 @@ def test_no_recompilation_after_warmup_on_a_mesh(ckpts):
     assert LOWERINGS.count == before
 
 
+def test_prefix_cache_on_a_mesh(ckpts):
+    # A repeated 50-token prompt on tp=4: the second request reuses the pages of the first
+    # (their kv heads split over the devices) and generates the same tokens and logprobs.
+    llm = LLM(model=str(ckpts[0]), dtype="float32", progress=False, mesh="tp=4", block_size=8)
+    prompt = {"prompt_token_ids": np.random.default_rng(9).integers(5, 32768, size=50).tolist()}
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    first, second = llm.generate([prompt], greedy)[0], llm.generate([prompt], greedy)[0]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 48  # 6 full pages of 8
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    for a, b in zip(second.outputs[0].logprobs, first.outputs[0].logprobs):
+        _lp_close(a, b)
+
+
 def test_hf_checkpoint_on_a_mesh_equals_one_device(ckpts, one_device):
     """The HF q/k rotary un-permutation acts within each head: per-shard reads stay right."""
     _, outs = run(ckpts[1], "tp=8")
@@ -241,3 +254,48 @@ def test_cache_sized_per_device_under_tp(ckpts, monkeypatch):
     pages = {m: LLM(model=str(ckpts[0]), dtype="float32", progress=False, mesh=m).engine.num_pages
              for m in (None, "tp=4")}
     assert abs(pages["tp=4"] - 4 * pages[None]) <= 4
+
+
+def _hlo_computations(hlo: str) -> dict[str, list[str]]:
+    """Optimized HLO text -> {computation name ("ENTRY" for the entry): its lines}."""
+    out, name = {}, None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            name = "ENTRY" if line.startswith("ENTRY") else line.split(" ")[0]
+            out[name] = []
+        elif name:
+            out[name].append(line)
+    return out
+
+
+def test_sampling_keeps_the_vocabulary_sharded():
+    # Logits split over tp=8: greedy picks, logprobs and their top-k run per shard plus small
+    # merges; no step gathers a [rows, vocab] array unconditionally. (Only top-k / top-p
+    # filters, inside their own branch, sort the whole vocabulary: sharding.py says so.)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mistral_jax.sampling import SamplingArrays, sample, top_k_over_vocab
+    from mistral_jax.sharding import use_mesh
+
+    mesh, vocab, rows = parse_mesh("tp=8"), 32768, 4
+    rng = np.random.default_rng(0)
+    split = NamedSharding(mesh, P(None, "tp"))
+    logits = np.round(rng.normal(size=(rows, vocab)), 1).astype(np.float32)  # many ties
+    arrays = SamplingArrays.from_params([SamplingParams(temperature=0)] * rows)
+    zeros = (jnp.zeros((rows, vocab), jnp.int32), jnp.zeros((rows, vocab), bool))
+    step = jnp.zeros(rows, jnp.int32)
+    fn = jax.jit(lambda l, a, s, c, m: sample(l, a, s, c, m, num_logprobs=5))
+    args = (jax.device_put(logits, split), arrays, step, *(jax.device_put(z, split) for z in zeros))
+    with use_mesh(mesh):
+        hlo = fn.lower(*args).compile().as_text()
+        sharded = fn(*args)
+        top_sharded = jax.jit(lambda x: top_k_over_vocab(x, 7))(jax.device_put(logits, split))
+    entry = _hlo_computations(hlo)["ENTRY"]
+    gathers = [ln for ln in entry if "all-gather(" in ln and f",{vocab}]" in ln.split("all-gather(")[0]]
+    assert not gathers, gathers[:2]
+    plain = jax.jit(lambda l, a, s, c, m: sample(l, a, s, c, m, num_logprobs=5))(logits, arrays, step, *zeros)
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    top_plain = jax.lax.top_k(logits, 7)
+    np.testing.assert_array_equal(np.asarray(top_sharded[0]), np.asarray(top_plain[0]))
+    np.testing.assert_array_equal(np.asarray(top_sharded[1]), np.asarray(top_plain[1]))
