@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4's GPU runs; PARTS picks what one device call does (each call must fit 10 minutes):
-#   t  the gpu-marked FP8 kernel tests
+#   t  the gpu-marked FP8 kernel tests and the engine GPU tests (FP8 engine included)
 #   s  a plan sweep on 2501's largest and smallest projections at decode-sized m
 #   g  the GEMM table (both models, all projections, m = 1, 8, 64, 256, 4096)
 #   e  end to end: random Mistral-Small-2501 weights, bf16 then fp8 (separate processes)
@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 for part in ${PARTS:-t s g}; do case $part in
 t)
-  timeout ${TESTS_S:-150} python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_fp8_matmul.py 2>&1 \
+  timeout ${TESTS_S:-240} python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_fp8_matmul.py tests/test_engine_gpu.py 2>&1 \
     | tee "$OUT/pytest_gpu_fp8.log" | tail -15 ;;
 s)
   timeout ${SWEEP_S:-220} python3 benchmarks/bench_fp8_matmul.py --models 2501 --projs ${PROJS:-w1/w3,o} \

@@ -274,3 +274,18 @@ class TestGPU:
     def test_ragged_and_split(self, m, k, n):
         self._check(m, k, n, F32, 1e-5)
         self._check(m, k, n, F32, 1e-5, split_k=1)
+
+    def test_stack_past_4_gib(self):
+        # A [2, 32768, 69632] e4m3 stack is 4.6 GB: Triton lowering switches to 64-bit offsets
+        # past 4 GiB, and layer 1's rows start 2.3e9 elements in (past int32). Layer 1 of the
+        # stack against the plain product on that layer alone.
+        rng = np.random.default_rng(4)
+        n, k = 32768, 69632
+        x = jnp.asarray(rng.normal(size=(3, k)), BF16)
+        w = jax.random.bits(jax.random.key(0), (2, n, k), jnp.uint8)
+        w = jax.lax.bitcast_convert_type(w & 0xF7, jnp.float8_e4m3fn)  # exponent <= 14: finite, |w| <= 240
+        w_scale = jnp.asarray(rng.uniform(0.5, 2.0, size=(2, n)), F32)
+        out = fp8_matmul_triton(x, w, w_scale, layer=jnp.int32(1), out_dtype=F32)
+        ref = fp8_matmul_reference(x, w[1], w_scale[1], out_dtype=F32)
+        err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+        assert err < 1e-5, err
