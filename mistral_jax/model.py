@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
-from .sharding import constrain, current_mesh, mesh_size
+from .sharding import LOGICAL_RULES, constrain, current_mesh, mesh_size
 
 QUANTIZATIONS = (None, "fp8")  # fp8: e4m3 projection weights + per-output-channel scales (W8A8)
 
@@ -63,7 +63,7 @@ def _linear_params(rngs, shape, axes, dtype, quantization: str | None, n_in: int
 
 
 def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, impl: str = "auto",
-           layer: jax.Array | None = None) -> jax.Array:
+           layer: jax.Array | None = None, axes: tuple[str | None, ...] = ()) -> jax.Array:
     """Every projection: x [batch, seq, in...] times weight [out..., in...] -> [batch, seq, out...].
 
     16-bit weights: the einsum `eq`. FP8 weights (scale [out...] given): the W8A8 kernel on the
@@ -71,15 +71,12 @@ def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, im
     an FP8 weight is the whole stack [layers, out..., in...] (scale [layers, out...]) and the
     kernel reads that layer in place (see Transformer.__call__).
 
-    On a mesh with tp > 1 the Pallas fp8 kernels give way to the "xla" twin, which XLA
-    partitions: the row-parallel projections (wo, w2) split the input axis, and per-token
-    activation scales need the max over the whole row, which a per-shard kernel cannot see."""
+    On a mesh with tp > 1 the Pallas kernels run once per shard (fp8_tp.py); which side tp
+    splits comes from the weight's logical `axes`. The jnp twins ("reference", "xla") are left
+    to XLA's partitioner."""
     if scale is None:
         return jnp.einsum(eq, x, weight)
     from pallas_kernels.fp8_matmul import fp8_matmul
-
-    if impl in ("auto", "triton", "tpu") and mesh_size(current_mesh(), "tp") > 1:
-        impl = "xla"
 
     b, s = x.shape[:2]
     if layer is None:
@@ -88,8 +85,23 @@ def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, im
     else:
         num_layers, out_shape = scale.shape[0], scale.shape[1:]
         w, w_scale = weight.reshape(num_layers, -1, weight.size // scale.size), scale.reshape(num_layers, -1)
-    y = fp8_matmul(x.reshape(b * s, -1), w, w_scale, layer=layer, impl=impl, out_dtype=x.dtype)
+    mesh = current_mesh()
+    split = _tp_split(axes[-weight.ndim:], weight.ndim - scale.ndim) if impl not in ("reference", "xla") else None
+    if split and mesh_size(mesh, "tp") > 1:
+        from .fp8_tp import fp8_linear_tp
+
+        y = fp8_linear_tp(x.reshape(b * s, -1), w, w_scale, layer, split=split, mesh=mesh, impl=impl,
+                          out_dtype=x.dtype)
+    else:
+        y = fp8_matmul(x.reshape(b * s, -1), w, w_scale, layer=layer, impl=impl, out_dtype=x.dtype)
     return y.reshape(b, s, *out_shape)
+
+
+def _tp_split(axes, n_in: int) -> str | None:
+    """Which side of a projection the tp axis splits, from its weight's logical axes
+    [(layers,) out..., in...]: "out", "in", or None (tp splits neither)."""
+    on_tp = lambda names: any(LOGICAL_RULES.get(a) == "tp" for a in names)  # noqa: E731
+    return "out" if on_tp(axes[:-n_in]) else "in" if on_tp(axes[-n_in:]) else None
 
 
 def _fp8_projection(path, variable) -> bool:
@@ -146,11 +158,13 @@ class Attention(nnx.Module):
     def _linear(self, eq, x, name, layer):
         """linear() with the projection `name`'s weight and scale (None for 16-bit weights). An
         FP8 weight may hold every layer (one rank more than `eq` says): then `layer` picks."""
-        weight, scale = getattr(self, name)[...], getattr(self, name + "_scale")
+        param, scale = getattr(self, name), getattr(self, name + "_scale")
+        weight = param[...]
         if scale is None:
             return linear(eq, x, weight, None)
         stacked = weight.ndim == len(eq.split(",")[1].split("->")[0]) + 1
-        return linear(eq, x, weight, scale[...], self.fp8_impl, layer if stacked else None)
+        return linear(eq, x, weight, scale[...], self.fp8_impl, layer if stacked else None,
+                      tuple(param.logical_axes))
 
     def __call__(self, x, positions, cache, layer):
         # x: [batch, seq, embed] -> q: [batch, seq, q_heads, head_dim], k/v: [.., kv_heads, ..]

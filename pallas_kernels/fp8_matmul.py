@@ -20,16 +20,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["E4M3_MAX", "quantize_rows", "quantize_weight", "fp8_matmul_reference", "fp8_matmul_xla", "fp8_matmul",
+__all__ = ["E4M3_MAX", "quantize_rows", "quantize_unless", "quantize_weight", "fp8_matmul_reference", "fp8_matmul_xla", "fp8_matmul",
            "check_stacked"]
 
 E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448.0
 
 
-def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [m, k] -> (x_q [m, k] float8_e4m3fn, x_scale [m, 1] f32), one scale per row."""
+def quantize_rows(x: jax.Array, row_max=None) -> tuple[jax.Array, jax.Array]:
+    """x [m, k] -> (x_q [m, k] float8_e4m3fn, x_scale [m, 1] f32), one scale per row.
+    row_max: applied to the [m, 1] max |x| before the scale is taken (a pmax when x holds only
+    part of each row, so every part gets the whole row's scale)."""
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    if row_max is not None:
+        amax = row_max(amax)
     scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
     x_q = jnp.clip(xf / scale, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     return x_q, scale
@@ -42,23 +46,35 @@ def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return w_q, scale[:, 0]
 
 
+def quantize_unless(x: jax.Array, x_scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(x_q [m, k] e4m3, x_scale [m, 1] f32): x quantized per row, or x as given when its scales
+    come with it (quantized by the caller, e.g. with a row max taken across tp shards)."""
+    if x_scale is None:
+        return quantize_rows(x)
+    if x.dtype != jnp.float8_e4m3fn or x_scale.shape != (x.shape[0], 1):
+        raise ValueError(f"pre-quantized x must be float8_e4m3fn [m, k] with x_scale [m, 1]; "
+                         f"got x {x.dtype} {x.shape}, x_scale {x_scale.shape}")
+    return x, x_scale.astype(jnp.float32)
+
+
 def fp8_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array, *,
-                         out_dtype=jnp.bfloat16) -> jax.Array:
+                         x_scale: jax.Array | None = None, out_dtype=jnp.bfloat16) -> jax.Array:
     """x [m, k] @ (w [n, k] * w_scale[:, None]).T with x quantized per row; see module docstring."""
     m, k = x.shape
     n, k2 = w.shape
     if k != k2 or w_scale.shape != (n,):
         raise ValueError(f"fp8 matmul shapes: x {x.shape}, w {w.shape} (want [n, {k}]), "
                          f"w_scale {w_scale.shape} (want [{n}])")
-    x_q, x_scale = quantize_rows(x)
+    x_q, x_scale = quantize_unless(x, x_scale)
     acc = jax.lax.dot_general(x_q.astype(jnp.float32), w.astype(jnp.float32),
                               (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
     return (acc * x_scale * w_scale.astype(jnp.float32)[None, :]).astype(out_dtype)
 
 
-def fp8_matmul_xla(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, out_dtype=jnp.bfloat16) -> jax.Array:
+def fp8_matmul_xla(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, x_scale: jax.Array | None = None,
+                   out_dtype=jnp.bfloat16) -> jax.Array:
     """The same function through XLA's native fp8 dot (the peer our kernels must beat)."""
-    x_q, x_scale = quantize_rows(x)
+    x_q, x_scale = quantize_unless(x, x_scale)
     acc = jax.lax.dot_general(x_q, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return (acc * x_scale * w_scale.astype(jnp.float32)[None, :]).astype(out_dtype)
 
@@ -108,14 +124,17 @@ def describe_impl(impl: str = "auto", platform: str | None = None) -> str:
 
 
 def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer: jax.Array | int | None = None,
-               impl: str = "auto", out_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
+               x_scale: jax.Array | None = None, impl: str = "auto", out_dtype=jnp.bfloat16,
+               interpret: bool = False) -> jax.Array:
     """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T by the implementation `impl`
     (see the module docstring). `interpret=True` runs a Pallas kernel in interpret mode.
 
     layer: with w [layers, n, k] and w_scale [layers, n] (a model's stacked weights), the product
     with layer `layer` (an int32 scalar, traced or not). The Pallas kernels read that layer from
     the stack in place; slicing it outside would make XLA copy the layer's weight into a buffer
-    of its own first (a custom call cannot take a view), which costs more than the product."""
+    of its own first (a custom call cannot take a view), which costs more than the product.
+
+    x_scale: [m, 1] f32 when x comes quantized already (e4m3); the per-row step is skipped."""
     if impl not in IMPLS:
         raise ValueError(f"fp8 matmul impl {impl!r} is not one of {IMPLS}")
     if (w.ndim == 3) != (layer is not None):
@@ -127,9 +146,9 @@ def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer: jax.Arr
             w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
             w_scale = jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False)
         twin = fp8_matmul_reference if impl == "reference" else fp8_matmul_xla
-        return twin(x, w, w_scale, out_dtype=out_dtype)
+        return twin(x, w, w_scale, x_scale=x_scale, out_dtype=out_dtype)
     if impl == "triton":
         from .fp8_matmul_triton import fp8_matmul_triton as kernel
     else:
         from .fp8_matmul_tpu import fp8_matmul_tpu as kernel
-    return kernel(x, w, w_scale, layer=layer, out_dtype=out_dtype, interpret=interpret)
+    return kernel(x, w, w_scale, layer=layer, x_scale=x_scale, out_dtype=out_dtype, interpret=interpret)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .fp8_matmul import check_stacked, quantize_rows
+from .fp8_matmul import check_stacked, quantize_unless
 
 __all__ = ["fp8_matmul_tpu", "plan"]
 
@@ -65,12 +65,12 @@ def _kernel(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "bm", "bn", "bk"))
-def _fp8_matmul(x, w, w_scale, layer, *, out_dtype, interpret, bm, bn, bk):
+def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, interpret, bm, bn, bk):
     # w: [layers, n, k], w_scale: [layers, n], layer: [] i32
     m, k = x.shape
     n = w.shape[1]
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
-    x_q, x_scale = quantize_rows(x)  # [m, k] e4m3, [m, 1] f32
+    x_q, x_scale = quantize_unless(x, x_scale)  # [m, k] e4m3, [m, 1] f32
     x_q = jnp.pad(x_q, ((0, mp - m), (0, kp - k)))
     x_scale = jnp.pad(x_scale, ((0, mp - m), (0, 0)))
     w = jnp.pad(w, ((0, 0), (0, np_ - n), (0, kp - k)))  # no-op for block-aligned weights
@@ -99,12 +99,13 @@ def _fp8_matmul(x, w, w_scale, layer, *, out_dtype, interpret, bm, bn, bk):
     return out[:m, :n]
 
 
-def fp8_matmul_tpu(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=None, out_dtype=jnp.bfloat16,
-                   interpret: bool = False, **blocks) -> jax.Array:
+def fp8_matmul_tpu(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=None, x_scale=None,
+                   out_dtype=jnp.bfloat16, interpret: bool = False, **blocks) -> jax.Array:
     """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T through Pallas TPU; or, with
     `layer`, w [layers, n, k] and w_scale [layers, n], layer `layer` read in place.
+    x_scale [m, 1]: x is already e4m3 (see fp8_matmul).
     `interpret=True` runs in TPU interpret mode (CPU). `blocks`: bm / bn / bk overrides."""
     w, w_scale, layer = check_stacked(x, w, w_scale, layer)
     cfg = {**plan(x.shape[0], w.shape[1], x.shape[1]), **blocks}
-    return _fp8_matmul(x, w, w_scale, layer, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
+    return _fp8_matmul(x, x_scale, w, w_scale, layer, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
                        **cfg)

@@ -8,9 +8,9 @@ Design
   fused: the per-row amax spans all of K, while a program sees one K block at a time, so a fused
   kernel would need a second pass over x in every one of the n/BN column programs. The separate
   step reads x once (m*k, tiny next to the n*k weight bytes in decode) and is bit-identical to
-  the reference's quantization by construction. x's rows are zero-padded to a multiple of BM
-  before quantizing (fused into that step by XLA; zero rows get scale 1 and x_q = 0), so loads
-  of x never need a row mask.
+  the reference's quantization by construction (or skipped when the caller passes x already
+  quantized with its scales). x_q's rows are zero-padded to a multiple of BM (scale 1), so
+  loads of x never need a row mask.
 * Grid (m tiles, n tiles, k splits). A program loads x_q [BM, BK] and w [BN, BK] fp8 blocks and
   accumulates `dot(x, w.T)` in f32 over its K blocks (fp8 x fp8 -> f32 on the tensor cores).
   K blocks wholly inside k run unmasked; only the ragged tail block (static: k % BK != 0) is
@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .fp8_matmul import check_stacked, quantize_rows
+from .fp8_matmul import check_stacked, quantize_unless
 
 __all__ = ["fp8_matmul_triton", "plan"]
 
@@ -149,14 +149,17 @@ def _kernel(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, *, k: int, n: int, m
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_m", "block_n",
                                              "block_k", "split_k", "num_warps", "num_stages"))
-def _fp8_matmul(x, w, w_scale, layer, *, out_dtype, interpret, block_m, block_n, block_k, split_k,
+def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, interpret, block_m, block_n, block_k, split_k,
                 num_warps, num_stages):
     # w: [layers, n, k], w_scale: [layers, n], layer: [] i32
     m, k = x.shape
     num_layers, n = w.shape[:2]
     bm, bn, bk = block_m, block_n, block_k
     mp = pl.cdiv(m, bm) * bm
-    x_q, x_scale = quantize_rows(jnp.pad(x, ((0, mp - m), (0, 0))))  # [Mp, k], [Mp, 1]
+    x_q, x_scale = quantize_unless(x, x_scale)  # [m, k] e4m3, [m, 1] f32
+    # Padded rows: zeros with scale 1 (what quantizing a zero row gives), so loads need no mask.
+    x_q = jnp.pad(x_q, ((0, mp - m), (0, 0)))  # [Mp, k]
+    x_scale = jnp.pad(x_scale, ((0, mp - m), (0, 0)), constant_values=1.0)  # [Mp, 1]
     ws = jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False).astype(jnp.float32)  # [n], tiny
     kernel = functools.partial(_kernel, k=k, n=n, m=m, bm=bm, bn=bn, bk=bk, split_k=split_k)
     out_shape = (jax.ShapeDtypeStruct((split_k, m, n), jnp.float32) if split_k > 1
@@ -174,15 +177,16 @@ def _fp8_matmul(x, w, w_scale, layer, *, out_dtype, interpret, block_m, block_n,
     return out
 
 
-def fp8_matmul_triton(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=None,
+def fp8_matmul_triton(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=None, x_scale=None,
                       out_dtype=jnp.bfloat16, interpret: bool = False, **tuning) -> jax.Array:
     """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T through Pallas/Triton; or,
     with `layer`, w [layers, n, k] and w_scale [layers, n], layer `layer` read in place.
+    x_scale [m, 1]: x is already e4m3 (see fp8_matmul).
     `interpret=True` runs in Pallas interpret mode (CPU). `tuning` (benchmarks, sweeps): any
     `plan` override: block_m, block_n, block_k, split_k, num_warps, num_stages."""
     w, w_scale, layer = check_stacked(x, w, w_scale, layer)
     m, k = x.shape
     n = w.shape[1]
     cfg = plan(m, n, k, sms=_DEFAULT_SMS if interpret else None, **tuning)
-    return _fp8_matmul(x, w, w_scale, layer, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
+    return _fp8_matmul(x, x_scale, w, w_scale, layer, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
                        **cfg)

@@ -192,6 +192,22 @@ def test_stacked_weights_read_the_asked_layer(impl, kw):
         fp8_matmul(x, w, w_scale, impl=impl if impl != "triton" else "reference")
 
 
+@pytest.mark.parametrize("impl", ["reference", "xla", "triton", "tpu"])
+def test_prequantized_x(impl):
+    # x quantized by the caller (as tp shards do with a shared row max) with its scales: the
+    # same product as quantizing inside; a 16-bit x or a wrong scale shape is refused.
+    rng = np.random.default_rng(12)
+    x, w, w_scale = make_inputs(rng, 7, 96, 130)
+    x_q, x_scale = quantize_rows(x)
+    want = np.asarray(fp8_matmul_reference(x, w, w_scale, out_dtype=F32), np.float64)
+    got = fp8_matmul(x_q, w, w_scale, x_scale=x_scale, impl=impl, out_dtype=F32, interpret=True)
+    assert rel_err(got, want) < 1e-6
+    with pytest.raises(ValueError, match="pre-quantized"):
+        fp8_matmul(x, w, w_scale, x_scale=x_scale, impl=impl, interpret=True)
+    with pytest.raises(ValueError, match="pre-quantized"):
+        fp8_matmul(x_q, w, w_scale, x_scale=x_scale[:, 0], impl=impl, interpret=True)
+
+
 def test_plan_regimes():
     dec = plan(1, 1024, 5120, sms=132)
     assert dec["block_m"] == 16 and dec["split_k"] > 1

@@ -158,7 +158,7 @@ def test_sliced_loader_reads_only_the_shards(ckpts, monkeypatch, layout):
 
 def test_fp8_checkpoint_sliced_on_a_mesh(ckpts, tmp_path):
     """FP8 weights (raw bytes, memory-mapped per slice) and their scales load per shard to the
-    one-device values; the forward on tp=4 (XLA's fp8 dot, partitioned) matches one device."""
+    one-device values; the forward on tp=4 (per-shard products, fp8_tp.py) matches one device."""
     from conftest import dense_logits
 
     make_tiny_fp8_hf_checkpoint(tmp_path / "fp8", ckpts[1])
@@ -183,6 +183,39 @@ def test_quantize_at_load_on_a_mesh(ckpts):
                            quantization="fp8")
     for a, b in zip(jax.tree.leaves(nnx.state(one)), jax.tree.leaves(nnx.state(sharded))):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("kernel,mesh_spec", [("triton", "tp=4"), ("tpu", "dp=2,tp=4")])
+def test_fp8_kernels_run_per_tp_shard(ckpts, monkeypatch, kernel, mesh_spec):
+    """FP8 on a mesh: the Pallas kernel (interpret mode) runs once per tp shard on that shard's
+    rows (wq, wk, wv, w1, w3) or columns (wo, w2, which take the row max across shards and add
+    the partial products), reading the layer from the stack; logits match one device's
+    reference."""
+    import mistral_jax.fp8_tp as fp8_tp
+    from conftest import dense_logits
+    from mistral_jax.sharding import use_mesh
+
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, size=(2, 9)).astype(np.int32)
+    want = dense_logits(load_weights(open_checkpoint(ckpts[0]), jnp.float32, progress=False,
+                                     quantization="fp8", fp8_impl="reference"), tokens)
+    mesh = parse_mesh(mesh_spec)
+    sharded = load_weights(open_checkpoint(ckpts[0]), jnp.float32, mesh, progress=False, quantization="fp8",
+                           fp8_impl=kernel)
+    plain, calls = fp8_tp.fp8_matmul, []
+
+    def interpreted(x, w, w_scale, *, layer=None, x_scale=None, impl="auto", out_dtype=jnp.bfloat16):
+        calls.append((impl, w.shape, x_scale is not None))
+        return plain(x, w, w_scale, layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype, interpret=True)
+
+    monkeypatch.setattr(fp8_tp, "fp8_matmul", interpreted)
+    with use_mesh(mesh):
+        got = dense_logits(sharded, tokens)
+    # [layers, n, k] per device: wq, w1, w3 128 rows / 4; wk, wv 64 rows / 4; wo, w2 128 columns / 4.
+    assert {shape for _, shape, _ in calls} == {(2, 32, 64), (2, 16, 64), (2, 64, 32)}
+    assert {impl for impl, _, _ in calls} == {kernel}
+    assert {prequantized for _, shape, prequantized in calls} == {True, False}
+    assert all(pre == (shape == (2, 64, 32)) for _, shape, pre in calls)  # only row-parallel ones
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("stacked", [False, True])
