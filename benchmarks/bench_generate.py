@@ -78,16 +78,17 @@ def ceilings() -> dict:
 # ---- ours -------------------------------------------------------------------------------------
 
 def random_engine(config: str, dtype: str, quantization: str | None = None, fp8_impl: str = "auto",
-                  **engine_settings):
+                  mesh: str | None = None, **engine_settings):
     """An Engine over random weights of a named config (quantization None or "fp8": e4m3
-    projections, per-channel scales), with a tokenizer that only counts ids.
+    projections, per-channel scales; mesh: a --mesh spec such as "tp=2", default one device),
+    with a tokenizer that only counts ids.
     Returns (engine, cfg, seconds to build the weights on the device)."""
     import jax
 
     from mistral_jax.config import ModelConfig
     from mistral_jax.engine import Engine, EngineConfig
     from mistral_jax.llm import resolve_dtype
-    from mistral_jax.sharding import make_mesh
+    from mistral_jax.sharding import parse_mesh
     from mistral_jax.tokenizer import Tokenizer
     from mistral_jax.weights import random_weights
 
@@ -100,7 +101,7 @@ def random_engine(config: str, dtype: str, quantization: str | None = None, fp8_
             return ""
 
     cfg = ModelConfig.named(config)
-    mesh = make_mesh()
+    mesh = parse_mesh(mesh)
     t = time.perf_counter()
     model = random_weights(cfg, resolve_dtype(dtype), mesh, quantization=quantization, fp8_impl=fp8_impl)
     jax.block_until_ready(nnx_state(model))
@@ -110,13 +111,13 @@ def random_engine(config: str, dtype: str, quantization: str | None = None, fp8_
 
 
 def bench_ours(config: str, dtype: str, quantization: str | None = None, fp8_impl: str = "auto",
-               decode_batches=DECODE_BATCHES, prefill_lens=PREFILL_LENS) -> dict:
+               decode_batches=DECODE_BATCHES, prefill_lens=PREFILL_LENS, mesh: str | None = None) -> dict:
     import jax
 
     from mistral_jax.sampling import SamplingParams
 
     # Each prefill in one step (as issue 2's dense engine did), to compare like with like.
-    engine, cfg, init_s = random_engine(config, dtype, quantization, fp8_impl, max_num_seqs=max(decode_batches),
+    engine, cfg, init_s = random_engine(config, dtype, quantization, fp8_impl, mesh, max_num_seqs=max(decode_batches),
                                         max_num_batched_tokens=max(prefill_lens), enable_prefix_caching=False)
     # Bytes a decode step must read: every parameter (fp8 projections are 1 byte each).
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.state))
@@ -133,8 +134,13 @@ def bench_ours(config: str, dtype: str, quantization: str | None = None, fp8_imp
             first = first or last
         return first - t0, last - first
 
-    name = "mistral_jax" + (f" {quantization} ({fp8_impl})" if quantization else "")
+    shape, processes = dict(engine.mesh.shape), jax.process_count()
+    name = ("mistral_jax" + (f" {quantization} ({fp8_impl})" if quantization else "")
+            + (f" tp={shape['tp']}" if engine.mesh.devices.size > 1 else "")
+            + (f" dp={shape['dp']}" if shape["dp"] > 1 else "")
+            + (f", {processes} processes" if processes > 1 else ""))
     out = {"engine": name, "config": config, "dtype": dtype, "quantization": quantization,
+           "mesh": shape, "processes": processes,
            "init_seconds": init_s, "params": cfg.num_params(), "weight_bytes": weight_bytes,
            "prefill": {}, "decode": {}, "compile_seconds": {}}
     for length in prefill_lens:
@@ -282,6 +288,31 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def scaling(paths: list[str]) -> str:
+    """Runs of one config on meshes of several tp sizes: tokens/s, the speed-up over tp=1 and
+    the scaling efficiency (speed-up / tp; 100% = each added device worth a whole one)."""
+    runs = sorted((json.loads(Path(p).read_text()) for p in paths),
+                  key=lambda r: (r.get("processes", 1), r.get("mesh", {}).get("tp", 1)))
+    base = next((r for r in runs if r.get("mesh", {}).get("tp", 1) == 1), None)
+    measures = [("prefill", n) for n in sorted({int(n) for r in runs for n in r["prefill"]})]
+    measures += [("decode", n) for n in sorted({int(n) for r in runs for n in r["decode"]})]
+    lines = ["| run | " + " | ".join(f"{m} {'1x' if m == 'prefill' else 'batch '}{n} tok/s" for m, n in measures) + " |",
+             "|---|" + "---|" * len(measures)]
+    for r in runs:
+        tp, cells = r.get("mesh", {}).get("tp", 1), []
+        for m, n in measures:
+            v = r[m].get(str(n), {}).get("tokens_per_s")
+            b = base[m].get(str(n), {}).get("tokens_per_s") if base else None
+            cell = "-" if v is None else f"{v:,.1f}"
+            if v is not None and b and tp > 1:
+                cell += f" ({v / b:.2f}x, {100 * v / b / tp:.0f}%)"
+            cells.append(cell)
+        lines.append(f"| {r['engine']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Cells: tokens/s (speed-up over tp=1, scaling efficiency = speed-up / tp).")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--engine", choices=("ours", "hf", "ceilings"))
@@ -293,19 +324,27 @@ def main() -> int:
     p.add_argument("--fp8-impl", default="auto", help="ours: pallas_kernels.fp8_matmul impl")
     p.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)))
     p.add_argument("--prefill-lens", default=",".join(map(str, PREFILL_LENS)))
+    p.add_argument("--mesh", default=None, help="ours: a mesh such as tp=2 (several processes: the "
+                   "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment)")
+    p.add_argument("--scaling", action="store_true", help="with --table: tokens/s against tp=1, per tp")
     args = p.parse_args()
     if args.table:
-        print(table(args.table))
+        print(scaling(args.table) if args.scaling else table(args.table))
         return 0
+    from mistral_jax import distributed
+
+    distributed.initialize()  # a no-op unless the environment names a multi-process run
     fn = {"ours": lambda: bench_ours(
         args.config, args.dtype, None if args.quantization == "bf16" else args.quantization, args.fp8_impl,
-        tuple(int(b) for b in args.decode_batches.split(",")), tuple(int(n) for n in args.prefill_lens.split(","))), "hf": lambda: bench_hf(args.config, args.dtype),
+        tuple(int(b) for b in args.decode_batches.split(",")), tuple(int(n) for n in args.prefill_lens.split(",")),
+        args.mesh), "hf": lambda: bench_hf(args.config, args.dtype),
           "ceilings": ceilings}[args.engine]
     result = fn()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    if distributed.is_main_process():  # every process measured the same steps; one reports
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
     return 0
 
 
