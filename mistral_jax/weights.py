@@ -6,10 +6,10 @@ norm's `scale`, an FP8 projection's `*.weight_scale` [out, 1] is its `wq_scale` 
 A model built with quantization="fp8" takes FP8 weights as they are, and quantizes 16/32-bit
 projection weights per output channel as they stream in.
 Each tensor goes from the file to its device buffer on its own, so host memory
-holds about one tensor at a time, never the model. On a mesh, safetensors checkpoints (Mistral
-and HF, FP8 included) are read per shard: each device's slice is read from the file by itself
-(`jax.make_array_from_callback`), so no host reads more than its devices hold. GGUF tensors are
-read whole (quantized blocks do not slice along our axes), then split.
+holds about one tensor at a time, never the model. On a mesh, checkpoints are read per shard:
+each device's slice is read from the file by itself (`jax.make_array_from_callback`; GGUF's
+quantized tensors by rows and whole blocks of columns), so no host reads more than its devices
+hold.
 """
 
 from __future__ import annotations

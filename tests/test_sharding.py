@@ -156,6 +156,32 @@ def test_sliced_loader_reads_only_the_shards(ckpts, monkeypatch, layout):
     np.testing.assert_array_equal(np.asarray(model.output[...]), weights["output.weight"])
 
 
+def test_gguf_on_a_mesh_reads_only_the_shards(monkeypatch):
+    """The demo GGUF model (quantized Q4_1 / Q8_0 blocks) on tp=3 (9 heads, 3 kv heads): each
+    split tensor is read as 3 parts of a third, rows or whole blocks of columns, never whole;
+    the loaded weights equal a one-device load (which the mesh tests above turn into the same
+    tokens)."""
+    from mistral_jax.checkpoint import gguf
+    from mistral_jax.default_model import default_model_path
+
+    one = load_weights(open_checkpoint(default_model_path()), jnp.float32, progress=False)
+    reads, real = [], gguf.read_tensor
+
+    def counted(tensor, shape, index=()):
+        out = real(tensor, shape, index)
+        reads.append((tensor.name, out.size, int(np.prod(shape))))
+        return out
+
+    monkeypatch.setattr(gguf, "read_tensor", counted)
+    three = load_weights(open_checkpoint(default_model_path()), jnp.float32, parse_mesh("tp=3"), progress=False)
+    for name in ("token_embd.weight", "blk.3.attn_q.weight", "blk.3.attn_output.weight", "blk.3.ffn_down.weight",
+                 "blk.3.ffn_up.weight", "blk.3.attn_k.weight"):
+        sizes = [(got, whole) for n, got, whole in reads if n == name]
+        assert len(sizes) == 3 and all(3 * got == whole for got, whole in sizes), (name, sizes)
+    for a, b in zip(jax.tree.leaves(nnx.state(one)), jax.tree.leaves(nnx.state(three))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_fp8_checkpoint_sliced_on_a_mesh(ckpts, tmp_path):
     """FP8 weights (raw bytes, memory-mapped per slice) and their scales load per shard to the
     one-device values; the forward on tp=4 (per-shard products, fp8_tp.py) matches one device."""

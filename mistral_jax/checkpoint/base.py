@@ -59,7 +59,7 @@ class Entry:
     nbytes: int
     read: Callable[[], np.ndarray]  # the tensor in canonical layout
     # read_slice(index): only the part `index` (a tuple of slices of the canonical shape) is read
-    # from the file; None where the format cannot (GGUF's quantized blocks: whole tensors only).
+    # from the file; None where the format cannot (then the whole tensor is read once and cut).
     read_slice: Callable[[tuple[slice, ...]], np.ndarray] | None = None
 
     def where(self) -> str:

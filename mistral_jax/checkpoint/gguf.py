@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) files, memory-mapped: config from the metadata, tensors dequantized one at a time.
+"""GGUF (llama.cpp) files, memory-mapped: config from the metadata, tensors dequantized one at a
+time, or only the part a device holds (quantized blocks are read by rows and whole blocks).
 
 Layout: GGUF records ggml's dims (ne: innermost first), so a Linear weight's numpy shape is the
 reverse, [out, in] -- the canonical layout. llama.cpp's converter undoes Hugging Face's rotary
@@ -58,16 +59,30 @@ def scalar_metadata(reader) -> dict:
     return meta
 
 
-def read_tensor(tensor, shape: tuple[int, ...]) -> np.ndarray:
-    """A GGUF tensor as an array of `shape`: float types as stored, quantized ones dequantized to f32."""
-    from gguf import GGMLQuantizationType as Q
+def read_tensor(tensor, shape: tuple[int, ...], index: tuple[slice, ...] = ()) -> np.ndarray:
+    """A GGUF tensor as an array of `shape` (or only its part `index`, slices of that shape):
+    float types as stored, quantized ones dequantized to f32.
+
+    A quantized tensor is stored as rows of blocks (`block` values in `block_bytes` bytes, along
+    the innermost axis), so a part is read by itself: its rows, and within them the bytes of the
+    blocks its columns cover (a tp shard's columns are whole blocks; others are cut after)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
     if tensor.tensor_type in (Q.F32, Q.F16, Q.F64):
-        return tensor.data.reshape(shape)  # a view of the memory map
+        return np.array(tensor.data.reshape(shape)[index]) if index else tensor.data.reshape(shape)
     if tensor.tensor_type == Q.BF16:
-        return tensor.data.view(ml_dtypes.bfloat16).reshape(shape)
-    return dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        data = tensor.data.view(ml_dtypes.bfloat16).reshape(shape)
+        return np.array(data[index]) if index else data
+    if not index:
+        return dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    block, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
+    raw = tensor.data.reshape(*shape[:-1], -1)  # [..., blocks * block_bytes] u8
+    cols = index[-1].indices(shape[-1]) if len(index) == len(shape) else (0, shape[-1], 1)
+    first, last = cols[0] // block, -(-cols[1] // block)  # the blocks the columns touch
+    part = raw[(*index[:len(shape) - 1], slice(first * block_bytes, last * block_bytes))]
+    values = dequantize(np.ascontiguousarray(part), tensor.tensor_type)  # [..., (last - first) * block]
+    return values[..., cols[0] - first * block: cols[1] - first * block: cols[2]]
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -102,4 +117,5 @@ class GGUFCheckpoint(Checkpoint):
                 kind="other" if dtype in _INTEGER_TYPES else "float",  # quantized types dequantize to float
                 nbytes=int(t.n_bytes),
                 read=lambda t=t, shape=shape: read_tensor(t, shape),
+                read_slice=lambda index, t=t, shape=shape: read_tensor(t, shape, index),
             )
