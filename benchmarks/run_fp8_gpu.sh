@@ -17,7 +17,7 @@ s)
   timeout ${SWEEP_S:-220} python3 benchmarks/bench_fp8_matmul.py --models 2501 --projs ${PROJS:-w1/w3,o} \
     --ms ${SWEEP_MS:-1,64,128,256} --sweep --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; tail -12 "$OUT/sweep.log" ;;
 g)
-  timeout ${GEMM_S:-260} python3 benchmarks/bench_fp8_matmul.py --models ${MODELS:-2501,2409} ${GEMM_PROJS:+--projs $GEMM_PROJS} --out "$OUT/gemm_${MODELS:-all}.json" > "$OUT/gemm_${MODELS:-all}.log" 2>&1
+  timeout ${GEMM_S:-560} python3 benchmarks/bench_fp8_matmul.py --models ${MODELS:-2501,2409} ${GEMM_PROJS:+--projs $GEMM_PROJS} --out "$OUT/gemm_${MODELS:-all}.json" > "$OUT/gemm_${MODELS:-all}.log" 2>&1
   tail -30 "$OUT/gemm_${MODELS:-all}.log" ;;
 e)
   python3 benchmarks/bench_generate.py --engine ceilings --out "$OUT/ceilings.json" > "$OUT/ceilings.log" 2>&1 || tail -20 "$OUT/ceilings.log"
