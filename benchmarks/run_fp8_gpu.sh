@@ -21,12 +21,14 @@ g)
   tail -30 "$OUT/gemm_${MODELS:-all}.log" ;;
 e)
   python3 benchmarks/bench_generate.py --engine ceilings --out "$OUT/ceilings.json" > "$OUT/ceilings.log" 2>&1 || tail -20 "$OUT/ceilings.log"
-  for q in bf16 fp8; do
-    timeout ${E2E_S:-240} python3 benchmarks/bench_generate.py --engine ours --quantization $q \
-      --decode-batches 1,8,64 --out "$OUT/gen_$q.json" > "$OUT/gen_$q.log" 2>&1 || tail -30 "$OUT/gen_$q.log"
+  # E2E_RUNS: bf16, fp8 (impl auto), fp8-triton (the kernel at every size: does it beat XLA's
+  # fp8 dot in the model at prefill, where XLA must copy each layer's weight out of the stack?)
+  for run in ${E2E_RUNS:-bf16 fp8}; do
+    q=${run%%-*}; impl=auto; [ "$run" != "${run#*-}" ] && impl=${run#*-}
+    timeout ${E2E_S:-240} python3 benchmarks/bench_generate.py --engine ours --quantization $q --fp8-impl $impl \
+      --decode-batches 1,8,64 --out "$OUT/gen_$run.json" > "$OUT/gen_$run.log" 2>&1 || tail -30 "$OUT/gen_$run.log"
   done
-  python3 benchmarks/bench_generate.py --table "$OUT/ceilings.json" "$OUT/gen_bf16.json" "$OUT/gen_fp8.json" \
-    | tee "$OUT/table_fp8_e2e.md" ;;
+  python3 benchmarks/bench_generate.py --table "$OUT/ceilings.json" "$OUT"/gen_*.json | tee "$OUT/table_fp8_e2e.md" ;;
 p)
   timeout ${PROBE_S:-120} python3 benchmarks/probe_scan_fp8.py --out "$OUT/probe_scan_fp8.json" 2>&1 \
     | grep -v "^    " | tee "$OUT/probe.log" ;;
