@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="reuse the KV pages of repeated prompt prefixes")
     serve.add_argument("--attention-impl", default="auto", choices=("auto", "reference", "triton", "tpu"),
                        help="ragged paged attention: the Pallas kernel of the backend (auto) or the jnp reference")
+    serve.add_argument("--fp8-impl", default="auto", choices=("auto", "reference", "xla", "triton", "tpu"),
+                       help="FP8 matmul (with --quantization fp8 or an FP8 checkpoint): auto picks by backend "
+                            "and tokens per step (GPU: the Triton kernel for decode, XLA's fp8 dot for prefill)")
     distributed.add_cli_flags(p)
     return p.parse_args(argv)
 
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
                   gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl,
-                  quantization=args.quantization, mesh=args.mesh)
+                  quantization=args.quantization, fp8_impl=args.fp8_impl, mesh=args.mesh)
     except (ValueError, FileNotFoundError, TypeError, distributed.DistributedInitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

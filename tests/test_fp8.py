@@ -223,3 +223,22 @@ def test_invalid_quantization(tiny_checkpoints):
 
     with pytest.raises(ValueError, match=r"quantization='int8' is not supported; use None .* or 'fp8'"):
         LLM(model=str(tiny_checkpoints[0]), quantization="int8", progress=False)
+
+
+def test_cli_fp8_options(monkeypatch, capsys):
+    # --quantization fp8 --fp8-impl reach LLM; an unknown impl is refused by the parser.
+    import mistral_jax.generate as cli
+
+    seen = {}
+
+    def fake_llm(**kwargs):
+        seen.update(kwargs)
+        raise ValueError("stopped before loading")
+
+    monkeypatch.setattr(cli, "LLM", fake_llm)
+    assert cli.main(["--quantization", "fp8", "--fp8-impl", "triton", "--prompt", "hi"]) == 2
+    assert seen["quantization"] == "fp8" and seen["fp8_impl"] == "triton"
+    assert "stopped before loading" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--fp8-impl", "cuda"])
+    assert "invalid choice: 'cuda'" in capsys.readouterr().err
