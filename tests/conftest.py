@@ -32,6 +32,15 @@ def __getattr__(name):  # `from conftest import V3_TOKENIZER` stays lazy
 
 
 @pytest.fixture(scope="session")
+def gpu_only():
+    """For the `pytest -m gpu` suites: skip where JAX has no GPU backend."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+
+
+@pytest.fixture(scope="session")
 def tiny_cfg():
     from mistral_jax.config import ModelConfig
 

@@ -13,7 +13,7 @@ from mistral_jax.sharding import make_mesh
 from mistral_jax.tokenizer import Tokenizer
 from mistral_jax.weights import random_weights
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_only")]
 
 # Real head_dim and GQA ratio of Mistral-Small (128, 4 query heads per kv head), two layers.
 CFG = ModelConfig(dim=512, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=128, hidden_dim=1024,
@@ -29,8 +29,6 @@ class IdsOnly(Tokenizer):
 
 @pytest.fixture(scope="module")
 def model():
-    if jax.default_backend() != "gpu":
-        pytest.skip("needs a GPU")
     return random_weights(CFG, np.float32, make_mesh(), seed=3)
 
 
@@ -72,8 +70,6 @@ def test_fp8_triton_engine_matches_reference():
     # the layer index) against the jnp reference on the same random fp8 weights. Both quantize
     # activations identically; only f32 summation order differs, and an activation sitting on
     # an e4m3 rounding tie can then round the other way, so a rare near-tie greedy pick may flip.
-    if jax.default_backend() != "gpu":
-        pytest.skip("needs a GPU")
     batch = prompts(12, 3)
     got, want = (run(random_weights(CFG, np.float32, make_mesh(), seed=3, quantization="fp8", fp8_impl=impl),
                      "reference", batch, max_num_batched_tokens=128, num_pages=400)

@@ -261,12 +261,8 @@ def test_dispatch_errors():
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("gpu_only")
 class TestGPU:
-    @pytest.fixture(autouse=True)
-    def _need_gpu(self):
-        if jax.default_backend() != "gpu":
-            pytest.skip("needs a GPU")
-
     @staticmethod
     def _check(m, k, n, out_dtype, tol, **tuning):
         rng = np.random.default_rng(m)

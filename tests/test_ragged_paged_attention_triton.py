@@ -146,12 +146,8 @@ def test_unsupported_group_raises():
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("gpu_only")
 class TestGPU:
-    @pytest.fixture(autouse=True)
-    def _need_gpu(self):
-        if jax.default_backend() != "gpu":
-            pytest.skip("needs a GPU")
-
     @pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 2e-2), (jnp.float32, 1e-4)])
     @pytest.mark.parametrize("page_size", [16, 1, 128])
     def test_mistral_shape_mixed(self, dtype, tol, page_size):
