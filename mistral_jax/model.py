@@ -31,12 +31,13 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> n
     """A parameter with its logical axes. Random init is for tests and benchmarks only:
     real weights come from a checkpoint."""
     assert len(shape) == len(axes), (shape, axes)
-    if init == "ones":
-        value = jnp.ones(shape, dtype)
-    else:
-        fan_in = shape[-1]
-        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5).astype(dtype)
+    value = jnp.ones(shape, dtype) if init == "ones" else _random_normal(rngs.params(), shape, shape[-1], dtype)
     return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def _random_normal(key, shape, fan_in: int, dtype) -> jax.Array:
+    """The random init: normal with std fan_in^-1/2, drawn in f32."""
+    return (jax.random.normal(key, shape, jnp.float32) * fan_in**-0.5).astype(dtype)
 
 
 def _linear_params(rngs, shape, axes, dtype, quantization: str | None, n_in: int = 1):
@@ -54,8 +55,7 @@ def _linear_params(rngs, shape, axes, dtype, quantization: str | None, n_in: int
     key = rngs.params()
 
     def draw(i):  # -> w_q [block, k] e4m3, scale [block]
-        w = jax.random.normal(jax.random.fold_in(key, i), (block, k), jnp.float32) * shape[-1] ** -0.5
-        return quantize_weight(w.astype(dtype))
+        return quantize_weight(_random_normal(jax.random.fold_in(key, i), (block, k), shape[-1], dtype))
 
     w_q, scale = jax.lax.map(draw, jnp.arange(rows // block))
     return (nnx.Param(w_q.reshape(shape), logical_axes=tuple(axes)),

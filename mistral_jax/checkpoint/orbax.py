@@ -42,7 +42,6 @@ class OrbaxCheckpoint(Checkpoint):
                                   "Run python -m mistral_jax.convert SRC DST again")
         super().__init__(path, ModelConfig(**meta["config"]))
         self.quantization = meta.get("quantization")
-        self.saved_dtype = meta["dtype"]
 
     def tensors(self, progress: bool = True):
         raise CheckpointError(f"{self.path}: an Orbax checkpoint is restored whole (restore_model), not streamed")
