@@ -33,3 +33,7 @@ p)
   timeout ${PROBE_S:-120} python3 benchmarks/probe_scan_fp8.py --out "$OUT/probe_scan_fp8.json" 2>&1 \
     | grep -v "^    " | tee "$OUT/probe.log" ;;
 esac; done
+# The device tool returns at most 8 files: BUNDLE=1 packs everything into one archive.
+if [ -n "${BUNDLE:-}" ]; then
+  tar czf /tmp/fp8_results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/fp8_results.tgz "$OUT/"
+fi
