@@ -3,11 +3,13 @@ kernel inside the whole engine gives the same greedy tokens as the jnp reference
 continuous batching with chunked prefill, the prefix cache and preemption."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.engine import Engine, EngineConfig
+from mistral_jax.kv_cache import DenseKVCache
 from mistral_jax.sampling import SamplingParams
 from mistral_jax.sharding import make_mesh
 from mistral_jax.tokenizer import Tokenizer
@@ -65,15 +67,35 @@ def test_triton_engine_matches_reference(model, settings):
     assert agree == 1.0, f"{agree:.0%} of requests agree: {[(a, b) for a, b in zip(got, want) if a != b][:2]}"
 
 
+def reference_logits(model, tokens):
+    """One dense forward over a single sequence: logits [seq, vocab] as NumPy."""
+    cache = DenseKVCache.init(CFG, 1, len(tokens), model.dtype)
+    logits, _ = model(jnp.asarray([tokens]), jnp.arange(len(tokens))[None], cache)
+    return np.asarray(logits[0], np.float64)
+
+
 def test_fp8_triton_engine_matches_reference():
-    # FP8 projections (the model hands the Triton kernel each whole [layers, n, k] stack and
-    # the layer index) against the jnp reference on the same random fp8 weights. Both quantize
-    # activations identically; only f32 summation order differs, and an activation sitting on
-    # an e4m3 rounding tie can then round the other way, so a rare near-tie greedy pick may flip.
+    # FP8 projections through the Triton kernel (each whole [layers, n, k] stack plus the layer
+    # index) in the engine, judged by the jnp reference model on the same random fp8 weights.
+    # Greedy tokens cannot be compared one for one: per-token activation quantization makes an
+    # FP8 model chaotic. The kernel and the reference sum in different orders (~1e-7 apart per
+    # product), an activation near an e4m3 rounding boundary then rounds the other way (a 1/16
+    # step), and that grows layer by layer: on CPU, nudging the embeddings by 1e-7 moves this
+    # model's FP8 logits by 1% (its f32 logits by 1e-6). Measured on the H100: triton vs
+    # reference logits 3.9% apart, XLA's fp8 dot vs reference 4.3%; 1 request in 12 keeps all
+    # 24 greedy tokens with either. So the reference scores the engine's tokens, teacher-forced:
+    # each must be within 0.5 of the reference's best logit (logits have std 1, a random token
+    # sits ~3.5 below the best; wrong weight rows or scales give O(1) errors), and most must be
+    # the reference's own pick.
     batch = prompts(12, 3)
-    got, want = (run(random_weights(CFG, np.float32, make_mesh(), seed=3, quantization="fp8", fp8_impl=impl),
-                     "reference", batch, max_num_batched_tokens=128, num_pages=400)
-                 for impl in ("triton", "reference"))
-    agree = np.mean([a == b for a, b in zip(got, want)])
+    model = random_weights(CFG, np.float32, make_mesh(), seed=3, quantization="fp8", fp8_impl="triton")
+    reference = random_weights(CFG, np.float32, make_mesh(), seed=3, quantization="fp8", fp8_impl="reference")
+    with jax.default_matmul_precision("highest"):
+        got = run(model, "reference", batch, max_num_batched_tokens=128, num_pages=400)
+        gaps = []
+        for prompt, out in zip(batch, got):
+            logits = reference_logits(reference, prompt + out[:-1])[len(prompt) - 1:]  # [24, vocab]
+            gaps += (logits.max(-1) - logits[np.arange(len(out)), out]).tolist()
+    gaps = np.array(gaps)
     assert all(len(g) == 24 for g in got)
-    assert agree >= 0.9, f"{agree:.0%} of requests agree"
+    assert gaps.max() < 0.5 and np.mean(gaps == 0) >= 0.8, (gaps.max(), np.mean(gaps == 0))
