@@ -117,7 +117,7 @@ def bench_ours(config: str, dtype: str, quantization: str | None = None, fp8_imp
     from mistral_jax.sampling import SamplingParams
 
     # Each prefill in one step (as issue 2's dense engine did), to compare like with like.
-    engine, cfg, init_s = random_engine(config, dtype, quantization, fp8_impl, mesh, max_num_seqs=max(decode_batches),
+    engine, cfg, init_s = random_engine(config, dtype, quantization, fp8_impl, mesh, max_num_seqs=max(decode_batches, default=1),
                                         max_num_batched_tokens=max(prefill_lens), enable_prefix_caching=False)
     # Bytes a decode step must read: every parameter (fp8 projections are 1 byte each).
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.state))
@@ -336,7 +336,8 @@ def main() -> int:
     distributed.initialize()  # a no-op unless the environment names a multi-process run
     fn = {"ours": lambda: bench_ours(
         args.config, args.dtype, None if args.quantization == "bf16" else args.quantization, args.fp8_impl,
-        tuple(int(b) for b in args.decode_batches.split(",")), tuple(int(n) for n in args.prefill_lens.split(",")),
+        tuple(int(b) for b in args.decode_batches.split(",") if b),
+        tuple(int(n) for n in args.prefill_lens.split(",") if n),
         args.mesh), "hf": lambda: bench_hf(args.config, args.dtype),
           "ceilings": ceilings}[args.engine]
     result = fn()
