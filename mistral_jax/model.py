@@ -79,12 +79,7 @@ def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, im
     from pallas_kernels.fp8_matmul import fp8_matmul
 
     b, s = x.shape[:2]
-    if layer is None:
-        out_shape = scale.shape
-        w, w_scale = weight.reshape(scale.size, -1), scale.reshape(-1)  # [n, k], [n]
-    else:
-        num_layers, out_shape = scale.shape[0], scale.shape[1:]
-        w, w_scale = weight.reshape(num_layers, -1, weight.size // scale.size), scale.reshape(num_layers, -1)
+    w, w_scale, out_shape = _kernel_view(weight, scale, layer)
     mesh = current_mesh()
     split = _tp_split(axes[-weight.ndim:], weight.ndim - scale.ndim) if impl not in ("reference", "xla") else None
     if split and mesh_size(mesh, "tp") > 1:
@@ -95,6 +90,32 @@ def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, im
     else:
         y = fp8_matmul(x.reshape(b * s, -1), w, w_scale, layer=layer, impl=impl, out_dtype=x.dtype)
     return y.reshape(b, s, *out_shape)
+
+
+def linear_group(eq: str, x: jax.Array, weights, scales, impl: str = "auto", layer: jax.Array | None = None,
+                 axes=None) -> list[jax.Array]:
+    """linear() of one x [batch, seq, in] with several FP8 weights (a layer's q, k, v; or w1, w3):
+    one kernel launch for all of them where the kernel can (decode's small projections are bound
+    by per-launch cost). On a tp mesh, one linear() per weight (each per shard)."""
+    if mesh_size(current_mesh(), "tp") > 1:
+        return [linear(eq, x, w, s, impl, layer, a) for w, s, a in zip(weights, scales, axes)]
+    from pallas_kernels.fp8_matmul import fp8_matmul_group
+
+    b, s = x.shape[:2]
+    views = [_kernel_view(w, sc, layer) for w, sc in zip(weights, scales)]
+    ys = fp8_matmul_group(x.reshape(b * s, -1), [v[0] for v in views], [v[1] for v in views], layer=layer,
+                          impl=impl, out_dtype=x.dtype)
+    return [y.reshape(b, s, *v[2]) for y, v in zip(ys, views)]
+
+
+def _kernel_view(weight: jax.Array, scale: jax.Array, layer):
+    """An FP8 weight [(layers,) out..., in...] as the kernel's w [(layers,) n, k], its scale as
+    w_scale [(layers,) n], and the out... shape to give y back."""
+    if layer is None:
+        return weight.reshape(scale.size, -1), scale.reshape(-1), scale.shape
+    num_layers = scale.shape[0]
+    return (weight.reshape(num_layers, -1, weight.size // scale.size), scale.reshape(num_layers, -1),
+            scale.shape[1:])
 
 
 def _tp_split(axes, n_in: int) -> str | None:
@@ -166,11 +187,19 @@ class Attention(nnx.Module):
         return linear(eq, x, weight, scale[...], self.fp8_impl, layer if stacked else None,
                       tuple(param.logical_axes))
 
+    def _linears(self, eq, x, names, layer):
+        """_linear() of one x for several projections; FP8 ones go to the kernel together."""
+        params = [getattr(self, n) for n in names]
+        scales = [getattr(self, n + "_scale") for n in names]
+        if any(sc is None for sc in scales):
+            return [self._linear(eq, x, n, layer) for n in names]
+        stacked = params[0][...].ndim == len(eq.split(",")[1].split("->")[0]) + 1
+        return linear_group(eq, x, [p[...] for p in params], [sc[...] for sc in scales], self.fp8_impl,
+                            layer if stacked else None, [tuple(p.logical_axes) for p in params])
+
     def __call__(self, x, positions, cache, layer):
         # x: [batch, seq, embed] -> q: [batch, seq, q_heads, head_dim], k/v: [.., kv_heads, ..]
-        q = self._linear("bse,hde->bshd", x, "wq", layer)
-        k = self._linear("bse,hde->bshd", x, "wk", layer)
-        v = self._linear("bse,hde->bshd", x, "wv", layer)
+        q, k, v = self._linears("bse,hde->bshd", x, ("wq", "wk", "wv"), layer)
         q = constrain(rotary(q, positions, self.rope_theta), ("batch", "seq", "q_heads", "head_dim"))
         k = constrain(rotary(k, positions, self.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
         out, cache = cache.attend(layer, q, k, v, positions)
@@ -189,11 +218,10 @@ class MLP(nnx.Module):
         self.w2, self.w2_scale = _linear_params(rngs, (*stack, cfg.dim, cfg.hidden_dim), (*L, "embed", "mlp"), dtype, q)
         self.fp8_impl = fp8_impl
 
-    _linear = Attention._linear
+    _linear, _linears = Attention._linear, Attention._linears
 
     def __call__(self, x, layer=None):
-        gate = self._linear("bse,fe->bsf", x, "w1", layer)
-        up = self._linear("bse,fe->bsf", x, "w3", layer)
+        gate, up = self._linears("bse,fe->bsf", x, ("w1", "w3"), layer)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
         return self._linear("bsf,ef->bse", h, "w2", layer)
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["E4M3_MAX", "quantize_rows", "quantize_unless", "quantize_weight", "fp8_matmul_reference", "fp8_matmul_xla", "fp8_matmul",
-           "check_stacked"]
+__all__ = ["E4M3_MAX", "quantize_rows", "quantize_unless", "quantize_weight", "fp8_matmul_reference",
+           "fp8_matmul_xla", "fp8_matmul", "fp8_matmul_group", "check_stacked"]
 
 E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448.0
 
@@ -123,6 +123,13 @@ def describe_impl(impl: str = "auto", platform: str | None = None) -> str:
     return small if small == large else f"{small} up to {GPU_TRITON_MAX_M} tokens, {large} above"
 
 
+def _check_args(impl: str, w: jax.Array, layer) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"fp8 matmul impl {impl!r} is not one of {IMPLS}")
+    if (w.ndim == 3) != (layer is not None):
+        raise ValueError(f"fp8 matmul: w {w.shape} needs layer= exactly when it is stacked [layers, n, k]")
+
+
 def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer: jax.Array | int | None = None,
                x_scale: jax.Array | None = None, impl: str = "auto", out_dtype=jnp.bfloat16,
                interpret: bool = False) -> jax.Array:
@@ -135,10 +142,7 @@ def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer: jax.Arr
     of its own first (a custom call cannot take a view), which costs more than the product.
 
     x_scale: [m, 1] f32 when x comes quantized already (e4m3); the per-row step is skipped."""
-    if impl not in IMPLS:
-        raise ValueError(f"fp8 matmul impl {impl!r} is not one of {IMPLS}")
-    if (w.ndim == 3) != (layer is not None):
-        raise ValueError(f"fp8 matmul: w {w.shape} needs layer= exactly when it is stacked [layers, n, k]")
+    _check_args(impl, w, layer)
     if impl == "auto":
         impl = default_impl(m=x.shape[0])
     if impl in ("reference", "xla"):
@@ -152,3 +156,22 @@ def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer: jax.Arr
     else:
         from .fp8_matmul_tpu import fp8_matmul_tpu as kernel
     return kernel(x, w, w_scale, layer=layer, x_scale=x_scale, out_dtype=out_dtype, interpret=interpret)
+
+
+def fp8_matmul_group(x: jax.Array, ws, w_scales, *, layer: jax.Array | int | None = None,
+                     impl: str = "auto", out_dtype=jnp.bfloat16, interpret: bool = False) -> tuple[jax.Array, ...]:
+    """fp8_matmul of one x with several weights (a layer's q, k, v; or w1, w3): one y per weight.
+    The Triton kernel does them in one launch (x quantized once, its n tiles spread over every
+    weight): at decode the small projections are bound by per-launch cost, not bytes. Other
+    implementations run one product per weight."""
+    for w in ws:
+        _check_args(impl, w, layer)
+    if impl == "auto":
+        impl = default_impl(m=x.shape[0])
+    if impl == "triton" and len(ws) > 1:
+        from .fp8_matmul_triton import fp8_matmul_group_triton
+
+        return fp8_matmul_group_triton(x, tuple(ws), tuple(w_scales), layer=layer, out_dtype=out_dtype,
+                                       interpret=interpret)
+    return tuple(fp8_matmul(x, w, s, layer=layer, impl=impl, out_dtype=out_dtype, interpret=interpret)
+                 for w, s in zip(ws, w_scales))

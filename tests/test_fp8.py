@@ -182,24 +182,35 @@ def test_quantize_at_load_close_to_f32(tiny_checkpoints, tokens):
 def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatch, kernel):
     # The layer scan hands each FP8 projection's whole [layers, n, k] stack and the layer index
     # to the kernel (no per-layer slice to copy); the kernel, run in interpret mode here, must
-    # give the logits of the jnp reference, which slices the layer itself.
+    # give the logits of the jnp reference, which slices the layer itself. The Triton kernel
+    # takes q, k, v in one launch and w1, w3 in another; the TPU kernel one weight at a time.
     import pallas_kernels.fp8_matmul as fm
 
     model = load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, progress=False,
                          quantization="fp8", fp8_impl="reference")
     ref = dense_logits(model, tokens)
-    plain, seen = fm.fp8_matmul, []
+    plain, plain_group, seen = fm.fp8_matmul, fm.fp8_matmul_group, []
 
     def interpreted(x, w, w_scale, *, layer=None, impl="auto", out_dtype=jnp.bfloat16, interpret=False):
-        seen.append((impl, w.ndim, layer is not None))
+        seen.append((impl, w.ndim, layer is not None, 1))
         return plain(x, w, w_scale, layer=layer, impl=impl, out_dtype=out_dtype, interpret=True)
 
+    def interpreted_group(x, ws, w_scales, *, layer=None, impl="auto", out_dtype=jnp.bfloat16, interpret=False):
+        if impl == "triton":
+            seen.append((impl, ws[0].ndim, layer is not None, len(ws)))
+            return plain_group(x, ws, w_scales, layer=layer, impl=impl, out_dtype=out_dtype, interpret=True)
+        return tuple(interpreted(x, w, s, layer=layer, impl=impl, out_dtype=out_dtype) for w, s in zip(ws, w_scales))
+
     monkeypatch.setattr(fm, "fp8_matmul", interpreted)
+    monkeypatch.setattr(fm, "fp8_matmul_group", interpreted_group)
     for _, module in nnx.iter_modules(model):
         if hasattr(module, "fp8_impl"):
             module.fp8_impl = kernel
     out = dense_logits(model, tokens)
-    assert seen and all(s == (kernel, 3, True) for s in seen), seen[:3]
+    # Per layer: q, k, v and w1, w3 grouped (Triton) or one by one (TPU); o and w2 alone.
+    launches = [3, 1, 2, 1] if kernel == "triton" else [1] * 7
+    assert [s[3] for s in seen] == launches, seen
+    assert all(s[:3] == (kernel, 3, True) for s in seen), seen[:3]
     assert rel_err(out, ref) < 1e-5
 
 

@@ -13,12 +13,13 @@ from pallas_kernels.fp8_matmul import (
     default_impl,
     describe_impl,
     fp8_matmul,
+    fp8_matmul_group,
     fp8_matmul_reference,
     quantize_rows,
     quantize_weight,
 )
 from pallas_kernels.fp8_matmul_tpu import fp8_matmul_tpu
-from pallas_kernels.fp8_matmul_triton import fp8_matmul_triton, plan
+from pallas_kernels.fp8_matmul_triton import fp8_matmul_group_triton, fp8_matmul_triton, plan
 
 E4M3 = ml_dtypes.float8_e4m3fn
 
@@ -192,6 +193,35 @@ def test_stacked_weights_read_the_asked_layer(impl, kw):
         fp8_matmul(x, w, w_scale, impl=impl if impl != "triton" else "reference")
 
 
+@pytest.mark.parametrize("m,ns,stacked,kw", [
+    (1, (64, 16, 16), False, dict(block_n=16, block_k=32)),  # q, k, v shaped; split-K by plan
+    (5, (40, 23, 70), True, dict(block_n=16, block_k=32, split_k=3)),  # every n ragged, stacked
+    (33, (48, 48), True, dict(block_n=16, block_k=32, split_k=1)),  # w1, w3 shaped, no split
+])
+def test_triton_group_one_launch(m, ns, stacked, kw):
+    # Several weights of one x in one launch (the grid's n tiles run through them in turn):
+    # each y equals its own reference product, at ragged n (a group's last tile is partial and
+    # the next group's tiles start after it) and k (= 200: a ragged tail block).
+    rng = np.random.default_rng(m)
+    k, layers = 200, 3
+    x = jnp.asarray(rng.normal(size=(m, k)), BF16)
+    qs = [[quantize_weight(jnp.asarray(rng.normal(size=(n, k)) * 0.05, F32)) for _ in range(layers)] for n in ns]
+    ws = [jnp.stack([w for w, _ in q]) if stacked else q[0][0] for q in qs]
+    ss = [jnp.stack([s for _, s in q]) if stacked else q[0][1] for q in qs]
+    layer = 2 if stacked else 0
+    at = dict(layer=jnp.int32(layer) if stacked else None, out_dtype=F32)
+    outs = fp8_matmul_group_triton(x, ws, ss, interpret=True, **at, **kw)
+    assert len(outs) == len(ns)
+    for out, q, n in zip(outs, qs, ns):
+        ref = np.asarray(fp8_matmul_reference(x, *q[layer], out_dtype=F32), np.float64)
+        assert out.shape == (m, n) and (np.asarray(out) != 0).all()
+        assert rel_err(out, ref) < 1e-5, n
+    # The dispatcher: its default plan in one launch, and the twins one product per weight.
+    for impl in ("triton", "reference", "xla"):
+        for out, other in zip(outs, fp8_matmul_group(x, ws, ss, impl=impl, interpret=True, **at)):
+            assert rel_err(other, out) < 1e-5, impl
+
+
 @pytest.mark.parametrize("impl", ["reference", "xla", "triton", "tpu"])
 def test_prequantized_x(impl):
     # x quantized by the caller (as tp shards do with a shared row max) with its scales: the
@@ -287,17 +317,38 @@ class TestGPU:
         self._check(m, k, n, F32, 1e-5)
         self._check(m, k, n, F32, 1e-5, split_k=1)
 
-    def test_stack_past_4_gib(self):
-        # A [2, 32768, 69632] e4m3 stack is 4.6 GB: Triton lowering switches to 64-bit offsets
-        # past 4 GiB, and layer 1's rows start 2.3e9 elements in (past int32). Layer 1 of the
-        # stack against the plain product on that layer alone.
+    @pytest.mark.parametrize("m", [1, 64])
+    def test_group_qkv(self, m):
+        # Mistral-Small-2501's q, k, v (4096, 1024, 1024 rows of 5120) in one launch.
+        rng = np.random.default_rng(m)
+        x, *_ = make_inputs(rng, m, 5120, 8)
+        ws = [quantize_weight(jnp.asarray(rng.normal(size=(n, 5120)) * 0.05, F32)) for n in (4096, 1024, 1024)]
+        outs = fp8_matmul_group_triton(x, [w for w, _ in ws], [s for _, s in ws], out_dtype=F32)
+        for out, (w, s) in zip(outs, ws):
+            ref = np.asarray(fp8_matmul_reference(x, w, s, out_dtype=F32), np.float64)
+            assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
+
+    @pytest.mark.parametrize("layers,n,k", [(2, 458752, 5120), (40, 32768, 5120)])
+    def test_stack_past_4_gib(self, layers, n, k):
+        # Stacks over 4 GiB: Triton lowering switches to 64-bit offsets, and the last layer's
+        # rows start past int32 elements. [2, 458752, 5120] is 4.7 GB; [40, 32768, 5120] is
+        # Mistral-Small-2501's w1 stack (6.7 GB). (k stays at 5120: with these weights' spread of
+        # exponents, Hopper's fp8 accumulation drifts past 1e-5 at k = 69632.) The last layer against the plain product on
+        # that layer alone; on failure, also against layer 0 (were the wrong rows read?).
         rng = np.random.default_rng(4)
-        n, k = 32768, 69632
         x = jnp.asarray(rng.normal(size=(3, k)), BF16)
-        w = jax.random.bits(jax.random.key(0), (2, n, k), jnp.uint8)
-        w = jax.lax.bitcast_convert_type(w & 0xF7, jnp.float8_e4m3fn)  # exponent <= 14: finite, |w| <= 240
-        w_scale = jnp.asarray(rng.uniform(0.5, 2.0, size=(2, n)), F32)
-        out = fp8_matmul_triton(x, w, w_scale, layer=jnp.int32(1), out_dtype=F32)
-        ref = fp8_matmul_reference(x, w[1], w_scale[1], out_dtype=F32)
-        err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
-        assert err < 1e-5, err
+        # Drawn 1024 rows at a time: random bits come as u32 first, 4x the stack in one draw.
+        def draw(key):
+            bits = jax.random.bits(key, (1024, k), jnp.uint8)
+            return jax.lax.bitcast_convert_type(bits & 0xF7, jnp.float8_e4m3fn)  # exponent <= 14: |w| <= 240
+        keys = jax.random.split(jax.random.key(0), layers * n // 1024)
+        w = jax.jit(lambda keys: jax.lax.map(draw, keys).reshape(layers, n, k))(keys)
+        w_scale = jnp.asarray(rng.uniform(0.5, 2.0, size=(layers, n)), F32)
+        out = np.asarray(fp8_matmul_triton(x, w, w_scale, layer=jnp.int32(layers - 1), out_dtype=F32), np.float64)
+
+        def err_against(layer):
+            ref = np.asarray(fp8_matmul_reference(x, w[layer], w_scale[layer], out_dtype=F32), np.float64)
+            return np.abs(out - ref).max() / np.abs(ref).max()
+
+        err = err_against(layers - 1)
+        assert err < 1e-5, f"relative error {err:.3g} against layer {layers - 1}, {err_against(0):.3g} against layer 0"
