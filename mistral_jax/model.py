@@ -96,15 +96,22 @@ def linear_group(eq: str, x: jax.Array, weights, scales, impl: str = "auto", lay
                  axes=None) -> list[jax.Array]:
     """linear() of one x [batch, seq, in] with several FP8 weights (a layer's q, k, v; or w1, w3):
     one kernel launch for all of them where the kernel can (decode's small projections are bound
-    by per-launch cost). On a tp mesh, one linear() per weight (each per shard)."""
-    if mesh_size(current_mesh(), "tp") > 1:
-        return [linear(eq, x, w, s, impl, layer, a) for w, s, a in zip(weights, scales, axes)]
+    by per-launch cost), also per shard when tp splits all of them column-parallel."""
     from pallas_kernels.fp8_matmul import fp8_matmul_group
 
     b, s = x.shape[:2]
+    mesh = current_mesh()
     views = [_kernel_view(w, sc, layer) for w, sc in zip(weights, scales)]
-    ys = fp8_matmul_group(x.reshape(b * s, -1), [v[0] for v in views], [v[1] for v in views], layer=layer,
-                          impl=impl, out_dtype=x.dtype)
+    ws, w_scales = [v[0] for v in views], [v[1] for v in views]
+    if mesh_size(mesh, "tp") == 1 or impl in ("reference", "xla"):  # the twins: XLA partitions them
+        ys = fp8_matmul_group(x.reshape(b * s, -1), ws, w_scales, layer=layer, impl=impl, out_dtype=x.dtype)
+    elif all(_tp_split(a[-w.ndim:], w.ndim - sc.ndim) == "out" for w, sc, a in zip(weights, scales, axes)):
+        from .fp8_tp import fp8_linear_group_tp
+
+        ys = fp8_linear_group_tp(x.reshape(b * s, -1), ws, w_scales, layer, mesh=mesh, impl=impl,
+                                 out_dtype=x.dtype)
+    else:
+        return [linear(eq, x, w, sc, impl, layer, a) for w, sc, a in zip(weights, scales, axes)]
     return [y.reshape(b, s, *v[2]) for y, v in zip(ys, views)]
 
 

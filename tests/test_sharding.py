@@ -227,20 +227,27 @@ def test_fp8_kernels_run_per_tp_shard(ckpts, monkeypatch, kernel, mesh_spec):
     mesh = parse_mesh(mesh_spec)
     sharded = load_weights(open_checkpoint(ckpts[0]), jnp.float32, mesh, progress=False, quantization="fp8",
                            fp8_impl=kernel)
-    plain, calls = fp8_tp.fp8_matmul, []
+    plain, plain_group, calls = fp8_tp.fp8_matmul, fp8_tp.fp8_matmul_group, []
 
     def interpreted(x, w, w_scale, *, layer=None, x_scale=None, impl="auto", out_dtype=jnp.bfloat16):
-        calls.append((impl, w.shape, x_scale is not None))
+        calls.append((impl, (w.shape,), x_scale is not None))
         return plain(x, w, w_scale, layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype, interpret=True)
 
+    def interpreted_group(x, ws, w_scales, *, layer=None, impl="auto", out_dtype=jnp.bfloat16):
+        calls.append((impl, tuple(w.shape for w in ws), False))
+        return plain_group(x, ws, w_scales, layer=layer, impl=impl, out_dtype=out_dtype, interpret=True)
+
     monkeypatch.setattr(fp8_tp, "fp8_matmul", interpreted)
+    monkeypatch.setattr(fp8_tp, "fp8_matmul_group", interpreted_group)
     with use_mesh(mesh):
         got = dense_logits(sharded, tokens)
     # [layers, n, k] per device: wq, w1, w3 128 rows / 4; wk, wv 64 rows / 4; wo, w2 128 columns / 4.
-    assert {shape for _, shape, _ in calls} == {(2, 32, 64), (2, 16, 64), (2, 64, 32)}
+    # Column-parallel q, k, v go to the kernel together, and w1, w3; row-parallel wo, w2 alone,
+    # with x quantized by the row max across shards.
+    q, kv, row = (2, 32, 64), (2, 16, 64), (2, 64, 32)
+    assert sorted(shapes for _, shapes, _ in calls) == sorted([(q, kv, kv), (q, q), (row,), (row,)])
     assert {impl for impl, _, _ in calls} == {kernel}
-    assert {prequantized for _, shape, prequantized in calls} == {True, False}
-    assert all(pre == (shape == (2, 64, 32)) for _, shape, pre in calls)  # only row-parallel ones
+    assert all(pre == (shapes == (row,)) for _, shapes, pre in calls)  # only row-parallel ones
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
