@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8_matmul import fp8_matmul_reference, fp8_matmul_xla, quantize_weight
-from pallas_kernels.fp8_matmul_triton import fp8_matmul_triton, plan
+from pallas_kernels.fp8_matmul_triton import fp8_matmul_group_triton, fp8_matmul_triton, plan
 
 # (dim, n_heads, n_kv_heads, head_dim, hidden)
 MODELS = {"2501": (5120, 32, 8, 128, 32768), "2409": (6144, 48, 8, 128, 16384)}
@@ -160,6 +160,40 @@ def bench_shape(model, name, m, n, k, *, sweep):
     return row
 
 
+def groups(dim, n_heads, n_kv, head_dim, hidden):
+    """[(name, [n...], k)]: the projections of one x that the model runs in one launch."""
+    return [("q+k+v", [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim), ("w1+w3", [hidden, hidden], dim)]
+
+
+def bench_group(model, name, m, ns, k):
+    """Several weights of one x: one grouped launch of our kernel against one launch per weight
+    (ours, XLA fp8, XLA bf16). The markdown's triton columns are the grouped launch."""
+    sets = [make_sets(m, n, k) for n in ns]  # per weight, rotating copies
+    n_sets = min(len(s) for s in sets)
+    x_sets = [sets[0][i][0] for i in range(n_sets)]
+    grouped = [(x_sets[i], tuple(s[i][1] for s in sets), tuple(s[i][2] for s in sets)) for i in range(n_sets)]
+    bf16 = [(x_sets[i], tuple(s[i][3] for s in sets)) for i in range(n_sets)]
+    n, flops, wbytes = sum(ns), 2 * m * sum(ns) * k, sum(ns) * k
+    row = dict(model=model, proj=name, m=m, n=n, k=k, ns=ns, n_sets=n_sets, plan=plan(m, n, k))
+
+    def each(matmul):  # one product per weight; every output feeds the timing loop's sum
+        return lambda x, ws, ss: sum(matmul(x, w, s)[0, 0].astype(jnp.float32) for w, s in zip(ws, ss))[None, None]
+
+    def record(key, t, weight_bytes):
+        row[key + "_us"] = t * 1e6
+        row[key + "_tflops"] = flops / t / 1e12
+        row[key + "_wTBs"] = weight_bytes / t / 1e12
+
+    one_launch = lambda x, ws, ss: sum(y[0, 0].astype(jnp.float32)  # noqa: E731
+                                       for y in fp8_matmul_group_triton(x, ws, ss))[None, None]
+    record("triton", median_time(one_launch, grouped), wbytes)
+    record("triton_separate", median_time(each(fp8_matmul_triton), grouped), wbytes)
+    record("xla_fp8", median_time(each(fp8_matmul_xla), grouped), wbytes)
+    record("xla_bf16", median_time(lambda x, ws: sum((x @ w.T)[0, 0].astype(jnp.float32) for w in ws)[None, None],
+                                   bf16), 2 * wbytes)
+    return row
+
+
 def markdown(rows):
     head = ("| model | proj | m | n x k | triton µs | TFLOP/s | wTB/s | xla fp8 µs | wTB/s "
             "| xla bf16 µs | wTB/s | err |")
@@ -183,6 +217,8 @@ def main(argv=None):
     ap.add_argument("--projs", default=None, help="comma list of projections (q,kv,o,w1/w3,w2); default all")
     ap.add_argument("--quick", action="store_true", help="2501 only, m in 1, 64, 4096")
     ap.add_argument("--sweep", action="store_true", help="also time several plan variants")
+    ap.add_argument("--groups", action="store_true", help="also time q+k+v and w1+w3 in one launch "
+                    "(triton columns; triton_separate_us in the JSON: one launch per weight)")
     args = ap.parse_args(argv)
     models = ["2501"] if args.quick else args.models.split(",")
     ms = [1, 64, 4096] if args.quick else [int(v) for v in args.ms.split(",")]
@@ -208,6 +244,15 @@ def main(argv=None):
                 print(markdown([row]).splitlines()[-1], flush=True)
                 with open(args.out, "w") as fh:  # partial results survive a crash
                     json.dump(res, fh, indent=1)
+        if args.groups:
+            for name, ns, k in groups(*MODELS[model]):
+                for m in ms:
+                    row = bench_group(model, name, m, ns, k)
+                    res["rows"].append(row)
+                    print(markdown([row]).splitlines()[-1], f"(separate launches: {row['triton_separate_us']:.1f} µs)",
+                          flush=True)
+                    with open(args.out, "w") as fh:
+                        json.dump(res, fh, indent=1)
     print()
     print(markdown(res["rows"]))
 

@@ -3,6 +3,7 @@
 #   t  the gpu-marked FP8 kernel tests and the engine GPU tests (FP8 engine included)
 #   s  a plan sweep on 2501's largest and smallest projections at decode-sized m
 #   g  the GEMM table (both models, all projections, m = 1, 8, 64, 256, 4096)
+#   G  grouped launches (q+k+v, w1+w3) against one launch per weight, decode m
 #   e  end to end: random Mistral-Small-2501 weights, bf16 then fp8 (separate processes)
 #   p  the layer-scan probe: per-layer slice vs whole stack + layer index into the kernel
 set -uo pipefail
@@ -19,6 +20,9 @@ s)
 g)
   timeout ${GEMM_S:-560} python3 benchmarks/bench_fp8_matmul.py --models ${MODELS:-2501,2409} ${GEMM_PROJS:+--projs $GEMM_PROJS} --out "$OUT/gemm_${MODELS:-all}.json" > "$OUT/gemm_${MODELS:-all}.log" 2>&1
   tail -30 "$OUT/gemm_${MODELS:-all}.log" ;;
+G)
+  timeout ${GROUP_S:-300} python3 benchmarks/bench_fp8_matmul.py --models ${MODELS:-2501,2409} --projs none --groups \
+    --ms ${GROUP_MS:-1,8,64} --out "$OUT/gemm_groups.json" > "$OUT/gemm_groups.log" 2>&1; tail -14 "$OUT/gemm_groups.log" ;;
 e)
   python3 benchmarks/bench_generate.py --engine ceilings --out "$OUT/ceilings.json" > "$OUT/ceilings.log" 2>&1 || tail -20 "$OUT/ceilings.log"
   # E2E_RUNS: bf16, fp8 (impl auto), fp8-triton (the kernel at every size: does it beat XLA's
