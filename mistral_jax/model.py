@@ -94,9 +94,9 @@ def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, im
 
 def linear_group(eq: str, x: jax.Array, weights, scales, impl: str = "auto", layer: jax.Array | None = None,
                  axes=None) -> list[jax.Array]:
-    """linear() of one x [batch, seq, in] with several FP8 weights (a layer's q, k, v; or w1, w3):
-    one kernel launch for all of them where the kernel can (decode's small projections are bound
-    by per-launch cost), also per shard when tp splits all of them column-parallel."""
+    """linear() of one x [batch, seq, in] with one or several FP8 weights (a layer's q, k, v; or
+    w1, w3): one kernel launch for all of them where the kernel can (decode's small projections
+    are bound by per-launch cost), also per shard when tp splits all of them column-parallel."""
     from pallas_kernels.fp8_matmul import fp8_matmul_group
 
     b, s = x.shape[:2]
@@ -183,26 +183,22 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.fp8_impl = fp8_impl
 
-    def _linear(self, eq, x, name, layer):
-        """linear() with the projection `name`'s weight and scale (None for 16-bit weights). An
-        FP8 weight may hold every layer (one rank more than `eq` says): then `layer` picks."""
-        param, scale = getattr(self, name), getattr(self, name + "_scale")
-        weight = param[...]
-        if scale is None:
-            return linear(eq, x, weight, None)
-        stacked = weight.ndim == len(eq.split(",")[1].split("->")[0]) + 1
-        return linear(eq, x, weight, scale[...], self.fp8_impl, layer if stacked else None,
-                      tuple(param.logical_axes))
-
     def _linears(self, eq, x, names, layer):
-        """_linear() of one x for several projections; FP8 ones go to the kernel together."""
+        """linear() of one x with the projections `names`: 16-bit weights as einsums, FP8 ones
+        through the kernel, together where it can (linear_group). An FP8 weight may hold every
+        layer (one rank more than `eq` says): then `layer` picks."""
         params = [getattr(self, n) for n in names]
         scales = [getattr(self, n + "_scale") for n in names]
-        if any(sc is None for sc in scales):
+        if len(names) > 1 and any(sc is None for sc in scales):  # 16-bit (or a mix): one at a time
             return [self._linear(eq, x, n, layer) for n in names]
+        if scales[0] is None:
+            return [linear(eq, x, params[0][...], None)]
         stacked = params[0][...].ndim == len(eq.split(",")[1].split("->")[0]) + 1
         return linear_group(eq, x, [p[...] for p in params], [sc[...] for sc in scales], self.fp8_impl,
                             layer if stacked else None, [tuple(p.logical_axes) for p in params])
+
+    def _linear(self, eq, x, name, layer):
+        return self._linears(eq, x, (name,), layer)[0]
 
     def __call__(self, x, positions, cache, layer):
         # x: [batch, seq, embed] -> q: [batch, seq, q_heads, head_dim], k/v: [.., kv_heads, ..]

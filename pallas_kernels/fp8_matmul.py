@@ -168,7 +168,7 @@ def fp8_matmul_group(x: jax.Array, ws, w_scales, *, layer: jax.Array | int | Non
         _check_args(impl, w, layer)
     if impl == "auto":
         impl = default_impl(m=x.shape[0])
-    if impl == "triton" and len(ws) > 1:
+    if impl == "triton":
         from .fp8_matmul_triton import fp8_matmul_group_triton
 
         return fp8_matmul_group_triton(x, tuple(ws), tuple(w_scales), layer=layer, out_dtype=out_dtype,
