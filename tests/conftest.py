@@ -78,6 +78,6 @@ def dense_logits(model, tokens):
     from mistral_jax.kv_cache import DenseKVCache
 
     b, t = tokens.shape
-    cache = DenseKVCache.init(model.cfg, b, 64, model.dtype)
+    cache = DenseKVCache.init(model.cfg, b, max(64, t), model.dtype)
     logits, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(t), (b, t)), cache)
     return np.asarray(logits)

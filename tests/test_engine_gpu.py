@@ -3,13 +3,12 @@ kernel inside the whole engine gives the same greedy tokens as the jnp reference
 continuous batching with chunked prefill, the prefix cache and preemption."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import dense_logits
 from mistral_jax.config import ModelConfig
 from mistral_jax.engine import Engine, EngineConfig
-from mistral_jax.kv_cache import DenseKVCache
 from mistral_jax.sampling import SamplingParams
 from mistral_jax.sharding import make_mesh
 from mistral_jax.tokenizer import Tokenizer
@@ -67,13 +66,6 @@ def test_triton_engine_matches_reference(model, settings):
     assert agree == 1.0, f"{agree:.0%} of requests agree: {[(a, b) for a, b in zip(got, want) if a != b][:2]}"
 
 
-def reference_logits(model, tokens):
-    """One dense forward over a single sequence: logits [seq, vocab] as NumPy."""
-    cache = DenseKVCache.init(CFG, 1, len(tokens), model.dtype)
-    logits, _ = model(jnp.asarray([tokens]), jnp.arange(len(tokens))[None], cache)
-    return np.asarray(logits[0], np.float64)
-
-
 def test_fp8_triton_engine_matches_reference():
     # FP8 projections through the Triton kernel (each whole [layers, n, k] stack plus the layer
     # index) in the engine, judged by the jnp reference model on the same random fp8 weights.
@@ -94,7 +86,7 @@ def test_fp8_triton_engine_matches_reference():
         got = run(model, "reference", batch, max_num_batched_tokens=128, num_pages=400)
         gaps = []
         for prompt, out in zip(batch, got):
-            logits = reference_logits(reference, prompt + out[:-1])[len(prompt) - 1:]  # [24, vocab]
+            logits = dense_logits(reference, np.asarray([prompt + out[:-1]]))[0, len(prompt) - 1:]  # [24, vocab]
             gaps += (logits.max(-1) - logits[np.arange(len(out)), out]).tolist()
     gaps = np.array(gaps)
     assert all(len(g) == 24 for g in got)
