@@ -1,4 +1,4 @@
-"""W8A8 FP8 matmul on the GPU: our Pallas/Triton kernel vs XLA fp8 and XLA bf16.
+"""W8A8 FP8 matmul on the GPU: our Pallas kernels (Triton; Mosaic GPU from 128 rows) vs XLA fp8 and bf16.
 
 Projection shapes of Mistral-Small-2501 and -2409 (w stored [n, k]), m tokens in
 {1, 8, 64, 256, 4096}. Time per call: one jitted program loops over several weight copies
@@ -10,7 +10,8 @@ read + write) and XLA's 8192^3 bf16 and fp8 matmuls. Also the kernel's error aga
     python benchmarks/bench_fp8_matmul.py --out fp8.json [--quick] [--sweep] [--models 2501]
 
 --sweep times 18 plan variants per decode shape (7 per prefill shape): restrict it with --ms
-and --models to fit a 10-minute device call.
+and --models to fit a 10-minute device call. --mgpu-sweep times Tiles variants of the Mosaic GPU
+kernel (`mgpu` columns, m >= MGPU_MIN_M) instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8_matmul import fp8_matmul_reference, fp8_matmul_xla, quantize_weight
+from pallas_kernels.fp8_matmul_mgpu import Tiles, fp8_matmul_mgpu
 from pallas_kernels.fp8_matmul_triton import fp8_matmul_group_triton, fp8_matmul_triton, plan
 
 # (dim, n_heads, n_kv_heads, head_dim, hidden)
@@ -35,6 +37,7 @@ MODELS = {"2501": (5120, 32, 8, 128, 32768), "2409": (6144, 48, 8, 128, 16384)}
 MS = (1, 8, 64, 256, 4096)
 ROTATE_BYTES = 256 << 20  # > 5x the H100's 50 MiB L2
 MAX_SETS = 6  # each set is one more kernel to compile in the timing program
+MGPU_MIN_M = 128  # the Mosaic GPU kernel's CTA tile is 128 rows: smaller m is decode, Triton's
 
 
 def projections(dim, n_heads, n_kv, head_dim, hidden):
@@ -104,10 +107,10 @@ def make_sets(m, n, k):
     return sets
 
 
-def kernel_error(x, w, w_scale, **tuning):
+def kernel_error(x, w, w_scale, kernel=fp8_matmul_triton, **tuning):
     """max |kernel - reference| / max |reference| (f32 out; e4m3 products are exact, so
     only the summation order differs: expect < 1e-5)."""
-    out = fp8_matmul_triton(x, w, w_scale, out_dtype=jnp.float32, **tuning)
+    out = kernel(x, w, w_scale, out_dtype=jnp.float32, **tuning)
     ref = fp8_matmul_reference(x, w, w_scale, out_dtype=jnp.float32)
     return float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
 
@@ -124,7 +127,15 @@ def sweep_variants(m):
                                        (128, 64, 256, 4, 4)]]
 
 
-def bench_shape(model, name, m, n, k, *, sweep):
+def mgpu_variants():
+    """Tiles worth timing for the Mosaic GPU kernel (the default first). The first sweep
+    (results/2026-11-23_h100_fp8_mgpu/mgpu_sweep_1.*) ruled out 64x256 per warpgroup with
+    promotion (registers), tile_k 256 and 6 stages (shared memory)."""
+    return [Tiles(), Tiles(stages=5), Tiles(epi_n=128), Tiles(tile_n=64), Tiles(minor="m"), Tiles(band=4),
+            Tiles(split="n", tile_n=64), Tiles(promote=False, tile_n=256, stages=3)]
+
+
+def bench_shape(model, name, m, n, k, *, sweep, mgpu_sweep=False, triton=True):
     sets = make_sets(m, n, k)
     fp8_sets = [s[:3] for s in sets]
     row = dict(model=model, proj=name, m=m, n=n, k=k, n_sets=len(sets), plan=plan(m, n, k))
@@ -136,10 +147,21 @@ def bench_shape(model, name, m, n, k, *, sweep):
         row[key + "_wTBs"] = weight_bytes / t / 1e12
 
     try:
-        row["triton_err"] = kernel_error(*fp8_sets[0])
-        record("triton", median_time(fp8_matmul_triton, fp8_sets), wbytes)
+        if triton:
+            row["triton_err"] = kernel_error(*fp8_sets[0])
+            record("triton", median_time(fp8_matmul_triton, fp8_sets), wbytes)
     except Exception as e:  # keep the other columns if the kernel fails to build
         row["triton_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    for tiles in (mgpu_variants() if mgpu_sweep else [Tiles()]) if m >= MGPU_MIN_M else []:
+        key = "mgpu" if tiles == Tiles() else "mgpu[{0.tile_m}x{0.tile_n}x{0.tile_k} s{0.stages} {0.split} b{0.band} {0.minor} p{0.promote:d}]".format(tiles)
+        try:
+            row[key + "_err"] = kernel_error(*fp8_sets[0], kernel=fp8_matmul_mgpu, tiles=tiles)
+            record(key, median_time(functools.partial(fp8_matmul_mgpu, tiles=tiles), fp8_sets, reps=3), wbytes)
+        except Exception as e:
+            row[key + "_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        print(f"  {key}: " + ", ".join(f"{c}={row[key + c]:.4g}" if isinstance(row.get(key + c), float)
+                                      else str(row.get(key + c, ""))[:400] for c in ("_us", "_tflops", "_err", "_error")
+                                      if key + c in row), flush=True)
     record("xla_fp8", median_time(fp8_matmul_xla, fp8_sets), wbytes)
     bf16_sets = [(s[0], s[3]) for s in sets]
     record("xla_bf16", median_time(lambda x, w: x @ w.T, bf16_sets), 2 * wbytes)
@@ -195,17 +217,18 @@ def bench_group(model, name, m, ns, k):
 
 
 def markdown(rows):
-    head = ("| model | proj | m | n x k | triton µs | TFLOP/s | wTB/s | xla fp8 µs | wTB/s "
-            "| xla bf16 µs | wTB/s | err |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| model | proj | m | n x k | triton µs | TFLOP/s | wTB/s | mgpu µs | TFLOP/s | xla fp8 µs | wTB/s "
+            "| TFLOP/s | xla bf16 µs | wTB/s | TFLOP/s | err | mgpu err |")
+    lines = [head, "|" + "---|" * 17]
     f = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['proj']} | {r['m']} | {r['n']}x{r['k']} "
             f"| {f(r, 'triton_us', '.1f')} | {f(r, 'triton_tflops', '.0f')} "
-            f"| {f(r, 'triton_wTBs', '.2f')} | {f(r, 'xla_fp8_us', '.1f')} "
-            f"| {f(r, 'xla_fp8_wTBs', '.2f')} | {f(r, 'xla_bf16_us', '.1f')} "
-            f"| {f(r, 'xla_bf16_wTBs', '.2f')} | {f(r, 'triton_err', '.1e')} |")
+            f"| {f(r, 'triton_wTBs', '.2f')} | {f(r, 'mgpu_us', '.1f')} | {f(r, 'mgpu_tflops', '.0f')} "
+            f"| {f(r, 'xla_fp8_us', '.1f')} | {f(r, 'xla_fp8_wTBs', '.2f')} | {f(r, 'xla_fp8_tflops', '.0f')} "
+            f"| {f(r, 'xla_bf16_us', '.1f')} | {f(r, 'xla_bf16_wTBs', '.2f')} | {f(r, 'xla_bf16_tflops', '.0f')} "
+            f"| {f(r, 'triton_err', '.1e')} | {f(r, 'mgpu_err', '.1e')} |")
     return "\n".join(lines)
 
 
@@ -217,6 +240,8 @@ def main(argv=None):
     ap.add_argument("--projs", default=None, help="comma list of projections (q,kv,o,w1/w3,w2); default all")
     ap.add_argument("--quick", action="store_true", help="2501 only, m in 1, 64, 4096")
     ap.add_argument("--sweep", action="store_true", help="also time several plan variants")
+    ap.add_argument("--mgpu-sweep", action="store_true", help="time Tiles variants of the Mosaic GPU kernel")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernel (prefill sweeps)")
     ap.add_argument("--groups", action="store_true", help="also time q+k+v and w1+w3 in one launch "
                     "(triton columns; triton_separate_us in the JSON: one launch per weight)")
     args = ap.parse_args(argv)
@@ -239,7 +264,8 @@ def main(argv=None):
             if args.projs and name not in args.projs.split(","):
                 continue
             for m in ms:
-                row = bench_shape(model, name, m, n, k, sweep=args.sweep)
+                row = bench_shape(model, name, m, n, k, sweep=args.sweep, mgpu_sweep=args.mgpu_sweep,
+                                  triton=not args.no_triton)
                 res["rows"].append(row)
                 print(markdown([row]).splitlines()[-1], flush=True)
                 with open(args.out, "w") as fh:  # partial results survive a crash

@@ -6,6 +6,7 @@
 #   G  grouped launches (q+k+v, w1+w3) against one launch per weight, decode m
 #   e  end to end: random Mistral-Small-2501 weights, bf16 then fp8 (separate processes)
 #   p  the layer-scan probe: per-layer slice vs whole stack + layer index into the kernel
+#   M  the Mosaic GPU (wgmma) kernel: its GPU tests, then a Tiles sweep at prefill m against XLA
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -33,6 +34,12 @@ e)
       --decode-batches 1,8,64 --out "$OUT/gen_$run.json" > "$OUT/gen_$run.log" 2>&1 || tail -30 "$OUT/gen_$run.log"
   done
   python3 benchmarks/bench_generate.py --table "$OUT/ceilings.json" "$OUT"/gen_*.json | tee "$OUT/table_fp8_e2e.md" ;;
+M)
+  timeout ${MTEST_S:-150} python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_fp8_matmul.py -k MosaicGPU 2>&1 \
+    | tee "$OUT/pytest_gpu_mgpu.log" | tail -15
+  timeout ${MSWEEP_S:-360} python3 benchmarks/bench_fp8_matmul.py --models ${MODELS:-2501} --projs ${MPROJS:-w1/w3,w2,q} \
+    --ms ${MSWEEP_MS:-4096,512} --mgpu-sweep --no-triton --out "$OUT/mgpu_sweep.json" > "$OUT/mgpu_sweep.log" 2>&1
+  tail -40 "$OUT/mgpu_sweep.log" ;;
 p)
   timeout ${PROBE_S:-120} python3 benchmarks/probe_scan_fp8.py --out "$OUT/probe_scan_fp8.json" 2>&1 \
     | grep -v "^    " | tee "$OUT/probe.log" ;;

@@ -50,9 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="reuse the KV pages of repeated prompt prefixes")
     serve.add_argument("--attention-impl", default="auto", choices=("auto", "reference", "triton", "tpu"),
                        help="ragged paged attention: the Pallas kernel of the backend (auto) or the jnp reference")
-    serve.add_argument("--fp8-impl", default="auto", choices=("auto", "reference", "xla", "triton", "tpu"),
+    serve.add_argument("--fp8-impl", default="auto", choices=("auto", "reference", "xla", "triton", "mgpu", "tpu"),
                        help="FP8 matmul (with --quantization fp8 or an FP8 checkpoint): auto picks by backend "
-                            "and tokens per step (GPU: the Triton kernel for decode, XLA's fp8 dot for prefill)")
+                            "and tokens per step (GPU: the Triton kernel for decode, the Mosaic GPU wgmma kernel for prefill)")
     distributed.add_cli_flags(p)
     return p.parse_args(argv)
 

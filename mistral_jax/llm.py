@@ -83,7 +83,7 @@ class LLM:
     quantization: None, or "fp8" to quantize a 16/32-bit checkpoint's layer projections at load
     (e4m3, one scale per output channel; activations quantized per token at run time). An FP8
     checkpoint (compressed-tensors "FP8 dynamic") always loads as fp8. fp8_impl: the FP8 matmul
-    (pallas_kernels.fp8_matmul's impl: "auto", "reference", "xla", "triton", "tpu").
+    (pallas_kernels.fp8_matmul's impl: "auto", "reference", "xla", "triton", "mgpu", "tpu").
 
     coordinator_address ("host:port" of process 0), num_processes, process_id: a multi-host run,
     one process per host, all running the same program (mistral_jax.distributed.initialize; the

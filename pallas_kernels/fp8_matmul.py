@@ -97,21 +97,28 @@ def check_stacked(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer):
 # The one entry point: the model calls this; `impl` picks a kernel or a twin.
 # --------------------------------------------------------------------------------------------
 
-IMPLS = ("auto", "reference", "xla", "triton", "tpu")
+IMPLS = ("auto", "reference", "xla", "triton", "mgpu", "tpu")
 
 
-# GPU: above this many rows XLA's fp8 dot (cuBLASLt) beats the Pallas/Triton kernel, whose
-# tensor-core rate tops out near 490 TFLOP/s on an H100 against XLA's ~1,000 at prefill shapes;
-# at and below it the kernel streams the weights faster (benchmarks/NOTES.md, 2026-11-23).
+# GPU: up to this many rows the Pallas/Triton kernel streams the weights fastest (decode); above
+# it the Mosaic GPU wgmma kernel runs the product (prefill; ~1,000 TFLOP/s on an H100 against
+# the Triton kernel's ~490), or XLA's fp8 dot for a shape that kernel does not tile
+# (benchmarks/NOTES.md, 2026-11-23).
 GPU_TRITON_MAX_M = 64
 
 
-def default_impl(platform: str | None = None, m: int | None = None) -> str:
-    """The implementation for a backend and row count m: on GPU the Triton kernel for decode
-    (m <= GPU_TRITON_MAX_M) and XLA's fp8 dot above; Pallas TPU on TPU; XLA's dot elsewhere."""
+def default_impl(platform: str | None = None, m: int | None = None, n: int | None = None,
+                 k: int | None = None) -> str:
+    """The implementation for a backend and an [m, k] @ [k, n] product: on GPU the Triton kernel
+    for decode (m <= GPU_TRITON_MAX_M) and the Mosaic GPU kernel above (XLA's fp8 dot where n or k
+    does not fit its tiles); Pallas TPU on TPU; XLA's dot elsewhere."""
     platform = platform or jax.default_backend()
     if platform in ("gpu", "cuda"):
-        return "triton" if m is None or m <= GPU_TRITON_MAX_M else "xla"
+        if m is None or m <= GPU_TRITON_MAX_M:
+            return "triton"
+        from .fp8_matmul_mgpu import supports
+
+        return "mgpu" if n is None or k is None or supports(m, n, k) else "xla"
     return {"tpu": "tpu"}.get(platform, "xla")
 
 
@@ -144,13 +151,17 @@ def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer: jax.Arr
     x_scale: [m, 1] f32 when x comes quantized already (e4m3); the per-row step is skipped."""
     _check_args(impl, w, layer)
     if impl == "auto":
-        impl = default_impl(m=x.shape[0])
+        impl = default_impl(m=x.shape[0], n=w.shape[-2], k=w.shape[-1])
     if impl in ("reference", "xla"):
         if layer is not None:
             w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
             w_scale = jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False)
         twin = fp8_matmul_reference if impl == "reference" else fp8_matmul_xla
         return twin(x, w, w_scale, x_scale=x_scale, out_dtype=out_dtype)
+    if impl == "mgpu":  # compiled for the GPU only: no interpret mode (see its module)
+        from .fp8_matmul_mgpu import fp8_matmul_mgpu
+
+        return fp8_matmul_mgpu(x, w, w_scale, layer=layer, x_scale=x_scale, out_dtype=out_dtype)
     if impl == "triton":
         from .fp8_matmul_triton import fp8_matmul_triton as kernel
     else:
@@ -163,12 +174,10 @@ def fp8_matmul_group(x: jax.Array, ws, w_scales, *, layer: jax.Array | int | Non
     """fp8_matmul of one x with several weights (a layer's q, k, v; or w1, w3): one y per weight.
     The Triton kernel does them in one launch (x quantized once, its n tiles spread over every
     weight): at decode the small projections are bound by per-launch cost, not bytes. Other
-    implementations run one product per weight."""
+    implementations run one product per weight ("auto" picks per weight)."""
     for w in ws:
         _check_args(impl, w, layer)
-    if impl == "auto":
-        impl = default_impl(m=x.shape[0])
-    if impl == "triton":
+    if (default_impl(m=x.shape[0]) if impl == "auto" else impl) == "triton":
         from .fp8_matmul_triton import fp8_matmul_group_triton
 
         return fp8_matmul_group_triton(x, tuple(ws), tuple(w_scales), layer=layer, out_dtype=out_dtype,

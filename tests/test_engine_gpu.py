@@ -66,9 +66,12 @@ def test_triton_engine_matches_reference(model, settings):
     assert agree == 1.0, f"{agree:.0%} of requests agree: {[(a, b) for a, b in zip(got, want) if a != b][:2]}"
 
 
-def test_fp8_triton_engine_matches_reference():
+@pytest.mark.parametrize("fp8_impl", ["triton", "auto"])
+def test_fp8_engine_matches_reference(fp8_impl):
     # FP8 projections through the Triton kernel (each whole [layers, n, k] stack plus the layer
     # index) in the engine, judged by the jnp reference model on the same random fp8 weights.
+    # "auto": the Triton kernel for decode steps, the Mosaic GPU wgmma kernel for the 128-token
+    # prefill chunks.
     # Greedy tokens cannot be compared one for one: per-token activation quantization makes an
     # FP8 model chaotic. The kernel and the reference sum in different orders (~1e-7 apart per
     # product), an activation near an e4m3 rounding boundary then rounds the other way (a 1/16
@@ -80,7 +83,7 @@ def test_fp8_triton_engine_matches_reference():
     # sits ~3.5 below the best; wrong weight rows or scales give O(1) errors), and most must be
     # the reference's own pick.
     batch = prompts(12, 3)
-    model = random_weights(CFG, np.float32, make_mesh(), seed=3, quantization="fp8", fp8_impl="triton")
+    model = random_weights(CFG, np.float32, make_mesh(), seed=3, quantization="fp8", fp8_impl=fp8_impl)
     reference = random_weights(CFG, np.float32, make_mesh(), seed=3, quantization="fp8", fp8_impl="reference")
     with jax.default_matmul_precision("highest"):
         got = run(model, "reference", batch, max_num_batched_tokens=128, num_pages=400)

@@ -265,12 +265,14 @@ def test_dispatch():
 
 
 def test_default_impl_by_backend_and_rows():
-    # GPU: the Triton kernel for decode-sized m, XLA's fp8 dot (cuBLASLt) for prefill-sized m.
+    # GPU: the Triton kernel for decode-sized m, the Mosaic GPU kernel for prefill-sized m, or
+    # XLA's fp8 dot (cuBLASLt) where n or k does not fit that kernel's tiles.
     assert default_impl("gpu", 1) == default_impl("gpu", GPU_TRITON_MAX_M) == "triton"
-    assert default_impl("gpu", GPU_TRITON_MAX_M + 1) == default_impl("gpu", 4096) == "xla"
+    assert default_impl("gpu", GPU_TRITON_MAX_M + 1) == default_impl("gpu", 4096, 32768, 5120) == "mgpu"
+    assert default_impl("gpu", 4096, 1000, 5120) == default_impl("gpu", 4096, 1024, 5000) == "xla"
     assert default_impl("tpu", 1) == default_impl("tpu", 4096) == "tpu"
     assert default_impl("cpu", 1) == "xla"
-    assert describe_impl("auto", "gpu") == f"triton up to {GPU_TRITON_MAX_M} tokens, xla above"
+    assert describe_impl("auto", "gpu") == f"triton up to {GPU_TRITON_MAX_M} tokens, mgpu above"
     assert describe_impl("auto", "cpu") == "xla" and describe_impl("reference", "gpu") == "reference"
 
 
@@ -284,6 +286,24 @@ def test_dispatch_errors():
             fp8_matmul(x[:, :32], w, w_scale, impl=impl, interpret=True)
         with pytest.raises(ValueError, match="shapes"):
             fp8_matmul(x, w, w_scale[:5], impl=impl, interpret=True)
+
+
+@pytest.mark.parametrize("m,n,k,layers", [(4096, 32768, 5120, 40), (300, 5120, 32768, 1)])
+def test_mgpu_kernel_lowers_for_cuda(m, n, k, layers):
+    # The Mosaic GPU kernel has no CPU interpret mode (JAX 0.10's interpreter takes no transposed
+    # wgmma operand); lowering it for CUDA here runs its tracing, layout inference and shared-
+    # memory plan, so a broken kernel fails in CI, not first on the device (TestMosaicGPU runs it).
+    from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu
+
+    args = (jax.ShapeDtypeStruct((m, k), BF16), jax.ShapeDtypeStruct((layers, n, k), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((layers, n), F32), jax.ShapeDtypeStruct((), jnp.int32))
+    fn = jax.jit(lambda x, w, s, layer: fp8_matmul_mgpu(x, w, s, layer=layer))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    # One Mosaic GPU custom call whose module issues fp8 x fp8 -> f32 wgmma (not an upcast).
+    assert text.count("custom_call @mosaic_gpu") == 1
+    assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in text
+    with pytest.raises(ValueError, match="multiple of"):
+        fp8_matmul_mgpu(jnp.zeros((8, 5120), BF16), jnp.zeros((1000, 5120), jnp.float8_e4m3fn), jnp.ones((1000,), F32))
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,3 +372,29 @@ class TestGPU:
 
         err = err_against(layers - 1)
         assert err < 1e-5, f"relative error {err:.3g} against layer {layers - 1}, {err_against(0):.3g} against layer 0"
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("gpu_only")
+class TestMosaicGPU:
+    """The wgmma kernel (prefill) against the reference, compiled on the GPU."""
+
+    @pytest.mark.parametrize("m,k,n,layers", [(128, 128, 256, 1), (4096, 5120, 1024, 3), (300, 5120, 4096, 1),
+                                              (129, 4096, 5120, 2), (512, 32768, 512, 1)])
+    def test_against_reference(self, m, k, n, layers):
+        from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu
+
+        rng = np.random.default_rng(m + k)
+        x, w, w_scale = make_inputs(rng, m, k, n * layers)
+        w, w_scale = w.reshape(layers, n, k), w_scale.reshape(layers, n)
+        layer = layers - 1  # the last layer: the offset into the stack is exercised
+        out = np.asarray(fp8_matmul_mgpu(x, w, w_scale, layer=jnp.int32(layer), out_dtype=F32), np.float64)
+        ref = np.asarray(fp8_matmul_reference(x, w[layer], w_scale[layer], out_dtype=F32), np.float64)
+        assert out.shape == (m, n) and np.isfinite(out).all()
+        err = np.abs(out - ref).max() / np.abs(ref).max()
+        # Hopper's fp8 wgmma sums each 128-long K step with fewer bits than f32: measured
+        # 1.3-3.7e-4 of the largest element (XLA's fp8 dot, summing all of K so: 5e-3 to 1.5e-2).
+        # A wrong layer, scale or tile is off by O(1).
+        assert err < 1e-3, err
+        out16 = np.asarray(fp8_matmul_mgpu(x, w, w_scale, layer=layer), np.float64)
+        assert np.abs(out16 - ref).max() / np.abs(ref).max() < 1e-2

@@ -1,0 +1,237 @@
+"""W8A8 FP8 matmul for prefill on Hopper: Pallas Mosaic GPU (wgmma + TMA); spec: `fp8_matmul.py`.
+
+    y [m, n] = (quant(x) [m, k] @ w [n, k].T) * x_scale [m, 1] * w_scale [n]
+
+Why a second GPU kernel: the Triton lowering's fp8 `dot` tops out near 490 TFLOP/s on an H100,
+while XLA's fp8 dot (cuBLASLt) runs ~1,100-1,300 (benchmarks/NOTES.md). Hopper's fp8 rate needs
+wgmma fed by TMA from swizzled shared memory, which only the Mosaic GPU backend emits.
+
+Design
+------
+* One CTA per SM, persistent: it walks the (m, n) output tiles of the whole product in a band-wise
+  snake (`plgpu.planar_snake`) so that neighbouring CTAs share x and w tiles in L2.
+* Three warpgroups per CTA: one issues the TMA copies of x [CTA_M, BK] and w [CTA_N, BK] blocks
+  into a ring of `stages` shared-memory slots; two compute warpgroups each own half of the CTA
+  tile (split along n or m) and run wgmma on every slot (`emit_pipeline_warp_specialized`).
+* fp8 wgmma may not transpose its operands (only 16-bit ones may be), so its right operand must
+  sit in shared memory K-major: w stays [n, k] as the checkpoint stores it and is handed to
+  wgmma as a transposed view; x [m, k] is K-major already. BK = 128 fp8 = one 128-byte swizzled
+  row.
+* Accuracy: Hopper's fp8 wgmma keeps fewer mantissa bits than f32 when it accumulates in place
+  (DeepSeek-V3's report; XLA's fp8 dot, which sums all of K that way, is 1e-3 to 1e-2 off at
+  k = 16-32k: benchmarks/NOTES.md). With `promote`, each K step's wgmma starts from zero and
+  its sum is added to an f32 total in registers, so the long sum is a true f32 one (as in the
+  Triton kernel and the reference). It costs a second accumulator's registers, hence compute
+  warpgroup tiles of 64 rows.
+* Epilogue per compute warpgroup: both scales apply to the f32 accumulator (the reference's
+  order), one cast, then the tile leaves through shared memory in sub-tiles by TMA. The scales
+  for the tile are fetched by TMA into shared memory while the K loop runs (a vector loaded in
+  a wgmma row/column layout must come from shared memory).
+* Stacked weights: the model keeps a projection as one [layers, n, k] array; the kernel takes the
+  whole stack and the layer index (a [1] i32 operand) and reads that layer in place (a slice
+  handed to a custom call would be copied first: benchmarks/NOTES.md).
+* Shapes: n a multiple of CTA_N, k of BK; m is padded to CTA_M with zero rows (scale 1), which
+  the engine's power-of-two token buckets never need from 128 rows up.
+
+Activation quantization is the shared jnp step (`quantize_unless`) before the kernel.
+There is no CPU interpret mode for this kernel: JAX 0.10's Mosaic GPU interpreter handles no
+transposed wgmma operand. It is tested on the GPU (`pytest -m gpu`); on CPU, lowering it for
+CUDA checks that it builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .fp8_matmul import check_stacked, quantize_unless
+
+__all__ = ["Tiles", "fp8_matmul_mgpu", "supports"]
+
+_DEFAULT_SMS = 132  # H100 SXM
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Static tiling. A compute warpgroup's accumulator is [tile_m, tile_n] f32; the CTA tile is
+    two of them side by side along `split`."""
+
+    tile_m: int = 64
+    tile_n: int = 128
+    tile_k: int = 128  # fp8 bytes per row of a block: one 128-byte swizzle
+    stages: int = 4  # shared-memory ring depth
+    split: str = "m"  # how the two compute warpgroups share the CTA tile: "n" or "m"
+    epi_m: int = 64  # epilogue sub-tile (shared memory -> global by TMA)
+    epi_n: int = 64
+    minor: str = "n"  # the snake's fast axis
+    band: int = 8  # the snake's band width, in tiles
+    promote: bool = True  # add each K step's wgmma sum into an f32 register total (see below)
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (2 if self.split == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (2 if self.split == "n" else 1)
+
+
+def supports(m: int, n: int, k: int, tiles: Tiles = Tiles()) -> bool:
+    """Whether the kernel takes an (m, n, k) product without padding n or k."""
+    return n % tiles.cta_n == 0 and k % tiles.tile_k == 0 and m >= 1
+
+
+def _swizzled(row_bytes: int, itemsize: int):
+    # Shared-memory transforms that wgmma and TMA want: 8-row tiles of one swizzle width.
+    swizzle = plgpu.find_swizzle(row_bytes * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _num_sms() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or _DEFAULT_SMS
+    except Exception:  # pragma: no cover
+        return _DEFAULT_SMS
+
+
+def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles):
+    # layer_g: [1] i32; x_g: [M, k] e4m3 (M a multiple of CTA_M); xs_g: [M] f32;
+    # w_g: [layers, n, k] e4m3; ws_g: [layers, n] f32; o_g: [M, n] out dtype.
+    m, k = x_g.shape
+    n = w_g.shape[1]
+    m_tiles, n_tiles, k_steps = m // t.cta_m, n // t.cta_n, k // t.tile_k
+    layer = layer_g[0]
+    w_l, ws_l = w_g.at[layer], ws_g.at[layer]  # this layer's [n, k] and [n], in place
+    fp8 = _swizzled(t.tile_k, 1)
+    out_dtype = o_g.dtype
+    out_t = _swizzled(t.epi_n * jnp.dtype(out_dtype).itemsize, jnp.dtype(out_dtype).itemsize)
+
+    def pipeline(step, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            step,
+            grid=(k_steps,),
+            memory_registers=40,
+            in_specs=[plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), transforms=fp8),
+                      plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), transforms=fp8)],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=t.stages,
+            compute_context=context,
+        )
+
+    def nothing(*args, **kwargs):
+        return None
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(nothing, nothing).get_allocations(x_g, w_l),
+        out_s=plgpu.SMEM((2, 2, t.epi_m, t.epi_n), out_dtype, transforms=out_t),  # [wg, slot, ...]
+        rows_s=plgpu.SMEM((2, t.tile_m), jnp.float32),  # [wg, tile_m] x scales
+        cols_s=plgpu.SMEM((2, t.tile_n), jnp.float32),  # [wg, tile_n] w scales
+        bars=plgpu.Barrier(num_barriers=4),  # [wg * 2 + (0 rows, 1 cols)]
+        collective_axes="wg",
+    )
+    def scope(allocs, out_s, rows_s, cols_s, bars):
+        wg = lax.axis_index("wg")
+        if t.split == "m":
+            wg_rows, wg_cols = pl.ds(wg * t.tile_m, t.tile_m), slice(None)
+        else:
+            wg_rows, wg_cols = slice(None), pl.ds(wg * t.tile_n, t.tile_n)
+
+        @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+        def tile_loop(info):
+            minor = 1 if t.minor == "n" else 0
+            mi, ni = plgpu.planar_snake(info.index[0], (m_tiles, n_tiles), minor, t.band)
+            rows, cols = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
+
+            def mma(_, x_s, w_s, acc):  # one K step: acc += x_s @ w_s.T
+                plgpu.wgmma(acc, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
+                plgpu.wgmma_wait(0)
+                return acc
+
+            def mma_promoted(_, x_s, w_s, total):  # one K step summed alone, then added in f32
+                def step(acc):
+                    plgpu.wgmma(acc, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
+                    return acc[...]
+
+                return total + pl.run_scoped(step, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
+
+            def context(run_k_loop):
+                # This warpgroup's scales travel while the K loop runs.
+                plgpu.copy_gmem_to_smem(xs_g.at[rows].at[wg_rows], rows_s.at[wg], bars.at[2 * wg])
+                plgpu.copy_gmem_to_smem(ws_l.at[cols].at[wg_cols], cols_s.at[wg], bars.at[2 * wg + 1])
+
+                if t.promote:
+                    zeros = jnp.zeros((t.tile_m, t.tile_n), jnp.float32)
+                    acc = run_k_loop(plgpu.layout_cast(zeros, plgpu.Layout.WGMMA))
+                else:
+                    def k_loop(acc_ref):
+                        run_k_loop(acc_ref)
+                        return acc_ref[...]
+
+                    acc = pl.run_scoped(k_loop, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
+                plgpu.barrier_wait(bars.at[2 * wg])
+                plgpu.barrier_wait(bars.at[2 * wg + 1])
+                x_scale = plgpu.layout_cast(rows_s[wg], plgpu.Layout.WGMMA.reduce(1))
+                w_scale = plgpu.layout_cast(cols_s[wg], plgpu.Layout.WGMMA.reduce(0))
+                y = acc * lax.broadcast_in_dim(x_scale, acc.shape, [0])
+                y = (y * lax.broadcast_in_dim(w_scale, acc.shape, [1])).astype(out_dtype)
+                out = o_g.at[rows, cols].at[wg_rows, wg_cols]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left
+                for em in range(t.tile_m // t.epi_m):
+                    for en in range(t.tile_n // t.epi_n):
+                        slot = (em * (t.tile_n // t.epi_n) + en) % 2
+                        sub_m = slice(em * t.epi_m, (em + 1) * t.epi_m)
+                        sub_n = slice(en * t.epi_n, (en + 1) * t.epi_n)
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot is free
+                        out_s[wg, slot] = y[sub_m, sub_n]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_s.at[wg, slot], out.at[sub_m, sub_n])
+
+            pipeline(mma_promoted if t.promote else mma, context)(x_g.at[rows], w_l.at[cols], allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiles"))
+def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, tiles: Tiles):
+    m, k = x.shape
+    n = w.shape[1]
+    x_q, x_scale = quantize_unless(x, x_scale)  # [m, k] e4m3, [m, 1] f32
+    mp = pl.cdiv(m, tiles.cta_m) * tiles.cta_m
+    if mp != m:  # zero rows with scale 1, what quantizing a zero row gives
+        x_q = jnp.pad(x_q, ((0, mp - m), (0, 0)))
+        x_scale = jnp.pad(x_scale, ((0, mp - m), (0, 0)), constant_values=1.0)
+    kernel = plgpu.kernel(
+        functools.partial(_body, t=tiles),
+        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+        grid=(_num_sms(),),
+        grid_names=("sm",),
+        num_threads=3,  # two compute warpgroups and one for TMA
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    y = kernel(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0],
+               w, w_scale.astype(jnp.float32))
+    return y if mp == m else y[:m]
+
+
+def fp8_matmul_mgpu(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=None, x_scale=None,
+                    out_dtype=jnp.bfloat16, tiles: Tiles | None = None) -> jax.Array:
+    """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T by wgmma; or, with `layer`,
+    w [layers, n, k] and w_scale [layers, n], layer `layer` read in place. x_scale [m, 1]: x is
+    e4m3 already (see fp8_matmul). `tiles` overrides the default tiling (sweeps)."""
+    w, w_scale, layer = check_stacked(x, w, w_scale, layer)
+    tiles = tiles or Tiles()
+    m, k = x.shape
+    n = w.shape[1]
+    if not supports(m, n, k, tiles):
+        raise ValueError(f"fp8_matmul_mgpu needs n a multiple of {tiles.cta_n} and k of {tiles.tile_k}; "
+                         f"got n={n}, k={k} (use impl='triton' or 'xla' for this shape)")
+    return _fp8_matmul(x, x_scale, w, w_scale, layer, out_dtype=jnp.dtype(out_dtype), tiles=tiles)
