@@ -27,6 +27,10 @@ Design
   order), one cast, then the tile leaves through shared memory in sub-tiles by TMA. The scales
   for the tile are fetched by TMA into shared memory while the K loop runs (a vector loaded in
   a wgmma row/column layout must come from shared memory).
+* Split-K: with few output tiles (w2 at 512 tokens: 160 tiles on 132 SMs, so 28 SMs run a
+  second wave alone), K is cut into `split_k` ranges that run as separate work items; each
+  writes its raw f32 sum to [split_k, M, n] and XLA adds them and applies the scales.
+  `choose_split_k` weighs the waves saved against the partials' bytes.
 * Stacked weights: the model keeps a projection as one [layers, n, k] array; the kernel takes the
   whole stack and the layer index (a [1] i32 operand) and reads that layer in place (a slice
   handed to a custom call would be copied first: benchmarks/NOTES.md).
@@ -52,7 +56,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .fp8_matmul import check_stacked, quantize_unless
 
-__all__ = ["Tiles", "fp8_matmul_mgpu", "supports"]
+__all__ = ["Tiles", "choose_split_k", "fp8_matmul_mgpu", "supports"]
 
 _DEFAULT_SMS = 132  # H100 SXM
 
@@ -72,6 +76,7 @@ class Tiles:
     minor: str = "n"  # the snake's fast axis
     band: int = 8  # the snake's band width, in tiles
     promote: bool = True  # add each K step's wgmma sum into an f32 register total (see below)
+    split_k: int | None = None  # K ranges per output tile; None: `choose_split_k`
 
     @property
     def cta_m(self) -> int:
@@ -87,6 +92,27 @@ def supports(m: int, n: int, k: int, tiles: Tiles = Tiles()) -> bool:
     return n % tiles.cta_n == 0 and k % tiles.tile_k == 0 and m >= 1
 
 
+# Cost model for choose_split_k (H100, benchmarks/NOTES.md): one 128 x 128 x 128 CTA step at
+# ~1,000 TFLOP/s over 132 SMs takes ~0.55 µs; partials cost their bytes written and read back
+# at ~2.5 TB/s, plus one more small launch.
+_STEP_US, _HBM_BYTES_PER_US, _SUM_LAUNCH_US = 0.55, 2.5e6, 5.0
+
+
+def choose_split_k(m: int, n: int, k: int, tiles: Tiles = Tiles(), sms: int = 132) -> int:
+    """The split of K (1, 2, 4 or 8) with the least modelled time: full waves of work items
+    times their K steps, plus the f32 partials' traffic. Each range keeps >= 8 K steps."""
+    mn_tiles = -(-m // tiles.cta_m) * (n // tiles.cta_n)
+    k_steps = k // tiles.tile_k
+
+    def cost(split):
+        waves = -(-mn_tiles * split // sms)
+        partials = 0.0 if split == 1 else split * m * n * 4 * 2 / _HBM_BYTES_PER_US + _SUM_LAUNCH_US
+        return waves * (k_steps // split) * _STEP_US + partials
+
+    splits = [s for s in (1, 2, 4, 8) if k_steps % s == 0 and (s == 1 or k_steps // s >= 8)]
+    return min(splits, key=cost)
+
+
 def _swizzled(row_bytes: int, itemsize: int):
     # Shared-memory transforms that wgmma and TMA want: 8-row tiles of one swizzle width.
     swizzle = plgpu.find_swizzle(row_bytes * 8)
@@ -100,12 +126,14 @@ def _num_sms() -> int:
         return _DEFAULT_SMS
 
 
-def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles):
+def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles, split_k: int):
     # layer_g: [1] i32; x_g: [M, k] e4m3 (M a multiple of CTA_M); xs_g: [M] f32;
-    # w_g: [layers, n, k] e4m3; ws_g: [layers, n] f32; o_g: [M, n] out dtype.
+    # w_g: [layers, n, k] e4m3; ws_g: [layers, n] f32; o_g: [M, n] out dtype, or with
+    # split_k > 1 [split_k, M, n] f32 raw partial sums (no scales).
     m, k = x_g.shape
     n = w_g.shape[1]
-    m_tiles, n_tiles, k_steps = m // t.cta_m, n // t.cta_n, k // t.tile_k
+    m_tiles, n_tiles, k_steps = m // t.cta_m, n // t.cta_n, k // t.tile_k // split_k
+    k_len = k // split_k
     layer = layer_g[0]
     w_l, ws_l = w_g.at[layer], ws_g.at[layer]  # this layer's [n, k] and [n], in place
     fp8 = _swizzled(t.tile_k, 1)
@@ -144,11 +172,14 @@ def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles):
         else:
             wg_rows, wg_cols = slice(None), pl.ds(wg * t.tile_n, t.tile_n)
 
-        @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+        @plgpu.nd_loop((split_k * m_tiles * n_tiles,), collective_axes="sm")
         def tile_loop(info):
             minor = 1 if t.minor == "n" else 0
-            mi, ni = plgpu.planar_snake(info.index[0], (m_tiles, n_tiles), minor, t.band)
+            # K range slowest: consecutive work items share x or w tiles in L2.
+            part, mn = info.index[0] // (m_tiles * n_tiles), info.index[0] % (m_tiles * n_tiles)
+            mi, ni = plgpu.planar_snake(mn, (m_tiles, n_tiles), minor, t.band)
             rows, cols = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
+            ks = pl.ds(part * k_len, k_len)
 
             def mma(_, x_s, w_s, acc):  # one K step: acc += x_s @ w_s.T
                 plgpu.wgmma(acc, x_s.at[wg_rows], plgpu.transpose_ref(w_s.at[wg_cols], (1, 0)))
@@ -163,9 +194,9 @@ def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles):
                 return total + pl.run_scoped(step, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
 
             def context(run_k_loop):
-                # This warpgroup's scales travel while the K loop runs.
-                plgpu.copy_gmem_to_smem(xs_g.at[rows].at[wg_rows], rows_s.at[wg], bars.at[2 * wg])
-                plgpu.copy_gmem_to_smem(ws_l.at[cols].at[wg_cols], cols_s.at[wg], bars.at[2 * wg + 1])
+                if split_k == 1:  # this warpgroup's scales travel while the K loop runs
+                    plgpu.copy_gmem_to_smem(xs_g.at[rows].at[wg_rows], rows_s.at[wg], bars.at[2 * wg])
+                    plgpu.copy_gmem_to_smem(ws_l.at[cols].at[wg_cols], cols_s.at[wg], bars.at[2 * wg + 1])
 
                 if t.promote:
                     zeros = jnp.zeros((t.tile_m, t.tile_n), jnp.float32)
@@ -176,13 +207,17 @@ def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles):
                         return acc_ref[...]
 
                     acc = pl.run_scoped(k_loop, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
-                plgpu.barrier_wait(bars.at[2 * wg])
-                plgpu.barrier_wait(bars.at[2 * wg + 1])
-                x_scale = plgpu.layout_cast(rows_s[wg], plgpu.Layout.WGMMA.reduce(1))
-                w_scale = plgpu.layout_cast(cols_s[wg], plgpu.Layout.WGMMA.reduce(0))
-                y = acc * lax.broadcast_in_dim(x_scale, acc.shape, [0])
-                y = (y * lax.broadcast_in_dim(w_scale, acc.shape, [1])).astype(out_dtype)
-                out = o_g.at[rows, cols].at[wg_rows, wg_cols]
+                if split_k == 1:
+                    plgpu.barrier_wait(bars.at[2 * wg])
+                    plgpu.barrier_wait(bars.at[2 * wg + 1])
+                    x_scale = plgpu.layout_cast(rows_s[wg], plgpu.Layout.WGMMA.reduce(1))
+                    w_scale = plgpu.layout_cast(cols_s[wg], plgpu.Layout.WGMMA.reduce(0))
+                    y = acc * lax.broadcast_in_dim(x_scale, acc.shape, [0])
+                    y = (y * lax.broadcast_in_dim(w_scale, acc.shape, [1])).astype(out_dtype)
+                    out = o_g.at[rows, cols].at[wg_rows, wg_cols]
+                else:
+                    y = acc
+                    out = o_g.at[part, rows, cols].at[wg_rows, wg_cols]
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores left
                 for em in range(t.tile_m // t.epi_m):
                     for en in range(t.tile_n // t.epi_n):
@@ -194,7 +229,8 @@ def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles):
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(out_s.at[wg, slot], out.at[sub_m, sub_n])
 
-            pipeline(mma_promoted if t.promote else mma, context)(x_g.at[rows], w_l.at[cols], allocations=allocs)
+            pipeline(mma_promoted if t.promote else mma, context)(
+                x_g.at[rows, ks], w_l.at[cols, ks], allocations=allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -208,9 +244,12 @@ def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, tiles: Tiles):
     if mp != m:  # zero rows with scale 1, what quantizing a zero row gives
         x_q = jnp.pad(x_q, ((0, mp - m), (0, 0)))
         x_scale = jnp.pad(x_scale, ((0, mp - m), (0, 0)), constant_values=1.0)
+    split_k = tiles.split_k or choose_split_k(mp, n, k, tiles, _num_sms())
+    out_type = (jax.ShapeDtypeStruct((mp, n), out_dtype) if split_k == 1
+                else jax.ShapeDtypeStruct((split_k, mp, n), jnp.float32))
     kernel = plgpu.kernel(
-        functools.partial(_body, t=tiles),
-        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+        functools.partial(_body, t=tiles, split_k=split_k),
+        out_type=out_type,
         grid=(_num_sms(),),
         grid_names=("sm",),
         num_threads=3,  # two compute warpgroups and one for TMA
@@ -219,6 +258,9 @@ def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, tiles: Tiles):
     )
     y = kernel(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0],
                w, w_scale.astype(jnp.float32))
+    if split_k > 1:  # the partials' sum, then both scales on the f32 total, one cast
+        w_scale_l = jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False).astype(jnp.float32)
+        y = (jnp.sum(y, axis=0) * x_scale * w_scale_l[None, :]).astype(out_dtype)
     return y if mp == m else y[:m]
 
 
@@ -231,7 +273,8 @@ def fp8_matmul_mgpu(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=Non
     tiles = tiles or Tiles()
     m, k = x.shape
     n = w.shape[1]
-    if not supports(m, n, k, tiles):
-        raise ValueError(f"fp8_matmul_mgpu needs n a multiple of {tiles.cta_n} and k of {tiles.tile_k}; "
+    if not supports(m, n, k, tiles) or (tiles.split_k and k % (tiles.split_k * tiles.tile_k)):
+        raise ValueError(f"fp8_matmul_mgpu needs n a multiple of {tiles.cta_n} and k of {tiles.tile_k} "
+                         f"(times split_k={tiles.split_k}); "
                          f"got n={n}, k={k} (use impl='triton' or 'xla' for this shape)")
     return _fp8_matmul(x, x_scale, w, w_scale, layer, out_dtype=jnp.dtype(out_dtype), tiles=tiles)

@@ -288,7 +288,18 @@ def test_dispatch_errors():
             fp8_matmul(x, w, w_scale[:5], impl=impl, interpret=True)
 
 
-@pytest.mark.parametrize("m,n,k,layers", [(4096, 32768, 5120, 40), (300, 5120, 32768, 1)])
+def test_mgpu_split_k_choice():
+    # The cost model splits K only where the output tiles leave SMs idle: 2501's w2 at 512
+    # rows (160 tiles on 132 SMs), not its w1 (512 tiles) nor anything at 4096 rows.
+    from pallas_kernels.fp8_matmul_mgpu import choose_split_k
+
+    assert choose_split_k(512, 5120, 32768) == 4
+    assert choose_split_k(512, 32768, 5120) == choose_split_k(4096, 5120, 32768) == 1
+    assert choose_split_k(4096, 32768, 5120) == choose_split_k(512, 4096, 5120) == 1
+    assert choose_split_k(128, 128, 256) == 1  # 2 K steps: nothing to split
+
+
+@pytest.mark.parametrize("m,n,k,layers", [(4096, 32768, 5120, 40), (300, 5120, 32768, 1), (512, 5120, 32768, 2)])
 def test_mgpu_kernel_lowers_for_cuda(m, n, k, layers):
     # The Mosaic GPU kernel has no CPU interpret mode (JAX 0.10's interpreter takes no transposed
     # wgmma operand); lowering it for CUDA here runs its tracing, layout inference and shared-
@@ -379,16 +390,21 @@ class TestGPU:
 class TestMosaicGPU:
     """The wgmma kernel (prefill) against the reference, compiled on the GPU."""
 
-    @pytest.mark.parametrize("m,k,n,layers", [(128, 128, 256, 1), (4096, 5120, 1024, 3), (300, 5120, 4096, 1),
-                                              (129, 4096, 5120, 2), (512, 32768, 512, 1)])
-    def test_against_reference(self, m, k, n, layers):
-        from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu
+    # split_k None: choose_split_k's pick (1 for most; 4 for 2501's w2 at 512 rows, 8 for
+    # [512, 32768] @ [32768, 512]); 2: the partials' path on a stack's last layer.
+    @pytest.mark.parametrize("m,k,n,layers,split_k", [
+        (128, 128, 256, 1, None), (4096, 5120, 1024, 3, None), (4096, 5120, 1024, 3, 2), (300, 5120, 4096, 1, None),
+        (129, 4096, 5120, 2, None), (512, 32768, 512, 1, None), (512, 32768, 5120, 1, None)])
+    def test_against_reference(self, m, k, n, layers, split_k):
+        from pallas_kernels.fp8_matmul_mgpu import Tiles, fp8_matmul_mgpu
+
+        tiles = Tiles(split_k=split_k)
 
         rng = np.random.default_rng(m + k)
         x, w, w_scale = make_inputs(rng, m, k, n * layers)
         w, w_scale = w.reshape(layers, n, k), w_scale.reshape(layers, n)
         layer = layers - 1  # the last layer: the offset into the stack is exercised
-        out = np.asarray(fp8_matmul_mgpu(x, w, w_scale, layer=jnp.int32(layer), out_dtype=F32), np.float64)
+        out = np.asarray(fp8_matmul_mgpu(x, w, w_scale, layer=jnp.int32(layer), out_dtype=F32, tiles=tiles), np.float64)
         ref = np.asarray(fp8_matmul_reference(x, w[layer], w_scale[layer], out_dtype=F32), np.float64)
         assert out.shape == (m, n) and np.isfinite(out).all()
         err = np.abs(out - ref).max() / np.abs(ref).max()
@@ -396,5 +412,5 @@ class TestMosaicGPU:
         # 1.3-3.7e-4 of the largest element (XLA's fp8 dot, summing all of K so: 5e-3 to 1.5e-2).
         # A wrong layer, scale or tile is off by O(1).
         assert err < 1e-3, err
-        out16 = np.asarray(fp8_matmul_mgpu(x, w, w_scale, layer=layer), np.float64)
+        out16 = np.asarray(fp8_matmul_mgpu(x, w, w_scale, layer=layer, tiles=tiles), np.float64)
         assert np.abs(out16 - ref).max() / np.abs(ref).max() < 1e-2
