@@ -18,11 +18,13 @@ Design
   wgmma as a transposed view; x [m, k] is K-major already. BK = 128 fp8 = one 128-byte swizzled
   row.
 * Accuracy: Hopper's fp8 wgmma keeps fewer mantissa bits than f32 when it accumulates in place
-  (DeepSeek-V3's report; XLA's fp8 dot, which sums all of K that way, is 1e-3 to 1e-2 off at
-  k = 16-32k: benchmarks/NOTES.md). With `promote`, each K step's wgmma starts from zero and
-  its sum is added to an f32 total in registers, so the long sum is a true f32 one (as in the
-  Triton kernel and the reference). It costs a second accumulator's registers, hence compute
-  warpgroup tiles of 64 rows.
+  (DeepSeek-V3's report): one 128-long K step is already ~1e-4 off (of the largest element),
+  and summing all of K in place, as XLA's fp8 dot does, 5e-3 to 1.5e-2 at k = 5-32k. With
+  `promote`, each K step's wgmma starts from zero and its sum is added to an f32 total in
+  registers, so the error stays that of one step (1.3-1.8e-4 measured, below bf16 output
+  rounding) at any k. The Triton kernel promotes every 32 (<= 9e-6). Promotion costs a second
+  accumulator's registers, hence compute warpgroup tiles of 64 rows, and ~15-20% of the rate
+  (benchmarks/results/2026-11-23_h100_fp8_mgpu/).
 * Epilogue per compute warpgroup: both scales apply to the f32 accumulator (the reference's
   order), one cast, then the tile leaves through shared memory in sub-tiles by TMA. The scales
   for the tile are fetched by TMA into shared memory while the K loop runs (a vector loaded in
