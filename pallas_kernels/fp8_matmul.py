@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["E4M3_MAX", "quantize_rows", "quantize_unless", "quantize_weight", "fp8_matmul_reference",
-           "fp8_matmul_xla", "fp8_matmul", "fp8_matmul_group", "check_stacked"]
+           "fp8_matmul_xla", "fp8_matmul", "fp8_matmul_group", "check_stacked", "scale_output", "pad_rows"]
 
 E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448.0
 
@@ -57,6 +57,22 @@ def quantize_unless(x: jax.Array, x_scale: jax.Array | None) -> tuple[jax.Array,
     return x, x_scale.astype(jnp.float32)
 
 
+def scale_output(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Array, out_dtype) -> jax.Array:
+    """acc [m, n] f32 sums of e4m3 products -> y [m, n] out_dtype: both scales on the f32 values
+    (x_scale [m, 1] first, then w_scale [n]), one cast. Every implementation ends this way."""
+    return (acc * x_scale * w_scale.astype(jnp.float32)[None, :]).astype(out_dtype)
+
+
+def pad_rows(x_q: jax.Array, x_scale: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """x_q [m, k], x_scale [m, 1] -> [rows, k], [rows, 1]: zero rows with scale 1, what quantizing
+    a zero row gives, so a kernel whose row tiles overrun m reads no garbage."""
+    m = x_q.shape[0]
+    if rows == m:
+        return x_q, x_scale
+    return (jnp.pad(x_q, ((0, rows - m), (0, 0))),
+            jnp.pad(x_scale, ((0, rows - m), (0, 0)), constant_values=1.0))
+
+
 def fp8_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array, *,
                          x_scale: jax.Array | None = None, out_dtype=jnp.bfloat16) -> jax.Array:
     """x [m, k] @ (w [n, k] * w_scale[:, None]).T with x quantized per row; see module docstring."""
@@ -68,7 +84,7 @@ def fp8_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array, *,
     x_q, x_scale = quantize_unless(x, x_scale)
     acc = jax.lax.dot_general(x_q.astype(jnp.float32), w.astype(jnp.float32),
                               (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
-    return (acc * x_scale * w_scale.astype(jnp.float32)[None, :]).astype(out_dtype)
+    return scale_output(acc, x_scale, w_scale, out_dtype)
 
 
 def fp8_matmul_xla(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, x_scale: jax.Array | None = None,
@@ -76,7 +92,7 @@ def fp8_matmul_xla(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, x_scale: j
     """The same function through XLA's native fp8 dot (the peer our kernels must beat)."""
     x_q, x_scale = quantize_unless(x, x_scale)
     acc = jax.lax.dot_general(x_q, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return (acc * x_scale * w_scale.astype(jnp.float32)[None, :]).astype(out_dtype)
+    return scale_output(acc, x_scale, w_scale, out_dtype)
 
 
 def check_stacked(x: jax.Array, w: jax.Array, w_scale: jax.Array, layer):

@@ -56,11 +56,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .fp8_matmul import check_stacked, quantize_unless
+from .fp8_matmul import check_stacked, pad_rows, quantize_unless, scale_output
+from .gpu_info import num_sms
 
 __all__ = ["Tiles", "choose_split_k", "fp8_matmul_mgpu", "supports"]
-
-_DEFAULT_SMS = 132  # H100 SXM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,13 +118,6 @@ def _swizzled(row_bytes: int, itemsize: int):
     # Shared-memory transforms that wgmma and TMA want: 8-row tiles of one swizzle width.
     swizzle = plgpu.find_swizzle(row_bytes * 8)
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
-def _num_sms() -> int:
-    try:
-        return int(getattr(jax.devices()[0], "core_count", 0)) or _DEFAULT_SMS
-    except Exception:  # pragma: no cover
-        return _DEFAULT_SMS
 
 
 def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles, split_k: int):
@@ -243,16 +235,14 @@ def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, tiles: Tiles):
     n = w.shape[1]
     x_q, x_scale = quantize_unless(x, x_scale)  # [m, k] e4m3, [m, 1] f32
     mp = pl.cdiv(m, tiles.cta_m) * tiles.cta_m
-    if mp != m:  # zero rows with scale 1, what quantizing a zero row gives
-        x_q = jnp.pad(x_q, ((0, mp - m), (0, 0)))
-        x_scale = jnp.pad(x_scale, ((0, mp - m), (0, 0)), constant_values=1.0)
-    split_k = tiles.split_k or choose_split_k(mp, n, k, tiles, _num_sms())
+    x_q, x_scale = pad_rows(x_q, x_scale, mp)  # [Mp, k], [Mp, 1]
+    split_k = tiles.split_k or choose_split_k(mp, n, k, tiles, num_sms())
     out_type = (jax.ShapeDtypeStruct((mp, n), out_dtype) if split_k == 1
                 else jax.ShapeDtypeStruct((split_k, mp, n), jnp.float32))
     kernel = plgpu.kernel(
         functools.partial(_body, t=tiles, split_k=split_k),
         out_type=out_type,
-        grid=(_num_sms(),),
+        grid=(num_sms(),),
         grid_names=("sm",),
         num_threads=3,  # two compute warpgroups and one for TMA
         thread_name="wg",
@@ -261,8 +251,8 @@ def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, tiles: Tiles):
     y = kernel(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0],
                w, w_scale.astype(jnp.float32))
     if split_k > 1:  # the partials' sum, then both scales on the f32 total, one cast
-        w_scale_l = jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False).astype(jnp.float32)
-        y = (jnp.sum(y, axis=0) * x_scale * w_scale_l[None, :]).astype(out_dtype)
+        w_scale_l = jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False)
+        y = scale_output(jnp.sum(y, axis=0), x_scale, w_scale_l, out_dtype)
     return y if mp == m else y[:m]
 
 

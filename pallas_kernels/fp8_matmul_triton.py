@@ -46,22 +46,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .fp8_matmul import check_stacked, quantize_unless
+from .fp8_matmul import check_stacked, pad_rows, quantize_unless, scale_output
+from .gpu_info import DEFAULT_SMS, next_pow2, num_sms
 
 __all__ = ["fp8_matmul_triton", "fp8_matmul_group_triton", "plan"]
-
-_DEFAULT_SMS = 132  # H100 SXM
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _num_sms() -> int:
-    try:
-        return int(getattr(jax.devices()[0], "core_count", 0)) or _DEFAULT_SMS
-    except Exception:  # pragma: no cover
-        return _DEFAULT_SMS
 
 
 def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | None = None,
@@ -74,7 +62,7 @@ def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | N
     Prefill (m > 256): 128 x 128 x 128 tiles, 8 warps, no split.
     """
     if m <= 256:
-        bm = block_m or min(64, max(16, _next_pow2(m)))
+        bm = block_m or min(64, max(16, next_pow2(m)))
         bn = block_n or (64 if m <= 64 else 128)
         bk = block_k or 256
         warps = num_warps or 4
@@ -84,12 +72,12 @@ def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | N
         bm, bn, bk = block_m or 128, block_n or 128, block_k or 128
         warps = num_warps or 8
         stages = num_stages or 3
-    bk = max(32, min(bk, _next_pow2(k)))  # fp8 mma wants K >= 32; don't over-pad tiny k
-    bn = max(16, min(bn, _next_pow2(n)))
+    bk = max(32, min(bk, next_pow2(k)))  # fp8 mma wants K >= 32; don't over-pad tiny k
+    bn = max(16, min(bn, next_pow2(n)))
     k_blocks = -(-k // bk)
     if split_k is None:
         tiles = -(-m // bm) * -(-n // bn)
-        target = 2 * (sms or _num_sms())  # ~2 waves
+        target = 2 * (sms or num_sms())  # ~2 waves
         # Split only small-m products (the f32 partials cost split*m*n*4 bytes) and keep
         # >= 4 K blocks per split so the pipeline has something to overlap.
         split_k = 1
@@ -179,9 +167,7 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
     bm, bn, bk = block_m, block_n, block_k
     mp = pl.cdiv(m, bm) * bm
     x_q, x_scale = quantize_unless(x, x_scale)  # [m, k] e4m3, [m, 1] f32
-    # Padded rows: zeros with scale 1 (what quantizing a zero row gives), so loads need no mask.
-    x_q = jnp.pad(x_q, ((0, mp - m), (0, 0)))  # [Mp, k]
-    x_scale = jnp.pad(x_scale, ((0, mp - m), (0, 0)), constant_values=1.0)  # [Mp, 1]
+    x_q, x_scale = pad_rows(x_q, x_scale, mp)  # [Mp, k], [Mp, 1]: loads of x need no mask
     # Each weight's scales at this layer: [n_g], tiny.
     scales = [jax.lax.dynamic_index_in_dim(s, layer, keepdims=False).astype(jnp.float32) for s in w_scales]
     kernel = functools.partial(_kernel, ns=ns, k=k, m=m, bm=bm, bn=bn, bk=bk, split_k=split_k)
@@ -197,7 +183,7 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0],
       *(w.reshape(-1, k) for w in ws), *scales)
     if split_k > 1:
-        outs = tuple((jnp.sum(o, axis=0) * x_scale[:m] * s[None, :]).astype(out_dtype)
+        outs = tuple(scale_output(jnp.sum(o, axis=0), x_scale[:m], s, out_dtype)
                      for o, s in zip(outs, scales))
     return tuple(outs)
 
@@ -219,6 +205,6 @@ def fp8_matmul_group_triton(x: jax.Array, ws, w_scales, *, layer=None, x_scale=N
     x quantized once, the grid's n tiles spread over all of them. Returns one y per weight."""
     checked = [check_stacked(x, w, s, layer) for w, s in zip(ws, w_scales)]
     m, k = x.shape
-    cfg = plan(m, sum(w.shape[1] for w, _, _ in checked), k, sms=_DEFAULT_SMS if interpret else None, **tuning)
+    cfg = plan(m, sum(w.shape[1] for w, _, _ in checked), k, sms=DEFAULT_SMS if interpret else None, **tuning)
     return _fp8_matmul(x, x_scale, tuple(w for w, _, _ in checked), tuple(s for _, s, _ in checked),
                        checked[0][2], out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret), **cfg)

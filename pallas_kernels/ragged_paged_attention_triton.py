@@ -47,23 +47,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from mistral_jax.kv_cache import MASK_VALUE
 
+from .gpu_info import DEFAULT_SMS, next_pow2, num_sms
+
 __all__ = ["ragged_paged_attention_triton", "plan"]
 
-_DEFAULT_SMS = 132  # H100 SXM
 _LOG2E = math.log2(math.e)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _num_sms() -> int:
-    try:
-        dev = jax.devices()[0]
-        n = getattr(dev, "core_count", None)
-        return int(n) if n else _DEFAULT_SMS
-    except Exception:  # pragma: no cover
-        return _DEFAULT_SMS
 
 
 def plan(T: int, S: int, Hq: int, Hkv: int, D: int, *, num_splits: int | None = None,
@@ -71,15 +59,15 @@ def plan(T: int, S: int, Hq: int, Hkv: int, D: int, *, num_splits: int | None = 
          rows_pre: int | None = None, interpret: bool = False) -> dict:
     """Static tiling for one shape bucket (pure Python; exposed for tests and benchmarks)."""
     G = Hq // Hkv
-    GP = _next_pow2(G)
-    BD = max(16, _next_pow2(D))
+    GP = next_pow2(G)
+    BD = max(16, next_pow2(D))
     bq_dec = max(1, 16 // GP)
     rows_pre = rows_pre or (64 if BD > 128 else 128)
     bq_pre = max(bq_dec * 2, rows_pre // GP)
     if num_splits is None:
         # Enough programs for ~4 waves when the batch is small; 1 split once the batch fills.
-        sms = _DEFAULT_SMS if interpret else _num_sms()
-        num_splits = max(1, min(64, _next_pow2(-(-4 * sms // max(1, S * Hkv)))))
+        sms = DEFAULT_SMS if interpret else num_sms()
+        num_splits = max(1, min(64, next_pow2(-(-4 * sms // max(1, S * Hkv)))))
     bk_dec = block_k_dec or (64 if BD <= 128 else 32)
     bk_pre = block_k_pre or (64 if BD <= 128 else 32)
     # Static bound on prefill tiles: sum over long seqs of cdiv(q_len, bq_pre).
@@ -208,8 +196,8 @@ def _launch(q4, k5, v5, layer, tile_seq, tile_q0, kv_lens, cu, pages, *, BQ, BK,
     T, Hkv, G, D = q4.shape
     page_size = k5.shape[2]
     num_pages = k5.shape[1]
-    GP = _next_pow2(G)
-    BD = max(16, _next_pow2(D))
+    GP = next_pow2(G)
+    BD = max(16, next_pow2(D))
     n_tiles = tile_seq.shape[0]
     kernel = functools.partial(
         _attn_kernel, G=G, GP=GP, D=D, BD=BD, BQ=BQ, BK=BK, page_size=page_size,
@@ -346,7 +334,7 @@ def ragged_paged_attention_triton(
         raise ValueError(f"q head_dim {D} != kv head_dim {Dk}")
     if Hq % Hkv:
         raise ValueError(f"n_heads={Hq} is not a multiple of n_kv_heads={Hkv}")
-    if _next_pow2(Hq // Hkv) > 16:
+    if next_pow2(Hq // Hkv) > 16:
         raise NotImplementedError(f"GQA group {Hq // Hkv} > 16 is not supported by the Triton kernel")
     if D > 256:
         raise NotImplementedError(f"head_dim {D} > 256 is not supported by the Triton kernel")
