@@ -17,6 +17,7 @@ kernel (`mgpu` columns, m >= MGPU_MIN_M) instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import itertools
@@ -75,6 +76,24 @@ def median_time(fn, arg_sets, *, reps=5, min_calls=48):
     return statistics.median(times) / (rounds * len(arg_sets))
 
 
+def device_times(fn, arg_sets):
+    """CUPTI's device time per call of fn(x, *rest), kernel by kernel (Mosaic GPU's profiler):
+    one jitted program makes one call per arg set (distinct weights, >= 256 MiB, so L2 serves
+    none), launch gaps excluded. Returns (µs of the longest kernel: the product itself, µs of all
+    kernels: quantizing x, split-K sums and scales too, kernels per call, the longest's name)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    def program(sets):
+        return [fn(*s) for s in sets]
+
+    _, timings = profiler.measure(jax.jit(program), aggregate=False)(arg_sets)
+    per_name = {}
+    for name, ms in timings:
+        per_name[name] = per_name.get(name, 0.0) + ms * 1e3 / len(arg_sets)
+    main = max(per_name, key=per_name.get)
+    return per_name[main], sum(per_name.values()), len(timings) / len(arg_sets), main
+
+
 def copy_bandwidth():
     x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16)  # 2 GiB
     t = median_time(lambda x: x * 2, [(x,)], min_calls=10)
@@ -129,56 +148,99 @@ def sweep_variants(m):
 
 def mgpu_variants():
     """Tiles worth timing for the Mosaic GPU kernel (the default first). Earlier sweeps
-    (results/2026-11-23_h100_fp8_mgpu/mgpu_sweep_*) ruled out 64x256 per warpgroup with
-    promotion (registers), tile_k 256, 6 stages or 64x128 epilogue tiles (shared memory), 5
-    stages and 64-wide n tiles (slower); the snake's band and axis moved times by < 5%."""
-    return [Tiles(), Tiles(split_k=1), Tiles(split_k=2), Tiles(split_k=4), Tiles(split_k=8), Tiles(minor="m")]
+    (results/2026-11-23_h100_fp8_mgpu/mgpu_sweep_*, results/2026-11-24_h100_fp8_decode/) ruled out
+    64x256 per warpgroup with promotion (registers), tile_k 256 at 3+ stages, 6 stages, 64x128
+    epilogue tiles or 3 compute warpgroups at 4 stages (shared memory), 5 stages and 64-wide n
+    tiles (slower), promotion overlapped with the next wgmma (2.5x slower); the snake's band and
+    axis moved times by < 5%; split-K: results/2026-11-23_h100_fp8_mgpu/split_k/. These separate
+    promotion's cost from the tile size (measured: promotion 3-11%, the tile 10-13%) and try
+    three compute warpgroups at 3 stages."""
+    return [Tiles(), Tiles(promote=False), Tiles(wgs=3, stages=3), Tiles(wgs=3, stages=3, promote=False),
+            Tiles(tile_n=256, stages=3, promote=False)]
 
 
-def bench_shape(model, name, m, n, k, *, sweep, mgpu_sweep=False, triton=True):
+DECODE_TILES = Tiles(split="n")  # CTA 64 x 256: m <= 64 pads to 64 rows, not 128
+
+
+def parse_tiles(specs):
+    """['', 'wgs=3,stages=3', 'split=n'] -> [Tiles(), Tiles(wgs=3, stages=3), Tiles(split='n')]."""
+    if specs is None:
+        return None
+
+    def value(v):
+        return int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v)
+
+    return [Tiles(**{k: value(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}) for spec in specs]
+
+
+def mgpu_key(tiles):
+    if tiles == Tiles():
+        return "mgpu"
+    t = tiles
+    return (f"mgpu[{t.tile_m}x{t.tile_n}x{t.tile_k} s{t.stages} {t.split}{t.wgs} b{t.band} {t.minor} "
+            f"p{t.promote:d} k{t.split_k}]")
+
+
+def bench_shape(model, name, m, n, k, *, sweep, mgpu_sweep=False, triton=True, cupti=False, mgpu_decode=False,
+                mgpu_tiles=None):
     sets = make_sets(m, n, k)
     fp8_sets = [s[:3] for s in sets]
     row = dict(model=model, proj=name, m=m, n=n, k=k, n_sets=len(sets), plan=plan(m, n, k))
     flops, wbytes = 2 * m * n * k, n * k
 
-    def record(key, t, weight_bytes):
-        row[key + "_us"] = t * 1e6
-        row[key + "_tflops"] = flops / t / 1e12
-        row[key + "_wTBs"] = weight_bytes / t / 1e12
+    def record(key, fn, fn_sets, weight_bytes, reps=5, into=row):
+        t = median_time(fn, fn_sets, reps=reps)
+        into[key + "_us"] = t * 1e6
+        into[key + "_tflops"] = flops / t / 1e12
+        into[key + "_wTBs"] = weight_bytes / t / 1e12
+        if cupti:  # the same calls by device time: the product's kernel alone, and all kernels
+            try:
+                kernel_us, device_us, kernels, main = device_times(fn, fn_sets)
+            except Exception as e:  # keep the wall-clock figures
+                into[key + "_cupti_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print("    cupti:", into[key + "_cupti_error"], flush=True)
+                return
+            into.update({key + "_kernel_us": kernel_us, key + "_kernel_wTBs": weight_bytes / kernel_us / 1e6,
+                         key + "_device_us": device_us, key + "_kernels": kernels, key + "_kernel": main[:80]})
 
     try:
         if triton:
             row["triton_err"] = kernel_error(*fp8_sets[0])
-            record("triton", median_time(fp8_matmul_triton, fp8_sets), wbytes)
+            record("triton", fp8_matmul_triton, fp8_sets, wbytes)
     except Exception as e:  # keep the other columns if the kernel fails to build
         row["triton_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    for tiles in (mgpu_variants() if mgpu_sweep else [Tiles()]) if m >= MGPU_MIN_M else []:
-        key = "mgpu" if tiles == Tiles() else "mgpu[{0.tile_m}x{0.tile_n}x{0.tile_k} s{0.stages} {0.split} b{0.band} {0.minor} p{0.promote:d} k{0.split_k}]".format(tiles)
+    if mgpu_tiles is not None:
+        pass
+    elif m >= MGPU_MIN_M:
+        mgpu_tiles = mgpu_variants() if mgpu_sweep else [Tiles()]
+    else:
+        mgpu_tiles = [DECODE_TILES, dataclasses.replace(DECODE_TILES, split_k=8)] if mgpu_decode else []
+    for tiles in mgpu_tiles:
+        key = mgpu_key(tiles)
         try:
             row[key + "_err"] = kernel_error(*fp8_sets[0], kernel=fp8_matmul_mgpu, tiles=tiles)
-            record(key, median_time(functools.partial(fp8_matmul_mgpu, tiles=tiles), fp8_sets, reps=3), wbytes)
+            record(key, functools.partial(fp8_matmul_mgpu, tiles=tiles), fp8_sets, wbytes, reps=3)
         except Exception as e:
             row[key + "_error"] = f"{type(e).__name__}: {str(e)[:400]}"
         print(f"  {key}: " + ", ".join(f"{c}={row[key + c]:.4g}" if isinstance(row.get(key + c), float)
                                       else str(row.get(key + c, ""))[:400] for c in ("_us", "_tflops", "_err", "_error")
                                       if key + c in row), flush=True)
-    record("xla_fp8", median_time(fp8_matmul_xla, fp8_sets), wbytes)
+    record("xla_fp8", fp8_matmul_xla, fp8_sets, wbytes)
     bf16_sets = [(s[0], s[3]) for s in sets]
-    record("xla_bf16", median_time(lambda x, w: x @ w.T, bf16_sets), 2 * wbytes)
+    record("xla_bf16", lambda x, w: x @ w.T, bf16_sets, 2 * wbytes)
 
     if sweep:
         row["sweep"] = []
         for tuning in sweep_variants(m):
             entry = dict(tuning=tuning, plan=plan(m, n, k, **tuning))
             try:
-                t = median_time(functools.partial(fp8_matmul_triton, **tuning), fp8_sets, reps=3)
-                entry.update(us=t * 1e6, tflops=flops / t / 1e12, wTBs=wbytes / t / 1e12)
+                record("", functools.partial(fp8_matmul_triton, **tuning), fp8_sets, wbytes, reps=3, into=entry)
             except Exception as e:
                 entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             row["sweep"].append(entry)
-        ok = [e for e in row["sweep"] if "us" in e]
+        ok = [e for e in row["sweep"] if "_us" in e]
         if ok:
-            row["sweep_best"] = min(ok, key=lambda e: e["us"])
+            row["sweep_best"] = min(ok, key=lambda e: e["_us"])
     return row
 
 
@@ -232,6 +294,14 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def cupti_line(row):
+    """Device time by CUPTI per column: the product's kernel (µs, weight TB/s), all kernels."""
+    keys = [key[:-len("_kernel_us")] for key in row if key.endswith("_kernel_us")]
+    return "    device: " + "; ".join(
+        f"{key} {row[key + '_kernel_us']:.1f} µs ({row[key + '_kernel_wTBs']:.2f} TB/s), "
+        f"all {row[key + '_device_us']:.1f} µs in {row[key + '_kernels']:g} kernels" for key in keys)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_fp8_matmul.json", help="JSON results file")
@@ -241,7 +311,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="2501 only, m in 1, 64, 4096")
     ap.add_argument("--sweep", action="store_true", help="also time several plan variants")
     ap.add_argument("--mgpu-sweep", action="store_true", help="time Tiles variants of the Mosaic GPU kernel")
+    ap.add_argument("--mgpu-decode", action="store_true", help=f"below {MGPU_MIN_M} rows, also time the Mosaic GPU "
+                    "kernel with DECODE_TILES (64-row CTA tiles)")
+    ap.add_argument("--mgpu-tiles", nargs="+", default=None, metavar="K=V,...",
+                    help="time exactly these Tiles of the Mosaic GPU kernel at every m, e.g. '' 'wgs=3,stages=3' "
+                    "('' is the default Tiles())")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernel (prefill sweeps)")
+    ap.add_argument("--cupti", action="store_true", help="also the device time of each call by CUPTI: the "
+                    "product's kernel alone (*_kernel_us, *_kernel_wTBs) and all its kernels (*_device_us)")
     ap.add_argument("--groups", action="store_true", help="also time q+k+v and w1+w3 in one launch "
                     "(triton columns; triton_separate_us in the JSON: one launch per weight)")
     args = ap.parse_args(argv)
@@ -265,9 +342,15 @@ def main(argv=None):
                 continue
             for m in ms:
                 row = bench_shape(model, name, m, n, k, sweep=args.sweep, mgpu_sweep=args.mgpu_sweep,
-                                  triton=not args.no_triton)
+                                  triton=not args.no_triton, cupti=args.cupti, mgpu_decode=args.mgpu_decode,
+                                  mgpu_tiles=parse_tiles(args.mgpu_tiles))
                 res["rows"].append(row)
                 print(markdown([row]).splitlines()[-1], flush=True)
+                if args.cupti:
+                    print(cupti_line(row), flush=True)
+                    for entry in row.get("sweep", []):
+                        print(f"      {entry['tuning']}: " + (cupti_line(entry) if "_kernel_us" in entry
+                                                              else entry.get("error", "")), flush=True)
                 with open(args.out, "w") as fh:  # partial results survive a crash
                     json.dump(res, fh, indent=1)
         if args.groups:

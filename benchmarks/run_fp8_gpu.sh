@@ -7,6 +7,7 @@
 #   e  end to end: random Mistral-Small-2501 weights, bf16 then fp8 (separate processes)
 #   p  the layer-scan probe: per-layer slice vs whole stack + layer index into the kernel
 #   M  the Mosaic GPU (wgmma) kernel: its GPU tests, then a Tiles sweep at prefill m against XLA
+# CUPTI=1 adds each call's device time by kernel (launch gaps excluded) to parts s and g.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,9 +18,10 @@ t)
     | tee "$OUT/pytest_gpu_fp8.log" | tail -15 ;;
 s)
   timeout ${SWEEP_S:-220} python3 benchmarks/bench_fp8_matmul.py --models 2501 --projs ${PROJS:-w1/w3,o} \
-    --ms ${SWEEP_MS:-1,64,128,256} --sweep --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; tail -12 "$OUT/sweep.log" ;;
+    --ms ${SWEEP_MS:-1,64,128,256} --sweep ${CUPTI:+--cupti} --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1; tail -12 "$OUT/sweep.log" ;;
 g)
-  timeout ${GEMM_S:-560} python3 benchmarks/bench_fp8_matmul.py --models ${MODELS:-2501,2409} ${GEMM_PROJS:+--projs $GEMM_PROJS} --out "$OUT/gemm_${MODELS:-all}.json" > "$OUT/gemm_${MODELS:-all}.log" 2>&1
+  timeout ${GEMM_S:-560} python3 benchmarks/bench_fp8_matmul.py --models ${MODELS:-2501,2409} ${GEMM_PROJS:+--projs $GEMM_PROJS} \
+    ${GEMM_MS:+--ms $GEMM_MS} ${CUPTI:+--cupti} --out "$OUT/gemm_${MODELS:-all}.json" > "$OUT/gemm_${MODELS:-all}.log" 2>&1
   tail -30 "$OUT/gemm_${MODELS:-all}.log" ;;
 G)
   timeout ${GROUP_S:-300} python3 benchmarks/bench_fp8_matmul.py --models ${MODELS:-2501,2409} --projs none --groups \

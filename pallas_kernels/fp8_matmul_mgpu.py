@@ -65,13 +65,14 @@ __all__ = ["Tiles", "choose_split_k", "fp8_matmul_mgpu", "supports"]
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """Static tiling. A compute warpgroup's accumulator is [tile_m, tile_n] f32; the CTA tile is
-    two of them side by side along `split`."""
+    `wgs` of them side by side along `split`."""
 
     tile_m: int = 64
     tile_n: int = 128
     tile_k: int = 128  # fp8 bytes per row of a block: one 128-byte swizzle
     stages: int = 4  # shared-memory ring depth
-    split: str = "m"  # how the two compute warpgroups share the CTA tile: "n" or "m"
+    split: str = "m"  # how the compute warpgroups share the CTA tile: "n" or "m"
+    wgs: int = 2  # compute warpgroups; 3 leave each 152 registers per thread (2: 232)
     epi_m: int = 64  # epilogue sub-tile (shared memory -> global by TMA)
     epi_n: int = 64
     minor: str = "n"  # the snake's fast axis
@@ -81,11 +82,11 @@ class Tiles:
 
     @property
     def cta_m(self) -> int:
-        return self.tile_m * (2 if self.split == "m" else 1)
+        return self.tile_m * (self.wgs if self.split == "m" else 1)
 
     @property
     def cta_n(self) -> int:
-        return self.tile_n * (2 if self.split == "n" else 1)
+        return self.tile_n * (self.wgs if self.split == "n" else 1)
 
 
 def supports(m: int, n: int, k: int, tiles: Tiles = Tiles()) -> bool:
@@ -142,7 +143,7 @@ def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles, split_k: int):
             in_specs=[plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), transforms=fp8),
                       plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), transforms=fp8)],
             wg_axis="wg",
-            num_compute_wgs=2,
+            num_compute_wgs=t.wgs,
             max_concurrent_steps=t.stages,
             compute_context=context,
         )
@@ -153,10 +154,10 @@ def _body(layer_g, x_g, xs_g, w_g, ws_g, o_g, *, t: Tiles, split_k: int):
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(nothing, nothing).get_allocations(x_g, w_l),
-        out_s=plgpu.SMEM((2, 2, t.epi_m, t.epi_n), out_dtype, transforms=out_t),  # [wg, slot, ...]
-        rows_s=plgpu.SMEM((2, t.tile_m), jnp.float32),  # [wg, tile_m] x scales
-        cols_s=plgpu.SMEM((2, t.tile_n), jnp.float32),  # [wg, tile_n] w scales
-        bars=plgpu.Barrier(num_barriers=4),  # [wg * 2 + (0 rows, 1 cols)]
+        out_s=plgpu.SMEM((t.wgs, 2, t.epi_m, t.epi_n), out_dtype, transforms=out_t),  # [wg, slot, ...]
+        rows_s=plgpu.SMEM((t.wgs, t.tile_m), jnp.float32),  # [wg, tile_m] x scales
+        cols_s=plgpu.SMEM((t.wgs, t.tile_n), jnp.float32),  # [wg, tile_n] w scales
+        bars=plgpu.Barrier(num_barriers=2 * t.wgs),  # [wg * 2 + (0 rows, 1 cols)]
         collective_axes="wg",
     )
     def scope(allocs, out_s, rows_s, cols_s, bars):
@@ -244,7 +245,7 @@ def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, tiles: Tiles):
         out_type=out_type,
         grid=(num_sms(),),
         grid_names=("sm",),
-        num_threads=3,  # two compute warpgroups and one for TMA
+        num_threads=tiles.wgs + 1,  # the compute warpgroups and one for TMA
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
