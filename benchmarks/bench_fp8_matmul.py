@@ -1,23 +1,24 @@
-"""W8A8 FP8 matmul on the GPU: our Pallas kernels (Triton; Mosaic GPU from 128 rows) vs XLA fp8 and bf16.
+"""W8A8 FP8 matmul on the GPU: our Pallas kernels (Triton; Mosaic GPU above 32 rows) vs XLA fp8 and bf16.
 
 Projection shapes of Mistral-Small-2501 and -2409 (w stored [n, k]), m tokens in
 {1, 8, 64, 256, 4096}. Time per call: one jitted program loops over several weight copies
 (>= 256 MiB in all, so a small weight is not served from L2) for >= 48 calls, median of several
-runs, divided by the calls: no launch or sync in the figure, as inside the model (see median_time). Reports TFLOP/s (2mnk / t) and weight TB/s (weight bytes /
-t: n*k for fp8, 2*n*k for bf16) next to measured ceilings: copy bandwidth (2 GiB bf16 x*2,
+runs, divided by the calls: no host launch or sync in the figure, as inside the model (see
+median_time); --cupti adds the device time of each kernel, without the gaps between launches.
+Reports TFLOP/s (2mnk / t) and weight TB/s (weight bytes / t: n*k for fp8, 2*n*k for bf16) next
+to measured ceilings: copy bandwidth (2 GiB bf16 x*2,
 read + write) and XLA's 8192^3 bf16 and fp8 matmuls. Also the kernel's error against the reference.
 
     python benchmarks/bench_fp8_matmul.py --out fp8.json [--quick] [--sweep] [--models 2501]
 
 --sweep times 18 plan variants per decode shape (7 per prefill shape): restrict it with --ms
 and --models to fit a 10-minute device call. --mgpu-sweep times Tiles variants of the Mosaic GPU
-kernel (`mgpu` columns, m >= MGPU_MIN_M) instead.
+kernel (`mgpu` columns, m > GPU_TRITON_MAX_M) instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import functools
 import itertools
@@ -29,7 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8_matmul import fp8_matmul_reference, fp8_matmul_xla, quantize_weight
+from pallas_kernels.fp8_matmul import GPU_TRITON_MAX_M, fp8_matmul_reference, fp8_matmul_xla, quantize_weight
 from pallas_kernels.fp8_matmul_mgpu import Tiles, fp8_matmul_mgpu
 from pallas_kernels.fp8_matmul_triton import fp8_matmul_group_triton, fp8_matmul_triton, plan
 
@@ -38,7 +39,6 @@ MODELS = {"2501": (5120, 32, 8, 128, 32768), "2409": (6144, 48, 8, 128, 16384)}
 MS = (1, 8, 64, 256, 4096)
 ROTATE_BYTES = 256 << 20  # > 5x the H100's 50 MiB L2
 MAX_SETS = 6  # each set is one more kernel to compile in the timing program
-MGPU_MIN_M = 128  # the Mosaic GPU kernel's CTA tile is 128 rows: smaller m is decode, Triton's
 
 
 def projections(dim, n_heads, n_kv, head_dim, hidden):
@@ -147,19 +147,16 @@ def sweep_variants(m):
 
 
 def mgpu_variants():
-    """Tiles worth timing for the Mosaic GPU kernel (the default first). Earlier sweeps
+    """Tiles worth timing for the Mosaic GPU kernel at prefill m. Earlier sweeps
     (results/2026-11-23_h100_fp8_mgpu/mgpu_sweep_*, results/2026-11-24_h100_fp8_decode/) ruled out
     64x256 per warpgroup with promotion (registers), tile_k 256 at 3+ stages, 6 stages, 64x128
     epilogue tiles or 3 compute warpgroups at 4 stages (shared memory), 5 stages and 64-wide n
     tiles (slower), promotion overlapped with the next wgmma (2.5x slower); the snake's band and
     axis moved times by < 5%; split-K: results/2026-11-23_h100_fp8_mgpu/split_k/. These separate
-    promotion's cost from the tile size (measured: promotion 3-11%, the tile 10-13%) and try
-    three compute warpgroups at 3 stages."""
+    promotion's cost from the tile size (measured: promotion 3-11%, the tile 10-13%) and time
+    three compute warpgroups at 3 stages (now choose_tiles' prefill tiles)."""
     return [Tiles(), Tiles(promote=False), Tiles(wgs=3, stages=3), Tiles(wgs=3, stages=3, promote=False),
             Tiles(tile_n=256, stages=3, promote=False)]
-
-
-DECODE_TILES = Tiles(split="n")  # CTA 64 x 256: m <= 64 pads to 64 rows, not 128
 
 
 def parse_tiles(specs):
@@ -174,34 +171,38 @@ def parse_tiles(specs):
 
 
 def mgpu_key(tiles):
-    if tiles == Tiles():
+    if tiles is None:
         return "mgpu"
     t = tiles
     return (f"mgpu[{t.tile_m}x{t.tile_n}x{t.tile_k} s{t.stages} {t.split}{t.wgs} b{t.band} {t.minor} "
             f"p{t.promote:d} k{t.split_k}]")
 
 
-def bench_shape(model, name, m, n, k, *, sweep, mgpu_sweep=False, triton=True, cupti=False, mgpu_decode=False,
-                mgpu_tiles=None):
+def timed(into, key, fn, fn_sets, weight_bytes, *, flops, cupti, reps=5):
+    """Time fn over fn_sets into `into` under key: µs per call, TFLOP/s, weight TB/s; with cupti
+    also the device time of the same calls, the product's kernel alone and all kernels."""
+    t = median_time(fn, fn_sets, reps=reps)
+    into[key + "_us"] = t * 1e6
+    into[key + "_tflops"] = flops / t / 1e12
+    into[key + "_wTBs"] = weight_bytes / t / 1e12
+    if cupti:
+        try:
+            kernel_us, device_us, kernels, main = device_times(fn, fn_sets)
+        except Exception as e:  # keep the wall-clock figures
+            into[key + "_cupti_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("    cupti:", into[key + "_cupti_error"], flush=True)
+            return
+        into.update({key + "_kernel_us": kernel_us, key + "_kernel_wTBs": weight_bytes / kernel_us / 1e6,
+                     key + "_device_us": device_us, key + "_kernels": kernels, key + "_kernel": main[:80]})
+
+
+def bench_shape(model, name, m, n, k, *, sweep, mgpu_sweep=False, triton=True, cupti=False, mgpu_tiles=None):
     sets = make_sets(m, n, k)
     fp8_sets = [s[:3] for s in sets]
     row = dict(model=model, proj=name, m=m, n=n, k=k, n_sets=len(sets), plan=plan(m, n, k))
     flops, wbytes = 2 * m * n * k, n * k
 
-    def record(key, fn, fn_sets, weight_bytes, reps=5, into=row):
-        t = median_time(fn, fn_sets, reps=reps)
-        into[key + "_us"] = t * 1e6
-        into[key + "_tflops"] = flops / t / 1e12
-        into[key + "_wTBs"] = weight_bytes / t / 1e12
-        if cupti:  # the same calls by device time: the product's kernel alone, and all kernels
-            try:
-                kernel_us, device_us, kernels, main = device_times(fn, fn_sets)
-            except Exception as e:  # keep the wall-clock figures
-                into[key + "_cupti_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                print("    cupti:", into[key + "_cupti_error"], flush=True)
-                return
-            into.update({key + "_kernel_us": kernel_us, key + "_kernel_wTBs": weight_bytes / kernel_us / 1e6,
-                         key + "_device_us": device_us, key + "_kernels": kernels, key + "_kernel": main[:80]})
+    record = functools.partial(timed, row, flops=flops, cupti=cupti)
 
     try:
         if triton:
@@ -209,12 +210,8 @@ def bench_shape(model, name, m, n, k, *, sweep, mgpu_sweep=False, triton=True, c
             record("triton", fp8_matmul_triton, fp8_sets, wbytes)
     except Exception as e:  # keep the other columns if the kernel fails to build
         row["triton_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    if mgpu_tiles is not None:
-        pass
-    elif m >= MGPU_MIN_M:
-        mgpu_tiles = mgpu_variants() if mgpu_sweep else [Tiles()]
-    else:
-        mgpu_tiles = [DECODE_TILES, dataclasses.replace(DECODE_TILES, split_k=8)] if mgpu_decode else []
+    if mgpu_tiles is None:  # None: the kernel's own choice (choose_tiles)
+        mgpu_tiles = (mgpu_variants() if mgpu_sweep else [None]) if m > GPU_TRITON_MAX_M else []
     for tiles in mgpu_tiles:
         key = mgpu_key(tiles)
         try:
@@ -234,7 +231,8 @@ def bench_shape(model, name, m, n, k, *, sweep, mgpu_sweep=False, triton=True, c
         for tuning in sweep_variants(m):
             entry = dict(tuning=tuning, plan=plan(m, n, k, **tuning))
             try:
-                record("", functools.partial(fp8_matmul_triton, **tuning), fp8_sets, wbytes, reps=3, into=entry)
+                timed(entry, "", functools.partial(fp8_matmul_triton, **tuning), fp8_sets, wbytes, reps=3, flops=flops,
+                      cupti=cupti)
             except Exception as e:
                 entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             row["sweep"].append(entry)
@@ -249,7 +247,7 @@ def groups(dim, n_heads, n_kv, head_dim, hidden):
     return [("q+k+v", [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim), ("w1+w3", [hidden, hidden], dim)]
 
 
-def bench_group(model, name, m, ns, k):
+def bench_group(model, name, m, ns, k, *, cupti=False):
     """Several weights of one x: one grouped launch of our kernel against one launch per weight
     (ours, XLA fp8, XLA bf16). The markdown's triton columns are the grouped launch."""
     sets = [make_sets(m, n, k) for n in ns]  # per weight, rotating copies
@@ -263,18 +261,16 @@ def bench_group(model, name, m, ns, k):
     def each(matmul):  # one product per weight; every output feeds the timing loop's sum
         return lambda x, ws, ss: sum(matmul(x, w, s)[0, 0].astype(jnp.float32) for w, s in zip(ws, ss))[None, None]
 
-    def record(key, t, weight_bytes):
-        row[key + "_us"] = t * 1e6
-        row[key + "_tflops"] = flops / t / 1e12
-        row[key + "_wTBs"] = weight_bytes / t / 1e12
-
+    record = functools.partial(timed, row, flops=flops, cupti=cupti)
     one_launch = lambda x, ws, ss: sum(y[0, 0].astype(jnp.float32)  # noqa: E731
                                        for y in fp8_matmul_group_triton(x, ws, ss))[None, None]
-    record("triton", median_time(one_launch, grouped), wbytes)
-    record("triton_separate", median_time(each(fp8_matmul_triton), grouped), wbytes)
-    record("xla_fp8", median_time(each(fp8_matmul_xla), grouped), wbytes)
-    record("xla_bf16", median_time(lambda x, ws: sum((x @ w.T)[0, 0].astype(jnp.float32) for w in ws)[None, None],
-                                   bf16), 2 * wbytes)
+    record("triton", one_launch, grouped, wbytes)
+    record("triton_separate", each(fp8_matmul_triton), grouped, wbytes)
+    if m > GPU_TRITON_MAX_M:  # one launch per weight, each with the kernel's own tile choice
+        record("mgpu_separate", each(fp8_matmul_mgpu), grouped, wbytes)
+    record("xla_fp8", each(fp8_matmul_xla), grouped, wbytes)
+    record("xla_bf16", lambda x, ws: sum((x @ w.T)[0, 0].astype(jnp.float32) for w in ws)[None, None], bf16,
+           2 * wbytes)
     return row
 
 
@@ -311,8 +307,6 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="2501 only, m in 1, 64, 4096")
     ap.add_argument("--sweep", action="store_true", help="also time several plan variants")
     ap.add_argument("--mgpu-sweep", action="store_true", help="time Tiles variants of the Mosaic GPU kernel")
-    ap.add_argument("--mgpu-decode", action="store_true", help=f"below {MGPU_MIN_M} rows, also time the Mosaic GPU "
-                    "kernel with DECODE_TILES (64-row CTA tiles)")
     ap.add_argument("--mgpu-tiles", nargs="+", default=None, metavar="K=V,...",
                     help="time exactly these Tiles of the Mosaic GPU kernel at every m, e.g. '' 'wgs=3,stages=3' "
                     "('' is the default Tiles())")
@@ -342,7 +336,7 @@ def main(argv=None):
                 continue
             for m in ms:
                 row = bench_shape(model, name, m, n, k, sweep=args.sweep, mgpu_sweep=args.mgpu_sweep,
-                                  triton=not args.no_triton, cupti=args.cupti, mgpu_decode=args.mgpu_decode,
+                                  triton=not args.no_triton, cupti=args.cupti,
                                   mgpu_tiles=parse_tiles(args.mgpu_tiles))
                 res["rows"].append(row)
                 print(markdown([row]).splitlines()[-1], flush=True)
@@ -356,10 +350,13 @@ def main(argv=None):
         if args.groups:
             for name, ns, k in groups(*MODELS[model]):
                 for m in ms:
-                    row = bench_group(model, name, m, ns, k)
+                    row = bench_group(model, name, m, ns, k, cupti=args.cupti)
                     res["rows"].append(row)
-                    print(markdown([row]).splitlines()[-1], f"(separate launches: {row['triton_separate_us']:.1f} µs)",
+                    print(markdown([row]).splitlines()[-1], f"(separate launches: {row['triton_separate_us']:.1f} µs"
+                          + (f", mgpu {row['mgpu_separate_us']:.1f} µs)" if "mgpu_separate_us" in row else ")"),
                           flush=True)
+                    if args.cupti:
+                        print(cupti_line(row), flush=True)
                     with open(args.out, "w") as fh:
                         json.dump(res, fh, indent=1)
     print()

@@ -117,20 +117,25 @@ IMPLS = ("auto", "reference", "xla", "triton", "mgpu", "tpu")
 
 
 # GPU: up to this many rows the Pallas/Triton kernel streams the weights fastest (decode); above
-# it the Mosaic GPU wgmma kernel runs the product (prefill; ~1,000 TFLOP/s on an H100 against
-# the Triton kernel's ~490), or XLA's fp8 dot for a shape that kernel does not tile
-# (benchmarks/NOTES.md, 2026-11-23).
-GPU_TRITON_MAX_M = 64
+# it the Mosaic GPU wgmma kernel runs the product: from 33 to 64 rows with 64-row tiles (at 64
+# rows 1.05-1.39x the Triton kernel's device time), for prefill at ~1,000 TFLOP/s on an H100
+# against the Triton kernel's ~490; XLA's fp8 dot for a shape that kernel does not tile
+# (benchmarks/NOTES.md, 2026-11-23 and 2026-11-24). Grouped products (q, k, v; w1, w3 in one
+# launch) stay on the Triton kernel up to 64 rows: at 64 rows one grouped launch for q, k, v
+# took 25 µs of device time against 35 µs for three wgmma launches (k and v are narrow).
+GPU_TRITON_MAX_M = 32
+GPU_TRITON_GROUP_MAX_M = 64
 
 
 def default_impl(platform: str | None = None, m: int | None = None, n: int | None = None,
-                 k: int | None = None) -> str:
-    """The implementation for a backend and an [m, k] @ [k, n] product: on GPU the Triton kernel
-    for decode (m <= GPU_TRITON_MAX_M) and the Mosaic GPU kernel above (XLA's fp8 dot where n or k
-    does not fit its tiles); Pallas TPU on TPU; XLA's dot elsewhere."""
+                 k: int | None = None, *, group: bool = False) -> str:
+    """The implementation for a backend and an [m, k] @ [k, n] product (`group`: several weights
+    of one x in one launch): on GPU the Triton kernel for decode (m <= GPU_TRITON_MAX_M, or
+    GPU_TRITON_GROUP_MAX_M for a group) and the Mosaic GPU kernel above (XLA's fp8 dot where n or
+    k does not fit its tiles); Pallas TPU on TPU; XLA's dot elsewhere."""
     platform = platform or jax.default_backend()
     if platform in ("gpu", "cuda"):
-        if m is None or m <= GPU_TRITON_MAX_M:
+        if m is None or m <= (GPU_TRITON_GROUP_MAX_M if group else GPU_TRITON_MAX_M):
             return "triton"
         from .fp8_matmul_mgpu import supports
 
@@ -142,8 +147,11 @@ def describe_impl(impl: str = "auto", platform: str | None = None) -> str:
     """What `impl` runs on a backend, for logs: "auto" on GPU names both regimes."""
     if impl != "auto":
         return impl
-    small, large = default_impl(platform, 1), default_impl(platform, GPU_TRITON_MAX_M + 1)
-    return small if small == large else f"{small} up to {GPU_TRITON_MAX_M} tokens, {large} above"
+    small, large = default_impl(platform, 1), default_impl(platform, GPU_TRITON_GROUP_MAX_M + 1)
+    if small == large:
+        return small
+    return (f"{small} up to {GPU_TRITON_MAX_M} tokens ({GPU_TRITON_GROUP_MAX_M} for grouped q/k/v and "
+            f"w1/w3), {large} above")
 
 
 def _check_args(impl: str, w: jax.Array, layer) -> None:
@@ -193,7 +201,7 @@ def fp8_matmul_group(x: jax.Array, ws, w_scales, *, layer: jax.Array | int | Non
     implementations run one product per weight ("auto" picks per weight)."""
     for w in ws:
         _check_args(impl, w, layer)
-    if (default_impl(m=x.shape[0]) if impl == "auto" else impl) == "triton":
+    if (default_impl(m=x.shape[0], group=True) if impl == "auto" else impl) == "triton":
         from .fp8_matmul_triton import fp8_matmul_group_triton
 
         return fp8_matmul_group_triton(x, tuple(ws), tuple(w_scales), layer=layer, out_dtype=out_dtype,

@@ -1,4 +1,4 @@
-"""W8A8 FP8 matmul for prefill on Hopper: Pallas Mosaic GPU (wgmma + TMA); spec: `fp8_matmul.py`.
+"""W8A8 FP8 matmul on Hopper above 32 rows: Pallas Mosaic GPU (wgmma + TMA); spec: `fp8_matmul.py`.
 
     y [m, n] = (quant(x) [m, k] @ w [n, k].T) * x_scale [m, 1] * w_scale [n]
 
@@ -10,9 +10,14 @@ Design
 ------
 * One CTA per SM, persistent: it walks the (m, n) output tiles of the whole product in a band-wise
   snake (`plgpu.planar_snake`) so that neighbouring CTAs share x and w tiles in L2.
-* Three warpgroups per CTA: one issues the TMA copies of x [CTA_M, BK] and w [CTA_N, BK] blocks
-  into a ring of `stages` shared-memory slots; two compute warpgroups each own half of the CTA
-  tile (split along n or m) and run wgmma on every slot (`emit_pipeline_warp_specialized`).
+* Warp-specialized CTA: one warpgroup issues the TMA copies of x [CTA_M, BK] and w [CTA_N, BK]
+  blocks into a ring of `stages` shared-memory slots; `wgs` compute warpgroups each own a
+  64 x 128 slice of the CTA tile (side by side along m or n) and run wgmma on every slot
+  (`emit_pipeline_warp_specialized`).
+* Tiles by regime (`choose_tiles`, measured on the H100): 33-64 rows (decode batches), CTA
+  64 x 256 (two warpgroups share the rows, so m pads to 64, not 128); prefill, CTA 192 x 128
+  (three warpgroups share each w tile: +2.5-15% at 4,096 rows) where padding m to 192 rows costs
+  <= 5% more rows than to 128; CTA 128 x 128 otherwise.
 * fp8 wgmma may not transpose its operands (only 16-bit ones may be), so its right operand must
   sit in shared memory K-major: w stays [n, k] as the checkpoint stores it and is handed to
   wgmma as a transposed view; x [m, k] is K-major already. BK = 128 fp8 = one 128-byte swizzled
@@ -23,8 +28,9 @@ Design
   `promote`, each K step's wgmma starts from zero and its sum is added to an f32 total in
   registers, so the error stays that of one step (1.3-1.8e-4 measured, below bf16 output
   rounding) at any k. The Triton kernel promotes every 32 (<= 9e-6). Promotion costs a second
-  accumulator's registers, hence compute warpgroup tiles of 64 rows, and ~15-20% of the rate
-  (benchmarks/results/2026-11-23_h100_fp8_mgpu/).
+  accumulator's registers, hence 64 x 128 warpgroup tiles (64 x 256 would spill), and 3-11% of
+  the rate at equal tiles (1.5% with three warpgroups); the smaller tile costs another 10-13%
+  against unpromoted 64 x 256 ones (benchmarks/results/2026-11-24_h100_fp8_decode/).
 * Epilogue per compute warpgroup: both scales apply to the f32 accumulator (the reference's
   order), one cast, then the tile leaves through shared memory in sub-tiles by TMA. The scales
   for the tile are fetched by TMA into shared memory while the K loop runs (a vector loaded in
@@ -36,8 +42,7 @@ Design
 * Stacked weights: the model keeps a projection as one [layers, n, k] array; the kernel takes the
   whole stack and the layer index (a [1] i32 operand) and reads that layer in place (a slice
   handed to a custom call would be copied first: benchmarks/NOTES.md).
-* Shapes: n a multiple of CTA_N, k of BK; m is padded to CTA_M with zero rows (scale 1), which
-  the engine's power-of-two token buckets never need from 128 rows up.
+* Shapes: n a multiple of CTA_N, k of BK; m is padded to CTA_M with zero rows (scale 1).
 
 Activation quantization is the shared jnp step (`quantize_unless`) before the kernel.
 There is no CPU interpret mode for this kernel: JAX 0.10's Mosaic GPU interpreter handles no
@@ -59,7 +64,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from .fp8_matmul import check_stacked, pad_rows, quantize_unless, scale_output
 from .gpu_info import num_sms
 
-__all__ = ["Tiles", "choose_split_k", "fp8_matmul_mgpu", "supports"]
+__all__ = ["Tiles", "choose_split_k", "choose_tiles", "fp8_matmul_mgpu", "supports"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +94,29 @@ class Tiles:
         return self.tile_n * (self.wgs if self.split == "n" else 1)
 
 
-def supports(m: int, n: int, k: int, tiles: Tiles = Tiles()) -> bool:
-    """Whether the kernel takes an (m, n, k) product without padding n or k."""
+# Tiles by regime (module docstring; benchmarks/results/2026-11-24_h100_fp8_decode/): at 64 rows
+# DECODE_TILES run 1.05-1.39x the Triton kernel's device time (2501's w2: 96 -> 69 µs); at 4,096
+# rows PREFILL_TILES take 2501's w1/w3 from 991 to 1,144 TFLOP/s.
+DECODE_TILES = Tiles(split="n")
+DECODE_MAX_M = 64
+PREFILL_TILES = Tiles(wgs=3, stages=3)  # 4 stages of 192 + 128 rows exceed shared memory
+PREFILL_MAX_PAD = 1.05  # rows padded to 192 over rows padded to 128, at most
+
+
+def choose_tiles(m: int, n: int, k: int) -> Tiles:
+    """The tiling for an (m, n, k) product (see above); the default 128 x 128 CTA otherwise."""
+    if m <= DECODE_MAX_M and supports(m, n, k, DECODE_TILES):
+        return DECODE_TILES
+    rows = lambda t: -(-m // t.cta_m) * t.cta_m  # noqa: E731
+    if rows(PREFILL_TILES) <= PREFILL_MAX_PAD * rows(Tiles()) and supports(m, n, k, PREFILL_TILES):
+        return PREFILL_TILES
+    return Tiles()
+
+
+def supports(m: int, n: int, k: int, tiles: Tiles | None = None) -> bool:
+    """Whether the kernel takes an (m, n, k) product without padding n or k (with `tiles`, or
+    with any tiling it would choose: the default's constraints are the loosest)."""
+    tiles = tiles or Tiles()
     return n % tiles.cta_n == 0 and k % tiles.tile_k == 0 and m >= 1
 
 
@@ -261,11 +287,11 @@ def fp8_matmul_mgpu(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=Non
                     out_dtype=jnp.bfloat16, tiles: Tiles | None = None) -> jax.Array:
     """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T by wgmma; or, with `layer`,
     w [layers, n, k] and w_scale [layers, n], layer `layer` read in place. x_scale [m, 1]: x is
-    e4m3 already (see fp8_matmul). `tiles` overrides the default tiling (sweeps)."""
+    e4m3 already (see fp8_matmul). `tiles` overrides `choose_tiles` (sweeps)."""
     w, w_scale, layer = check_stacked(x, w, w_scale, layer)
-    tiles = tiles or Tiles()
     m, k = x.shape
     n = w.shape[1]
+    tiles = tiles or choose_tiles(m, n, k)
     if not supports(m, n, k, tiles) or (tiles.split_k and k % (tiles.split_k * tiles.tile_k)):
         raise ValueError(f"fp8_matmul_mgpu needs n a multiple of {tiles.cta_n} and k of {tiles.tile_k} "
                          f"(times split_k={tiles.split_k}); "

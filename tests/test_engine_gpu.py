@@ -70,8 +70,8 @@ def test_triton_engine_matches_reference(model, settings):
 def test_fp8_engine_matches_reference(fp8_impl):
     # FP8 projections through the Triton kernel (each whole [layers, n, k] stack plus the layer
     # index) in the engine, judged by the jnp reference model on the same random fp8 weights.
-    # "auto": the Triton kernel for decode steps, the Mosaic GPU wgmma kernel for the 128-token
-    # prefill chunks.
+    # "auto": the Triton kernel for decode steps of up to 32 rows (64 for grouped q/k/v and
+    # w1/w3), the Mosaic GPU wgmma kernel above, as in the 128-token prefill chunks.
     # Greedy tokens cannot be compared one for one: per-token activation quantization makes an
     # FP8 model chaotic. The kernel and the reference sum in different orders (~1e-7 apart per
     # product), an activation near an e4m3 rounding boundary then rounds the other way (a 1/16

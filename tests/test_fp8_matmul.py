@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.fp8_matmul import (
+    GPU_TRITON_GROUP_MAX_M,
     GPU_TRITON_MAX_M,
     default_impl,
     describe_impl,
@@ -265,14 +266,17 @@ def test_dispatch():
 
 
 def test_default_impl_by_backend_and_rows():
-    # GPU: the Triton kernel for decode-sized m, the Mosaic GPU kernel for prefill-sized m, or
-    # XLA's fp8 dot (cuBLASLt) where n or k does not fit that kernel's tiles.
+    # GPU: the Triton kernel for decode-sized m (a little further for grouped launches), the
+    # Mosaic GPU kernel above, or XLA's fp8 dot (cuBLASLt) where n or k does not fit its tiles.
+    assert GPU_TRITON_MAX_M < GPU_TRITON_GROUP_MAX_M
     assert default_impl("gpu", 1) == default_impl("gpu", GPU_TRITON_MAX_M) == "triton"
+    assert default_impl("gpu", GPU_TRITON_GROUP_MAX_M, group=True) == "triton"
     assert default_impl("gpu", GPU_TRITON_MAX_M + 1) == default_impl("gpu", 4096, 32768, 5120) == "mgpu"
+    assert default_impl("gpu", GPU_TRITON_GROUP_MAX_M + 1, group=True) == "mgpu"
     assert default_impl("gpu", 4096, 1000, 5120) == default_impl("gpu", 4096, 1024, 5000) == "xla"
     assert default_impl("tpu", 1) == default_impl("tpu", 4096) == "tpu"
     assert default_impl("cpu", 1) == "xla"
-    assert describe_impl("auto", "gpu") == f"triton up to {GPU_TRITON_MAX_M} tokens, mgpu above"
+    assert describe_impl("auto", "gpu").startswith(f"triton up to {GPU_TRITON_MAX_M} tokens")
     assert describe_impl("auto", "cpu") == "xla" and describe_impl("reference", "gpu") == "reference"
 
 
@@ -299,7 +303,20 @@ def test_mgpu_split_k_choice():
     assert choose_split_k(128, 128, 256) == 1  # 2 K steps: nothing to split
 
 
-@pytest.mark.parametrize("m,n,k,layers", [(4096, 32768, 5120, 40), (300, 5120, 32768, 1), (512, 5120, 32768, 2)])
+def test_mgpu_tile_choice():
+    # 33-64 rows: 64-row tiles; prefill: three warpgroups (192-row tiles) where padding m to 192
+    # rows costs <= 5% more rows than to 128; the 128 x 128 default otherwise.
+    from pallas_kernels.fp8_matmul_mgpu import DECODE_TILES, PREFILL_TILES, Tiles, choose_tiles
+
+    assert choose_tiles(64, 5120, 32768) == choose_tiles(33, 1024, 5120) == DECODE_TILES
+    assert DECODE_TILES.cta_m == 64 and PREFILL_TILES.cta_m == 192
+    assert choose_tiles(4096, 32768, 5120) == choose_tiles(3000, 5120, 4096) == PREFILL_TILES  # 4224, 3072 rows
+    assert choose_tiles(512, 5120, 32768) == choose_tiles(1000, 4096, 5120) == Tiles()  # 576 vs 512; 1152 vs 1024
+    assert choose_tiles(64, 128, 256) == Tiles()  # n too narrow for a 256-wide tile
+
+
+@pytest.mark.parametrize("m,n,k,layers", [(4096, 32768, 5120, 40), (300, 5120, 32768, 1), (512, 5120, 32768, 2),
+                                          (64, 4096, 5120, 2)])
 def test_mgpu_kernel_lowers_for_cuda(m, n, k, layers):
     # The Mosaic GPU kernel has no CPU interpret mode (JAX 0.10's interpreter takes no transposed
     # wgmma operand); lowering it for CUDA here runs its tracing and layout inference, so a broken
@@ -393,13 +410,16 @@ class TestMosaicGPU:
 
     # split_k None: choose_split_k's pick (1 for most; 4 for 2501's w2 at 512 rows, 8 for
     # [512, 32768] @ [32768, 512]); 2: the partials' path on a stack's last layer.
+    # Tiles as choose_tiles picks them: 64-row tiles at 33-64 rows (40: ragged), 192-row tiles at
+    # 4096 and 3000 (ragged) rows, 128-row tiles otherwise.
     @pytest.mark.parametrize("m,k,n,layers,split_k", [
         (128, 128, 256, 1, None), (4096, 5120, 1024, 3, None), (4096, 5120, 1024, 3, 2), (300, 5120, 4096, 1, None),
-        (129, 4096, 5120, 2, None), (512, 32768, 512, 1, None), (512, 32768, 5120, 1, None)])
+        (129, 4096, 5120, 2, None), (512, 32768, 512, 1, None), (512, 32768, 5120, 1, None),
+        (64, 32768, 5120, 2, None), (40, 5120, 1024, 1, None), (3000, 4096, 5120, 1, None)])
     def test_against_reference(self, m, k, n, layers, split_k):
         from pallas_kernels.fp8_matmul_mgpu import Tiles, fp8_matmul_mgpu
 
-        tiles = Tiles(split_k=split_k)
+        tiles = None if split_k is None else Tiles(split_k=split_k)
 
         rng = np.random.default_rng(m + k)
         x, w, w_scale = make_inputs(rng, m, k, n * layers)
