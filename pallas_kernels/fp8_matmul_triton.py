@@ -22,7 +22,8 @@ Design
   layers in a scan. Handed a slice, XLA would first copy that layer's weight into a buffer of
   its own (a custom call takes no views): on an H100 that made a w1 product 199 µs instead of
   ~80 (benchmarks/NOTES.md). So the kernel takes the whole stack as [layers * n, k] plus the
-  layer index (a [1] i32 operand) and starts its weight rows at layer * n.
+  layer index (a [1] i32 operand) and starts its weight rows at layer * n; the scales' stack
+  [layers * n] likewise.
 * Epilogue: both scales apply to the f32 accumulator ((acc * x_scale) * w_scale, the
   reference's order), one cast to out_dtype, masked store of rows < m and columns < n.
 * Several weights of one x (a layer's q, k, v; w1, w3) can share one launch
@@ -92,9 +93,9 @@ def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n:
           bn: int, bk: int, split_k: int):
     # One program's tile (m tile i, n tile j, k split s) of one weight.
     # layer_ref: [1] i32, x_ref: [Mp, k] e4m3 (Mp = m padded to BM), xs_ref: [Mp] f32,
-    # w_ref: [layers * n, k] e4m3 (the stack, rows of layer l at l * n), ws_ref: [n] f32 (that
-    # layer's), o_ref: [m, n] out_dtype, or [split_k, m, n] f32 partials.
-    w_row = layer_ref[0] * n + j * bn  # this program's first weight row in the stack
+    # w_ref: [layers * n, k] e4m3 (the stack, rows of layer l at l * n), ws_ref: [layers * n] f32
+    # (the scales' stack, likewise), o_ref: [m, n] out_dtype, or [split_k, m, n] f32 partials.
+    w_row = layer_ref[0] * n + j * bn  # this program's first weight row (and scale) in the stack
     rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)  # [BM]
     cols = j * bn + lax.broadcasted_iota(jnp.int32, (bn,), 0)  # [BN]
     n_ragged = n % bn != 0
@@ -133,8 +134,8 @@ def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n:
         plgpu.store(o_ref.at[s, pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=st_mask)
         return
     xs = plgpu.load(xs_ref.at[pl.ds(i * bm, bm)])  # [BM]
-    ws = (plgpu.load(ws_ref.at[pl.ds(j * bn, bn)], mask=col_ok, other=0.0) if n_ragged
-          else plgpu.load(ws_ref.at[pl.ds(j * bn, bn)]))  # [BN]
+    ws = (plgpu.load(ws_ref.at[pl.ds(w_row, bn)], mask=col_ok, other=0.0) if n_ragged
+          else plgpu.load(ws_ref.at[pl.ds(w_row, bn)]))  # [BN]
     y = acc * xs[:, None] * ws[None, :]
     plgpu.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], y.astype(o_ref.dtype),
                 mask=st_mask)
@@ -168,8 +169,10 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
     mp = pl.cdiv(m, bm) * bm
     x_q, x_scale = quantize_unless(x, x_scale)  # [m, k] e4m3, [m, 1] f32
     x_q, x_scale = pad_rows(x_q, x_scale, mp)  # [Mp, k], [Mp, 1]: loads of x need no mask
-    # Each weight's scales at this layer: [n_g], tiny.
-    scales = [jax.lax.dynamic_index_in_dim(s, layer, keepdims=False).astype(jnp.float32) for s in w_scales]
+    # The kernel reads each weight's scales from their whole stack, as it does the weights: a
+    # layer's slice handed to it would be one more small kernel per product (a dynamic-slice
+    # fusion, ~1.5 µs at decode: benchmarks/results/2026-11-24_h100_fp8_decode/).
+    scale_stacks = [s.astype(jnp.float32).reshape(-1) for s in w_scales]  # [layers * n_g]
     kernel = functools.partial(_kernel, ns=ns, k=k, m=m, bm=bm, bn=bn, bk=bk, split_k=split_k)
     out_shape = tuple(jax.ShapeDtypeStruct((split_k, m, n), jnp.float32) if split_k > 1
                       else jax.ShapeDtypeStruct((m, n), out_dtype) for n in ns)
@@ -181,10 +184,10 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
         interpret=interpret,
         name="fp8_matmul",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0],
-      *(w.reshape(-1, k) for w in ws), *scales)
-    if split_k > 1:
-        outs = tuple(scale_output(jnp.sum(o, axis=0), x_scale[:m], s, out_dtype)
-                     for o, s in zip(outs, scales))
+      *(w.reshape(-1, k) for w in ws), *scale_stacks)
+    if split_k > 1:  # the partials' sum and both scales: one XLA fusion per weight
+        layer_scales = [jax.lax.dynamic_index_in_dim(s, layer, keepdims=False).astype(jnp.float32) for s in w_scales]
+        outs = tuple(scale_output(jnp.sum(o, axis=0), x_scale[:m], s, out_dtype) for o, s in zip(outs, layer_scales))
     return tuple(outs)
 
 

@@ -170,11 +170,13 @@ def test_tpu_interpret(m, k, n, x_dtype, out_dtype):
 
 
 @pytest.mark.parametrize("impl,kw", [("triton", dict(block_n=16, block_k=32, split_k=2)),
+                                     ("triton", dict(block_n=16, block_k=32, split_k=1)),
                                      ("tpu", {}), ("reference", {}), ("xla", {})])
 def test_stacked_weights_read_the_asked_layer(impl, kw):
     # A model's stacked [layers, n, k] weights with a traced layer index (as inside its layer
     # scan): every layer's product equals the plain one on that layer's weight. Ragged n, k and
-    # a layer past the first make a wrong row offset (layer * n) or a stale layer show.
+    # a layer past the first make a wrong row offset (layer * n) or a stale layer show. The
+    # Triton kernel reads the scales' stack too (split_k=1; with a split XLA applies them).
     rng = np.random.default_rng(11)
     m, k, n, layers = 5, 96, 40, 3
     x = jnp.asarray(rng.normal(size=(m, k)), BF16)
