@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="ragged paged attention: the Pallas kernel of the backend (auto) or the jnp reference")
     serve.add_argument("--fp8-impl", default="auto", choices=("auto", "reference", "xla", "triton", "mgpu", "tpu"),
                        help="FP8 matmul (with --quantization fp8 or an FP8 checkpoint): auto picks by backend "
-                            "and tokens per step (GPU: the Triton kernel for decode, the Mosaic GPU wgmma kernel for prefill)")
+                            "and tokens per step (GPU: the Triton kernel for small decode steps, the Mosaic GPU wgmma kernel "
+                            "for larger ones and prefill; the log names the thresholds)")
     distributed.add_cli_flags(p)
     return p.parse_args(argv)
 
