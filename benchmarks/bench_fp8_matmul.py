@@ -170,6 +170,28 @@ def parse_tiles(specs):
     return [Tiles(**{k: value(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}) for spec in specs]
 
 
+def parse_plans(specs):
+    """['block_n=16,split_k=1', ''] -> [dict(block_n=16, split_k=1), {}]: `plan` overrides."""
+    if specs is None:
+        return None
+    return [{k: int(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)} for spec in specs]
+
+
+def sweep_plans(into, fn, fn_sets, plans, *, m, n, k, flops, wbytes, cupti):
+    """Time fn(x, ..., **tuning) for every `plan` override in `plans` into into["sweep"]."""
+    into["sweep"] = []
+    for tuning in plans:
+        entry = dict(tuning=tuning, plan=plan(m, n, k, **tuning))
+        try:
+            timed(entry, "", functools.partial(fn, **tuning), fn_sets, wbytes, reps=3, flops=flops, cupti=cupti)
+        except Exception as e:
+            entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        into["sweep"].append(entry)
+    ok = [e for e in into["sweep"] if "_us" in e]
+    if ok:
+        into["sweep_best"] = min(ok, key=lambda e: e["_us"])
+
+
 def mgpu_key(tiles):
     if tiles is None:
         return "mgpu"
@@ -226,20 +248,29 @@ def bench_shape(model, name, m, n, k, *, sweep, mgpu_sweep=False, triton=True, c
     bf16_sets = [(s[0], s[3]) for s in sets]
     record("xla_bf16", lambda x, w: x @ w.T, bf16_sets, 2 * wbytes)
 
-    if sweep:
-        row["sweep"] = []
-        for tuning in sweep_variants(m):
-            entry = dict(tuning=tuning, plan=plan(m, n, k, **tuning))
-            try:
-                timed(entry, "", functools.partial(fp8_matmul_triton, **tuning), fp8_sets, wbytes, reps=3, flops=flops,
-                      cupti=cupti)
-            except Exception as e:
-                entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            row["sweep"].append(entry)
-        ok = [e for e in row["sweep"] if "_us" in e]
-        if ok:
-            row["sweep_best"] = min(ok, key=lambda e: e["_us"])
+    if sweep:  # True: sweep_variants(m); a list: those `plan` overrides
+        sweep_plans(row, fp8_matmul_triton, fp8_sets, sweep_variants(m) if sweep is True else sweep,
+                    m=m, n=n, k=k, flops=flops, wbytes=wbytes, cupti=cupti)
     return row
+
+
+def bench_quantize(ms, ks=(4096, 5120, 32768)):
+    """x's per-row quantization alone, by CUPTI device time per call: XLA's quantize_rows (its
+    kernels) against the Triton quantizer (one launch), at every m and row width k."""
+    from pallas_kernels.fp8_matmul import quantize_rows
+    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+
+    rows = []
+    for m, k in itertools.product(ms, ks):
+        sets = [(jax.random.normal(jax.random.key(i), (m, k), jnp.bfloat16),) for i in range(MAX_SETS)]
+        row = dict(m=m, k=k)
+        for key, fn in (("xla", quantize_rows), ("triton", quantize_rows_triton)):
+            kernel_us, device_us, kernels, _ = device_times(fn, sets)
+            row.update({key + "_device_us": device_us, key + "_kernels": kernels})
+        rows.append(row)
+        print(f"  quantize m={m} k={k}: XLA {row['xla_device_us']:.1f} µs in {row['xla_kernels']:g} kernels, "
+              f"Triton {row['triton_device_us']:.1f} µs in {row['triton_kernels']:g}", flush=True)
+    return rows
 
 
 def groups(dim, n_heads, n_kv, head_dim, hidden):
@@ -247,7 +278,7 @@ def groups(dim, n_heads, n_kv, head_dim, hidden):
     return [("q+k+v", [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim), ("w1+w3", [hidden, hidden], dim)]
 
 
-def bench_group(model, name, m, ns, k, *, cupti=False):
+def bench_group(model, name, m, ns, k, *, cupti=False, plans=None):
     """Several weights of one x: one grouped launch of our kernel against one launch per weight
     (ours, XLA fp8, XLA bf16). The markdown's triton columns are the grouped launch."""
     sets = [make_sets(m, n, k) for n in ns]  # per weight, rotating copies
@@ -262,9 +293,13 @@ def bench_group(model, name, m, ns, k, *, cupti=False):
         return lambda x, ws, ss: sum(matmul(x, w, s)[0, 0].astype(jnp.float32) for w, s in zip(ws, ss))[None, None]
 
     record = functools.partial(timed, row, flops=flops, cupti=cupti)
-    one_launch = lambda x, ws, ss: sum(y[0, 0].astype(jnp.float32)  # noqa: E731
-                                       for y in fp8_matmul_group_triton(x, ws, ss))[None, None]
+
+    def one_launch(x, ws, ss, **tuning):
+        return sum(y[0, 0].astype(jnp.float32) for y in fp8_matmul_group_triton(x, ws, ss, **tuning))[None, None]
+
     record("triton", one_launch, grouped, wbytes)
+    if plans:
+        sweep_plans(row, one_launch, grouped, plans, m=m, n=n, k=k, flops=flops, wbytes=wbytes, cupti=cupti)
     record("triton_separate", each(fp8_matmul_triton), grouped, wbytes)
     if m > GPU_TRITON_MAX_M:  # one launch per weight, each with the kernel's own tile choice
         record("mgpu_separate", each(fp8_matmul_mgpu), grouped, wbytes)
@@ -310,6 +345,10 @@ def main(argv=None):
     ap.add_argument("--mgpu-tiles", nargs="+", default=None, metavar="K=V,...",
                     help="time exactly these Tiles of the Mosaic GPU kernel at every m, e.g. '' 'wgs=3,stages=3' "
                     "('' is the default Tiles())")
+    ap.add_argument("--plans", nargs="+", default=None, metavar="K=V,...",
+                    help="sweep exactly these `plan` overrides of the Triton kernel (single and grouped "
+                    "launches), e.g. 'block_n=16,split_k=1' ''")
+    ap.add_argument("--quantize", action="store_true", help="also time x's quantization alone (XLA vs Triton)")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernel (prefill sweeps)")
     ap.add_argument("--cupti", action="store_true", help="also the device time of each call by CUPTI: the "
                     "product's kernel alone (*_kernel_us, *_kernel_wTBs) and all its kernels (*_device_us)")
@@ -330,12 +369,17 @@ def main(argv=None):
           f"  XLA 8192^3: bf16 {res['bf16_8192_tflops']:.0f}, fp8 {res['xla_fp8_8192_tflops']:.0f} TFLOP/s",
           flush=True)
 
+    if args.quantize:
+        res["quantize"] = bench_quantize(ms)
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    plans = parse_plans(args.plans)
     for model in models:
         for name, n, k in projections(*MODELS[model]):
             if args.projs and name not in args.projs.split(","):
                 continue
             for m in ms:
-                row = bench_shape(model, name, m, n, k, sweep=args.sweep, mgpu_sweep=args.mgpu_sweep,
+                row = bench_shape(model, name, m, n, k, sweep=plans or args.sweep, mgpu_sweep=args.mgpu_sweep,
                                   triton=not args.no_triton, cupti=args.cupti,
                                   mgpu_tiles=parse_tiles(args.mgpu_tiles))
                 res["rows"].append(row)
@@ -350,13 +394,16 @@ def main(argv=None):
         if args.groups:
             for name, ns, k in groups(*MODELS[model]):
                 for m in ms:
-                    row = bench_group(model, name, m, ns, k, cupti=args.cupti)
+                    row = bench_group(model, name, m, ns, k, cupti=args.cupti, plans=plans)
                     res["rows"].append(row)
                     print(markdown([row]).splitlines()[-1], f"(separate launches: {row['triton_separate_us']:.1f} µs"
                           + (f", mgpu {row['mgpu_separate_us']:.1f} µs)" if "mgpu_separate_us" in row else ")"),
                           flush=True)
                     if args.cupti:
                         print(cupti_line(row), flush=True)
+                        for entry in row.get("sweep", []):
+                            print(f"      {entry['tuning']}: " + (cupti_line(entry) if "_kernel_us" in entry
+                                                                  else entry.get("error", "")), flush=True)
                     with open(args.out, "w") as fh:
                         json.dump(res, fh, indent=1)
     print()

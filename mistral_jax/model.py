@@ -15,11 +15,14 @@ Layout choices (why):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from pallas_kernels.activations import rms_norm, silu_mul
 
 from .config import ModelConfig
 from .sharding import LOGICAL_RULES, constrain, current_mesh, mesh_size
@@ -62,14 +65,65 @@ def _linear_params(rngs, shape, axes, dtype, quantization: str | None, n_in: int
             nnx.Param(scale.reshape(shape[:-n_in]), logical_axes=tuple(axes[:-n_in])))
 
 
-def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, impl: str = "auto",
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedRows:
+    """An FP8 projection's input already quantized per token, by the kernel that also ran the op
+    producing it (fp8_matmul.quantize_input: the RMSNorm, or SwiGLU's silu(gate) * up): one
+    launch where XLA would run several small kernels at every decode step."""
+
+    q: jax.Array  # [batch, seq, in] float8_e4m3fn
+    scale: jax.Array  # [batch, seq, 1] f32
+    dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))  # the projections' output dtype
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+def quantized_rows(x: jax.Array, impl: str, *, norm: jax.Array | None = None, eps: float = 0.0,
+                   gate: jax.Array | None = None) -> QuantizedRows:
+    """x [batch, seq, in] -> QuantizedRows of x, rms_norm(x, norm, eps) or silu_mul(gate, x)."""
+    from pallas_kernels.fp8_matmul import quantize_input
+
+    b, s, k = x.shape
+    q, scale = quantize_input(x.reshape(b * s, k), norm=norm, eps=eps,
+                              gate=None if gate is None else gate.reshape(b * s, k), impl=impl)
+    return QuantizedRows(q.reshape(b, s, k), scale.reshape(b, s, 1), x.dtype)
+
+
+def fuses_quantization(x: jax.Array, impl: str, *projections) -> bool:
+    """Whether stacked projections (weight [layers, out..., in...], scale [layers, out...] or
+    None) of x [batch, seq, in] take QuantizedRows: all FP8, on one tp shard (with tp > 1,
+    fp8_tp quantizes each shard's part with a row max across shards), and no kernel pads x's
+    rows (quantizing inside the product pads in the same launch; quantized before, x would be
+    copied once more: fp8_matmul.pads_rows)."""
+    from pallas_kernels.fp8_matmul import pads_rows
+
+    if any(sc is None for _, sc in projections) or mesh_size(current_mesh(), "tp") > 1:
+        return False
+    m, group = x.shape[0] * x.shape[1], len(projections) > 1
+    return not any(pads_rows(m, sc.size // sc.shape[0], w.size // sc.size, impl, group=group)
+                   for w, sc in projections)
+
+
+def _tokens(x) -> tuple[jax.Array, jax.Array | None, tuple[int, int], jnp.dtype]:
+    """x [batch, seq, in...] or QuantizedRows -> (x [tokens, in], x_scale [tokens, 1] or None,
+    (batch, seq), the output dtype)."""
+    b, s = x.shape[:2]
+    if isinstance(x, QuantizedRows):
+        return x.q.reshape(b * s, -1), x.scale.reshape(b * s, 1), (b, s), x.dtype
+    return x.reshape(b * s, -1), None, (b, s), x.dtype
+
+
+def linear(eq: str, x: jax.Array | QuantizedRows, weight: jax.Array, scale: jax.Array | None, impl: str = "auto",
            layer: jax.Array | None = None, axes: tuple[str | None, ...] = ()) -> jax.Array:
     """Every projection: x [batch, seq, in...] times weight [out..., in...] -> [batch, seq, out...].
 
     16-bit weights: the einsum `eq`. FP8 weights (scale [out...] given): the W8A8 kernel on the
-    2-D view [tokens, in] x [out, in], activations quantized per token inside it. With `layer`,
-    an FP8 weight is the whole stack [layers, out..., in...] (scale [layers, out...]) and the
-    kernel reads that layer in place (see Transformer.__call__).
+    2-D view [tokens, in] x [out, in], activations quantized per token inside it (or before it:
+    x as QuantizedRows). With `layer`, an FP8 weight is the whole stack [layers, out..., in...]
+    (scale [layers, out...]) and the kernel reads that layer in place (see Transformer.__call__).
 
     On a mesh with tp > 1 the Pallas kernels run once per shard (fp8_tp.py); which side tp
     splits comes from the weight's logical `axes`. The jnp twins ("reference", "xla") are left
@@ -78,17 +132,17 @@ def linear(eq: str, x: jax.Array, weight: jax.Array, scale: jax.Array | None, im
         return jnp.einsum(eq, x, weight)
     from pallas_kernels.fp8_matmul import fp8_matmul
 
-    b, s = x.shape[:2]
+    x2, x_scale, (b, s), dtype = _tokens(x)
     w, w_scale, out_shape = _kernel_view(weight, scale, layer)
     mesh = current_mesh()
     split = _tp_split(axes[-weight.ndim:], weight.ndim - scale.ndim) if impl not in ("reference", "xla") else None
     if split and mesh_size(mesh, "tp") > 1:
         from .fp8_tp import fp8_linear_tp
 
-        y = fp8_linear_tp(x.reshape(b * s, -1), w, w_scale, layer, split=split, mesh=mesh, impl=impl,
-                          out_dtype=x.dtype)
+        assert x_scale is None, "fp8_tp quantizes x itself (fuses_quantization is False on a tp mesh)"
+        y = fp8_linear_tp(x2, w, w_scale, layer, split=split, mesh=mesh, impl=impl, out_dtype=dtype)
     else:
-        y = fp8_matmul(x.reshape(b * s, -1), w, w_scale, layer=layer, impl=impl, out_dtype=x.dtype)
+        y = fp8_matmul(x2, w, w_scale, layer=layer, x_scale=x_scale, impl=impl, out_dtype=dtype)
     return y.reshape(b, s, *out_shape)
 
 
@@ -99,17 +153,17 @@ def linear_group(eq: str, x: jax.Array, weights, scales, impl: str = "auto", lay
     are bound by per-launch cost), also per shard when tp splits all of them column-parallel."""
     from pallas_kernels.fp8_matmul import fp8_matmul_group
 
-    b, s = x.shape[:2]
+    x2, x_scale, (b, s), dtype = _tokens(x)
     mesh = current_mesh()
     views = [_kernel_view(w, sc, layer) for w, sc in zip(weights, scales)]
     ws, w_scales = [v[0] for v in views], [v[1] for v in views]
     if mesh_size(mesh, "tp") == 1 or impl in ("reference", "xla"):  # the twins: XLA partitions them
-        ys = fp8_matmul_group(x.reshape(b * s, -1), ws, w_scales, layer=layer, impl=impl, out_dtype=x.dtype)
+        ys = fp8_matmul_group(x2, ws, w_scales, layer=layer, x_scale=x_scale, impl=impl, out_dtype=dtype)
     elif all(_tp_split(a[-w.ndim:], w.ndim - sc.ndim) == "out" for w, sc, a in zip(weights, scales, axes)):
         from .fp8_tp import fp8_linear_group_tp
 
-        ys = fp8_linear_group_tp(x.reshape(b * s, -1), ws, w_scales, layer, mesh=mesh, impl=impl,
-                                 out_dtype=x.dtype)
+        assert x_scale is None, "fp8_tp quantizes x itself (fuses_quantization is False on a tp mesh)"
+        ys = fp8_linear_group_tp(x2, ws, w_scales, layer, mesh=mesh, impl=impl, out_dtype=dtype)
     else:
         return [linear(eq, x, w, sc, impl, layer, a) for w, sc, a in zip(weights, scales, axes)]
     return [y.reshape(b, s, *v[2]) for y, v in zip(ys, views)]
@@ -137,13 +191,6 @@ def _fp8_projection(path, variable) -> bool:
     return variable[...].dtype == jnp.float8_e4m3fn or str(path[-1]).endswith("_scale")
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    # Normalize in f32, cast back before the scale (what the reference implementation does).
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return scale * xf.astype(x.dtype)
-
-
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotate interleaved pairs (x[2i], x[2i+1]) by position * theta^(-2i/head_dim).
 
@@ -167,6 +214,10 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         return rms_norm(x, self.scale[...], self.eps)
+
+    def quantized(self, x, impl: str) -> QuantizedRows:
+        """rms_norm(x) quantized per token for FP8 projections, in one kernel on the GPU."""
+        return quantized_rows(x, impl, norm=self.scale[...], eps=self.eps)
 
 
 class Attention(nnx.Module):
@@ -200,6 +251,11 @@ class Attention(nnx.Module):
     def _linear(self, eq, x, name, layer):
         return self._linears(eq, x, (name,), layer)[0]
 
+    def _fp8(self, name):
+        """(weight, scale) of projection `name`; scale None for a 16-bit weight."""
+        scale = getattr(self, name + "_scale")
+        return getattr(self, name)[...], None if scale is None else scale[...]
+
     def __call__(self, x, positions, cache, layer):
         # x: [batch, seq, embed] -> q: [batch, seq, q_heads, head_dim], k/v: [.., kv_heads, ..]
         q, k, v = self._linears("bse,hde->bshd", x, ("wq", "wk", "wv"), layer)
@@ -221,11 +277,13 @@ class MLP(nnx.Module):
         self.w2, self.w2_scale = _linear_params(rngs, (*stack, cfg.dim, cfg.hidden_dim), (*L, "embed", "mlp"), dtype, q)
         self.fp8_impl = fp8_impl
 
-    _linear, _linears = Attention._linear, Attention._linears
+    _linear, _linears, _fp8 = Attention._linear, Attention._linears, Attention._fp8
 
     def __call__(self, x, layer=None):
         gate, up = self._linears("bse,fe->bsf", x, ("w1", "w3"), layer)
-        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        if fuses_quantization(up, self.fp8_impl, self._fp8("w2")):  # silu(gate) * up inside the quantizing kernel
+            return self._linear("bsf,ef->bse", quantized_rows(up, self.fp8_impl, gate=gate), "w2", layer)
+        h = constrain(silu_mul(gate, up), ("batch", "seq", "mlp"))
         return self._linear("bsf,ef->bse", h, "w2", layer)
 
 
@@ -239,9 +297,18 @@ class DecoderLayer(nnx.Module):
         self.feed_forward = MLP(cfg, dtype, rngs, stack, **quant)
 
     def __call__(self, x, positions, cache, layer):
-        h, cache = self.attention(self.attention_norm(x), positions, cache, layer)
+        att, ffn = self.attention, self.feed_forward
+        if fuses_quantization(x, att.fp8_impl, *map(att._fp8, ("wq", "wk", "wv"))):  # FP8: norm and quantize at once
+            h = self.attention_norm.quantized(x, att.fp8_impl)
+        else:
+            h = self.attention_norm(x)
+        h, cache = att(h, positions, cache, layer)
         x = x + h
-        x = x + self.feed_forward(self.ffn_norm(x), layer)
+        if fuses_quantization(x, ffn.fp8_impl, *map(ffn._fp8, ("w1", "w3"))):
+            h = self.ffn_norm.quantized(x, ffn.fp8_impl)
+        else:
+            h = self.ffn_norm(x)
+        x = x + ffn(h, layer)
         return constrain(x, ("batch", "seq", "embed")), cache
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["E4M3_MAX", "quantize_rows", "quantize_unless", "quantize_weight", "fp8_matmul_reference",
-           "fp8_matmul_xla", "fp8_matmul", "fp8_matmul_group", "check_stacked", "scale_output", "pad_rows"]
+__all__ = ["E4M3_MAX", "quantize_rows", "quantize_input", "quantize_unless", "quantize_weight", "fp8_matmul_reference",
+           "fp8_matmul_xla", "fp8_matmul", "fp8_matmul_group", "check_stacked", "scale_output", "pad_rows",
+           "pads_rows"]
 
 E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448.0
 
@@ -34,7 +35,9 @@ def quantize_rows(x: jax.Array, row_max=None) -> tuple[jax.Array, jax.Array]:
     amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
     if row_max is not None:
         amax = row_max(amax)
-    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    # amax * (1/448), not amax / 448: what XLA compiles the division by a constant to anyway,
+    # written out so that every implementation (the Triton quantizer too) rounds alike.
+    scale = jnp.where(amax > 0, amax * (1.0 / E4M3_MAX), 1.0)
     x_q = jnp.clip(xf / scale, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     return x_q, scale
 
@@ -46,11 +49,12 @@ def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return w_q, scale[:, 0]
 
 
-def quantize_unless(x: jax.Array, x_scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(x_q [m, k] e4m3, x_scale [m, 1] f32): x quantized per row, or x as given when its scales
-    come with it (quantized by the caller, e.g. with a row max taken across tp shards)."""
+def quantize_unless(x: jax.Array, x_scale: jax.Array | None, quantize=None) -> tuple[jax.Array, jax.Array]:
+    """(x_q [m, k] e4m3, x_scale [m, 1] f32): x quantized per row (by `quantize`, a twin of
+    quantize_rows, when given), or x as given when its scales come with it (quantized by the
+    caller, e.g. with a row max taken across tp shards)."""
     if x_scale is None:
-        return quantize_rows(x)
+        return (quantize or quantize_rows)(x)
     if x.dtype != jnp.float8_e4m3fn or x_scale.shape != (x.shape[0], 1):
         raise ValueError(f"pre-quantized x must be float8_e4m3fn [m, k] with x_scale [m, 1]; "
                          f"got x {x.dtype} {x.shape}, x_scale {x_scale.shape}")
@@ -143,6 +147,18 @@ def default_impl(platform: str | None = None, m: int | None = None, n: int | Non
     return {"tpu": "tpu"}.get(platform, "xla")
 
 
+def pads_rows(m: int, n: int, k: int, impl: str = "auto", *, group: bool = False) -> bool:
+    """Whether `impl` copies x into more rows than m for an [m, k] @ [k, n] product: the wgmma
+    kernel pads m to its tile's rows. Quantizing x inside the product then pads in the same
+    launch; an x quantized before (quantize_input) costs one more copy of it (at 4,096 tokens
+    ~5% of a prefill: benchmarks/results/2026-11-24_h100_fp8_fused/)."""
+    if (default_impl(m=m, n=n, k=k, group=group) if impl == "auto" else impl) != "mgpu":
+        return False
+    from .fp8_matmul_mgpu import choose_tiles
+
+    return m % choose_tiles(m, n, k).cta_m != 0
+
+
 def describe_impl(impl: str = "auto", platform: str | None = None) -> str:
     """What `impl` runs on a backend, for logs: "auto" on GPU names both regimes."""
     if impl != "auto":
@@ -194,17 +210,41 @@ def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer: jax.Arr
 
 
 def fp8_matmul_group(x: jax.Array, ws, w_scales, *, layer: jax.Array | int | None = None,
-                     impl: str = "auto", out_dtype=jnp.bfloat16, interpret: bool = False) -> tuple[jax.Array, ...]:
+                     x_scale: jax.Array | None = None, impl: str = "auto", out_dtype=jnp.bfloat16,
+                     interpret: bool = False) -> tuple[jax.Array, ...]:
     """fp8_matmul of one x with several weights (a layer's q, k, v; or w1, w3): one y per weight.
     The Triton kernel does them in one launch (x quantized once, its n tiles spread over every
     weight): at decode the small projections are bound by per-launch cost, not bytes. Other
-    implementations run one product per weight ("auto" picks per weight)."""
+    implementations run one product per weight ("auto" picks per weight), x quantized once."""
     for w in ws:
         _check_args(impl, w, layer)
     if (default_impl(m=x.shape[0], group=True) if impl == "auto" else impl) == "triton":
         from .fp8_matmul_triton import fp8_matmul_group_triton
 
-        return fp8_matmul_group_triton(x, tuple(ws), tuple(w_scales), layer=layer, out_dtype=out_dtype,
-                                       interpret=interpret)
-    return tuple(fp8_matmul(x, w, s, layer=layer, impl=impl, out_dtype=out_dtype, interpret=interpret)
-                 for w, s in zip(ws, w_scales))
+        return fp8_matmul_group_triton(x, tuple(ws), tuple(w_scales), layer=layer, x_scale=x_scale,
+                                       out_dtype=out_dtype, interpret=interpret)
+    m, k = x.shape
+    if x_scale is None and len(ws) > 1 and not any(pads_rows(m, w.shape[-2], k, impl) for w in ws):
+        x, x_scale = quantize_input(x, impl=impl, interpret=interpret)  # once for all (no padding copy)
+    return tuple(fp8_matmul(x, w, s, layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype,
+                            interpret=interpret) for w, s in zip(ws, w_scales))
+
+
+def quantize_input(x: jax.Array, *, norm: jax.Array | None = None, eps: float = 0.0, gate: jax.Array | None = None,
+                   impl: str = "auto", interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """A W8A8 product's activation step, with the op that produces x fused in: (x_q [m, k] e4m3,
+    x_scale [m, 1] f32) = quantize_rows(h), h = x, or rms_norm(x, norm, eps) (norm [k]), or
+    silu_mul(gate, x) (gate [m, k]); fp8_matmul takes the pair as x=x_q, x_scale=x_scale.
+    Where `impl` runs on the GPU ("auto" there, "triton", "mgpu") this is one Triton kernel
+    (quantize_rows_triton), instead of XLA's 3-5 small kernels; elsewhere the jnp twin."""
+    if impl not in IMPLS:
+        raise ValueError(f"fp8 matmul impl {impl!r} is not one of {IMPLS}")
+    from .quantize_rows_triton import MAX_K, quantize_rows_triton
+
+    on_gpu = (default_impl() if impl == "auto" else impl) in ("triton", "mgpu")
+    if (on_gpu or (interpret and impl == "triton")) and x.shape[-1] <= MAX_K:
+        return quantize_rows_triton(x, norm=norm, eps=eps, gate=gate, interpret=interpret)
+    from .activations import rms_norm, silu_mul
+
+    h = rms_norm(x, norm, eps) if norm is not None else silu_mul(gate, x) if gate is not None else x
+    return quantize_rows(h)

@@ -8,9 +8,10 @@ Design
   fused: the per-row amax spans all of K, while a program sees one K block at a time, so a fused
   kernel would need a second pass over x in every one of the n/BN column programs. The separate
   step reads x once (m*k, tiny next to the n*k weight bytes in decode) and is bit-identical to
-  the reference's quantization by construction (or skipped when the caller passes x already
-  quantized with its scales). x_q's rows are zero-padded to a multiple of BM (scale 1), so
-  loads of x never need a row mask.
+  the reference's quantization (or skipped when the caller passes x already quantized with its
+  scales). On the GPU that step is one Triton kernel of its own (`quantize_rows_triton`; XLA
+  would run it as two). x is not padded to a multiple of BM: loads of its last row tile are
+  masked (padding x and its scales were two more small kernels per product at decode).
 * Grid (m tiles, n tiles, k splits). A program loads x_q [BM, BK] and w [BN, BK] fp8 blocks and
   accumulates `dot(x, w.T)` in f32 over its K blocks (fp8 x fp8 -> f32 on the tensor cores).
   K blocks wholly inside k run unmasked; only the ragged tail block (static: k % BK != 0) is
@@ -47,8 +48,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .fp8_matmul import check_stacked, pad_rows, quantize_unless, scale_output
+from .fp8_matmul import check_stacked, quantize_unless, scale_output
 from .gpu_info import DEFAULT_SMS, next_pow2, num_sms
+from .quantize_rows_triton import MAX_K as QUANTIZE_MAX_K
+from .quantize_rows_triton import quantize_rows_triton
 
 __all__ = ["fp8_matmul_triton", "fp8_matmul_group_triton", "plan"]
 
@@ -89,17 +92,33 @@ def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | N
                 num_stages=stages)
 
 
+def _block_mask(rows_ok=None, cols_ok=None) -> dict:
+    """plgpu.load's mask arguments for a [rows, cols] block (rows_ok [rows], cols_ok [cols]; None:
+    all in range): {} for an unmasked load, else zeros out of range. `other` is a float: Triton
+    lowering casts it to e4m3 with fp_to_fp (it has no int -> fp8 cast)."""
+    if rows_ok is None and cols_ok is None:
+        return {}
+    if cols_ok is None:
+        return dict(mask=rows_ok[:, None], other=0.0)
+    return dict(mask=cols_ok[None, :] if rows_ok is None else rows_ok[:, None] & cols_ok[None, :], other=0.0)
+
+
+def _vector_mask(ok=None) -> dict:
+    """_block_mask for a vector block (ok [len]; None: all in range)."""
+    return {} if ok is None else dict(mask=ok, other=0.0)
+
+
 def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n: int, m: int, bm: int,
           bn: int, bk: int, split_k: int):
     # One program's tile (m tile i, n tile j, k split s) of one weight.
-    # layer_ref: [1] i32, x_ref: [Mp, k] e4m3 (Mp = m padded to BM), xs_ref: [Mp] f32,
+    # layer_ref: [1] i32, x_ref: [m, k] e4m3, xs_ref: [m] f32,
     # w_ref: [layers * n, k] e4m3 (the stack, rows of layer l at l * n), ws_ref: [layers * n] f32
     # (the scales' stack, likewise), o_ref: [m, n] out_dtype, or [split_k, m, n] f32 partials.
     w_row = layer_ref[0] * n + j * bn  # this program's first weight row (and scale) in the stack
     rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)  # [BM]
     cols = j * bn + lax.broadcasted_iota(jnp.int32, (bn,), 0)  # [BN]
-    n_ragged = n % bn != 0
-    col_ok = cols < n
+    n_ragged, m_ragged = n % bn != 0, m % bm != 0
+    col_ok, row_ok = cols < n, rows < m
 
     k_blocks = pl.cdiv(k, bk)
     per_split = pl.cdiv(k_blocks, split_k)
@@ -110,15 +129,9 @@ def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n:
     def make_body(k_tail: bool):
         def body(b, acc):
             ks = pl.ds(pl.multiple_of(b * bk, bk), bk)
-            if k_tail:
-                k_ok = (b * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)) < k  # [BK]
-                x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks], mask=k_ok[None, :], other=0.0)
-                w_mask = k_ok[None, :] & col_ok[:, None] if n_ragged else k_ok[None, :]
-            else:
-                x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks])
-                w_mask = col_ok[:, None] if n_ragged else None
-            w_kw = {} if w_mask is None else dict(mask=w_mask, other=0.0)
-            w = plgpu.load(w_ref.at[pl.ds(w_row, bn), ks], **w_kw)  # [BN, BK]
+            k_ok = (b * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)) < k if k_tail else None  # [BK]
+            x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks], **_block_mask(row_ok if m_ragged else None, k_ok))
+            w = plgpu.load(w_ref.at[pl.ds(w_row, bn), ks], **_block_mask(col_ok if n_ragged else None, k_ok))
             return acc + plgpu.dot(x, w, trans_b=True)  # fp8 x fp8 -> f32 [BM, BN]
         return body
 
@@ -127,15 +140,14 @@ def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n:
     if k % bk:
         acc = lax.fori_loop(b_mid, b_hi, make_body(True), acc)
 
-    st_mask = rows[:, None] < m
+    st_mask = row_ok[:, None]
     if n_ragged:
         st_mask = st_mask & col_ok[None, :]
     if split_k > 1:
         plgpu.store(o_ref.at[s, pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=st_mask)
         return
-    xs = plgpu.load(xs_ref.at[pl.ds(i * bm, bm)])  # [BM]
-    ws = (plgpu.load(ws_ref.at[pl.ds(w_row, bn)], mask=col_ok, other=0.0) if n_ragged
-          else plgpu.load(ws_ref.at[pl.ds(w_row, bn)]))  # [BN]
+    xs = plgpu.load(xs_ref.at[pl.ds(i * bm, bm)], **_vector_mask(row_ok if m_ragged else None))  # [BM]
+    ws = plgpu.load(ws_ref.at[pl.ds(w_row, bn)], **_vector_mask(col_ok if n_ragged else None))  # [BN]
     y = acc * xs[:, None] * ws[None, :]
     plgpu.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], y.astype(o_ref.dtype),
                 mask=st_mask)
@@ -166,9 +178,8 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
     m, k = x.shape
     ns = tuple(w.shape[1] for w in ws)
     bm, bn, bk = block_m, block_n, block_k
-    mp = pl.cdiv(m, bm) * bm
-    x_q, x_scale = quantize_unless(x, x_scale)  # [m, k] e4m3, [m, 1] f32
-    x_q, x_scale = pad_rows(x_q, x_scale, mp)  # [Mp, k], [Mp, 1]: loads of x need no mask
+    quantize = functools.partial(quantize_rows_triton, interpret=interpret) if k <= QUANTIZE_MAX_K else None
+    x_q, x_scale = quantize_unless(x, x_scale, quantize)  # [m, k] e4m3, [m, 1] f32
     # The kernel reads each weight's scales from their whole stack, as it does the weights: a
     # layer's slice handed to it would be one more small kernel per product (a dynamic-slice
     # fusion, ~1.5 µs at decode: benchmarks/results/2026-11-24_h100_fp8_decode/).
@@ -178,7 +189,7 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
                       else jax.ShapeDtypeStruct((m, n), out_dtype) for n in ns)
     outs = pl.pallas_call(
         kernel,
-        grid=(mp // bm, sum(pl.cdiv(n, bn) for n in ns), split_k),
+        grid=(pl.cdiv(m, bm), sum(pl.cdiv(n, bn) for n in ns), split_k),
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -187,7 +198,7 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
       *(w.reshape(-1, k) for w in ws), *scale_stacks)
     if split_k > 1:  # the partials' sum and both scales: one XLA fusion per weight
         layer_scales = [jax.lax.dynamic_index_in_dim(s, layer, keepdims=False).astype(jnp.float32) for s in w_scales]
-        outs = tuple(scale_output(jnp.sum(o, axis=0), x_scale[:m], s, out_dtype) for o, s in zip(outs, layer_scales))
+        outs = tuple(scale_output(jnp.sum(o, axis=0), x_scale, s, out_dtype) for o, s in zip(outs, layer_scales))
     return tuple(outs)
 
 

@@ -178,6 +178,28 @@ def test_quantize_at_load_close_to_f32(tiny_checkpoints, tokens):
     assert (fp8.argmax(-1) == full.argmax(-1)).mean() >= 0.75
 
 
+def test_fused_quantization_only_where_no_kernel_pads_rows():
+    # The model hands FP8 projections x quantized by the kernel that also ran the norm (or silu),
+    # unless a kernel would then copy x into padded rows: the wgmma kernel pads m to its tile
+    # (192 rows at 4,096 tokens; 64 at 33-64), where quantizing inside the product pads for free.
+    from pallas_kernels.fp8_matmul import pads_rows
+
+    from mistral_jax.model import fuses_quantization
+
+    def stacked(n, k):  # weight [layers, n, k], scale [layers, n] as ShapeDtypeStructs suffice
+        return jnp.zeros((2, n, k), jnp.float8_e4m3fn), jnp.ones((2, n), jnp.float32)
+
+    w1, w2 = stacked(32768, 5120), stacked(5120, 32768)
+    x = lambda tokens: jnp.zeros((1, tokens, 8), jnp.bfloat16)  # noqa: E731 (only its shape counts)
+    assert pads_rows(4096, 32768, 5120, "mgpu") and not pads_rows(512, 32768, 5120, "mgpu")
+    assert pads_rows(40, 5120, 32768, "mgpu") and not pads_rows(64, 5120, 32768, "mgpu")
+    assert not pads_rows(4096, 32768, 5120, "triton") and not pads_rows(4096, 32768, 5120, "xla")
+    assert not fuses_quantization(x(4096), "mgpu", w1, w1) and fuses_quantization(x(512), "mgpu", w1, w1)
+    assert not fuses_quantization(x(40), "mgpu", w2) and fuses_quantization(x(40), "triton", w2)
+    assert fuses_quantization(x(4096), "xla", w1)  # the jnp twins pad nothing
+    assert not fuses_quantization(x(8), "xla", w1, (w1[0], None))  # a 16-bit projection among them
+
+
 @pytest.mark.parametrize("kernel", ["triton", "tpu"])
 def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatch, kernel):
     # The layer scan hands each FP8 projection's whole [layers, n, k] stack and the layer index
@@ -189,28 +211,44 @@ def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatc
     model = load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, progress=False,
                          quantization="fp8", fp8_impl="reference")
     ref = dense_logits(model, tokens)
-    plain, plain_group, seen = fm.fp8_matmul, fm.fp8_matmul_group, []
+    plain, plain_group, plain_quantize, seen = fm.fp8_matmul, fm.fp8_matmul_group, fm.quantize_input, []
 
-    def interpreted(x, w, w_scale, *, layer=None, impl="auto", out_dtype=jnp.bfloat16, interpret=False):
-        seen.append((impl, w.ndim, layer is not None, 1))
-        return plain(x, w, w_scale, layer=layer, impl=impl, out_dtype=out_dtype, interpret=True)
+    def interpreted(x, w, w_scale, *, layer=None, x_scale=None, impl="auto", out_dtype=jnp.bfloat16, interpret=False):
+        seen.append((impl, w.ndim, layer is not None, 1, x_scale is not None))
+        return plain(x, w, w_scale, layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype, interpret=True)
 
-    def interpreted_group(x, ws, w_scales, *, layer=None, impl="auto", out_dtype=jnp.bfloat16, interpret=False):
+    def interpreted_group(x, ws, w_scales, *, layer=None, x_scale=None, impl="auto", out_dtype=jnp.bfloat16,
+                          interpret=False):
         if impl == "triton":
-            seen.append((impl, ws[0].ndim, layer is not None, len(ws)))
-            return plain_group(x, ws, w_scales, layer=layer, impl=impl, out_dtype=out_dtype, interpret=True)
-        return tuple(interpreted(x, w, s, layer=layer, impl=impl, out_dtype=out_dtype) for w, s in zip(ws, w_scales))
+            seen.append((impl, ws[0].ndim, layer is not None, len(ws), x_scale is not None))
+            return plain_group(x, ws, w_scales, layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype,
+                               interpret=True)
+        return tuple(interpreted(x, w, s, layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype)
+                     for w, s in zip(ws, w_scales))
+
+    def interpreted_quantize(x, *, norm=None, eps=0.0, gate=None, impl="auto", interpret=False):
+        seen.append(("quantize", "norm" if norm is not None else "gate" if gate is not None else None))
+        return plain_quantize(x, norm=norm, eps=eps, gate=gate, impl=impl, interpret=True)
 
     monkeypatch.setattr(fm, "fp8_matmul", interpreted)
     monkeypatch.setattr(fm, "fp8_matmul_group", interpreted_group)
+    monkeypatch.setattr(fm, "quantize_input", interpreted_quantize)
     for _, module in nnx.iter_modules(model):
         if hasattr(module, "fp8_impl"):
             module.fp8_impl = kernel
     out = dense_logits(model, tokens)
-    # Per layer: q, k, v and w1, w3 grouped (Triton) or one by one (TPU); o and w2 alone.
-    launches = [3, 1, 2, 1] if kernel == "triton" else [1] * 7
-    assert [s[3] for s in seen] == launches, seen
-    assert all(s[:3] == (kernel, 3, True) for s in seen), seen[:3]
+    # Per layer: the norm fused into q/k/v's quantization, then q, k, v grouped (Triton) or one
+    # by one (TPU); o alone, quantizing its own x; the norm fused again for w1, w3 (grouped or
+    # not); silu(w1 x) * w3 x fused into w2's quantization, then w2.
+    products = [3, 1, 2, 1] if kernel == "triton" else [1, 1, 1, 1, 1, 1, 1]
+    quantized = [True, False, True, True] if kernel == "triton" else [True] * 3 + [False] + [True] * 3
+    fused = {"norm": 2, "gate": 1}
+    layers = len([s for s in seen if s[:2] == ("quantize", "gate")])
+    assert layers >= 1
+    per_layer = [s for s in seen if s[0] != "quantize"][: len(products)]
+    assert [s[3] for s in per_layer] == products and [s[4] for s in per_layer] == quantized, seen
+    assert all(s[:3] == (kernel, 3, True) for s in seen if s[0] != "quantize"), seen[:3]
+    assert {f: sum(s == ("quantize", f) for s in seen) for f in fused} == {f: n * layers for f, n in fused.items()}
     assert rel_err(out, ref) < 1e-5
 
 
