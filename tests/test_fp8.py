@@ -184,7 +184,7 @@ def test_fused_quantization_only_where_no_kernel_pads_rows():
     # (192 rows at 4,096 tokens; 64 at 33-64), where quantizing inside the product pads for free.
     from pallas_kernels.fp8_matmul import pads_rows
 
-    from mistral_jax.model import fuses_quantization
+    from mistral_jax.projections import fuses_quantization
 
     def stacked(n, k):  # weight [layers, n, k], scale [layers, n] as ShapeDtypeStructs suffice
         return jnp.zeros((2, n, k), jnp.float8_e4m3fn), jnp.ones((2, n), jnp.float32)
