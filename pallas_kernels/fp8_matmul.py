@@ -231,20 +231,21 @@ def fp8_matmul_group(x: jax.Array, ws, w_scales, *, layer: jax.Array | int | Non
 
 
 def quantize_input(x: jax.Array, *, norm: jax.Array | None = None, eps: float = 0.0, gate: jax.Array | None = None,
-                   impl: str = "auto", interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                   rows: int | None = None, impl: str = "auto", interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """A W8A8 product's activation step, with the op that produces x fused in: (x_q [m, k] e4m3,
     x_scale [m, 1] f32) = quantize_rows(h), h = x, or rms_norm(x, norm, eps) (norm [k]), or
     silu_mul(gate, x) (gate [m, k]); fp8_matmul takes the pair as x=x_q, x_scale=x_scale.
+    rows: pad the result to that many rows, as pad_rows does (a kernel's row tiles).
     Where `impl` runs on the GPU ("auto" there, "triton", "mgpu") this is one Triton kernel
-    (quantize_rows_triton), instead of XLA's 3-5 small kernels; elsewhere the jnp twin."""
+    (quantize_rows_triton; rows up to its MAX_K), instead of XLA's 3-5 small kernels; elsewhere
+    the jnp twin. Every GPU path quantizes through here."""
     if impl not in IMPLS:
         raise ValueError(f"fp8 matmul impl {impl!r} is not one of {IMPLS}")
     from .quantize_rows_triton import MAX_K, quantize_rows_triton
 
-    on_gpu = (default_impl() if impl == "auto" else impl) in ("triton", "mgpu")
-    if (on_gpu or (interpret and impl == "triton")) and x.shape[-1] <= MAX_K:
-        return quantize_rows_triton(x, norm=norm, eps=eps, gate=gate, interpret=interpret)
+    if (default_impl() if impl == "auto" else impl) in ("triton", "mgpu") and x.shape[-1] <= MAX_K:
+        return quantize_rows_triton(x, norm=norm, eps=eps, gate=gate, rows=rows, interpret=interpret)
     from .activations import rms_norm, silu_mul
 
     h = rms_norm(x, norm, eps) if norm is not None else silu_mul(gate, x) if gate is not None else x
-    return quantize_rows(h)
+    return pad_rows(*quantize_rows(h), rows or x.shape[0])

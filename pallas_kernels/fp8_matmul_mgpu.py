@@ -44,8 +44,8 @@ Design
   handed to a custom call would be copied first: benchmarks/NOTES.md).
 * Shapes: n a multiple of CTA_N, k of BK; m is padded to CTA_M with zero rows (scale 1).
 
-Activation quantization runs before the kernel, as one Triton kernel (`quantize_rows_triton`)
-that also pads x's rows.
+Activation quantization runs before the kernel (`quantize_input`: one Triton kernel that also
+pads x's rows).
 There is no CPU interpret mode for this kernel: JAX 0.10's Mosaic GPU interpreter handles no
 transposed wgmma operand. It is tested on the GPU (`pytest -m gpu`); on CPU, lowering it for
 CUDA checks that it builds.
@@ -62,10 +62,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .fp8_matmul import check_stacked, pad_rows, quantize_unless, scale_output
+from .fp8_matmul import check_stacked, pad_rows, quantize_input, quantize_unless, scale_output
 from .gpu_info import num_sms
-from .quantize_rows_triton import MAX_K as QUANTIZE_MAX_K
-from .quantize_rows_triton import quantize_rows_triton
 
 __all__ = ["Tiles", "choose_split_k", "choose_tiles", "fp8_matmul_mgpu", "supports"]
 
@@ -265,7 +263,7 @@ def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, tiles: Tiles):
     n = w.shape[1]
     mp = pl.cdiv(m, tiles.cta_m) * tiles.cta_m
     # Quantized and padded in one Triton launch (XLA: a reduce, a loop fusion, a pad of the scales).
-    quantize = functools.partial(quantize_rows_triton, rows=mp) if k <= QUANTIZE_MAX_K else None
+    quantize = functools.partial(quantize_input, rows=mp, impl="mgpu")
     x_q, x_scale = pad_rows(*quantize_unless(x, x_scale, quantize), mp)  # [Mp, k] e4m3, [Mp, 1] f32
     split_k = tiles.split_k or choose_split_k(mp, n, k, tiles, num_sms())
     out_type = (jax.ShapeDtypeStruct((mp, n), out_dtype) if split_k == 1

@@ -48,10 +48,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .fp8_matmul import check_stacked, quantize_unless, scale_output
+from .fp8_matmul import check_stacked, quantize_input, quantize_unless, scale_output
 from .gpu_info import DEFAULT_SMS, next_pow2, num_sms
-from .quantize_rows_triton import MAX_K as QUANTIZE_MAX_K
-from .quantize_rows_triton import quantize_rows_triton
 
 __all__ = ["fp8_matmul_triton", "fp8_matmul_group_triton", "plan"]
 
@@ -178,8 +176,7 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
     m, k = x.shape
     ns = tuple(w.shape[1] for w in ws)
     bm, bn, bk = block_m, block_n, block_k
-    quantize = functools.partial(quantize_rows_triton, interpret=interpret) if k <= QUANTIZE_MAX_K else None
-    x_q, x_scale = quantize_unless(x, x_scale, quantize)  # [m, k] e4m3, [m, 1] f32
+    x_q, x_scale = quantize_unless(x, x_scale, functools.partial(quantize_input, impl="triton", interpret=interpret))
     # The kernel reads each weight's scales from their whole stack, as it does the weights: a
     # layer's slice handed to it would be one more small kernel per product (a dynamic-slice
     # fusion, ~1.5 µs at decode: benchmarks/results/2026-11-24_h100_fp8_decode/).
