@@ -25,6 +25,13 @@ Design
   ~80 (benchmarks/NOTES.md). So the kernel takes the whole stack as [layers * n, k] plus the
   layer index (a [1] i32 operand) and starts its weight rows at layer * n; the scales' stack
   [layers * n] likewise.
+* Stacks of 2-4 GiB: Pallas's Triton lowering addresses an array of at most 4 GiB with i32
+  element offsets, which wrap negative past 2 GiB of 1-byte elements
+  (`gpu_info.triton_offsets_overflow`). Mistral-Small-2501's w1, w3 and w2 stacks split over
+  tp=2 are 3.36 GB per GPU: their last layers were read from before the buffer (CUDA's illegal
+  address, issue 22). Such a stack goes in as uint16 pairs of e4m3 bytes [layers * n, k / 2] (an
+  XLA bitcast, no copy), so that no offset passes 2**31, and each block is split back into its
+  bytes in registers (a Triton join: low byte first, as the pair was stored).
 * Epilogue: both scales apply to the f32 accumulator ((acc * x_scale) * w_scale, the
   reference's order), one cast to out_dtype, masked store of rows < m and columns < n.
 * Several weights of one x (a layer's q, k, v; w1, w3) can share one launch
@@ -49,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .fp8_matmul import check_stacked, quantize_input, quantize_unless, scale_output
-from .gpu_info import DEFAULT_SMS, next_pow2, num_sms
+from .gpu_info import DEFAULT_SMS, next_pow2, num_sms, triton_offsets_overflow
 
 __all__ = ["fp8_matmul_triton", "fp8_matmul_group_triton", "plan"]
 
@@ -90,15 +97,16 @@ def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | N
                 num_stages=stages)
 
 
-def _block_mask(rows_ok=None, cols_ok=None) -> dict:
+def _block_mask(rows_ok=None, cols_ok=None, other=0.0) -> dict:
     """plgpu.load's mask arguments for a [rows, cols] block (rows_ok [rows], cols_ok [cols]; None:
-    all in range): {} for an unmasked load, else zeros out of range. `other` is a float: Triton
-    lowering casts it to e4m3 with fp_to_fp (it has no int -> fp8 cast)."""
+    all in range): {} for an unmasked load, else `other` (zero) out of range. For e4m3 blocks
+    `other` is a float: Triton lowering casts it to e4m3 with fp_to_fp (it has no int -> fp8
+    cast); for uint16 pairs, an int."""
     if rows_ok is None and cols_ok is None:
         return {}
     if cols_ok is None:
-        return dict(mask=rows_ok[:, None], other=0.0)
-    return dict(mask=cols_ok[None, :] if rows_ok is None else rows_ok[:, None] & cols_ok[None, :], other=0.0)
+        return dict(mask=rows_ok[:, None], other=other)
+    return dict(mask=cols_ok[None, :] if rows_ok is None else rows_ok[:, None] & cols_ok[None, :], other=other)
 
 
 def _vector_mask(ok=None) -> dict:
@@ -106,11 +114,34 @@ def _vector_mask(ok=None) -> dict:
     return {} if ok is None else dict(mask=ok, other=0.0)
 
 
+def as_pairs(w: jax.Array) -> jax.Array:
+    """e4m3 w [rows, k] (k even) -> uint16 [rows, k / 2]: each pair of bytes as one element, the
+    byte at the even k in the low half (XLA bitcasts; no copy)."""
+    rows, k = w.shape
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(w, jnp.uint8).reshape(rows, k // 2, 2), jnp.uint16)
+
+
+def _load_w(w_ref, w_row, b, rows_ok, *, k_tail: bool, k: int, bn: int, bk: int, pairs: bool) -> jax.Array:
+    """Weight block [BN, BK] e4m3 at stack row w_row, K block b; rows_ok [BN] (None: all rows
+    < n); k_tail: mask K positions >= k. With `pairs`, w_ref holds uint16 pairs (as_pairs): the
+    block is loaded as [BN, BK / 2] and split back into bytes in registers."""
+    width = bk // 2 if pairs else bk  # elements of w_ref per block row
+    ks = pl.ds(pl.multiple_of(b * width, width), width)
+    step = 2 if pairs else 1  # K positions per element
+    k_ok = (b * bk + step * lax.broadcasted_iota(jnp.int32, (width,), 0)) < k if k_tail else None
+    if not pairs:
+        return plgpu.load(w_ref.at[pl.ds(w_row, bn), ks], **_block_mask(rows_ok, k_ok))
+    v = plgpu.load(w_ref.at[pl.ds(w_row, bn), ks], **_block_mask(rows_ok, k_ok, other=0))  # [BN, BK/2] u16
+    lo, hi = (v & 0xFF).astype(jnp.uint8), (v >> 8).astype(jnp.uint8)
+    return lax.bitcast_convert_type(jnp.stack([lo, hi], axis=-1).reshape(bn, bk), jnp.float8_e4m3fn)
+
+
 def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n: int, m: int, bm: int,
-          bn: int, bk: int, split_k: int):
+          bn: int, bk: int, split_k: int, pairs: bool):
     # One program's tile (m tile i, n tile j, k split s) of one weight.
     # layer_ref: [1] i32, x_ref: [m, k] e4m3, xs_ref: [m] f32,
-    # w_ref: [layers * n, k] e4m3 (the stack, rows of layer l at l * n), ws_ref: [layers * n] f32
+    # w_ref: [layers * n, k] e4m3 (the stack, rows of layer l at l * n), or with `pairs`
+    # [layers * n, k / 2] uint16 (as_pairs), ws_ref: [layers * n] f32
     # (the scales' stack, likewise), o_ref: [m, n] out_dtype, or [split_k, m, n] f32 partials.
     w_row = layer_ref[0] * n + j * bn  # this program's first weight row (and scale) in the stack
     rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)  # [BM]
@@ -129,7 +160,8 @@ def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n:
             ks = pl.ds(pl.multiple_of(b * bk, bk), bk)
             k_ok = (b * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)) < k if k_tail else None  # [BK]
             x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks], **_block_mask(row_ok if m_ragged else None, k_ok))
-            w = plgpu.load(w_ref.at[pl.ds(w_row, bn), ks], **_block_mask(col_ok if n_ragged else None, k_ok))
+            w = _load_w(w_ref, w_row, b, col_ok if n_ragged else None, k_tail=k_tail, k=k, bn=bn, bk=bk,
+                        pairs=pairs)
             return acc + plgpu.dot(x, w, trans_b=True)  # fp8 x fp8 -> f32 [BM, BN]
         return body
 
@@ -151,16 +183,16 @@ def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n:
                 mask=st_mask)
 
 
-def _kernel(layer_ref, x_ref, xs_ref, *refs, ns: tuple[int, ...], **tile_kw):
+def _kernel(layer_ref, x_ref, xs_ref, *refs, ns: tuple[int, ...], pairs: tuple[bool, ...], **tile_kw):
     # refs: the weights' w_refs, then their ws_refs, then their o_refs (one group per weight).
     # The grid's n tiles run through the weights in turn: tiles [start, start + cdiv(n, BN))
     # belong to weight g, so several projections of the same x share one launch.
     g = len(ns)
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start = 0
-    for w_ref, ws_ref, o_ref, n in zip(refs[:g], refs[g:2 * g], refs[2 * g:], ns):
+    for w_ref, ws_ref, o_ref, n, paired in zip(refs[:g], refs[g:2 * g], refs[2 * g:], ns, pairs):
         tile = functools.partial(_tile, layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j - start, s,
-                                 n=n, **tile_kw)
+                                 n=n, pairs=paired, **tile_kw)
         if g == 1:
             tile()
         else:
@@ -169,10 +201,11 @@ def _kernel(layer_ref, x_ref, xs_ref, *refs, ns: tuple[int, ...], **tile_kw):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_m", "block_n",
-                                             "block_k", "split_k", "num_warps", "num_stages"))
+                                             "block_k", "split_k", "num_warps", "num_stages", "pairs"))
 def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_m, block_n, block_k, split_k,
-                num_warps, num_stages):
+                num_warps, num_stages, pairs):
     # ws: tuple of [layers, n_g, k], w_scales: tuple of [layers, n_g], layer: [] i32 -> tuple of y_g
+    # pairs: tuple of bool, which weights go in as uint16 pairs (as_pairs)
     m, k = x.shape
     ns = tuple(w.shape[1] for w in ws)
     bm, bn, bk = block_m, block_n, block_k
@@ -181,7 +214,7 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
     # layer's slice handed to it would be one more small kernel per product (a dynamic-slice
     # fusion, ~1.5 µs at decode: benchmarks/results/2026-11-24_h100_fp8_decode/).
     scale_stacks = [s.astype(jnp.float32).reshape(-1) for s in w_scales]  # [layers * n_g]
-    kernel = functools.partial(_kernel, ns=ns, k=k, m=m, bm=bm, bn=bn, bk=bk, split_k=split_k)
+    kernel = functools.partial(_kernel, ns=ns, pairs=pairs, k=k, m=m, bm=bm, bn=bn, bk=bk, split_k=split_k)
     out_shape = tuple(jax.ShapeDtypeStruct((split_k, m, n), jnp.float32) if split_k > 1
                       else jax.ShapeDtypeStruct((m, n), out_dtype) for n in ns)
     outs = pl.pallas_call(
@@ -192,7 +225,7 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
         interpret=interpret,
         name="fp8_matmul",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0],
-      *(w.reshape(-1, k) for w in ws), *scale_stacks)
+      *(as_pairs(w.reshape(-1, k)) if p else w.reshape(-1, k) for w, p in zip(ws, pairs)), *scale_stacks)
     if split_k > 1:  # the partials' sum and both scales: one XLA fusion per weight
         layer_scales = [jax.lax.dynamic_index_in_dim(s, layer, keepdims=False).astype(jnp.float32) for s in w_scales]
         outs = tuple(scale_output(jnp.sum(o, axis=0), x_scale, s, out_dtype) for o, s in zip(outs, layer_scales))
@@ -204,18 +237,24 @@ def fp8_matmul_triton(x: jax.Array, w: jax.Array, w_scale: jax.Array, *, layer=N
     """y [m, n] = quant(x [m, k]) @ (w [n, k] e4m3 * w_scale [n]).T through Pallas/Triton; or,
     with `layer`, w [layers, n, k] and w_scale [layers, n], layer `layer` read in place.
     x_scale [m, 1]: x is already e4m3 (see fp8_matmul).
-    `interpret=True` runs in Pallas interpret mode (CPU). `tuning` (benchmarks, sweeps): any
-    `plan` override: block_m, block_n, block_k, split_k, num_warps, num_stages."""
+    `interpret=True` runs in Pallas interpret mode (CPU). `tuning` (benchmarks, sweeps, tests): any
+    `plan` override: block_m, block_n, block_k, split_k, num_warps, num_stages; and `pairs`
+    (None: by `triton_offsets_overflow`; True or False: every weight so, e.g. to run the pairs
+    path at small shapes in tests)."""
     return fp8_matmul_group_triton(x, (w,), (w_scale,), layer=layer, x_scale=x_scale, out_dtype=out_dtype,
                                    interpret=interpret, **tuning)[0]
 
 
 def fp8_matmul_group_triton(x: jax.Array, ws, w_scales, *, layer=None, x_scale=None, out_dtype=jnp.bfloat16,
-                            interpret: bool = False, **tuning) -> tuple[jax.Array, ...]:
+                            interpret: bool = False, pairs: bool | None = None, **tuning) -> tuple[jax.Array, ...]:
     """fp8_matmul_triton for several weights of the same x (q, k, v; w1, w3) in one launch:
     x quantized once, the grid's n tiles spread over all of them. Returns one y per weight."""
     checked = [check_stacked(x, w, s, layer) for w, s in zip(ws, w_scales)]
     m, k = x.shape
+    paired = tuple(triton_offsets_overflow(w.shape, w.dtype) if pairs is None else bool(pairs) for w, _, _ in checked)
+    if any(paired) and k % 2:
+        raise ValueError(f"fp8_matmul_triton: a weight stack of 2-4 GiB ({[tuple(w.shape) for w, _, _ in checked]}) "
+                         f"is read as byte pairs, which needs an even k (got k={k}); use impl='mgpu' or 'xla'")
     cfg = plan(m, sum(w.shape[1] for w, _, _ in checked), k, sms=DEFAULT_SMS if interpret else None, **tuning)
     return _fp8_matmul(x, x_scale, tuple(w for w, _, _ in checked), tuple(s for _, s, _ in checked),
-                       checked[0][2], out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret), **cfg)
+                       checked[0][2], out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret), pairs=paired, **cfg)

@@ -70,8 +70,9 @@ def tokens(tiny_cfg):
     return np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, size=(3, 37)).astype(np.int32)
 
 
-def dense_logits(model, tokens):
-    """One full forward of `model` over tokens [batch, seq] with a dense cache: logits as NumPy."""
+def dense_logits(model, tokens, to_numpy=True):
+    """One full forward of `model` over tokens [batch, seq] with a dense cache: logits as NumPy
+    (or as the array, to_numpy=False, e.g. inside jit)."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -80,4 +81,4 @@ def dense_logits(model, tokens):
     b, t = tokens.shape
     cache = DenseKVCache.init(model.cfg, b, max(64, t), model.dtype)
     logits, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(t), (b, t)), cache)
-    return np.asarray(logits)
+    return np.asarray(logits) if to_numpy else logits

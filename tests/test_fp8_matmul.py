@@ -327,6 +327,57 @@ def test_triton_group_one_launch(m, ns, stacked, kw):
             assert rel_err(other, out) < 1e-5, impl
 
 
+def test_triton_offsets_overflow_rule():
+    # Pallas's Triton lowering: i32 offsets for arrays of at most 2**32 bytes, sign-extended by
+    # addptr. 1-byte arrays between 2 and 4 GiB overflow; wider dtypes and larger arrays do not.
+    from pallas_kernels.gpu_info import triton_offsets_overflow
+
+    fp8 = jnp.float8_e4m3fn
+    assert triton_offsets_overflow((40, 16384, 5120), fp8)  # 2501's w1/w3 per GPU at tp=2 (3.36 GB)
+    assert triton_offsets_overflow((40, 5120, 16384), fp8)  # its w2
+    assert triton_offsets_overflow((56, 8192, 6144), fp8)  # 2409's w1/w3 at tp=2 (2.8 GB)
+    assert not triton_offsets_overflow((40, 32768, 5120), fp8)  # tp=1: over 4 GiB, 64-bit offsets
+    assert not triton_offsets_overflow((56, 6144, 6144), fp8)  # 2409's wq, 2.11 GB: just under 2**31
+    assert not triton_offsets_overflow((2**31,), fp8) and triton_offsets_overflow((2**31 + 1,), jnp.int8)
+    assert not triton_offsets_overflow((40, 16384, 5120), BF16)  # <= 2**31 elements in 4 GiB
+
+
+@pytest.mark.parametrize("m,k,n,layers,kw", [
+    (1, 96, 40, 3, dict(block_n=16, block_k=32, split_k=2)),  # odd layers, the last one, split-K
+    (5, 200, 70, 5, dict(block_n=16, block_k=64, split_k=1)),  # ragged k tail (200 = 3 * 64 + 8), ragged n
+    (33, 160, 48, 1, {}),  # the default plan, non-power-of-two widths
+])
+def test_triton_byte_pairs_read_the_asked_layer(m, k, n, layers, kw):
+    # The path a 2-4 GiB stack takes (pairs=True forces it at small shapes): w as uint16 pairs,
+    # split back into e4m3 bytes in the kernel. Every layer of an odd stack, ragged n and k:
+    # a wrong pair order, stride or row offset gives O(1) errors.
+    rng = np.random.default_rng(m + k)
+    x = jnp.asarray(rng.normal(size=(m, k)), BF16)
+    ws, ss = zip(*(quantize_weight(jnp.asarray(rng.normal(size=(n, k)) * 0.05, F32)) for _ in range(layers)))
+    w, w_scale = jnp.stack(ws), jnp.stack(ss)
+    run = jax.jit(lambda x, w, s, l: fp8_matmul_triton(x, w, s, layer=l, out_dtype=F32, interpret=True,
+                                                       pairs=True, **kw))
+    for layer in range(layers)[::-1]:
+        ref = np.asarray(fp8_matmul_reference(x, ws[layer], ss[layer], out_dtype=F32), np.float64)
+        assert rel_err(run(x, w, w_scale, jnp.int32(layer)), ref) < 1e-5, layer
+    with pytest.raises(ValueError, match="even k"):
+        fp8_matmul_triton(x[:, :-1], w[:, :, :-1], w_scale, layer=0, pairs=True, interpret=True)
+
+
+def test_triton_kernel_lowers_2_to_4_gib_stacks_as_pairs():
+    # At the real shapes, for CUDA: a 3.36 GB stack (2501's w1 per GPU at tp=2) reaches the
+    # kernel as uint16 pairs, bitcast in XLA (no copy); a 6.7 GB one (tp=1) as plain e4m3.
+    def lowered(layers, n, k):
+        args = (jax.ShapeDtypeStruct((1, k), BF16), jax.ShapeDtypeStruct((layers, n, k), jnp.float8_e4m3fn),
+                jax.ShapeDtypeStruct((layers, n), F32), jax.ShapeDtypeStruct((), jnp.int32))
+        fn = jax.jit(lambda x, w, s, layer: fp8_matmul_triton(x, w, s, layer=layer))
+        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lowered(40, 16384, 5120)
+    assert "tensor<655360x2560xui16>" in text and "stablehlo.copy" not in text
+    assert "ui16" not in lowered(40, 32768, 5120)
+
+
 @pytest.mark.parametrize("impl", ["reference", "xla", "triton", "tpu"])
 def test_prequantized_x(impl):
     # x quantized by the caller (as tp shards do with a shared row max) with its scales: the

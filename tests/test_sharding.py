@@ -2,6 +2,7 @@
 logical rules placing every parameter and the KV cache, the Pallas attention kernel under
 shard_map, and the per-shard checkpoint reader. Every mesh must give one device's answer."""
 
+import functools
 import shutil
 
 import jax
@@ -365,3 +366,39 @@ def test_sampling_keeps_the_vocabulary_sharded():
     top_plain = jax.lax.top_k(logits, 7)
     np.testing.assert_array_equal(np.asarray(top_sharded[0]), np.asarray(top_plain[0]))
     np.testing.assert_array_equal(np.asarray(top_sharded[1]), np.asarray(top_plain[1]))
+
+
+@pytest.mark.parametrize("split", ["out", "in", "group"])
+def test_fp8_triton_per_shard_byte_pairs(monkeypatch, split):
+    """The FP8 Triton kernel per tp=2 shard (interpret mode) on an odd stack of layers with shard
+    widths that are not powers of two, reading each shard's stack as uint16 byte pairs (the path
+    of 2-4 GiB stacks per GPU, issue 22; forced here at small sizes): every layer equals the
+    unsharded reference product."""
+    import pallas_kernels.fp8_matmul_triton as triton_kernel
+    from mistral_jax import fp8_tp
+    from pallas_kernels.fp8_matmul import fp8_matmul_reference, quantize_weight
+
+    paired = []
+    monkeypatch.setattr(triton_kernel, "triton_offsets_overflow", lambda shape, dtype: paired.append(shape) or True)
+    for name in ("fp8_matmul", "fp8_matmul_group"):
+        monkeypatch.setattr(fp8_tp, name, functools.partial(getattr(fp8_tp, name), interpret=True))
+    rng = np.random.default_rng(3)
+    layers, m, k, ns = 3, 5, 160, (96, 48)  # per shard: 80 columns, 48 and 24 rows
+    mesh = parse_mesh("tp=2")
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    stacks = []
+    for n in ns:
+        w, s = quantize_weight(jnp.asarray(rng.normal(size=(layers * n, k)) * 0.05, jnp.float32))
+        stacks.append((w.reshape(layers, n, k), s.reshape(layers, n)))
+    for layer in (2, 1, 0):
+        if split == "group":
+            got = fp8_tp.fp8_linear_group_tp(x, [w for w, _ in stacks], [s for _, s in stacks], jnp.int32(layer),
+                                             mesh=mesh, impl="triton", out_dtype=jnp.float32)
+        else:
+            got = [fp8_tp.fp8_linear_tp(x, *stacks[0], jnp.int32(layer), split=split, mesh=mesh, impl="triton",
+                                        out_dtype=jnp.float32)]
+        for y, (w, s) in zip(got, stacks):
+            want = fp8_matmul_reference(x, w[layer], s[layer], out_dtype=jnp.float32)
+            np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+    shard = {"out": [(layers, 48, k)], "in": [(layers, 96, 80)], "group": [(layers, 48, k), (layers, 24, k)]}[split]
+    assert set(paired) == set(shard)  # the kernel saw each shard's own stack
