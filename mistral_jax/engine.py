@@ -2,8 +2,18 @@
 
 Each step packs the scheduled tokens of every sequence (prefill chunks and single decode
 tokens alike) into one row, runs the model once over the paged cache and samples one token per
-sequence. Shapes are rounded up to buckets (tokens, sequences, pages per sequence), so a steady
-workload never recompiles.
+sequence.
+
+Compiled programs form a small, known set (`Engine.programs`), compiled up front by `warmup()`
+so that no request waits on a compile, whatever it hits in the prefix cache:
+- one step program per token bucket (powers of two up to max_num_batched_tokens); its sequence
+  axis is tied to the token bucket (a step of T tokens holds at most T sequences), and the
+  reference attention adds a page-count bucket (the kernels take one full-width page table);
+- per-request settings are arrays, not program variants: sampling values, penalties (always
+  applied; neutral values change nothing), logprobs (the top MAX_LOGPROBS are always computed);
+- prompt logprobs run in a second, small program per token bucket, over the step's hidden
+  states (the head and a log-softmax), only on steps that need them;
+- one program resets a request's penalty row.
 
 The host stays one step ahead of the device: it launches step i+1 before reading step i's
 tokens. A decode token that is still on the device is fed from step i's output
@@ -29,7 +39,7 @@ from .model import Transformer
 from .outputs import OutputState, StepEvent
 from .page_allocator import PageAllocator
 from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
-from .sampling import SamplingArrays, SamplingParams, sample, top_k_over_vocab
+from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, mesh_size, named_sharding, use_mesh
 from .tokenizer import Tokenizer
@@ -98,41 +108,36 @@ class StepInputs:
     step: jax.Array  # [S] i32 index of the token being sampled among the generated ones
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "num_logprobs", "num_prompt_logprobs", "use_penalties", "impl", "max_seqs"),
-    donate_argnames=("k_pages", "v_pages", "counts", "seen"),
-)
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_seqs"),
+                   donate_argnames=("k_pages", "v_pages", "counts", "seen"))
 def _step(graphdef, state, k_pages, v_pages, inputs: StepInputs, prev_tokens, sampling, counts, seen, *,
-          num_logprobs: int, num_prompt_logprobs: int, use_penalties: bool, impl: str, max_seqs: int):
+          impl: str, max_seqs: int):
     model: Transformer = nnx.merge(graphdef, state)
     prev = prev_tokens[jnp.maximum(inputs.prev_index, 0)]
     tokens = jnp.where(inputs.prev_index >= 0, prev, inputs.tokens)[None]  # [1, T]
     cache = PagedKVCache(k_pages, v_pages, inputs.slot_mapping, inputs.kv_lens, inputs.page_indices,
                          inputs.cu_q_lens, inputs.num_seqs, impl=impl)
-    positions = inputs.positions[None]
-    if num_prompt_logprobs:
-        logits, cache = model(tokens, positions, cache)  # [1, T, vocab]: every position
-        last = logits[0, inputs.logits_at]
-        prompt_lp = _prompt_logprobs(logits[0], inputs.next_ids, num_prompt_logprobs)
-    else:
-        logits, cache = model(tokens, positions, cache, logits_at=inputs.logits_at[None])
-        last, prompt_lp = logits[0], None
+    hidden, cache = model.hidden(tokens, inputs.positions[None], cache)  # [1, T, dim]
+    last = model.logits(hidden[:, inputs.logits_at])[0]  # [S, vocab]: each sequence's last token
     vocab = last.shape[-1]
-    if use_penalties:
-        row_counts, row_seen = counts[inputs.slots], seen[inputs.slots]
-    else:
-        row_counts = jnp.zeros(last.shape, jnp.int32)
-        row_seen = jnp.zeros(last.shape, bool)
-    result = sample(last, sampling, inputs.step, row_counts, row_seen, num_logprobs)
-    if use_penalties:  # record kept tokens; rows of padding or unsampled chunks are dropped
-        kept = jnp.where(inputs.sampled, result.tokens, vocab)
-        counts = counts.at[inputs.slots, kept].add(1, mode="drop")
-        seen = seen.at[inputs.slots, kept].set(True, mode="drop")
+    # Every row's penalties apply (neutral values leave its logits as they are), so requests with
+    # and without penalties share one program.
+    result = sample(last, sampling, inputs.step, counts[inputs.slots], seen[inputs.slots], MAX_LOGPROBS)
+    kept = jnp.where(inputs.sampled, result.tokens, vocab)  # record kept tokens; padding rows drop
+    counts = counts.at[inputs.slots, kept].add(1, mode="drop")
+    seen = seen.at[inputs.slots, kept].set(True, mode="drop")
     # A fixed-size copy of the sampled tokens feeds the next step, whatever its bucket.
     next_tokens = jnp.zeros((max_seqs,), jnp.int32).at[: result.tokens.shape[0]].set(result.tokens)
     k_pages, v_pages = constrain(cache.k, PAGE_AXES), constrain(cache.v, PAGE_AXES)  # keep their placement
-    return result, prompt_lp, next_tokens, k_pages, v_pages, counts, seen
+    return result, hidden[0], next_tokens, k_pages, v_pages, counts, seen
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prompt_logprobs_step(graphdef, state, hidden, next_ids):
+    """A step's hidden states [T, dim] -> prompt logprobs (see _prompt_logprobs): the head and a
+    log-softmax over every row, only for steps that carry a request asking for them."""
+    logits = nnx.merge(graphdef, state).logits(hidden[None])[0]  # [T, vocab]
+    return _prompt_logprobs(logits, next_ids, MAX_LOGPROBS)
 
 
 def _prompt_logprobs(logits, next_ids, n: int):
@@ -145,12 +150,23 @@ def _prompt_logprobs(logits, next_ids, n: int):
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _reset_penalty_row(counts, seen, slot, ids, num_prompt):
-    """Row `slot` of the penalty state from a sequence's tokens. ids: [L] padded with vocab."""
+    """Row `slot` of the penalty state from a sequence's tokens. ids: [max_model_len bucket]
+    padded with vocab (one shape: one program)."""
     vocab = counts.shape[1]
     generated = jnp.arange(ids.shape[0]) >= num_prompt
     row_seen = jnp.zeros((vocab,), bool).at[ids].set(True, mode="drop")
     row_counts = jnp.zeros((vocab,), jnp.int32).at[jnp.where(generated, ids, vocab)].add(1, mode="drop")
     return counts.at[slot].set(row_counts), seen.at[slot].set(row_seen)
+
+
+def _empty_inputs(T: int, S: int, pages: int, no_slot: int) -> StepInputs:
+    """A step's inputs with no sequence in it (warm-up): every row padding."""
+    return StepInputs(tokens=np.zeros(T, np.int32), prev_index=np.full(T, -1, np.int32),
+                      positions=np.full(T, -1, np.int32), slot_mapping=np.full(T, -1, np.int32),
+                      next_ids=np.full(T, -1, np.int32), kv_lens=np.zeros(S, np.int32),
+                      page_indices=np.zeros((S, pages), np.int32), cu_q_lens=np.zeros(S + 1, np.int32),
+                      num_seqs=np.int32(0), logits_at=np.zeros(S, np.int32), slots=np.full(S, no_slot, np.int32),
+                      sampled=np.zeros(S, bool), step=np.zeros(S, np.int32))
 
 
 def _shared_seed() -> int:
@@ -162,6 +178,14 @@ def _shared_seed() -> int:
 
 def _uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def powers_of_two(lo: int, hi: int) -> list[int]:
+    """The buckets bucket() rounds to between lo and hi (both included; hi need not be a power)."""
+    out = [lo]
+    while out[-1] < hi:
+        out.append(min(out[-1] * 2, hi))
+    return out
 
 
 @dataclasses.dataclass
@@ -186,6 +210,9 @@ class Engine:
         self.max_model_len = config.max_model_len
         self.page_size = config.block_size
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
+        # One full-width block table for every step: the kernels and the reference read only as
+        # far as each kv_len, so its width costs nothing and adds no program.
+        self.page_table_width = bucket(self.max_pages_per_seq, MIN_PAGES_BUCKET)
         self.max_seqs_bucket = bucket(config.max_num_seqs, MIN_SEQS_BUCKET)
         on_cpu = mesh.devices.flat[0].platform == "cpu"
         self.min_token_bucket = MIN_TOKEN_BUCKET_CPU if on_cpu else MIN_TOKEN_BUCKET
@@ -201,8 +228,11 @@ class Engine:
             sharding = named_sharding(mesh, PAGE_AXES)
             init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
             self.k_pages, self.v_pages = init(self.cfg, self.num_pages, self.page_size, self.dtype)
-        self.counts = self.seen = None  # penalty state, [max_num_seqs, vocab], made on first use
-        self.prev_tokens = self._replicated(jnp.zeros((self.max_seqs_bucket,), jnp.int32))
+        # Penalty state [max_num_seqs, vocab]: generated-token counts and seen tokens per slot.
+        penalty_shape = (config.max_num_seqs, self.cfg.vocab_size)
+        self.counts = self._replicated(np.zeros(penalty_shape, np.int32))
+        self.seen = self._replicated(np.zeros(penalty_shape, bool))
+        self.prev_tokens = self._replicated(np.zeros((self.max_seqs_bucket,), np.int32))
         self.sequences: dict[str, Sequence] = {}
         self.outputs: dict[str, OutputState] = {}
         self._prompt_lps: dict[str, dict[int, dict[int, float]]] = {}
@@ -328,32 +358,66 @@ class Engine:
             yield from self.step()
 
     def _launch(self, batch: list[Scheduled]) -> _Launched:
-        inputs, sampling, statics = self._pack(batch)
+        inputs, sampling, wants_prompt_logprobs = self._pack(batch)
         with use_mesh(self.mesh):
-            if statics["use_penalties"]:
-                self._reset_penalties(batch)
-            counts, seen = (self.counts, self.seen) if statics["use_penalties"] else (None, None)
-            result, prompt_lp, self.prev_tokens, self.k_pages, self.v_pages, counts, seen = _step(
+            self._reset_penalties(batch)
+            result, hidden, self.prev_tokens, self.k_pages, self.v_pages, self.counts, self.seen = _step(
                 self.graphdef, self.state, self.k_pages, self.v_pages, inputs, self.prev_tokens, sampling,
-                counts, seen, impl=self.attention_impl, max_seqs=self.max_seqs_bucket, **statics)
-            if statics["use_penalties"]:
-                self.counts, self.seen = counts, seen
+                self.counts, self.seen, impl=self.attention_impl, max_seqs=self.max_seqs_bucket)
+            prompt_lp = (_prompt_logprobs_step(self.graphdef, self.state, hidden, inputs.next_ids)
+                         if wants_prompt_logprobs else None)
         for s in batch:
             self.scheduler.register_full_pages(s.seq)
         self._rows = {s.seq: i for i, s in enumerate(batch)}  # where each sequence's token lands
         return _Launched(batch, result, prompt_lp)
 
+    # ---- the program set ------------------------------------------------------------------
+
+    def token_buckets(self) -> list[int]:
+        """Step sizes in tokens: powers of two up to max_num_batched_tokens (rounded up)."""
+        cap = bucket(self.config.max_num_batched_tokens, self.min_token_bucket)
+        return powers_of_two(self.min_token_bucket, cap)
+
+    def seqs_bucket(self, tokens: int) -> int:
+        """The sequence axis of a step of `tokens` (a bucket): a step holds at most that many
+        sequences, and at most max_num_seqs; tied to the token bucket, so it adds no programs."""
+        return min(tokens, self.max_seqs_bucket)
+
+    def programs(self) -> int:
+        """Programs a warm engine has compiled: a step and a prompt-logprobs program per token
+        bucket, and the penalty-row reset."""
+        return 2 * len(self.token_buckets()) + 1
+
+    def warmup(self) -> tuple[int, float]:
+        """Compile (or load from the persistent cache) every program a request can need, by running
+        each once on an empty batch (no sequence: no page is written, no token kept). Returns
+        (programs, seconds)."""
+        import time
+
+        if self.has_unfinished_requests():
+            raise RuntimeError("warmup() runs before any request is added")
+        t0 = time.perf_counter()
+        with use_mesh(self.mesh):
+            for T in self.token_buckets():
+                inputs = self._host_to_mesh(_empty_inputs(T, self.seqs_bucket(T), self.page_table_width,
+                                                          self.config.max_num_seqs))
+                sampling = SamplingArrays.from_params([], pad_to=self.seqs_bucket(T))
+                if self.multiprocess:
+                    sampling = self._host_to_mesh(jax.tree.map(np.asarray, sampling))
+                result, hidden, self.prev_tokens, self.k_pages, self.v_pages, self.counts, self.seen = _step(
+                    self.graphdef, self.state, self.k_pages, self.v_pages, inputs, self.prev_tokens, sampling,
+                    self.counts, self.seen, impl=self.attention_impl, max_seqs=self.max_seqs_bucket)
+                jax.block_until_ready(_prompt_logprobs_step(self.graphdef, self.state, hidden, inputs.next_ids))
+            self.counts, self.seen = _reset_penalty_row(self.counts, self.seen, *self._penalty_row(0, [], 0))
+            jax.block_until_ready((result, self.counts))
+        return self.programs(), time.perf_counter() - t0
+
     def _pack(self, batch: list[Scheduled]):
         """Host arrays of one step, padded to its buckets."""
         n_tok = sum(s.n for s in batch)
-        min_t = self.min_token_bucket
-        T = bucket(n_tok, min_t, bucket(self.config.max_num_batched_tokens, min_t))
-        S = bucket(len(batch), MIN_SEQS_BUCKET, self.max_seqs_bucket)
-        pages = bucket(self.max_pages_per_seq, MIN_PAGES_BUCKET)
-        if self.attention_impl == "reference":
-            # The reference gathers every listed page: list only as many as needed. The kernels
-            # stop at each kv_len, so one full-width table serves all (fewer programs to compile).
-            pages = bucket(max(len(s.seq.pages) for s in batch), MIN_PAGES_BUCKET, pages)
+        T = next(b for b in self.token_buckets() if b >= n_tok)
+        S = self.seqs_bucket(T)
+        pages = self.page_table_width
         tokens = np.zeros(T, np.int32)
         prev_index = np.full(T, -1, np.int32)
         positions = np.full(T, -1, np.int32)
@@ -399,18 +463,9 @@ class Engine:
         sampling = SamplingArrays.from_params(params, pad_to=S)
         if self.multiprocess:
             sampling = self._host_to_mesh(jax.tree.map(np.asarray, sampling))
-        kept = [s.seq.params for s in batch if s.sample]
-        num_logprobs = max((p.logprobs or 0) for p in kept) if kept else 0
-        prompt = [s.seq.params.prompt_logprobs for s in batch
-                  if s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids)]
-        num_prompt_logprobs = max(max(prompt), 1) if prompt else 0
-        statics = dict(
-            # Each distinct value compiles once; round up so that few variants exist.
-            num_logprobs=bucket(num_logprobs, 1) if num_logprobs else 0,
-            num_prompt_logprobs=bucket(num_prompt_logprobs, 1) if num_prompt_logprobs else 0,
-            use_penalties=any(_uses_penalties(p) for p in params),
-        )
-        return inputs, sampling, statics
+        wants_prompt_logprobs = any(s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids)
+                                    for s in batch)
+        return inputs, sampling, wants_prompt_logprobs
 
     def _replicated(self, x: jax.Array) -> jax.Array:
         """Placed as the step's outputs are, so feeding them back does not recompile."""
@@ -440,17 +495,18 @@ class Engine:
         return jax.tree.map(get, tree)
 
     def _reset_penalties(self, batch: list[Scheduled]) -> None:
-        if self.counts is None:
-            shape = (self.config.max_num_seqs, self.cfg.vocab_size)
-            self.counts = self._replicated(jnp.zeros(shape, jnp.int32))
-            self.seen = self._replicated(jnp.zeros(shape, bool))
+        """A request that uses penalties starts from its own tokens in its slot's row (rows of
+        other requests may hold anything: neutral penalties ignore them)."""
         for s in batch:
             seq = s.seq
             if _uses_penalties(seq.params) and s.admitted:
-                ids = np.full(bucket(len(seq.token_ids), MIN_TOKEN_BUCKET), self.cfg.vocab_size, np.int32)
-                ids[: len(seq.token_ids)] = seq.token_ids
-                row = self._host_to_mesh((np.int32(seq.slot), ids, np.int32(len(seq.prompt_ids))))
+                row = self._penalty_row(seq.slot, seq.token_ids, len(seq.prompt_ids))
                 self.counts, self.seen = _reset_penalty_row(self.counts, self.seen, *row)
+
+    def _penalty_row(self, slot: int, token_ids: list[int], num_prompt: int):
+        ids = np.full(bucket(self.max_model_len, MIN_TOKEN_BUCKET), self.cfg.vocab_size, np.int32)
+        ids[: len(token_ids)] = token_ids
+        return self._host_to_mesh((np.int32(slot), ids, np.int32(num_prompt)))
 
     def _read(self, launched: _Launched) -> list[StepEvent]:
         """Bring a step's tokens to the host and turn them into events."""

@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import distributed
+from .engine_args import add_engine_args, llm_kwargs
 from .llm import LLM
 from .sampling import SamplingParams
 
@@ -20,8 +21,7 @@ from .sampling import SamplingParams
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mistral_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct demo)")
+    add_engine_args(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help="one request (default: 'What is the capital of France?')")
     mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
@@ -32,29 +32,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU/TPU, f32 on CPU), bfloat16, float32")
-    p.add_argument("--quantization", default=None, choices=("fp8",),
-                   help="fp8: quantize the projections at load (e4m3 per-channel weights, per-token activations)")
-    p.add_argument("--mesh", default=None,
-                   help="devices to split the model over, e.g. tp=4 or dp=2,tp=4 (default: one device)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's)")
-    serve = p.add_argument_group("serving (vLLM's names)")
-    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache page")
-    serve.add_argument("--num-pages", type=int, default=None, help="KV cache pages (default: from memory)")
-    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                       help="fraction of device memory for weights + KV cache")
-    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                       help="tokens per step; longer prompts are prefilled in chunks")
-    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                       help="reuse the KV pages of repeated prompt prefixes")
-    serve.add_argument("--attention-impl", default="auto", choices=("auto", "reference", "triton", "tpu"),
-                       help="ragged paged attention: the Pallas kernel of the backend (auto) or the jnp reference")
-    serve.add_argument("--fp8-impl", default="auto", choices=("auto", "reference", "xla", "triton", "mgpu", "tpu"),
-                       help="FP8 matmul (with --quantization fp8 or an FP8 checkpoint): auto picks by backend "
-                            "and tokens per step (GPU: the Triton kernel for small decode steps, the Mosaic GPU wgmma kernel "
-                            "for larger ones and prefill; the log names the thresholds)")
-    distributed.add_cli_flags(p)
     return p.parse_args(argv)
 
 
@@ -92,12 +69,7 @@ def main(argv=None) -> int:
                 sys.stdout = open(os.devnull, "w")
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                  block_size=args.block_size, num_pages=args.num_pages,
-                  gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl,
-                  quantization=args.quantization, fp8_impl=args.fp8_impl, mesh=args.mesh)
+        llm = LLM(**llm_kwargs(args))
     except (ValueError, FileNotFoundError, TypeError, distributed.DistributedInitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

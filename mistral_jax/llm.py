@@ -89,6 +89,13 @@ class LLM:
     one process per host, all running the same program (mistral_jax.distributed.initialize; the
     environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID work too).
     Only process 0 prints.
+
+    warmup: compile every program the settings allow before LLM() returns (Engine.programs: a
+    step and a prompt-logprobs program per token bucket, times the page buckets of the reference
+    attention, and one more), so that no request waits on a compile, prefix-cache hits included.
+    None: on where the devices are accelerators, off on a CPU (start-up time matters more there;
+    programs then compile as requests first need them). `warmup_programs` and `warmup_seconds`
+    report it; the persistent compilation cache makes a restart's warm-up a fraction of the first.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
@@ -97,7 +104,7 @@ class LLM:
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  attention_impl: str = "auto", quantization: str | None = None, fp8_impl: str = "auto",
                  mesh=None, coordinator_address: str | None = None, num_processes: int | None = None,
-                 process_id: int | None = None):
+                 process_id: int | None = None, warmup: bool | None = None):
         # Multi-host: join the other processes before JAX starts (see distributed.py; the
         # environment's JAX_COORDINATOR_ADDRESS etc. work too). Only process 0 reports.
         distributed.initialize(coordinator_address, num_processes, process_id)
@@ -145,6 +152,13 @@ class LLM:
             weights = (f"weights fp8 (e4m3 per-channel, per-token dynamic activations, fp8_matmul {impl})"
                        if self.quantization == "fp8" else f"weights {jnp.dtype(self.dtype).name}")
             print(f"[{weights}; {self.engine.describe_cache()}]", file=sys.stderr)
+        if warmup is None:  # an accelerator: a request must never wait on a compile; a CPU: start fast
+            warmup = self.mesh.devices.flat[0].platform != "cpu"
+        self.warmup_programs, self.warmup_seconds = self.engine.warmup() if warmup else (0, 0.0)
+        if progress:
+            print(f"[warm-up: {self.warmup_programs} programs in {self.warmup_seconds:.1f}s]" if warmup else
+                  f"[no warm-up: up to {self.engine.programs()} programs compile as requests first need them]",
+                  file=sys.stderr)
         self._next_id = 0
 
     def get_tokenizer(self):

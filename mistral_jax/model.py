@@ -217,6 +217,13 @@ class Transformer(nnx.Module):
         prefill needs the last position's, not a [seq, vocab] slab).
         Returns (logits [batch, seq or k, vocab] f32, cache).
         """
+        x, cache = self.hidden(tokens, positions, cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
+        return self.logits(x), cache
+
+    def hidden(self, tokens, positions, cache):
+        """The decoder's output before the final norm: (x [batch, seq, dim], cache)."""
         x = constrain(self.tok_embeddings[...][tokens], ("batch", "seq", "embed"))
         # The scan slices each layer's parameters out of the stacks. FP8 projections stay whole
         # and their kernel reads layer i in place: a Pallas call cannot take a slice as a view,
@@ -230,9 +237,11 @@ class Transformer(nnx.Module):
             return (x, cache, i + 1), None
 
         (x, cache, _), _ = jax.lax.scan(one_layer, (x, cache, jnp.int32(0)), stacked)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
+        return x, cache
+
+    def logits(self, x):
+        """hidden() rows x [batch, k, dim] -> logits [batch, k, vocab] f32 (final norm, output head)."""
         x = self.norm(x)
         head = self.tok_embeddings if self.cfg.tied_embeddings else self.output
         logits = jnp.einsum("bse,ve->bsv", x, head[...], preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "vocab")), cache
+        return constrain(logits, ("batch", "seq", "vocab"))

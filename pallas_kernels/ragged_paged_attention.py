@@ -29,14 +29,18 @@ Values at cache positions >= kv_len (stale or never-written page slots, unused b
 entries) are zeroed before use, so garbage there, even NaN, cannot leak into the output.
 
 Formulation and cost (reference only; clarity over speed). A `lax.fori_loop` over the live
-sequences; iteration s gathers sequence s's whole padded KV, L = pages_per_seq * page_size
-positions, into a contiguous [L, n_kv_heads, head_dim] view, scores ALL num_tokens query rows
-against it, masks rows that are not sequence s's and cache positions they may not see, and
-writes its rows of the output. Per iteration: memory O(L * n_kv_heads * head_dim) for the
-gathered KV plus O(num_tokens * n_heads * L) f32 for the scores; compute
-O(num_tokens * n_heads * L * head_dim). Total compute is num_seqs times that (each sequence
-recomputes all rows and keeps only its own) -- wasteful but memory-sane and shape-static;
-the loop bound num_seqs is a traced value, so one compilation serves every batch mix.
+sequences; for sequence s, a loop over its cache in chunks of KV_CHUNK_PAGES pages, only as far
+as kv_len (a traced bound): each chunk is gathered into a contiguous [chunk, n_kv_heads,
+head_dim] view, ALL num_tokens query rows are scored against it, rows that are not sequence s's
+and cache positions they may not see are masked, and an online softmax (running max and sum,
+f32) accumulates the chunk; s's rows of the output are written at the end. Probabilities are
+cast to the value dtype before the second matmul, unnormalized (exp(score - running max) <= 1),
+and the sum divides at the end. Cost follows kv_len, not the block table's width, so one
+full-width table serves every step (one compiled program). Per chunk: O(chunk * n_kv_heads *
+head_dim) gathered plus O(num_tokens * n_heads * chunk) f32 scores; compute num_seqs times
+O(num_tokens * n_heads * kv_len * head_dim) (each sequence recomputes all rows and keeps only
+its own) -- wasteful but memory-sane and shape-static; the loop bounds are traced values, so
+one compilation serves every batch mix.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ import jax.numpy as jnp
 from mistral_jax.kv_cache import MASK_VALUE
 
 __all__ = ["ragged_paged_attention_reference", "write_kv_pages", "token_seq_ids"]
+
+KV_CHUNK_TOKENS = 256  # cache positions per step of the reference's loop (rounded to whole pages)
 
 
 def token_seq_ids(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:
@@ -86,40 +92,51 @@ def ragged_paged_attention_reference(
     if n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
     group = n_heads // n_kv
-    pages_per_seq = page_indices.shape[1]
-    max_len = pages_per_seq * page_size
+    chunk_pages = max(1, KV_CHUNK_TOKENS // page_size)
+    chunk = chunk_pages * page_size
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
 
     kv_lens = jnp.asarray(kv_lens, jnp.int32)
     cu_q_lens = jnp.asarray(cu_q_lens, jnp.int32)
     page_indices = jnp.asarray(page_indices, jnp.int32)
+    width = page_indices.shape[1]
+    # Whole chunks of block-table entries (padding entries point at page 0: masked as >= kv_len).
+    page_indices = jnp.pad(page_indices, ((0, 0), (0, -width % chunk_pages)))
     num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
 
     seq_of_row = token_seq_ids(cu_q_lens, num_seqs, num_tokens)  # [T]
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     qg = q.reshape(num_tokens, n_kv, group, head_dim)  # query heads grouped by kv head
-    kv_pos = jnp.arange(max_len, dtype=jnp.int32)
 
     def body(s, out):
         kv_len = kv_lens[s]
         q_start = cu_q_lens[s]
         q_len = cu_q_lens[s + 1] - q_start
-        # Sequence s's cache as one contiguous slab: [pages_per_seq, page_size, ...] -> [L, ...].
-        pages = page_indices[s]
-        k = gather(k_pages, pages).reshape(max_len, n_kv, head_dim)
-        v = gather(v_pages, pages).reshape(max_len, n_kv, head_dim)
-        in_cache = kv_pos < kv_len  # [L]
-        v = jnp.where(in_cache[:, None, None], v, jnp.zeros((), v.dtype))
-
-        mine = seq_of_row == s  # [T]
         q_pos = kv_len - q_len + (rows - q_start)  # [T] absolute position of each row (if mine)
-        visible = (kv_pos[None, :] <= q_pos[:, None]) & in_cache[None, :]  # [T, L]
 
-        scores = jnp.einsum("tkgd,skd->tkgs", qg, k, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        o = jnp.einsum("tkgs,skd->tkgd", probs, v, preferred_element_type=jnp.float32)
-        o = o.reshape(num_tokens, n_heads, head_dim)
+        def one_chunk(c, carry):  # online softmax over cache positions [c * chunk, (c + 1) * chunk)
+            m, l, acc = carry  # [T, kv, g] running max and sum, [T, kv, g, D] unnormalized output
+            pages = jax.lax.dynamic_slice_in_dim(page_indices[s], c * chunk_pages, chunk_pages)
+            k = gather(k_pages, pages).reshape(chunk, n_kv, head_dim)
+            v = gather(v_pages, pages).reshape(chunk, n_kv, head_dim)
+            kv_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+            in_cache = kv_pos < kv_len  # [chunk]
+            v = jnp.where(in_cache[:, None, None], v, jnp.zeros((), v.dtype))
+            visible = (kv_pos[None, :] <= q_pos[:, None]) & in_cache[None, :]  # [T, chunk]
+            scores = jnp.einsum("tkgd,skd->tkgs", qg, k, preferred_element_type=jnp.float32) * scale
+            scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
+            m_new = jnp.maximum(m, scores.max(-1))
+            p = jnp.exp(scores - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            pv = jnp.einsum("tkgs,skd->tkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
+
+        init = (jnp.full((num_tokens, n_kv, group), MASK_VALUE, jnp.float32),
+                jnp.zeros((num_tokens, n_kv, group), jnp.float32),
+                jnp.zeros((num_tokens, n_kv, group, head_dim), jnp.float32))
+        _, l, acc = jax.lax.fori_loop(0, (kv_len + chunk - 1) // chunk, one_chunk, init)
+        o = (acc / jnp.maximum(l, 1e-30)[..., None]).reshape(num_tokens, n_heads, head_dim)
+        mine = seq_of_row == s  # [T]
         return jnp.where(mine[:, None, None], o, out)
 
     out = jnp.zeros((num_tokens, n_heads, head_dim), jnp.float32)

@@ -1,0 +1,458 @@
+"""The HTTP routes (OpenAI's API, vLLM's extras) over the async bridge.
+
+Bad input is a 4xx with OpenAI's error object naming the field and the fix; only a fault of
+ours is a 500. Streams are server-sent events (`data: {...}`, then `data: [DONE]`); a client
+that goes away has its request aborted."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..outputs import StepEvent
+from ..sampling import SamplingParams
+from .bridge import AsyncEngine, EngineStopped
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       error_body)
+
+MAX_BODY_BYTES = 8 << 20
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type = message, param, status, type_
+
+
+def create_app(llm, served_model_name: str | None = None, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The server's app around a loaded LLM (its engine is stepped by the bridge's thread)."""
+    from . import metrics as metrics_module
+
+    model_name = served_model_name or llm.model_path
+    tokenizer = llm.tokenizer
+    bridge = AsyncEngine(llm.engine)
+    metrics = metrics_module.Metrics(bridge)
+    app = FastAPI(title="mistral_jax", docs_url=None, redoc_url=None)
+    app.state.bridge, app.state.metrics = bridge, metrics
+    created = int(time.time())
+
+    # ---- errors -------------------------------------------------------------------------
+
+    def error(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
+        return JSONResponse(error_body(message, type_, param, status), status_code=status)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(_, e: BadRequest):
+        return error(e.status, e.message, e.param, e.type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = loc[0] if loc else None  # the request's field (a union's branch or index follows it)
+        if first.get("type") == "json_invalid":
+            return error(400, "the body is not valid JSON: send a JSON object (Content-Type: application/json)")
+        got = first.get("input")
+        got = repr(got)[:80] if not isinstance(got, dict) else "an object"
+        return error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')} (got {got})", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error(e.status_code, str(e.detail), type_=type_)
+
+    @app.exception_handler(EngineStopped)
+    async def _stopped(_, e: EngineStopped):
+        return error(503, str(e), type_="server_error")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return error(413, f"the body is over {max_body_bytes} bytes: send a smaller request")
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                             type_="authentication_error")
+        return await call_next(request)
+
+    def admit(ids: list[int], params: SamplingParams, where: str) -> SamplingParams:
+        """The engine's own check of a request (context, cache size, vocabulary) as a 400."""
+        try:
+            return bridge.check(ids, params, where)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise BadRequest(f"model {name!r} is not served here; this server serves {model_name!r}", "model", 404,
+                             "not_found_error")
+
+    # ---- plain routes -----------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if bridge.fault is not None:
+            return error(503, f"the engine stopped: {bridge.fault}", type_="server_error")
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "mistral_jax", "max_model_len": llm.max_model_len}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics_module.CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise BadRequest("give exactly one of 'prompt' (text) or 'messages' (a chat)", "prompt")
+        ids = (tokenizer.encode(req.prompt, add_bos=req.add_special_tokens) if req.prompt is not None
+               else _encode_chat(tokenizer, req.messages, None))
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < llm.config.vocab_size]
+        if bad:
+            raise BadRequest(f"token ids outside [0, {llm.config.vocab_size}): {bad[:5]}", "tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
+    # ---- completions --------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req.model)
+        if req.suffix is not None:
+            raise BadRequest("suffix is not supported (no fill-in-the-middle here): remove it", "suffix")
+        prompts = _completion_prompts(tokenizer, req.prompt)
+        score_only = req.max_tokens == 0
+        if score_only and not req.echo:
+            raise BadRequest("max_tokens=0 generates nothing: use it with echo=true (prompt logprobs), "
+                             "or ask for at least 1 token", "max_tokens")
+        params = _sampling(req, max_tokens=1 if score_only else req.max_tokens, logprobs=req.logprobs,
+                           prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+        jobs = [(i * req.n + c, ids, admit(ids, _seeded(params, c), f"prompt {i}"))
+                for i, (_, ids) in enumerate(prompts) for c in range(req.n)]
+        rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        texts = {i * req.n + c: text for i, (text, _) in enumerate(prompts) for c in range(req.n)}
+
+        def choice_logprobs(ids, event_lps, token_ids, echo_lps):
+            if req.logprobs is None:
+                return None
+            toks, lps, tops = [], [], []
+            for tid, d in echo_lps + list(zip(token_ids, event_lps)):
+                toks.append(tokenizer.decode([tid], skip_special_tokens=False))
+                lps.append(None if d is None else d.get(tid))
+                tops.append(None if d is None else
+                            {tokenizer.decode([t], skip_special_tokens=False): v for t, v in d.items()})
+            return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": _offsets(toks)}
+
+        if not req.stream:
+            results = await asyncio.gather(*(_collect(bridge, ids, p) for _, ids, p in jobs))
+            choices, usage = [], _Usage()
+            for (index, ids, _), r in zip(jobs, results):
+                echo_lps = list(zip(ids, r.prompt_logprobs or [None] * len(ids))) if req.echo else []
+                gen_ids, gen_lps, text = ([], [], "") if score_only else (r.token_ids, r.logprobs, r.text)
+                prefix = (texts[index] if texts[index] is not None else tokenizer.decode(ids)) if req.echo else ""
+                choices.append({"index": index, "text": prefix + text, "finish_reason": "length" if score_only
+                                else r.finish_reason,
+                                "logprobs": choice_logprobs(ids, gen_lps, gen_ids, echo_lps)})
+                usage.add(ids, gen_ids, r.cached, first_of_prompt=index % req.n == 0)
+            return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                    "choices": choices, "usage": usage.body()}
+
+        async def sse() -> AsyncIterator[str]:
+            usage = _Usage()
+            async for index, event in _merged(bridge, [(i, ids, p) for i, ids, p in jobs], request):
+                ids = jobs[index][1]
+                if score_only:
+                    if event.finished:
+                        usage.add(ids, [], event.num_cached_tokens or 0, first_of_prompt=index % req.n == 0)
+                        yield _chunk({"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                                      "choices": [{"index": index, "text": tokenizer.decode(ids) if req.echo else "",
+                                                   "finish_reason": "length", "logprobs": None}]})
+                    continue
+                lps = choice_logprobs(ids, [event.logprobs], [event.token_id], []) if req.logprobs is not None else None
+                yield _chunk({"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                              "choices": [{"index": index, "text": event.text, "logprobs": lps,
+                                           "finish_reason": event.finish_reason if event.finished else None}]})
+                usage.count(index, ids, event, req.n)
+            if (req.stream_options or {}).get("include_usage"):
+                yield _chunk({"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                              "choices": [], "usage": usage.body()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    # ---- chat ---------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
+        tools = _tools(req)
+        fmt = (req.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise BadRequest(f"response_format type {fmt!r} is not supported yet: use 'text'", "response_format")
+        ids = _encode_chat(tokenizer, req.messages, tools)
+        top = req.top_logprobs if req.logprobs else None
+        if req.top_logprobs is not None and not req.logprobs:
+            raise BadRequest("top_logprobs needs logprobs=true", "top_logprobs")
+        params = _sampling(req, max_tokens=req.max_completion_tokens or req.max_tokens,
+                           logprobs=(top or 0) if req.logprobs else None)
+        jobs = [(c, ids, admit(ids, _seeded(params, c), "the conversation")) for c in range(req.n)]
+        rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+
+        def lp_entry(tid, d):
+            token = tokenizer.decode([tid], skip_special_tokens=False)
+            return {"token": token, "logprob": d.get(tid), "bytes": list(token.encode()),
+                    "top_logprobs": [{"token": (t := tokenizer.decode([k], skip_special_tokens=False)), "logprob": v,
+                                      "bytes": list(t.encode())} for k, v in list(d.items())[: top or 0]]}
+
+        if not req.stream:
+            results = await asyncio.gather(*(_collect(bridge, ids, p) for _, ids, p in jobs))
+            choices, usage = [], _Usage()
+            for (index, _, _), r in zip(jobs, results):
+                message: dict[str, Any] = {"role": "assistant", "content": r.text}
+                finish = r.finish_reason
+                if tools:
+                    content, calls = tokenizer.parse_tool_calls(r.token_ids)
+                    if calls:
+                        message = {"role": "assistant", "content": content or None,
+                                   "tool_calls": [c.to_openai() for c in calls]}
+                        finish = "tool_calls"
+                logprobs = ({"content": [lp_entry(t, d) for t, d in zip(r.token_ids, r.logprobs)]}
+                            if req.logprobs else None)
+                choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
+                usage.add(ids, r.token_ids, r.cached, first_of_prompt=index == 0)
+            return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
+                    "choices": choices, "usage": usage.body()}
+
+        def chunk(index, delta, finish=None, logprobs=None):
+            return _chunk({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                           "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                        "finish_reason": finish}]})
+
+        async def sse() -> AsyncIterator[str]:
+            usage, started, held = _Usage(), set(), {}
+            async for index, event in _merged(bridge, jobs, request):
+                if index not in started:
+                    started.add(index)
+                    yield chunk(index, {"role": "assistant", "content": ""})
+                usage.count(index, ids, event, req.n)
+                lps = {"content": [lp_entry(event.token_id, event.logprobs)]} if req.logprobs else None
+                if tools:  # a reply may turn out to be tool calls: it is sent whole at its end
+                    held.setdefault(index, []).append(event.token_id)
+                    if not event.finished:
+                        continue
+                    content, calls = tokenizer.parse_tool_calls(held[index])
+                    if calls:
+                        delta = {"content": content or None,
+                                 "tool_calls": [dict(c.to_openai(), index=k) for k, c in enumerate(calls)]}
+                        yield chunk(index, delta, "tool_calls")
+                    else:
+                        yield chunk(index, {"content": tokenizer.decode(held[index])}, event.finish_reason)
+                    continue
+                yield chunk(index, {"content": event.text} if event.text else {},
+                            event.finish_reason if event.finished else None, lps)
+            if (req.stream_options or {}).get("include_usage"):
+                yield _chunk({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                              "choices": [], "usage": usage.body()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.on_event("shutdown")
+    async def _shutdown():
+        await asyncio.get_running_loop().run_in_executor(None, bridge.shutdown)
+
+    return app
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+class _Result:
+    def __init__(self):
+        self.token_ids, self.logprobs, self.text = [], [], ""
+        self.finish_reason, self.cached, self.prompt_logprobs = None, 0, None
+
+
+async def _collect(bridge: AsyncEngine, ids: list[int], params: SamplingParams) -> _Result:
+    r = _Result()
+    async for event in bridge.generate(ids, params):
+        r.token_ids.append(event.token_id)
+        r.logprobs.append(event.logprobs)
+        r.text += event.text
+        if event.prompt_logprobs is not None:
+            r.prompt_logprobs = event.prompt_logprobs
+        if event.finished:
+            r.finish_reason, r.cached = event.finish_reason, event.num_cached_tokens or 0
+    return r
+
+
+async def _merged(bridge: AsyncEngine, jobs, request: Request) -> AsyncIterator[tuple[int, StepEvent]]:
+    """Events of several requests (index, event) in arrival order. A client that disconnects
+    cancels the stream: every request still running is aborted."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, ids, params):
+        try:
+            async for event in bridge.generate(ids, params):
+                await queue.put((index, event))
+        except BaseException as e:  # noqa: BLE001
+            await queue.put((index, e))
+            raise
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(*job)) for job in jobs]
+    try:
+        done = 0
+        while done < len(tasks):
+            index, item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()  # each pump's generator aborts its request
+
+
+def _chunk(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+class _Usage:
+    def __init__(self):
+        self.prompt = self.completion = self.cached = 0
+        self._seen: set[int] = set()
+
+    def add(self, ids, generated, cached, first_of_prompt=True):
+        if first_of_prompt:
+            self.prompt += len(ids)
+        self.completion += len(generated)
+        self.cached += cached
+
+    def count(self, index, ids, event: StepEvent, n: int):
+        if index // n not in self._seen and index % n == 0:
+            self._seen.add(index // n)
+            self.prompt += len(ids)
+        self.completion += 1
+        if event.finished:
+            self.cached += event.num_cached_tokens or 0
+
+    def body(self) -> dict:
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                "total_tokens": self.prompt + self.completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached}}
+
+
+def _offsets(tokens: list[str]) -> list[int]:
+    out, at = [], 0
+    for t in tokens:
+        out.append(at)
+        at += len(t)
+    return out
+
+
+def _seeded(params: SamplingParams, c: int) -> SamplingParams:
+    """The c-th of n choices: its own seed (a given seed plus c), so choices differ when sampling."""
+    import dataclasses
+
+    return params if params.seed is None or c == 0 else dataclasses.replace(params, seed=params.seed + c)
+
+
+def _sampling(req, *, max_tokens, logprobs, prompt_logprobs=None) -> SamplingParams:
+    """OpenAI's fields -> SamplingParams (its checks name the field and the fix)."""
+    given = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                                          "presence_penalty", "frequency_penalty", "repetition_penalty")
+             if getattr(req, k) is not None}
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              ignore_eos=req.ignore_eos, **given)
+    except ValueError as e:
+        raise BadRequest(str(e)) from e
+
+
+def _completion_prompts(tokenizer, prompt) -> list[tuple[str | None, list[int]]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompt = [prompt]
+    if not prompt:
+        raise BadRequest("prompt is empty: send a string, a list of strings, or token ids", "prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append((p, tokenizer.encode(p, add_bos=True)))
+        else:
+            out.append((None, list(p)))
+    return out
+
+
+def _content(message: dict) -> dict:
+    """OpenAI content parts -> text (we serve text models)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest("message content parts must be {'type': 'text', 'text': ...} (text models only)",
+                                 "messages")
+            parts.append(part["text"])
+        message = dict(message, content="".join(parts))
+    return message
+
+
+def _encode_chat(tokenizer, messages: list[dict], tools) -> list[int]:
+    roles = ("system", "user", "assistant", "tool")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in roles:
+            raise BadRequest(f"messages[{i}].role must be one of {roles}", f"messages.{i}.role")
+        if m.get("content") is not None and not isinstance(m.get("content"), (str, list)):
+            raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", f"messages.{i}.content")
+    try:
+        return tokenizer.encode_chat([_content(m) for m in messages], tools=tools)
+    except BadRequest:
+        raise
+    except Exception as e:  # noqa: BLE001  mistral-common / the template said no: the client's input
+        raise BadRequest(f"the conversation cannot be templated: {type(e).__name__}: {e}", "messages") from e
+
+
+def _tools(req: ChatCompletionRequest):
+    choice = req.tool_choice
+    if choice in (None, "auto"):
+        return req.tools or None
+    if choice == "none":
+        return None
+    if not req.tools:
+        raise BadRequest("tool_choice needs tools: send the tools it may call", "tool_choice")
+    names = [t.get("function", {}).get("name") for t in req.tools]
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name not in names:
+            raise BadRequest(f"tool_choice names {name!r}, which is not among the tools {names}", "tool_choice")
+    elif choice != "required":
+        raise BadRequest(f"tool_choice {choice!r} is not one of 'auto', 'none', 'required' or a named function",
+                         "tool_choice")
+    raise BadRequest("tool_choice 'required' and named functions need constrained decoding, not served yet: "
+                     "use 'auto'", "tool_choice")

@@ -1,0 +1,138 @@
+"""The async bridge: one thread owns the engine and steps it; asyncio handlers submit requests
+and await their events.
+
+Requests that arrive while a batch runs join it at the next step (continuous batching across
+clients). A handler that stops reading (a client disconnects, a task is cancelled) aborts its
+request: the engine frees its pages before the next step. Only the engine thread touches the
+engine after start."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from typing import AsyncIterator
+
+from ..engine import Engine
+from ..outputs import StepEvent
+from ..sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+
+
+@dataclasses.dataclass
+class _Abort:
+    request_id: str
+
+
+class EngineStopped(RuntimeError):
+    """The engine loop has stopped (shutdown, or a fault it reported)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, _Add] = {}
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self.fault: BaseException | None = None
+        self.start_free_pages = engine.allocator.num_free_pages
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="mistral-jax-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the asyncio side ---------------------------------------------------------------
+
+    def check(self, prompt_ids: list[int], params: SamplingParams, where: str = "the prompt") -> SamplingParams:
+        """The engine's request check (context, cache, vocabulary): raises ValueError with the fix."""
+        return self.engine.check_request(prompt_ids, params, where)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepEvent]:
+        """Events of one request, as the engine makes them; abandoning the iterator aborts it."""
+        if self.fault is not None or self._stopping.is_set():
+            raise EngineStopped(f"the engine is not running ({self.fault or 'shutting down'})")
+        request_id = f"r{next(self._ids)}"
+        add = _Add(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        self._inbox.put(add)
+        finished = False
+        try:
+            while not finished:
+                event = await add.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                finished = event.finished
+                yield event
+        finally:
+            if not finished:
+                self._inbox.put(_Abort(request_id))
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self._inbox.put(None)  # wake the loop
+        self._thread.join(timeout)
+
+    # ---- the engine thread ----------------------------------------------------------------
+
+    def _deliver(self, add: _Add, item) -> None:
+        add.loop.call_soon_threadsafe(add.events.put_nowait, item)
+
+    def _take(self, message) -> None:
+        if isinstance(message, _Add):
+            try:
+                self.engine.add_request(message.prompt_ids, message.params, request_id=message.request_id)
+                self._requests[message.request_id] = message
+            except Exception as e:  # noqa: BLE001  (the handler re-raises it)
+                self._deliver(message, e)
+        elif isinstance(message, _Abort):
+            if self._requests.pop(message.request_id, None) is not None:
+                self.engine.abort_request(message.request_id)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if not self.engine.has_unfinished_requests():
+                    self._take(self._inbox.get())  # idle: wait for work
+                while True:  # everything that arrived: it joins this step
+                    try:
+                        self._take(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._stopping.is_set() or not self.engine.has_unfinished_requests():
+                    continue
+                for event in self.engine.step():
+                    add = self._requests.get(event.request_id)
+                    if add is not None:
+                        if event.finished:
+                            del self._requests[event.request_id]
+                        self._deliver(add, event)
+                self.steps += 1
+        except BaseException as e:  # noqa: BLE001  a fault: every waiting handler hears of it
+            self.fault = e
+            for add in self._requests.values():
+                self._deliver(add, EngineStopped(f"the engine stopped: {type(e).__name__}: {e}"))
+            self._requests.clear()
+        finally:
+            self._stopping.set()
+
+
+def now() -> int:
+    return int(time.time())

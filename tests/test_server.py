@@ -1,0 +1,253 @@
+"""The OpenAI-compatible server, as its users use it: `python -m mistral_jax.serve` started as a
+subprocess on a free loopback port, talked to with the official `openai` client and raw HTTP
+(httpx), under concurrent load with disconnects and with hostile bodies."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from mistral_jax import LLM, SamplingParams
+
+MODEL = "tiny"
+SETTINGS = ["--dtype", "float32", "--max-model-len", "256", "--num-pages", "400", "--max-num-seqs", "32",
+            "--max-num-batched-tokens", "128"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir, *extra, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "mistral_jax.serve", "--model", str(model_dir), "--served-model-name", MODEL,
+               "--port", str(self.port), *SETTINGS, *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stdout.read()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("the server did not start in 180 s")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.returncode
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        line = next(ln for ln in text.splitlines() if ln.startswith("mistral_jax:" + name + " "))
+        return float(line.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints):
+    s = Server(tiny_checkpoints[0])
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoints):
+    return LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=256, progress=False)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def prompt_ids(seed, n=None):
+    rng = np.random.default_rng(seed)
+    return rng.integers(5, 32768, size=n or int(rng.integers(5, 40))).tolist()
+
+
+def test_models_health_tokenize(server, client, llm):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").status_code == 200
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
+    assert ids == llm.tokenizer.encode("Hello world", add_bos=True)
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == llm.tokenizer.decode(ids)
+
+
+def test_completion_greedy_equals_llm(client, llm):
+    for seed in range(3):
+        ids = prompt_ids(seed)
+        got = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        want = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        assert got.choices[0].text == want[0].outputs[0].text
+        assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == 8
+    text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+    want = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=5))[0].outputs[0]
+    assert text.choices[0].text == want.text and text.choices[0].finish_reason == want.finish_reason
+
+
+def test_chat_stream_equals_non_stream(client, llm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 12 == whole.usage.completion_tokens
+    want = llm.chat(messages, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].text
+    assert whole.choices[0].message.content == want
+
+
+def test_async_client_n_and_logprobs(server):
+    asyncio.run(_async_client_n_and_logprobs(server))
+
+
+async def _async_client_n_and_logprobs(server):
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    out = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=3,
+                                               max_tokens=6, temperature=1.0, seed=5, logprobs=True, top_logprobs=2,
+                                               extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    for c in out.choices:
+        assert len(c.logprobs.content) == 6 and all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+        assert all(t.logprob <= 0 for t in c.logprobs.content)
+    assert out.usage.completion_tokens == 18
+    assert out.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_echo_scores_the_prompt(client, llm):
+    # What evaluation harnesses send: echo, logprobs=1, max_tokens=0.
+    ids = prompt_ids(11, 30)
+    got = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = got.choices[0].logprobs
+    want = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    np.testing.assert_allclose(lp.token_logprobs[1:], [want[i][ids[i]] for i in range(1, len(ids))], atol=1e-4)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b'\xff\xfe{"prompt": 1}', 400, None),  # invalid UTF-8
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    (b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ({"prompt": "hi", "max_tokens": 10**30}, 400, None),
+    ({"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+    ({"prompt": "hi", "n": 10**6}, 400, "n"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [1] * 300}, 400, None),  # past the context of 256
+    ({"prompt": [1] * 200, "max_tokens": 100}, 400, None),
+    ({"prompt": [10**9]}, 400, None),
+    ({"prompt": "x" * (1 << 20)}, 400, None),  # a 1 MB string: past the context
+    ({"prompt": {"a": {"b": {"c": [[[[1]]]]}}}}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+])
+def test_hostile_completion_bodies_are_4xx(server, body, status, param):
+    r = (httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+         if isinstance(body, bytes) else httpx.post(server.url + "/v1/completions", json=body))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and (param is None or err["param"] == param), err
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": {"type": "function", "function": {"name": "nope"}},
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]},
+     "nope"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x" * 2000}]}, "context"),
+])
+def test_hostile_chat_bodies_are_4xx(server, body, match):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert 400 <= r.status_code < 500, r.text
+    assert match in json.dumps(r.json()["error"]), r.json()
+
+
+def test_body_over_the_limit_is_413(server):
+    r = httpx.post(server.url + "/v1/completions", content=b"[" + b"1," * (5 << 20) + b"1]",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
+
+
+def test_concurrent_streams_with_disconnects(server, llm):
+    asyncio.run(_concurrent_streams_with_disconnects(server, llm))
+
+
+async def _concurrent_streams_with_disconnects(server, llm):
+    """200 streaming clients (40 at a time), one in five hanging up after its second chunk: every
+    other one gets the text it gets alone (greedy), and every page comes back."""
+    start_free = server.metric("num_free_pages")
+    prompts = [prompt_ids(100 + i) for i in range(200)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    gate = asyncio.Semaphore(40)
+
+    async def one(i, http):
+        async with gate:
+            body = {"model": MODEL, "prompt": prompts[i], "max_tokens": 16, "temperature": 0, "stream": True,
+                    "ignore_eos": True}
+            text, chunks = "", 0
+            async with http.stream("POST", server.url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunks += 1
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                    if i % 5 == 0 and chunks == 2:
+                        return None  # hang up mid-stream
+            return text
+
+    async with httpx.AsyncClient(timeout=120) as http:
+        got = await asyncio.gather(*(one(i, http) for i in range(200)))
+    for i, text in enumerate(got):
+        if i % 5:
+            assert text == want[i], i
+    deadline = time.time() + 20
+    while server.metric("num_free_pages") != start_free and time.time() < deadline:
+        await asyncio.sleep(0.2)
+    assert server.metric("num_free_pages") == start_free
+    assert server.metric("num_requests_running") == 0
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_api_key_and_sigterm(tiny_checkpoints):
+    s = Server(tiny_checkpoints[0], env={"MISTRAL_JAX_API_KEY": "s3cret"})
+    try:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in ok.models.list().data] == [MODEL]
+        assert httpx.get(s.url + "/health").status_code == 200  # outside /v1: no key needed
+    finally:
+        assert s.stop() == 0
