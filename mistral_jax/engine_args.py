@@ -17,6 +17,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None,
                    help="devices to split the model over, e.g. tp=4 or dp=2,tp=4 (default: one device)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's)")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="dummy: random weights of the shape --config names (benchmarks without a checkpoint)")
+    p.add_argument("--config", default=None,
+                   help="with --load-format dummy: a config in configs/ (e.g. mistral-small-2501) or a directory "
+                        "holding params.json or config.json")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer file or directory (default: the model's)")
     serve = p.add_argument_group("engine (vLLM's names)")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache page")
     serve.add_argument("--num-pages", type=int, default=None, help="KV cache pages (default: from memory)")
@@ -45,4 +51,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 num_pages=args.num_pages, gpu_memory_utilization=args.gpu_memory_utilization,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl,
-                quantization=args.quantization, fp8_impl=args.fp8_impl, mesh=args.mesh, warmup=args.warmup)
+                quantization=args.quantization, fp8_impl=args.fp8_impl, mesh=args.mesh, warmup=args.warmup,
+                load_format=args.load_format, config=args.config, tokenizer=args.tokenizer)

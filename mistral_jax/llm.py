@@ -20,7 +20,7 @@ from .outputs import StepEvent
 from .sampling import SamplingParams
 from .sharding import check_mesh, parse_mesh
 from .tokenizer import ToolCall, load_tokenizer
-from .weights import load_weights
+from .weights import load_weights, random_weights
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32,
           "float16": jnp.float16, "fp16": jnp.float16}
@@ -104,7 +104,8 @@ class LLM:
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  attention_impl: str = "auto", quantization: str | None = None, fp8_impl: str = "auto",
                  mesh=None, coordinator_address: str | None = None, num_processes: int | None = None,
-                 process_id: int | None = None, warmup: bool | None = None):
+                 process_id: int | None = None, warmup: bool | None = None, load_format: str = "auto",
+                 config: str | None = None):
         # Multi-host: join the other processes before JAX starts (see distributed.py; the
         # environment's JAX_COORDINATOR_ADDRESS etc. work too). Only process 0 reports.
         distributed.initialize(coordinator_address, num_processes, process_id)
@@ -123,10 +124,23 @@ class LLM:
             raise ValueError(f"fp8_impl={fp8_impl!r} is not one of {fp8_matmul.IMPLS}")
         self.mesh = parse_mesh(mesh)  # a bad spec fails before anything is opened
         enable_compilation_cache()
-        self.model_path = str(model) if model is not None else default_model_path()
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format={load_format!r}: use 'auto' (read the checkpoint) or 'dummy' (random weights)")
         self.dtype = resolve_dtype(dtype)
-        checkpoint = open_checkpoint(self.model_path)
-        self.config = checkpoint.config
+        if load_format == "dummy":  # random weights of a real shape (dummy.py)
+            from .dummy import dummy_config, dummy_tokenizer
+
+            spec = config or model
+            if spec is None:
+                raise ValueError("load_format='dummy' needs config= (e.g. 'mistral-small-2501') or a model directory "
+                                 "holding params.json")
+            self.model_path, checkpoint = str(spec), None
+            self.config = dummy_config(spec)
+            tokenizer = tokenizer or dummy_tokenizer(spec, self.config)
+        else:
+            self.model_path = str(model) if model is not None else default_model_path()
+            checkpoint = open_checkpoint(self.model_path)
+            self.config = checkpoint.config
         if max_model_len is not None and not 1 < max_model_len <= self.config.max_seq_len:
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {self.config.max_seq_len}] "
                              "(the model's context)")
@@ -139,7 +153,9 @@ class LLM:
         check_mesh(self.config, self.mesh)
         self.tokenizer = load_tokenizer(tokenizer or self.model_path)
         t0 = time.perf_counter()
-        if isinstance(checkpoint, OrbaxCheckpoint):  # read straight into the mesh's shardings
+        if checkpoint is None:
+            model_ = random_weights(self.config, self.dtype, self.mesh, quantization=quantization, fp8_impl=fp8_impl)
+        elif isinstance(checkpoint, OrbaxCheckpoint):  # read straight into the mesh's shardings
             model_ = checkpoint.restore(self.dtype, self.mesh, quantization, fp8_impl)
         else:
             model_ = load_weights(checkpoint, self.dtype, self.mesh, progress=progress,

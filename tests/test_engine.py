@@ -100,20 +100,21 @@ def test_seeded_sampling_reproducible_across_batches(llm):
     assert other[0].outputs[0].token_ids != alone
 
 
-class CountLowerings:
-    """Counts every jaxpr -> MLIR lowering in the process (any jit cache miss, whatever function;
-    a persistent-cache hit still lowers first, so it is counted too)."""
+class CountEvents:
+    """Counts one jax.monitoring duration event in the process, e.g. every jaxpr -> MLIR lowering
+    (any jit cache miss, whatever function; a persistent-cache hit still lowers first, so it is
+    counted too) or every XLA backend compilation."""
 
-    def __init__(self):
-        self.count = 0
+    def __init__(self, event: str):
+        self.event, self.count = event, 0
         jax.monitoring.register_event_duration_secs_listener(self._listen)
 
     def _listen(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+        if event == self.event:
             self.count += 1
 
 
-LOWERINGS = CountLowerings()
+LOWERINGS = CountEvents("/jax/core/compile/jaxpr_to_mlir_module_duration")
 
 
 def test_no_recompilation_after_warmup(llm):

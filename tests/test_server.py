@@ -251,3 +251,39 @@ def test_api_key_and_sigterm(tiny_checkpoints):
         assert httpx.get(s.url + "/health").status_code == 200  # outside /v1: no key needed
     finally:
         assert s.stop() == 0
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("call_id", ["abcDEF123", "call_8f2a9c1e4b7d", "6f1c2e0a-7b4d-4c1e-9f2a-0b1c2d3e4f5a"])
+def test_tool_results_accept_any_echoed_id(client, call_id):
+    # The follow-up turn of a tool call, with the id the client's framework minted (Mistral's
+    # templates accept only 9 letters/digits: other ids are mapped, never refused).
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": "sunny, 21 C"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=4, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_choice_required_is_refused_clearly(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_dummy_weights_of_a_named_shape():
+    # --load-format dummy --config NAME: random weights of a shipped config, the tokenizer that
+    # mistral-common bundles for its vocabulary (the tiny config has the v3 vocabulary).
+    llm = LLM(load_format="dummy", config="tiny", dtype="float32", max_model_len=64, progress=False)
+    assert llm.config.n_layers == 2 and llm.tokenizer.encode("Hi", add_bos=True)[0] == 1
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 3
+    with pytest.raises(ValueError, match="config="):
+        LLM(load_format="dummy", progress=False)
+    with pytest.raises(FileNotFoundError, match="mistral-small-2501"):
+        LLM(load_format="dummy", config="no-such-model", progress=False)

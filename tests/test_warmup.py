@@ -6,25 +6,12 @@ import numpy as np
 import pytest
 
 from mistral_jax import LLM, SamplingParams
-from test_engine import LOWERINGS
+from test_engine import LOWERINGS, CountEvents
 
 BLOCK = 16
 
 
-class CountBackendCompiles:
-    """XLA compilations in this process (a persistent-cache hit is not one; a lowering is counted
-    by test_engine.LOWERINGS either way)."""
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
-COMPILES = CountBackendCompiles()
+COMPILES = CountEvents("/jax/core/compile/backend_compile_duration")  # a persistent-cache hit is not one
 
 
 @pytest.fixture(scope="module")

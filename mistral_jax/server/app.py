@@ -7,9 +7,12 @@ that goes away has its request aborted."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import re
 import secrets
+import string
 import time
 from typing import Any, AsyncIterator
 
@@ -40,8 +43,8 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
 
     model_name = served_model_name or llm.model_path
     tokenizer = llm.tokenizer
-    bridge = AsyncEngine(llm.engine)
-    metrics = metrics_module.Metrics(bridge)
+    metrics = metrics_module.Metrics(llm.engine)
+    bridge = AsyncEngine(llm.engine, observers=[metrics])
     app = FastAPI(title="mistral_jax", docs_url=None, redoc_url=None)
     app.state.bridge, app.state.metrics = bridge, metrics
     created = int(time.time())
@@ -194,10 +197,9 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                               "choices": [{"index": index, "text": event.text, "logprobs": lps,
                                            "finish_reason": event.finish_reason if event.finished else None}]})
                 usage.count(index, ids, event, req.n)
-            if (req.stream_options or {}).get("include_usage"):
-                yield _chunk({"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                              "choices": [], "usage": usage.body()})
-            yield "data: [DONE]\n\n"
+            for line in _stream_end({"id": rid, "object": "text_completion", "created": now, "model": model_name},
+                                    usage, req.stream_options):
+                yield line
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -271,10 +273,9 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                     continue
                 yield chunk(index, {"content": event.text} if event.text else {},
                             event.finish_reason if event.finished else None, lps)
-            if (req.stream_options or {}).get("include_usage"):
-                yield _chunk({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                              "choices": [], "usage": usage.body()})
-            yield "data: [DONE]\n\n"
+            for line in _stream_end({"id": rid, "object": "chat.completion.chunk", "created": now,
+                                     "model": model_name}, usage, req.stream_options):
+                yield line
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -339,6 +340,12 @@ async def _merged(bridge: AsyncEngine, jobs, request: Request) -> AsyncIterator[
 
 def _chunk(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _stream_end(head: dict, usage: "_Usage", stream_options: dict | None) -> list[str]:
+    """A stream's last events: the usage chunk (if stream_options.include_usage), then [DONE]."""
+    usage_chunk = [_chunk(dict(head, choices=[], usage=usage.body()))] if (stream_options or {}).get("include_usage") else []
+    return usage_chunk + ["data: [DONE]\n\n"]
 
 
 class _Usage:
@@ -431,11 +438,37 @@ def _encode_chat(tokenizer, messages: list[dict], tools) -> list[int]:
         if m.get("content") is not None and not isinstance(m.get("content"), (str, list)):
             raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", f"messages.{i}.content")
     try:
-        return tokenizer.encode_chat([_content(m) for m in messages], tools=tools)
+        return tokenizer.encode_chat([_content(m) for m in _mistral_tool_ids(messages)], tools=tools)
     except BadRequest:
         raise
     except Exception as e:  # noqa: BLE001  mistral-common / the template said no: the client's input
         raise BadRequest(f"the conversation cannot be templated: {type(e).__name__}: {e}", "messages") from e
+
+
+_MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")
+_BASE62 = string.digits + string.ascii_letters
+
+
+def _mistral_id(call_id) -> str:
+    """A tool-call id as Mistral's templates accept it (exactly 9 letters or digits): valid ids pass
+    through; any other (OpenAI's call_..., UUIDs) maps to one by its hash, so a call and its
+    result still match."""
+    if isinstance(call_id, str) and _MISTRAL_ID.fullmatch(call_id):
+        return call_id
+    n = int.from_bytes(hashlib.sha256(str(call_id).encode()).digest()[:8], "big")
+    return "".join(_BASE62[(n // 62**i) % 62] for i in range(9))
+
+
+def _mistral_tool_ids(messages: list[dict]) -> list[dict]:
+    out = []
+    for m in messages:
+        if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
+            m = dict(m, tool_calls=[dict(c, id=_mistral_id(c.get("id"))) if isinstance(c, dict) else c
+                                    for c in m["tool_calls"]])
+        elif m.get("role") == "tool" and "tool_call_id" in m:
+            m = dict(m, tool_call_id=_mistral_id(m["tool_call_id"]))
+        out.append(m)
+    return out
 
 
 def _tools(req: ChatCompletionRequest):

@@ -40,8 +40,11 @@ class EngineStopped(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, observers=()):
+        """observers: objects with added(request_id, prompt_len), event(StepEvent) and
+        aborted(request_id), called on the engine thread (metrics)."""
         self.engine = engine
+        self.observers = list(observers)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, _Add] = {}
         self._ids = itertools.count()
@@ -77,14 +80,6 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(_Abort(request_id))
 
-    @property
-    def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
-
     def shutdown(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         self._inbox.put(None)  # wake the loop
@@ -100,11 +95,15 @@ class AsyncEngine:
             try:
                 self.engine.add_request(message.prompt_ids, message.params, request_id=message.request_id)
                 self._requests[message.request_id] = message
+                for o in self.observers:
+                    o.added(message.request_id, len(message.prompt_ids))
             except Exception as e:  # noqa: BLE001  (the handler re-raises it)
                 self._deliver(message, e)
         elif isinstance(message, _Abort):
             if self._requests.pop(message.request_id, None) is not None:
                 self.engine.abort_request(message.request_id)
+                for o in self.observers:
+                    o.aborted(message.request_id)
 
     def _loop(self) -> None:
         try:
@@ -119,6 +118,8 @@ class AsyncEngine:
                 if self._stopping.is_set() or not self.engine.has_unfinished_requests():
                     continue
                 for event in self.engine.step():
+                    for o in self.observers:
+                        o.event(event)
                     add = self._requests.get(event.request_id)
                     if add is not None:
                         if event.finished:
