@@ -287,3 +287,15 @@ def test_dummy_weights_of_a_named_shape():
         LLM(load_format="dummy", progress=False)
     with pytest.raises(FileNotFoundError, match="mistral-small-2501"):
         LLM(load_format="dummy", config="no-such-model", progress=False)
+
+
+def test_non_streamed_request_aborted_when_the_client_hangs_up(server):
+    # A long non-streamed request whose client times out: its pages come back, the server goes on.
+    start_free = server.metric("num_free_pages")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", timeout=1.0,
+                   json={"prompt": prompt_ids(7, 40), "max_tokens": 210, "ignore_eos": True, "n": 8})
+    deadline = time.time() + 30
+    while server.metric("num_free_pages") != start_free and time.time() < deadline:
+        time.sleep(0.2)
+    assert server.metric("num_free_pages") == start_free and server.metric("num_requests_running") == 0

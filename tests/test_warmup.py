@@ -16,11 +16,10 @@ COMPILES = CountEvents("/jax/core/compile/backend_compile_duration")  # a persis
 
 @pytest.fixture(scope="module")
 def warm(tiny_checkpoints):
-    before = LOWERINGS.count
     # A cache of 40 pages (624 tokens) for up to 8 sequences of up to 256 tokens: full batches preempt.
     llm = LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=256, max_num_seqs=8,
               max_num_batched_tokens=64, block_size=BLOCK, num_pages=40, progress=False, warmup=True)
-    return llm, LOWERINGS.count - before
+    return llm
 
 
 def ids(rng, n):
@@ -37,14 +36,13 @@ MIX = [GREEDY,
 
 
 def test_warmup_compiles_the_known_program_set(warm):
-    llm, lowered = warm
-    # token buckets 1..64 (7) x (step, prompt logprobs) + the penalty-row reset
-    assert llm.warmup_programs == llm.engine.programs() == 15
-    assert lowered >= llm.warmup_programs and llm.warmup_seconds > 0
+    # token buckets 1..64 (7) x (step, prompt logprobs) + the penalty-row reset (whether each
+    # compiled here or was already in this test process's jit caches: the next test counts)
+    assert warm.warmup_programs == warm.engine.programs() == 15 and warm.warmup_seconds > 0
 
 
 def test_scripted_session_compiles_nothing(warm):
-    llm, _ = warm
+    llm = warm
     rng = np.random.default_rng(0)
     lowerings, compiles = LOWERINGS.count, COMPILES.count
     fresh = [{"prompt_token_ids": ids(rng, n)} for n in (5, 17, 33, 60, 64, 90)]
@@ -73,7 +71,7 @@ def test_scripted_session_compiles_nothing(warm):
 
 
 def test_logprobs_at_any_count_come_from_one_program(warm):
-    llm, _ = warm
+    llm = warm
     p = [{"prompt_token_ids": ids(np.random.default_rng(5), 20)}]
     outs = {n: llm.generate(p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=n,
                                              prompt_logprobs=n))[0] for n in (0, 1, 5, 20)}

@@ -168,7 +168,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
             return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": _offsets(toks)}
 
         if not req.stream:
-            results = await asyncio.gather(*(_collect(bridge, ids, p) for _, ids, p in jobs))
+            results = await _unless_disconnected(request, [_collect(bridge, ids, p) for _, ids, p in jobs])
             choices, usage = [], _Usage()
             for (index, ids, _), r in zip(jobs, results):
                 echo_lps = list(zip(ids, r.prompt_logprobs or [None] * len(ids))) if req.echo else []
@@ -228,7 +228,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                                       "bytes": list(t.encode())} for k, v in list(d.items())[: top or 0]]}
 
         if not req.stream:
-            results = await asyncio.gather(*(_collect(bridge, ids, p) for _, ids, p in jobs))
+            results = await _unless_disconnected(request, [_collect(bridge, ids, p) for _, ids, p in jobs])
             choices, usage = [], _Usage()
             for (index, _, _), r in zip(jobs, results):
                 message: dict[str, Any] = {"role": "assistant", "content": r.text}
@@ -305,6 +305,18 @@ async def _collect(bridge: AsyncEngine, ids: list[int], params: SamplingParams) 
         if event.finished:
             r.finish_reason, r.cached = event.finish_reason, event.num_cached_tokens or 0
     return r
+
+
+async def _unless_disconnected(request: Request, coros: list) -> list:
+    """Run a non-streamed request's generations; a client that hangs up before they end has them
+    cancelled (each generator aborts its request: the engine frees its pages)."""
+    work = asyncio.ensure_future(asyncio.gather(*coros))
+    while not work.done():
+        await asyncio.wait([work], timeout=0.5)
+        if not work.done() and await request.is_disconnected():
+            work.cancel()
+            raise BadRequest("the client disconnected", status=499)
+    return work.result()
 
 
 async def _merged(bridge: AsyncEngine, jobs, request: Request) -> AsyncIterator[tuple[int, StepEvent]]:
