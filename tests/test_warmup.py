@@ -1,7 +1,6 @@
 """Warm-up (issue 23): after LLM(warmup=True), no request compiles anything, whatever it hits in
 the prefix cache, however it is batched, preempted or aborted, whatever its sampling settings."""
 
-import jax
 import numpy as np
 import pytest
 

@@ -156,7 +156,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         texts = {i * req.n + c: text for i, (text, _) in enumerate(prompts) for c in range(req.n)}
 
-        def choice_logprobs(ids, event_lps, token_ids, echo_lps):
+        def choice_logprobs(event_lps, token_ids, echo_lps):
             if req.logprobs is None:
                 return None
             toks, lps, tops = [], [], []
@@ -176,7 +176,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                 prefix = (texts[index] if texts[index] is not None else tokenizer.decode(ids)) if req.echo else ""
                 choices.append({"index": index, "text": prefix + text, "finish_reason": "length" if score_only
                                 else r.finish_reason,
-                                "logprobs": choice_logprobs(ids, gen_lps, gen_ids, echo_lps)})
+                                "logprobs": choice_logprobs(gen_lps, gen_ids, echo_lps)})
                 usage.add(ids, gen_ids, r.cached, first_of_prompt=index % req.n == 0)
             return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
                     "choices": choices, "usage": usage.body()}
@@ -192,7 +192,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                                       "choices": [{"index": index, "text": tokenizer.decode(ids) if req.echo else "",
                                                    "finish_reason": "length", "logprobs": None}]})
                     continue
-                lps = choice_logprobs(ids, [event.logprobs], [event.token_id], []) if req.logprobs is not None else None
+                lps = choice_logprobs([event.logprobs], [event.token_id], []) if req.logprobs is not None else None
                 yield _chunk({"id": rid, "object": "text_completion", "created": now, "model": model_name,
                               "choices": [{"index": index, "text": event.text, "logprobs": lps,
                                            "finish_reason": event.finish_reason if event.finished else None}]})
