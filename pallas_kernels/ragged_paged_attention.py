@@ -29,7 +29,7 @@ Values at cache positions >= kv_len (stale or never-written page slots, unused b
 entries) are zeroed before use, so garbage there, even NaN, cannot leak into the output.
 
 Formulation and cost (reference only; clarity over speed). A `lax.fori_loop` over the live
-sequences; for sequence s, a loop over its cache in chunks of KV_CHUNK_PAGES pages, only as far
+sequences; for sequence s, a loop over its cache in chunks of KV_CHUNK_TOKENS (whole pages), only as far
 as kv_len (a traced bound): each chunk is gathered into a contiguous [chunk, n_kv_heads,
 head_dim] view, ALL num_tokens query rows are scored against it, rows that are not sequence s's
 and cache positions they may not see are masked, and an online softmax (running max and sum,
@@ -52,7 +52,7 @@ from mistral_jax.kv_cache import MASK_VALUE
 
 __all__ = ["ragged_paged_attention_reference", "write_kv_pages", "token_seq_ids"]
 
-KV_CHUNK_TOKENS = 256  # cache positions per step of the reference's loop (rounded to whole pages)
+KV_CHUNK_TOKENS = 64  # cache positions per step of the reference's loop (whole pages): decode reads at most 63 more
 
 
 def token_seq_ids(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:

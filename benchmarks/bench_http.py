@@ -1,0 +1,169 @@
+"""Issue 18's benchmark: the HTTP server against the in-process engine, on the same workload.
+
+    python benchmarks/bench_http.py --config mistral-small-2501 [--quantization fp8] --out r.json
+    python benchmarks/bench_http.py --url http://127.0.0.1:8000 --workloads 16x128x128   # a running server
+
+Without --url it starts `python -m mistral_jax.serve --load-format dummy --config ...` on a free
+loopback port (warm-up on), runs every workload over HTTP (streamed /v1/completions with token-id
+prompts, ignore_eos, greedy), stops it, then runs the same requests through the engine in a
+fresh process (LLM(load_format="dummy"), all requests added at once). A workload CxPxO is C
+concurrent requests of P prompt tokens and O output tokens; each runs twice, the second counts.
+Reported per workload: output tokens/s, time to first token and inter-token latency (p50, p99).
+HTTP may cost at most 5% of tokens/s and 10 ms of TTFT (issue 18)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+WORKLOADS = ("1x128x128", "16x128x128", "64x128x128", "1x1024x256", "16x1024x256", "64x1024x256")
+
+
+def requests_of(workload: str, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    c, p, o = map(int, workload.split("x"))
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(1000, vocab, size=p).tolist(), o) for _ in range(c)]
+
+
+def summarize(wall: float, starts, firsts, stamps) -> dict:
+    tokens = sum(len(s) for s in stamps)
+    ttft = [f - s for s, f in zip(starts, firsts)]
+    itl = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    pct = lambda xs, q: float(np.percentile(xs, q) * 1e3) if xs else None  # noqa: E731
+    return {"output_tokens_per_s": tokens / wall, "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99), "requests": len(stamps), "tokens": tokens}
+
+
+async def run_http(url: str, reqs, model: str) -> dict:
+    import httpx
+
+    async def one(ids, out, http):
+        body = {"model": model, "prompt": ids, "max_tokens": out, "temperature": 0, "stream": True, "ignore_eos": True}
+        start, stamps = time.perf_counter(), []
+        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    stamps.append(time.perf_counter())
+        return start, stamps
+
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1024)) as http:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(ids, o, http) for ids, o in reqs))
+        wall = time.perf_counter() - t0
+    return summarize(wall, [r[0] for r in results], [r[1][0] for r in results], [r[1] for r in results])
+
+
+def run_engine(engine, reqs) -> dict:
+    from mistral_jax.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    for i, (ids, out) in enumerate(reqs):
+        engine.add_request(ids, SamplingParams(temperature=0, max_tokens=out, ignore_eos=True), index=i)
+    stamps = [[] for _ in reqs]
+    for ev in engine.run():
+        stamps[ev.index].append(time.perf_counter())
+    wall = time.perf_counter() - t0
+    return summarize(wall, [t0] * len(reqs), [s[0] for s in stamps], stamps)
+
+
+def engine_flags(args) -> list[str]:
+    flags = ["--load-format", "dummy", "--config", args.config, "--max-model-len", str(args.max_model_len),
+             "--warmup" if args.warmup else "--no-warmup"]
+    return flags + (["--quantization", args.quantization] if args.quantization else []) + (
+        ["--dtype", args.dtype] if args.dtype else [])
+
+
+def in_process(args) -> dict:
+    from mistral_jax import LLM
+
+    llm = LLM(load_format="dummy", config=args.config, max_model_len=args.max_model_len, quantization=args.quantization,
+              dtype=args.dtype or "auto", warmup=args.warmup, progress=False)
+    out = {}
+    for w in args.workloads.split(","):
+        reqs = requests_of(w, llm.config.vocab_size)
+        run_engine(llm.engine, reqs)
+        out[w] = run_engine(llm.engine, reqs)
+    return out
+
+
+def over_http(args, url: str, vocab: int) -> dict:
+    out = {}
+    for w in args.workloads.split(","):
+        reqs = requests_of(w, vocab)
+        asyncio.run(run_http(url, reqs, args.model_name))
+        out[w] = asyncio.run(run_http(url, reqs, args.model_name))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="mistral-small-2501")
+    p.add_argument("--quantization", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--url", help="a running server (then no in-process peer)")
+    p.add_argument("--model-name", default="bench")
+    p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.in_process:
+        print("RESULT " + json.dumps(in_process(args)), flush=True)
+        return
+    from mistral_jax.dummy import dummy_config
+
+    vocab = dummy_config(args.config).vocab_size
+    result = {"config": args.config, "quantization": args.quantization, "date": time.strftime("%Y-%m-%d")}
+    if args.url:
+        result["http"] = over_http(args, args.url, vocab)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = subprocess.Popen([sys.executable, "-m", "mistral_jax.serve", *engine_flags(args), "--port", str(port),
+                                   "--served-model-name", args.model_name], stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            import httpx
+
+            while True:
+                if server.poll() is not None:
+                    sys.exit(f"the server exited: {server.stderr.read()[-3000:]}")
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            result["http"] = over_http(args, url, vocab)
+        finally:
+            server.terminate()
+            server.wait(120)
+        peer = subprocess.run([sys.executable, __file__, "--in-process", *sys.argv[1:]], capture_output=True, text=True)
+        line = next((ln for ln in peer.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"the in-process run failed:\n{peer.stderr[-3000:]}")
+        result["in_process"] = json.loads(line[7:])
+    for w, h in result["http"].items():
+        e = result.get("in_process", {}).get(w)
+        peer = (f"  in-process {e['output_tokens_per_s']:9.1f} tok/s, TTFT p50 {e['ttft_ms_p50']:7.1f} ms"
+                f"  (HTTP {h['output_tokens_per_s'] / e['output_tokens_per_s']:.1%} of its tok/s)") if e else ""
+        print(f"{w:>12}: HTTP {h['output_tokens_per_s']:9.1f} tok/s, TTFT p50 {h['ttft_ms_p50']:7.1f} ms, "
+              f"ITL p50 {h['itl_ms_p50'] or 0:6.1f} ms{peer}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
