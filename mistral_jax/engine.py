@@ -7,8 +7,8 @@ sequence.
 Compiled programs form a small, known set (`Engine.programs`), compiled up front by `warmup()`
 so that no request waits on a compile, whatever it hits in the prefix cache:
 - one step program per token bucket (powers of two up to max_num_batched_tokens); its sequence
-  axis is tied to the token bucket (a step of T tokens holds at most T sequences), and the
-  reference attention adds a page-count bucket (the kernels take one full-width page table);
+  axis is tied to the token bucket (a step of T tokens holds at most T sequences), and every
+  step takes one full-width block table (attention reads only as far as each kv_len);
 - per-request settings are arrays, not program variants: sampling values, penalties (always
   applied; neutral values change nothing), logprobs (the top MAX_LOGPROBS are always computed);
 - prompt logprobs run in a second, small program per token bucket, over the step's hidden
@@ -216,6 +216,8 @@ class Engine:
         self.max_seqs_bucket = bucket(config.max_num_seqs, MIN_SEQS_BUCKET)
         on_cpu = mesh.devices.flat[0].platform == "cpu"
         self.min_token_bucket = MIN_TOKEN_BUCKET_CPU if on_cpu else MIN_TOKEN_BUCKET
+        self._token_buckets = powers_of_two(self.min_token_bucket,
+                                            bucket(config.max_num_batched_tokens, self.min_token_bucket))
         self.attention_impl = config.attention_impl
         if self.attention_impl == "auto":
             self.attention_impl = default_impl(mesh.devices.flat[0].platform)
@@ -375,8 +377,7 @@ class Engine:
 
     def token_buckets(self) -> list[int]:
         """Step sizes in tokens: powers of two up to max_num_batched_tokens (rounded up)."""
-        cap = bucket(self.config.max_num_batched_tokens, self.min_token_bucket)
-        return powers_of_two(self.min_token_bucket, cap)
+        return self._token_buckets
 
     def seqs_bucket(self, tokens: int) -> int:
         """The sequence axis of a step of `tokens` (a bucket): a step holds at most that many

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -35,12 +36,14 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "mistral_jax.serve", "--model", str(model_dir), "--served-model-name", MODEL,
                "--port", str(self.port), *SETTINGS, *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block the server
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
                                      env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stdout.read()[-3000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"the server exited: {self.log.read()[-3000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -56,6 +59,8 @@ class Server:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
         return self.proc.returncode
 
     def metric(self, name: str) -> float:
@@ -67,8 +72,11 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints):
     s = Server(tiny_checkpoints[0])
-    yield s
-    assert s.stop() == 0
+    try:
+        yield s
+    finally:
+        code = s.stop()
+    assert code == 0
 
 
 @pytest.fixture(scope="module")

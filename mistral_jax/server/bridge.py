@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import queue
 import threading
-import time
 from typing import AsyncIterator
 
 from ..engine import Engine
@@ -50,8 +49,6 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self.fault: BaseException | None = None
-        self.start_free_pages = engine.allocator.num_free_pages
-        self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="mistral-jax-engine", daemon=True)
         self._thread.start()
 
@@ -125,7 +122,6 @@ class AsyncEngine:
                         if event.finished:
                             del self._requests[event.request_id]
                         self._deliver(add, event)
-                self.steps += 1
         except BaseException as e:  # noqa: BLE001  a fault: every waiting handler hears of it
             self.fault = e
             for add in self._requests.values():
@@ -133,7 +129,3 @@ class AsyncEngine:
             self._requests.clear()
         finally:
             self._stopping.set()
-
-
-def now() -> int:
-    return int(time.time())
