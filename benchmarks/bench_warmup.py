@@ -44,7 +44,7 @@ def one_run(args) -> dict:
             pass
         return first
 
-    fresh = lambda: rng.integers(1000, llm.config.vocab_size, size=PROMPT).tolist()  # noqa: E731
+    fresh = lambda: rng.integers(min(1000, llm.config.vocab_size // 2), llm.config.vocab_size, size=args.prompt).tolist()  # noqa: E731
     a = fresh()
     out = {"start_seconds": start, "warmup_seconds": llm.warmup_seconds, "programs": llm.warmup_programs,
            "ttft_first_request": ttft(a), "ttft_prefix_hit": ttft(a), "ttft_steady": ttft(fresh()),
@@ -57,6 +57,7 @@ def main():
     p.add_argument("--config", default="mistral-small-2501")
     p.add_argument("--quantization", default=None)
     p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens of each request")
     p.add_argument("--out")
     p.add_argument("--child", action="store_true")
     args = p.parse_args()
@@ -66,7 +67,8 @@ def main():
     cache = tempfile.mkdtemp(prefix="mj_xla_")
     results = {}
     for name in ("cold", "warm"):
-        cmd = [sys.executable, __file__, "--child", "--config", args.config, "--max-model-len", str(args.max_model_len)]
+        cmd = [sys.executable, __file__, "--child", "--config", args.config, "--max-model-len", str(args.max_model_len),
+               "--prompt", str(args.prompt)]
         if args.quantization:
             cmd += ["--quantization", args.quantization]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MISTRAL_JAX_CACHE_DIR=cache))

@@ -64,6 +64,11 @@ def enable_compilation_cache() -> None:
     if jax.config.jax_compilation_cache_dir is None:
         path = os.environ.get("MISTRAL_JAX_CACHE_DIR", str(Path.home() / ".cache" / "mistral_jax" / "xla"))
         jax.config.update("jax_compilation_cache_dir", path)
+        # JAX keeps only programs that took >= 1 s to compile; the many small ones (sampling
+        # tails, the penalty reset, short buckets) then recompile at every start. Measured with
+        # the tiny model on a CPU: a warm start's warm-up 7.6 -> 5.9 s with every program kept.
+        if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default: not the user's choice
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 class LLM:
