@@ -42,6 +42,7 @@ from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, mesh_size, named_sharding, use_mesh
+from .structured import Matcher, MaskBuffer
 from .tokenizer import Tokenizer
 
 # Small batches share one program: on an accelerator a padded row costs next to nothing (decode
@@ -235,6 +236,10 @@ class Engine:
         self.counts = self._replicated(np.zeros(penalty_shape, np.int32))
         self.seen = self._replicated(np.zeros(penalty_shape, bool))
         self.prev_tokens = self._replicated(np.zeros((self.max_seqs_bucket,), np.int32))
+        # Grammar bitmasks (structured outputs): built on the host for steps with constrained
+        # rows; other steps take one resident all-ones mask per sequence bucket.
+        self.masks = MaskBuffer(self.max_seqs_bucket, self.cfg.vocab_size)
+        self._all_allowed: dict[int, jax.Array] = {}
         self.sequences: dict[str, Sequence] = {}
         self.outputs: dict[str, OutputState] = {}
         self._prompt_lps: dict[str, dict[int, dict[int, float]]] = {}
@@ -318,16 +323,24 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int = 0,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, matcher: Matcher | None = None) -> str:
+        """matcher: the request's compiled grammar, when the caller built it off this thread
+        (a complex grammar takes 0.1-1 s to build); else built here from params.structured_outputs."""
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.sequences:
             raise ValueError(f"request_id {request_id!r} is already running: use a new id")
         params = self.check_request(list(prompt_ids), params, f"prompt {index}")
-        seq = Sequence(request_id, [int(t) for t in prompt_ids], params, index)
+        if matcher is None and params.structured_outputs is not None:
+            matcher = self.matcher(params)
+        seq = Sequence(request_id, [int(t) for t in prompt_ids], params, index, matcher=matcher)
         self.sequences[request_id] = seq
         self.outputs[request_id] = OutputState(request_id, index, params, self.tokenizer)
         self.scheduler.add(seq)
         return request_id
+
+    def matcher(self, params: SamplingParams) -> Matcher:
+        """A request's grammar state (ValueError naming the problem for an invalid constraint)."""
+        return Matcher(params.structured_outputs, self.tokenizer, self.cfg.vocab_size)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its pages; False if it is unknown or already done."""
@@ -404,7 +417,8 @@ class Engine:
             for T in self.token_buckets():
                 inputs = self._host_to_mesh(_empty_inputs(T, self.seqs_bucket(T), self.page_table_width,
                                                           self.config.max_num_seqs))
-                sampling = SamplingArrays.from_params([], pad_to=self.seqs_bucket(T))
+                sampling = SamplingArrays.from_params([], pad_to=self.seqs_bucket(T),
+                                                      allowed=self._allowed(self.seqs_bucket(T), []))
                 if self.multiprocess:
                     sampling = self._host_to_mesh(jax.tree.map(np.asarray, sampling))
                 result, hidden, self.prev_tokens, self.k_pages, self.v_pages, self.counts, self.seen = _step(
@@ -463,12 +477,21 @@ class Engine:
                                            page_indices, cu_q_lens, np.int32(len(batch)), logits_at, slots,
                                            sampled, step))
         params = [s.seq.params for s in batch]
-        sampling = SamplingArrays.from_params(params, pad_to=S)
+        constrained = [(i, s.seq.matcher) for i, s in enumerate(batch) if s.sample and s.seq.matcher is not None]
+        sampling = SamplingArrays.from_params(params, pad_to=S, allowed=self._allowed(S, constrained))
         if self.multiprocess:
             sampling = self._host_to_mesh(jax.tree.map(np.asarray, sampling))
         wants_prompt_logprobs = any(s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids)
                                     for s in batch)
         return inputs, sampling, wants_prompt_logprobs
+
+    def _allowed(self, S: int, constrained: list[tuple[int, Matcher]]) -> jax.Array:
+        """The step's grammar bitmask [S, vocab / 32]: all ones unless some row is constrained."""
+        if constrained:  # placed as the resident one is (another placement is another program)
+            return self._replicated(self.masks.build(S, constrained))
+        if S not in self._all_allowed:
+            self._all_allowed[S] = self._replicated(self.masks.all_ones[:S])
+        return self._all_allowed[S]
 
     def _replicated(self, x: jax.Array) -> jax.Array:
         """Placed as the step's outputs are, so feeding them back does not recompile."""
@@ -531,7 +554,10 @@ class Engine:
             token = int(host.tokens[i])
             seq.token_ids.append(token)
             out = self.outputs[seq.request_id]
-            event = out.add(token, _row_logprobs(host, i, seq.params.logprobs))
+            # The grammar is done when it has stopped, or if it rejects the token (only if the
+            # mask allowed nothing: the request ends rather than leaving its grammar).
+            done = seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.stopped)
+            event = out.add(token, _row_logprobs(host, i, seq.params.logprobs), grammar_done=done)
             if out.count == 1 and seq.params.prompt_logprobs is not None:
                 event.prompt_logprobs = self._finish_prompt_logprobs(seq)
             if event.finished:

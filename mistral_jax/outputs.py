@@ -43,7 +43,8 @@ class OutputState:
         self.finished = False
         self.prompt_logprobs = None
 
-    def add(self, token: int, logprobs) -> StepEvent:
+    def add(self, token: int, logprobs, grammar_done: bool = False) -> StepEvent:
+        """grammar_done: the request's grammar is complete after this token (structured outputs)."""
         self.count += 1
         reason = None
         if token in self.stop_ids:
@@ -53,11 +54,13 @@ class OutputState:
             cut = self._find_stop()
             if cut is not None:
                 self.text, reason = self.text[:cut], "stop"
+        if reason is None and grammar_done:
+            reason = "stop"
         if reason is None and self.count >= self.params.max_tokens:
             reason = "length"
         if reason is not None:
             self.finished = True
-            if reason == "length" or token in self.stop_ids:
+            if reason == "length" or token in self.stop_ids or grammar_done:
                 self.text += self.decoder.flush()
                 cut = self._find_stop()
                 if cut is not None:

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import numbers
+from typing import Any
 
 import flax.struct
 import jax
@@ -55,6 +56,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: Any = None  # a structured.StructuredOutputs: the output must match it
+
 
     def __post_init__(self):
         if not _is_int(self.n) or self.n != 1:
@@ -87,6 +90,12 @@ class SamplingParams:
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             _bad("max_tokens", self.max_tokens, "an integer >= 1, or None (up to the context length)",
                  "ask for at least 1 token")
+        if self.structured_outputs is not None:
+            from .structured import StructuredOutputs
+
+            if not isinstance(self.structured_outputs, StructuredOutputs):
+                _bad("structured_outputs", self.structured_outputs, "None or a StructuredOutputs",
+                     "pass StructuredOutputs(json=schema), (regex=...), (choice=[...]) or (grammar=...)")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
@@ -130,11 +139,15 @@ class SamplingArrays:
     frequency_penalty: jax.Array  # [batch] f32
     greedy: jax.Array  # [batch] bool
     seed: jax.Array  # [batch, 2] u32: (high, low) 32 bits of the 64-bit seed
+    # [batch, ceil(vocab / 32)] i32 bitmask of the tokens a grammar allows (bit t % 32 of word
+    # t // 32; -1 = every token: unconstrained rows). None: no request in this program constrains.
+    allowed: jax.Array | None = None
 
     @classmethod
-    def from_params(cls, params: list[SamplingParams], pad_to: int | None = None) -> "SamplingArrays":
+    def from_params(cls, params: list[SamplingParams], pad_to: int | None = None,
+                    allowed: jax.Array | None = None) -> "SamplingArrays":
         """One row per request, then greedy padding rows up to pad_to. Unseeded rows get a fresh
-        random seed here, on the host."""
+        random seed here, on the host. allowed: the rows' grammar bitmask (structured.py)."""
         batch = len(params) if pad_to is None else pad_to
         if batch < len(params):
             raise ValueError(f"pad_to={pad_to} is smaller than the {len(params)} requests: pass pad_to >= {len(params)}")
@@ -155,6 +168,7 @@ class SamplingArrays:
             frequency_penalty=jnp.asarray(np.array([p.frequency_penalty for p in rows], np.float32)),
             greedy=jnp.asarray(greedy),
             seed=jnp.asarray(np.array([(s >> 32, s & 0xFFFFFFFF) for s in seeds], np.uint32).reshape(batch, 2)),
+            allowed=allowed,
         )
 
 
@@ -261,6 +275,12 @@ def top_k_over_vocab(x, k: int):
     return values, jnp.take_along_axis(ids.reshape(rows, -1), pick, axis=-1).astype(jnp.int32)
 
 
+def allowed_tokens(bits, vocab: int):
+    """A bitmask [batch, ceil(vocab / 32)] i32 -> [batch, vocab] bool."""
+    ids = jnp.arange(vocab)
+    return ((bits[:, ids // 32] >> (ids % 32)) & 1).astype(bool)
+
+
 def sample(logits, arrays: SamplingArrays, step, output_counts, seen_mask, num_logprobs: int = 0) -> SampleResult:
     """Pick one token per row. Jittable; num_logprobs must be static.
 
@@ -270,6 +290,8 @@ def sample(logits, arrays: SamplingArrays, step, output_counts, seen_mask, num_l
     """
     logits = logits.astype(jnp.float32)
     penalized = apply_penalties(logits, arrays, output_counts, seen_mask)
+    if arrays.allowed is not None:  # a grammar's tokens only (structured outputs)
+        penalized = jnp.where(allowed_tokens(arrays.allowed, logits.shape[-1]), penalized, -jnp.inf)
     greedy_only = lambda p, a, s: jnp.argmax(p, axis=-1).astype(jnp.int32)
     tokens = jax.lax.cond(jnp.all(arrays.greedy), greedy_only, _draw, penalized, arrays, step)
     raw = jax.nn.log_softmax(logits, axis=-1)  # [batch, vocab]

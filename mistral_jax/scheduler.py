@@ -13,7 +13,9 @@ free up. Sampling is deterministic per (seed, step), so a recomputed sequence co
 
 The host runs one step ahead of the results it has read: a sequence's last sampled token may
 still be on the device (`in_flight`) when its next decode step is scheduled; the engine feeds
-that token from the device.
+that token from the device. A sequence under a grammar (structured outputs) is the exception:
+its next token's mask is computed on the host from the last one, so it sits out the step
+launched while that token is in flight (it decodes every other step; the others keep pace).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Sequence:
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache served (first admission)
     num_preemptions: int = 0
     slot: int = -1  # row of the persistent per-sequence sampling state
+    matcher: object = None  # structured.Matcher: its next mask needs its last token on the host
     status: Status = Status.WAITING
 
     def __post_init__(self):
@@ -104,6 +107,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.matcher is not None and seq.in_flight:
+                i += 1  # its grammar mask waits for the token in flight: it runs next step
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self._reserve(seq, seq.num_computed + n):
                 preempted = True

@@ -61,6 +61,17 @@ class Tokenizer:
         """Split generated ids into content text and tool calls ([] when there are none)."""
         raise NotImplementedError
 
+    def tool_call_started(self, token_ids: list[int]) -> bool | None:
+        """Whether generated ids have begun tool calls (text before them can stream as it
+        comes); None: this format only tells at the end (hold the reply)."""
+        return None
+
+    def tool_call_grammar(self, tools: list[dict], one: bool, json_style: dict) -> str:
+        """A Lark grammar (llguidance's dialect) for a reply that is only tool calls, in this
+        model's format, with each call's arguments under its function's JSON schema.
+        tools: OpenAI function definitions; one: exactly one call (a named tool_choice)."""
+        raise NotImplementedError
+
 
 # ---- Mistral (mistral-common) --------------------------------------------------------------------
 
@@ -130,6 +141,26 @@ class MistralTokenizer(Tokenizer):
             return self.decode(ids), []
         return self.decode(ids[:start]), calls
 
+    def tool_call_started(self, token_ids: list[int]) -> bool | None:
+        return self._tool_calls_id is not None and self._tool_calls_id in token_ids
+
+    def tool_call_grammar(self, tools: list[dict], one: bool, json_style: dict) -> str:
+        if self._tool_calls_id is None:
+            raise ValueError("this tokenizer has no [TOOL_CALLS] token: the model cannot call tools")
+        if self._args_id is not None:  # v11+: [TOOL_CALLS]name[ARGS]{arguments}, repeated
+            calls = [f'"{_lark_str(name)}" <[{self._args_id}]> %json {json.dumps(dict(params, **{"x-guidance": json_style}))}'
+                     for name, params in _functions(tools)]
+            call = " | ".join(f"({c})" for c in calls)
+            return f"start: <[{self._tool_calls_id}]> ({call}){'' if one else '+'}"
+        # v2-v7: [TOOL_CALLS][{"name": ..., "arguments": {...}, "id": "abcDEF123"}, ...]
+        schemas = [{"type": "object", "properties": {"name": {"const": name}, "arguments": params,
+                                                     "id": {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}},
+                    "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": json_style}
+                   for name, params in _functions(tools)]
+        call = " | ".join(f"%json {json.dumps(sc)}" for sc in schemas)
+        more = "" if one else ' (", " call)*'
+        return f'start: <[{self._tool_calls_id}]> "[" call{more} "]"\ncall: {call}'
+
     def _parse_segment(self, seg: list[int]) -> list[ToolCall]:
         """One [TOOL_CALLS] segment. v2-v7 write a JSON list of {"name", "arguments"[, "id"]}; v11+
         write `name[ARGS]{json}`, or `name[CALL_ID]id[ARGS]{json}` (mistral-common's formats)."""
@@ -144,6 +175,15 @@ class MistralTokenizer(Tokenizer):
         items = json.loads(self.decode(seg))
         items = items if isinstance(items, list) else [items]
         return [_tool_call(it.get("id"), it["name"], it.get("arguments", {})) for it in items]
+
+
+def _functions(tools: list[dict]) -> list[tuple[str, dict]]:
+    """(name, arguments schema) of each OpenAI tool; no schema: any object."""
+    return [(t["function"]["name"], t["function"].get("parameters") or {"type": "object"}) for t in tools]
+
+
+def _lark_str(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _split_at(ids: list[int], sep: int) -> list[list[int]]:
@@ -317,6 +357,15 @@ class HFTokenizer(Tokenizer):
         except (ValueError, KeyError, TypeError, AttributeError):
             return text, []
         return re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.S).strip(), calls
+
+    def tool_call_grammar(self, tools: list[dict], one: bool, json_style: dict) -> str:
+        # The Hermes blocks parse_tool_calls reads: <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>
+        schemas = [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
+                    "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": json_style}
+                   for name, params in _functions(tools)]
+        call = " | ".join(f"%json {json.dumps(sc)}" for sc in schemas)
+        more = "" if one else ' ("\\n" block)*'
+        return f'start: block{more}\nblock: "<tool_call>\\n" call "\\n</tool_call>"\ncall: {call}'
 
     def _turn_end_ids(self) -> set[int]:
         """The special token the template writes right after an assistant message (e.g. <|im_end|>),

@@ -5,6 +5,7 @@ subprocess on a free loopback port, talked to with the official `openai` client 
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -278,10 +279,122 @@ def test_tool_results_accept_any_echoed_id(client, call_id):
     assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
-def test_tool_choice_required_is_refused_clearly(server):
-    r = httpx.post(server.url + "/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": "required"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+# Bounded strings and no extra keys: a random-weights model under a grammar still ends in time.
+CALL_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+        "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]
+
+
+def check_calls(calls, names):
+    import jsonschema
+
+    assert calls
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in CALL_TOOLS}
+    for c in calls:
+        assert c.type == "function" and c.function.name in names and len(c.id) == 9 and c.id.isalnum()
+        jsonschema.validate(json.loads(c.function.arguments), schemas[c.function.name])
+
+
+@pytest.mark.parametrize("tool_choice, names", [
+    ("required", {"get_weather", "add"}),
+    ({"type": "function", "function": {"name": "add"}}, {"add"}),
+])
+def test_tool_choice_required_and_named_are_enforced(client, tool_choice, names):
+    # The tiny random model would never write a tool call by itself: the grammar makes it.
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    for seed in range(2):
+        out = client.chat.completions.create(model=MODEL, messages=messages, tools=CALL_TOOLS, tool_choice=tool_choice,
+                                             max_tokens=60, temperature=1.0, seed=seed, parallel_tool_calls=False)
+        assert out.choices[0].finish_reason == "tool_calls"
+        check_calls(out.choices[0].message.tool_calls, names)
+    # Streamed: each call arrives as deltas (id and name, then arguments) that add up to it.
+    calls: dict[int, dict] = {}
+    finish = None
+    for ch in client.chat.completions.create(model=MODEL, messages=messages, tools=CALL_TOOLS, tool_choice=tool_choice,
+                                             max_tokens=60, temperature=1.0, seed=7, stream=True,
+                                             parallel_tool_calls=False):
+        delta = ch.choices[0].delta
+        for tc in delta.tool_calls or []:
+            c = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            c["id"] = c["id"] or tc.id
+            c["name"] += tc.function.name or ""
+            c["arguments"] += tc.function.arguments or ""
+        finish = ch.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    check_calls([openai.types.chat.ChatCompletionMessageToolCall(
+        id=c["id"], type="function", function={"name": c["name"], "arguments": c["arguments"]})
+        for c in calls.values()], names)
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "city": {"enum": ["Zürich", "東京", "Paris"]}},
+          "required": ["name", "age", "city"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_and_json_object(client):
+    import jsonschema
+
+    messages = [{"role": "user", "content": "A person, as JSON."}]
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=100, temperature=1.0, seed=3, n=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=100, temperature=1.0, seed=4, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    jsonschema.validate(json.loads("".join(ch.choices[0].delta.content or "" for ch in stream)), PERSON)
+    obj = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=200, temperature=0,
+                                         response_format={"type": "json_object"},
+                                         extra_body={"structured_outputs": None})
+    assert obj.choices[0].finish_reason in ("stop", "length")
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_vllm_structured_output_fields(server):
+    url = server.url
+    r = httpx.post(url + "/v1/completions", json={"prompt": "Answer:", "max_tokens": 20, "temperature": 1.0, "seed": 1,
+                                                  "structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}}).json()
+    assert re.fullmatch("[a-c]{3}-[0-9]{2}", r["choices"][0]["text"]), r
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Pick"}], "max_tokens": 20,
+                                                       "guided_choice": ["naïve", "日本", "plain"]}).json()
+    assert r["choices"][0]["message"]["content"] in ("naïve", "日本", "plain")
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 100, "temperature": 1.0, "seed": 2,
+                                                  "guided_json": PERSON}).json()
+    import jsonschema
+
+    jsonschema.validate(json.loads(r["choices"][0]["text"]), PERSON)
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 20,
+                                                  "guided_grammar": 'start: "yes" | "no"'}).json()
+    assert r["choices"][0]["text"] in ("yes", "no")
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+    ({"structured_outputs": {"regexp": "a+"}}, "structured_outputs"),
+    ({"guided_regex": "[a-"}, "guided_regex"),
+    ({"guided_grammar": "start: (("}, "guided_grammar"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+])
+def test_bad_constraints_are_400s_naming_the_field(server, extra, param):
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_dummy_weights_of_a_named_shape():

@@ -7,6 +7,7 @@ that goes away has its request aborted."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..outputs import StepEvent
 from ..sampling import SamplingParams
 from .bridge import AsyncEngine, EngineStopped
+from .constraints import ConstraintError, request_constraint
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        error_body)
 
@@ -98,6 +100,25 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
         except ValueError as e:
             raise BadRequest(str(e)) from e
 
+    async def constrained(jobs, req, tools):
+        """jobs (index, ids, params) -> (index, ids, params, matcher): each choice its own grammar
+        state, built off the event loop (a complex grammar takes up to a second)."""
+        try:
+            spec, field = request_constraint(req, tokenizer, tools)
+        except ConstraintError as e:
+            raise BadRequest(str(e), e.param) from None
+        if spec is None:
+            return [(*job, None) for job in jobs]
+        out = []
+        for index, ids, params in jobs:
+            params = dataclasses.replace(params, structured_outputs=spec)
+            try:
+                matcher = await asyncio.to_thread(bridge.engine.matcher, params)
+            except ValueError as e:
+                raise BadRequest(f"{field}: {e}", field) from None
+            out.append((index, ids, params, matcher))
+        return out
+
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
             raise BadRequest(f"model {name!r} is not served here; this server serves {model_name!r}", "model", 404,
@@ -151,8 +172,8 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                              "or ask for at least 1 token", "max_tokens")
         params = _sampling(req, max_tokens=1 if score_only else req.max_tokens, logprobs=req.logprobs,
                            prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
-        jobs = [(i * req.n + c, ids, admit(ids, _seeded(params, c), f"prompt {i}"))
-                for i, (_, ids) in enumerate(prompts) for c in range(req.n)]
+        jobs = await constrained([(i * req.n + c, ids, admit(ids, _seeded(params, c), f"prompt {i}"))
+                                  for i, (_, ids) in enumerate(prompts) for c in range(req.n)], req, None)
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         texts = {i * req.n + c: text for i, (text, _) in enumerate(prompts) for c in range(req.n)}
 
@@ -168,9 +189,9 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
             return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": _offsets(toks)}
 
         if not req.stream:
-            results = await _unless_disconnected(request, [_collect(bridge, ids, p) for _, ids, p in jobs])
+            results = await _unless_disconnected(request, [_collect(bridge, *job[1:]) for job in jobs])
             choices, usage = [], _Usage()
-            for (index, ids, _), r in zip(jobs, results):
+            for (index, ids, _, _), r in zip(jobs, results):
                 echo_lps = list(zip(ids, r.prompt_logprobs or [None] * len(ids))) if req.echo else []
                 gen_ids, gen_lps, text = ([], [], "") if score_only else (r.token_ids, r.logprobs, r.text)
                 prefix = (texts[index] if texts[index] is not None else tokenizer.decode(ids)) if req.echo else ""
@@ -183,7 +204,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
 
         async def sse() -> AsyncIterator[str]:
             usage = _Usage()
-            async for index, event in _merged(bridge, [(i, ids, p) for i, ids, p in jobs], request):
+            async for index, event in _merged(bridge, jobs, request):
                 ids = jobs[index][1]
                 if score_only:
                     if event.finished:
@@ -209,16 +230,14 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         tools = _tools(req)
-        fmt = (req.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise BadRequest(f"response_format type {fmt!r} is not supported yet: use 'text'", "response_format")
         ids = _encode_chat(tokenizer, req.messages, tools)
         top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not req.logprobs:
             raise BadRequest("top_logprobs needs logprobs=true", "top_logprobs")
         params = _sampling(req, max_tokens=req.max_completion_tokens or req.max_tokens,
                            logprobs=(top or 0) if req.logprobs else None)
-        jobs = [(c, ids, admit(ids, _seeded(params, c), "the conversation")) for c in range(req.n)]
+        jobs = await constrained([(c, ids, admit(ids, _seeded(params, c), "the conversation")) for c in range(req.n)],
+                                 req, tools)
         rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
         def lp_entry(tid, d):
@@ -228,9 +247,9 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                                       "bytes": list(t.encode())} for k, v in list(d.items())[: top or 0]]}
 
         if not req.stream:
-            results = await _unless_disconnected(request, [_collect(bridge, ids, p) for _, ids, p in jobs])
+            results = await _unless_disconnected(request, [_collect(bridge, *job[1:]) for job in jobs])
             choices, usage = [], _Usage()
-            for (index, _, _), r in zip(jobs, results):
+            for (index, _, _, _), r in zip(jobs, results):
                 message: dict[str, Any] = {"role": "assistant", "content": r.text}
                 finish = r.finish_reason
                 if tools:
@@ -252,24 +271,35 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                                         "finish_reason": finish}]})
 
         async def sse() -> AsyncIterator[str]:
-            usage, started, held = _Usage(), set(), {}
+            usage, started, held, text, sent = _Usage(), set(), {}, {}, {}
             async for index, event in _merged(bridge, jobs, request):
                 if index not in started:
                     started.add(index)
                     yield chunk(index, {"role": "assistant", "content": ""})
                 usage.count(index, ids, event, req.n)
                 lps = {"content": [lp_entry(event.token_id, event.logprobs)]} if req.logprobs else None
-                if tools:  # a reply may turn out to be tool calls: it is sent whole at its end
+                if tools:  # text streams until the reply turns into tool calls (where the format tells)
                     held.setdefault(index, []).append(event.token_id)
+                    text[index] = text.get(index, "") + event.text
                     if not event.finished:
+                        if tokenizer.tool_call_started(held[index]) is False:
+                            sent[index] = len(text[index])
+                            yield chunk(index, {"content": event.text} if event.text else {}, None, lps)
                         continue
                     content, calls = tokenizer.parse_tool_calls(held[index])
-                    if calls:
-                        delta = {"content": content or None,
-                                 "tool_calls": [dict(c.to_openai(), index=k) for k, c in enumerate(calls)]}
-                        yield chunk(index, delta, "tool_calls")
-                    else:
-                        yield chunk(index, {"content": tokenizer.decode(held[index])}, event.finish_reason)
+                    if not calls:
+                        yield chunk(index, {"content": text[index][sent.get(index, 0):]}, event.finish_reason)
+                        continue
+                    if content and not sent.get(index):
+                        yield chunk(index, {"content": content})
+                    for k, c in enumerate(calls):  # OpenAI's order: id and name first, then the arguments
+                        call = c.to_openai()
+                        yield chunk(index, {"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                                            "function": {"name": call["function"]["name"],
+                                                                         "arguments": ""}}]})
+                        yield chunk(index, {"tool_calls": [{"index": k, "function": {
+                            "arguments": call["function"]["arguments"]}}]})
+                    yield chunk(index, {}, "tool_calls")
                     continue
                 yield chunk(index, {"content": event.text} if event.text else {},
                             event.finish_reason if event.finished else None, lps)
@@ -294,9 +324,9 @@ class _Result:
         self.finish_reason, self.cached, self.prompt_logprobs = None, 0, None
 
 
-async def _collect(bridge: AsyncEngine, ids: list[int], params: SamplingParams) -> _Result:
+async def _collect(bridge: AsyncEngine, ids: list[int], params: SamplingParams, matcher) -> _Result:
     r = _Result()
-    async for event in bridge.generate(ids, params):
+    async for event in bridge.generate(ids, params, matcher):
         r.token_ids.append(event.token_id)
         r.logprobs.append(event.logprobs)
         r.text += event.text
@@ -324,9 +354,9 @@ async def _merged(bridge: AsyncEngine, jobs, request: Request) -> AsyncIterator[
     cancels the stream: every request still running is aborted."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index, ids, params):
+    async def pump(index, ids, params, matcher):
         try:
-            async for event in bridge.generate(ids, params):
+            async for event in bridge.generate(ids, params, matcher):
                 await queue.put((index, event))
         except BaseException as e:  # noqa: BLE001
             await queue.put((index, e))
@@ -395,8 +425,6 @@ def _offsets(tokens: list[str]) -> list[int]:
 
 def _seeded(params: SamplingParams, c: int) -> SamplingParams:
     """The c-th of n choices: its own seed (a given seed plus c), so choices differ when sampling."""
-    import dataclasses
-
     return params if params.seed is None or c == 0 else dataclasses.replace(params, seed=params.seed + c)
 
 
@@ -499,5 +527,4 @@ def _tools(req: ChatCompletionRequest):
     elif choice != "required":
         raise BadRequest(f"tool_choice {choice!r} is not one of 'auto', 'none', 'required' or a named function",
                          "tool_choice")
-    raise BadRequest("tool_choice 'required' and named functions need constrained decoding, not served yet: "
-                     "use 'auto'", "tool_choice")
+    return req.tools  # the call itself is enforced by a grammar (constraints.py)

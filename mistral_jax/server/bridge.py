@@ -27,6 +27,7 @@ class _Add:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    matcher: object = None  # the request's grammar state (structured outputs), built by the handler
 
 
 @dataclasses.dataclass
@@ -58,12 +59,13 @@ class AsyncEngine:
         """The engine's request check (context, cache, vocabulary): raises ValueError with the fix."""
         return self.engine.check_request(prompt_ids, params, where)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepEvent]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       matcher=None) -> AsyncIterator[StepEvent]:
         """Events of one request, as the engine makes them; abandoning the iterator aborts it."""
         if self.fault is not None or self._stopping.is_set():
             raise EngineStopped(f"the engine is not running ({self.fault or 'shutting down'})")
         request_id = f"r{next(self._ids)}"
-        add = _Add(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        add = _Add(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), matcher)
         self._inbox.put(add)
         finished = False
         try:
@@ -90,7 +92,8 @@ class AsyncEngine:
     def _take(self, message) -> None:
         if isinstance(message, _Add):
             try:
-                self.engine.add_request(message.prompt_ids, message.params, request_id=message.request_id)
+                self.engine.add_request(message.prompt_ids, message.params, request_id=message.request_id,
+                                        matcher=message.matcher)
                 self._requests[message.request_id] = message
                 for o in self.observers:
                     o.added(message.request_id, len(message.prompt_ids))
