@@ -16,12 +16,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+# Finite, so that a query row with nothing to attend to (a padding token) gives a uniform
+# softmax instead of NaN; its output is discarded anyway. The kernels (the bottom layer) own it.
+from pallas_kernels.ragged_paged_attention import MASK_VALUE
+
 from .config import ModelConfig
 from .sharding import constrain
-
-# Finite, so that a query row with nothing to attend to (a padding token) gives a uniform
-# softmax instead of NaN; its output is discarded anyway.
-MASK_VALUE = -1e30
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 

@@ -243,13 +243,12 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> "HFTokenizer":
-        import gguf
+        from .checkpoint.gguf_file import open_gguf
 
-        reader = gguf.GGUFReader(str(path))
+        meta = open_gguf(path).metadata  # the weights' loader parsed it already: shared
 
         def field(key: str, default: Any = None) -> Any:
-            f = reader.fields.get(key)
-            return f.contents() if f is not None else default
+            return meta.get(key, default)
 
         kind = field("tokenizer.ggml.model")
         tokens: list[str] = field("tokenizer.ggml.tokens")

@@ -23,8 +23,9 @@ the value dtype before the second matmul, as `mistral_jax.kv_cache.dense_attenti
 the output is in q's dtype. Query rows that belong to no live sequence (rows at or past
 cu_q_lens[num_seqs], i.e. padding) come out as exact zeros.
 
-Masking uses the finite MASK_VALUE of `mistral_jax.kv_cache`, so a row with nothing visible
-(only possible for malformed input, kv_len < q_len) gives finite output rather than NaN.
+Masking uses the finite MASK_VALUE defined here (the engine's dense attention shares it), so a
+row with nothing visible (only possible for malformed input, kv_len < q_len) gives finite
+output rather than NaN.
 Values at cache positions >= kv_len (stale or never-written page slots, unused block-table
 entries) are zeroed before use, so garbage there, even NaN, cannot leak into the output.
 
@@ -48,7 +49,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.kv_cache import MASK_VALUE
+# Finite, so that a row with nothing visible softmaxes to uniform weights instead of NaN.
+MASK_VALUE = -1e30
+
 
 __all__ = ["ragged_paged_attention_reference", "write_kv_pages", "token_seq_ids"]
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mistral_jax.kv_cache import MASK_VALUE
+from pallas_kernels.ragged_paged_attention import MASK_VALUE
 
 __all__ = ["ragged_paged_attention_tpu"]
 

@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mistral_jax.kv_cache import MASK_VALUE
+from pallas_kernels.ragged_paged_attention import MASK_VALUE
 
 from .gpu_info import DEFAULT_SMS, next_pow2, num_sms
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .base import Checkpoint, CheckpointError, Entry, rename_to_canonical
+from .gguf_file import open_gguf
 
 # Architectures whose q/k rows are stored in the interleaved (canonical) order.
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -45,18 +46,6 @@ _INTEGER_TYPES = ("I8", "I16", "I32", "I64")
 def canonical_name(gguf_name: str) -> str:
     """GGUF tensor name -> canonical name (unknown names unchanged, to fail validation)."""
     return rename_to_canonical(gguf_name, _GLOBAL_NAMES, _LAYER, _LAYER_NAMES)
-
-
-def scalar_metadata(reader) -> dict:
-    """The metadata's scalar values (arrays such as the token list are left out)."""
-    from gguf import GGUFValueType
-
-    meta = {}
-    for key, field in reader.fields.items():
-        if field.types and field.types[0] != GGUFValueType.ARRAY:
-            value = field.parts[field.data[0]]
-            meta[key] = bytes(value).decode() if field.types[0] == GGUFValueType.STRING else value[0].item()
-    return meta
 
 
 def read_tensor(tensor, shape: tuple[int, ...], index: tuple[slice, ...] = ()) -> np.ndarray:
@@ -89,14 +78,12 @@ class GGUFCheckpoint(Checkpoint):
     format = "gguf"
 
     def __init__(self, file: Path):
-        from gguf import GGUFReader
-
-        self.reader = GGUFReader(file)  # memory-mapped; tensors are read when touched
-        meta = scalar_metadata(self.reader)
+        self.file = open_gguf(file)  # parsed once (the tokenizer shares it); tensors memory-mapped
+        meta = self.file.metadata
         arch = meta.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(f"{file}: GGUF architecture {arch!r}, expected one of {SUPPORTED_ARCHITECTURES}")
-        tensors = {t.name: t for t in self.reader.tensors}
+        tensors = {t.name: t for t in self.file.tensors}
         if "token_embd.weight" not in tensors:
             raise CheckpointError(f"{file}: no tensor 'token_embd.weight' (the embedding)")
         try:
@@ -109,7 +96,7 @@ class GGUFCheckpoint(Checkpoint):
         super().__init__(file, config)
 
     def _entries(self, stack):
-        for t in self.reader.tensors:
+        for t in self.file.tensors:
             shape = tuple(int(n) for n in reversed(t.shape))  # ggml's ne, innermost first
             dtype = t.tensor_type.name
             yield Entry(
