@@ -5,7 +5,11 @@
     print(llm.generate("The capital of France is", SamplingParams(max_tokens=8))[0].outputs[0].text)
 """
 
-from .xla_flags import apply_default_xla_flags
+import time as _time
+
+IMPORTED_AT = _time.perf_counter()  # `generate --verbose` counts start-up from here
+
+from .xla_flags import apply_default_xla_flags  # noqa: E402
 
 apply_default_xla_flags()  # before JAX initializes its backend
 

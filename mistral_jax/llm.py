@@ -132,6 +132,8 @@ class LLM:
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={load_format!r}: use 'auto' (read the checkpoint) or 'dummy' (random weights)")
         self.dtype = resolve_dtype(dtype)
+        self.timings: dict[str, float] = {}  # seconds of each start-up stage (generate --verbose)
+        t0 = time.perf_counter()
         if load_format == "dummy":  # random weights of a real shape (dummy.py)
             from .dummy import dummy_config, dummy_tokenizer
 
@@ -156,7 +158,10 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             attention_impl=attention_impl)
         check_mesh(self.config, self.mesh)
+        self.timings["open checkpoint (config, tensor index)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(tokenizer or self.model_path)
+        self.timings["tokenizer"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if checkpoint is None:
             model_ = random_weights(self.config, self.dtype, self.mesh, quantization=quantization, fp8_impl=fp8_impl)
@@ -166,8 +171,10 @@ class LLM:
             model_ = load_weights(checkpoint, self.dtype, self.mesh, progress=progress,
                                   quantization=quantization, fp8_impl=fp8_impl)
         self.quantization = model_.quantization  # an FP8 checkpoint sets it even when None was asked
-        self.load_seconds = time.perf_counter() - t0
+        self.load_seconds = self.timings["weights"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         self.engine = Engine(model_, self.tokenizer, self.mesh, engine_config)
+        self.timings["engine (KV cache)"] = time.perf_counter() - t0
         if progress:
             impl = fp8_matmul.describe_impl(fp8_impl)
             weights = (f"weights fp8 (e4m3 per-channel, per-token dynamic activations, fp8_matmul {impl})"
@@ -176,6 +183,7 @@ class LLM:
         if warmup is None:  # an accelerator: a request must never wait on a compile; a CPU: start fast
             warmup = self.mesh.devices.flat[0].platform != "cpu"
         self.warmup_programs, self.warmup_seconds = self.engine.warmup() if warmup else (0, 0.0)
+        self.timings["warm-up"] = self.warmup_seconds
         if progress:
             print(f"[warm-up: {self.warmup_programs} programs in {self.warmup_seconds:.1f}s]" if warmup else
                   f"[no warm-up: up to {self.engine.programs()} programs compile as requests first need them]",
