@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -130,15 +131,17 @@ def main():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        log = tempfile.TemporaryFile("w+")  # a file, not an unread pipe that could fill and block the server
         server = subprocess.Popen([sys.executable, "-m", "mistral_jax.serve", *engine_flags(args), "--port", str(port),
-                                   "--served-model-name", args.model_name], stderr=subprocess.PIPE, text=True)
+                                   "--served-model-name", args.model_name], stderr=log, text=True)
         url = f"http://127.0.0.1:{port}"
         try:
             import httpx
 
             while True:
                 if server.poll() is not None:
-                    sys.exit(f"the server exited: {server.stderr.read()[-3000:]}")
+                    log.seek(0)
+                    sys.exit(f"the server exited: {log.read()[-3000:]}")
                 try:
                     if httpx.get(url + "/health", timeout=1).status_code == 200:
                         break
@@ -148,6 +151,9 @@ def main():
         finally:
             server.terminate()
             server.wait(120)
+            log.seek(0)
+            result["server_log_tail"] = log.read()[-2000:]  # its start-up and warm-up report
+            log.close()
         peer = subprocess.run([sys.executable, __file__, "--in-process", *sys.argv[1:]], capture_output=True, text=True)
         line = next((ln for ln in peer.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

@@ -213,11 +213,13 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling_params: give one, or one each")
         texts, ids = zip(*(self._prompt_ids(p) for p in prompts)) if prompts else ((), ())
+        matchers = []  # each request's grammar state (structured outputs), built here: a bad one queues nothing
         for i, (tokens, sp) in enumerate(zip(ids, params)):
             self.engine.check_request(tokens, sp, f"prompt {i}")
+            matchers.append(self.engine.matcher(sp) if sp.structured_outputs is not None else None)
         request_ids = []
-        for i, (tokens, sp) in enumerate(zip(ids, params)):
-            request_ids.append(self.engine.add_request(tokens, sp, index=i, request_id=str(self._next_id)))
+        for i, (tokens, sp, m) in enumerate(zip(ids, params, matchers)):
+            request_ids.append(self.engine.add_request(tokens, sp, index=i, request_id=str(self._next_id), matcher=m))
             self._next_id += 1
         return request_ids, list(texts), list(ids)
 

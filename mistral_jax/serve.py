@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+SWITCH_INTERVAL_S = 0.0005
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import uvicorn
@@ -51,6 +54,11 @@ def main(argv=None) -> int:
                                     timeout_graceful_shutdown=args.timeout_graceful_shutdown))
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop accepting, let running requests finish, exit 0
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    # The engine thread and the HTTP event loop share the GIL. With Python's default 5-ms switch
+    # interval the engine thread, back from waiting on a step, could wait that long while the
+    # loop wrote 64 streams' chunks, and its next step launched late (H200, 2501 bf16, 64
+    # concurrent streams: 29 ms per output token over HTTP against 22.5 in-process).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     server.run()
     return 0
 

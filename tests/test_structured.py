@@ -161,8 +161,10 @@ def test_bitmask_matches_llguidance_numpy_reference():
     (dict(grammar="start: (("), "grammar"),
 ])
 def test_invalid_constraints_are_named(demo, spec, words):
+    good = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputs(choice=["a"]))
     with pytest.raises(ValueError, match=re.escape(words)):
-        demo.generate(["x"], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputs(**spec)))
+        demo.generate(["x", "y"], [good, SamplingParams(max_tokens=4, structured_outputs=StructuredOutputs(**spec))])
+    assert not demo.engine.has_unfinished_requests()  # the good one was not queued either
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -117,6 +117,9 @@ class AsyncEngine:
                         break
                 if self._stopping.is_set() or not self.engine.has_unfinished_requests():
                     continue
+                # One wake-up of each event loop per step, not one per event: at 64 streams the
+                # per-event hand-offs competed with this thread for the GIL.
+                deliveries: dict[asyncio.AbstractEventLoop, list] = {}
                 for event in self.engine.step():
                     for o in self.observers:
                         o.event(event)
@@ -124,7 +127,9 @@ class AsyncEngine:
                     if add is not None:
                         if event.finished:
                             del self._requests[event.request_id]
-                        self._deliver(add, event)
+                        deliveries.setdefault(add.loop, []).append((add.events, event))
+                for loop, items in deliveries.items():
+                    loop.call_soon_threadsafe(_put_all, items)
         except BaseException as e:  # noqa: BLE001  a fault: every waiting handler hears of it
             self.fault = e
             for add in self._requests.values():
@@ -132,3 +137,8 @@ class AsyncEngine:
             self._requests.clear()
         finally:
             self._stopping.set()
+
+
+def _put_all(items) -> None:
+    for events, event in items:
+        events.put_nowait(event)
