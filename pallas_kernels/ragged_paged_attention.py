@@ -111,22 +111,21 @@ def ragged_paged_attention_reference(
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     qg = q.reshape(num_tokens, n_kv, group, head_dim)  # query heads grouped by kv head
 
-    def body(s, out):
+    def attend(s, qr, q_pos):
+        """Rows qr [R, kv, g, D] of sequence s at absolute positions q_pos [R] -> [R, H, D] f32."""
         kv_len = kv_lens[s]
-        q_start = cu_q_lens[s]
-        q_len = cu_q_lens[s + 1] - q_start
-        q_pos = kv_len - q_len + (rows - q_start)  # [T] absolute position of each row (if mine)
+        R = qr.shape[0]
 
         def one_chunk(c, carry):  # online softmax over cache positions [c * chunk, (c + 1) * chunk)
-            m, l, acc = carry  # [T, kv, g] running max and sum, [T, kv, g, D] unnormalized output
+            m, l, acc = carry  # [R, kv, g] running max and sum, [R, kv, g, D] unnormalized output
             pages = jax.lax.dynamic_slice_in_dim(page_indices[s], c * chunk_pages, chunk_pages)
             k = gather(k_pages, pages).reshape(chunk, n_kv, head_dim)
             v = gather(v_pages, pages).reshape(chunk, n_kv, head_dim)
             kv_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
             in_cache = kv_pos < kv_len  # [chunk]
             v = jnp.where(in_cache[:, None, None], v, jnp.zeros((), v.dtype))
-            visible = (kv_pos[None, :] <= q_pos[:, None]) & in_cache[None, :]  # [T, chunk]
-            scores = jnp.einsum("tkgd,skd->tkgs", qg, k, preferred_element_type=jnp.float32) * scale
+            visible = (kv_pos[None, :] <= q_pos[:, None]) & in_cache[None, :]  # [R, chunk]
+            scores = jnp.einsum("tkgd,skd->tkgs", qr, k, preferred_element_type=jnp.float32) * scale
             scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
             m_new = jnp.maximum(m, scores.max(-1))
             p = jnp.exp(scores - m_new[..., None])
@@ -134,13 +133,25 @@ def ragged_paged_attention_reference(
             pv = jnp.einsum("tkgs,skd->tkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
             return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
 
-        init = (jnp.full((num_tokens, n_kv, group), MASK_VALUE, jnp.float32),
-                jnp.zeros((num_tokens, n_kv, group), jnp.float32),
-                jnp.zeros((num_tokens, n_kv, group, head_dim), jnp.float32))
+        init = (jnp.full((R, n_kv, group), MASK_VALUE, jnp.float32), jnp.zeros((R, n_kv, group), jnp.float32),
+                jnp.zeros((R, n_kv, group, head_dim), jnp.float32))
         _, l, acc = jax.lax.fori_loop(0, (kv_len + chunk - 1) // chunk, one_chunk, init)
-        o = (acc / jnp.maximum(l, 1e-30)[..., None]).reshape(num_tokens, n_heads, head_dim)
-        mine = seq_of_row == s  # [T]
-        return jnp.where(mine[:, None, None], o, out)
+        return (acc / jnp.maximum(l, 1e-30)[..., None]).reshape(R, n_heads, head_dim)
+
+    def body(s, out):
+        q_start = cu_q_lens[s]
+        q_len = cu_q_lens[s + 1] - q_start
+
+        def one_row(out):  # a decode row: attend with it alone, not with every packed row
+            start = jnp.minimum(q_start, num_tokens - 1)
+            o = attend(s, jax.lax.dynamic_slice_in_dim(qg, start, 1), kv_lens[s][None] - 1)
+            return jax.lax.dynamic_update_slice_in_dim(out, o, start, 0)
+
+        def all_rows(out):  # a prefill chunk: every row, keeping this sequence's
+            q_pos = kv_lens[s] - q_len + (rows - q_start)  # [T] absolute position of each row (if mine)
+            return jnp.where((seq_of_row == s)[:, None, None], attend(s, qg, q_pos), out)
+
+        return jax.lax.cond(q_len == 1, one_row, all_rows, out)
 
     out = jnp.zeros((num_tokens, n_heads, head_dim), jnp.float32)
     out = jax.lax.fori_loop(0, num_seqs, body, out)
