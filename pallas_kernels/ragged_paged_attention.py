@@ -116,29 +116,17 @@ def ragged_paged_attention_reference(
     def attend(s, qr, q_pos):
         """Rows qr [R, kv, g, D] of sequence s at absolute positions q_pos [R] -> [R, H, D] f32."""
         kv_len = kv_lens[s]
-        R = qr.shape[0]
 
-        def one_chunk(c, carry):  # online softmax over cache positions [c * chunk, (c + 1) * chunk)
-            m, l, acc = carry  # [R, kv, g] running max and sum, [R, kv, g, D] unnormalized output
+        def chunk_kv(c):  # the sequence's pages of chunk c, shared by every row
             pages = jax.lax.dynamic_slice_in_dim(page_indices[s], c * chunk_pages, chunk_pages)
-            k = gather(k_pages, pages).reshape(chunk, n_kv, head_dim)
-            v = gather(v_pages, pages).reshape(chunk, n_kv, head_dim)
             kv_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
             in_cache = kv_pos < kv_len  # [chunk]
-            v = jnp.where(in_cache[:, None, None], v, jnp.zeros((), v.dtype))
-            visible = (kv_pos[None, :] <= q_pos[:, None]) & in_cache[None, :]  # [R, chunk]
-            scores = jnp.einsum("tkgd,skd->tkgs", qr, k, preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
-            m_new = jnp.maximum(m, scores.max(-1))
-            p = jnp.exp(scores - m_new[..., None])
-            correction = jnp.exp(m - m_new)
-            pv = jnp.einsum("tkgs,skd->tkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-            return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
+            k = gather(k_pages, pages).reshape(chunk, n_kv, head_dim)
+            v = jnp.where(in_cache[:, None, None], gather(v_pages, pages).reshape(chunk, n_kv, head_dim), 0)
+            return k, v, (kv_pos[None, :] <= q_pos[:, None]) & in_cache[None, :]  # visible [R, chunk]
 
-        init = (jnp.full((R, n_kv, group), MASK_VALUE, jnp.float32), jnp.zeros((R, n_kv, group), jnp.float32),
-                jnp.zeros((R, n_kv, group, head_dim), jnp.float32))
-        _, l, acc = jax.lax.fori_loop(0, (kv_len + chunk - 1) // chunk, one_chunk, init)
-        return (acc / jnp.maximum(l, 1e-30)[..., None]).reshape(R, n_heads, head_dim)
+        o = _online_softmax(qr, (kv_len + chunk - 1) // chunk, chunk_kv, ("tkgd,skd->tkgs", "tkgs,skd->tkgd"), scale)
+        return o.reshape(qr.shape[0], n_heads, head_dim)
 
     def decode_rows(out):
         """Every one-row (decode) sequence at once: its row attends with its own pages alone,
@@ -147,29 +135,18 @@ def ragged_paged_attention_reference(
         q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
         is_decode = (q_lens == 1) & (jnp.arange(n) < num_seqs)  # [S]
         row = jnp.minimum(cu_q_lens[:-1], num_tokens - 1)
-        qd = qg[row]  # [S, kv, g, D]
         lens = jnp.where(is_decode, kv_lens, 0)
 
-        def one_chunk(c, carry):
-            m, l, acc = carry  # [S, kv, g], [S, kv, g], [S, kv, g, D]
+        def chunk_kv(c):  # each sequence's own pages of chunk c
             pages = jax.lax.dynamic_slice_in_dim(page_indices, c * chunk_pages, chunk_pages, axis=1)  # [S, cp]
-            k = gather(k_pages, pages).reshape(n, chunk, n_kv, head_dim)
-            v = gather(v_pages, pages).reshape(n, chunk, n_kv, head_dim)
             visible = (c * chunk + jnp.arange(chunk, dtype=jnp.int32))[None, :] < lens[:, None]  # [S, chunk]
-            v = jnp.where(visible[:, :, None, None], v, jnp.zeros((), v.dtype))
-            scores = jnp.einsum("nkgd,nskd->nkgs", qd, k, preferred_element_type=jnp.float32) * scale
-            scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
-            m_new = jnp.maximum(m, scores.max(-1))
-            p = jnp.exp(scores - m_new[..., None])
-            correction = jnp.exp(m - m_new)
-            pv = jnp.einsum("nkgs,nskd->nkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-            return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
+            k = gather(k_pages, pages).reshape(n, chunk, n_kv, head_dim)
+            v = jnp.where(visible[:, :, None, None], gather(v_pages, pages).reshape(n, chunk, n_kv, head_dim), 0)
+            return k, v, visible
 
-        init = (jnp.full((n, n_kv, group), MASK_VALUE, jnp.float32), jnp.zeros((n, n_kv, group), jnp.float32),
-                jnp.zeros((n, n_kv, group, head_dim), jnp.float32))
-        _, l, acc = jax.lax.fori_loop(0, (jnp.max(lens) + chunk - 1) // chunk, one_chunk, init)
-        o = (acc / jnp.maximum(l, 1e-30)[..., None]).reshape(n, n_heads, head_dim)
-        return out.at[jnp.where(is_decode, row, num_tokens)].set(o, mode="drop")
+        o = _online_softmax(qg[row], (jnp.max(lens) + chunk - 1) // chunk, chunk_kv,
+                            ("nkgd,nskd->nkgs", "nkgs,nskd->nkgd"), scale)
+        return out.at[jnp.where(is_decode, row, num_tokens)].set(o.reshape(n, n_heads, head_dim), mode="drop")
 
     def body(s, out):  # a prefill chunk: every packed row, keeping this sequence's
         q_start = cu_q_lens[s]
@@ -184,6 +161,29 @@ def ragged_paged_attention_reference(
     out = decode_rows(jnp.zeros((num_tokens, n_heads, head_dim), jnp.float32))
     out = jax.lax.fori_loop(0, num_seqs, body, out)
     return out.astype(q.dtype)
+
+
+def _online_softmax(q, num_chunks, chunk_kv, eqs, scale):
+    """Softmax attention of rows q [R, kv, g, D] over cache chunks, folded in one at a time
+    (running max and sum, f32): chunk_kv(c) -> (k, v, visible [R, chunk]), k/v shared by the rows
+    or one per row, as the einsums `eqs` (scores, then output) say. -> [R, kv, g, D] f32."""
+    R, n_kv, group, head_dim = q.shape
+
+    def one_chunk(c, carry):
+        m, l, acc = carry  # [R, kv, g] running max and sum, [R, kv, g, D] unnormalized output
+        k, v, visible = chunk_kv(c)
+        scores = jnp.einsum(eqs[0], q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
+        m_new = jnp.maximum(m, scores.max(-1))
+        p = jnp.exp(scores - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        pv = jnp.einsum(eqs[1], p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
+
+    init = (jnp.full((R, n_kv, group), MASK_VALUE, jnp.float32), jnp.zeros((R, n_kv, group), jnp.float32),
+            jnp.zeros((R, n_kv, group, head_dim), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, one_chunk, init)
+    return acc / jnp.maximum(l, 1e-30)[..., None]
 
 
 def write_kv_pages(
