@@ -12,6 +12,7 @@ FP8 projections run on the 2-D view [tokens, in] x [out, in] through pallas_kern
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,7 @@ def _dense(eq: str, x: jax.Array, weight: jax.Array) -> jax.Array:
     n_in = len(ins) - 2  # x: [batch, seq, in...]; weight: [out..., in...]
     assert w_sub.endswith(ins[2:]), f"{eq}: the weight's last dims must be x's input dims"
     out = weight.shape[: weight.ndim - n_in]
-    y = jnp.einsum("bsi,oi->bso", x.reshape(*x.shape[:2], -1), weight.reshape(-1, x[0, 0].size))
+    y = jnp.einsum("bsi,oi->bso", x.reshape(*x.shape[:2], -1), weight.reshape(-1, math.prod(x.shape[2:])))
     return y.reshape(*x.shape[:2], *out)
 
 

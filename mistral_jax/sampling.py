@@ -58,7 +58,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
     structured_outputs: Any = None  # a structured.StructuredOutputs: the output must match it
 
-
     def __post_init__(self):
         if not _is_int(self.n) or self.n != 1:
             _bad("n", self.n, "1 (one completion per request)",

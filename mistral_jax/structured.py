@@ -164,18 +164,13 @@ def llg_tokenizer(tokenizer: Tokenizer, vocab_size: int):
 class Matcher:
     """One request's grammar state: the mask of its next token, and the tokens it accepted."""
 
-    def __init__(self, spec: StructuredOutputs | str, tokenizer: Tokenizer, vocab_size: int):
+    def __init__(self, spec: StructuredOutputs, tokenizer: Tokenizer, vocab_size: int):
         import llguidance
 
-        grammar = spec.llguidance_grammar() if isinstance(spec, StructuredOutputs) else spec
-        self.field = spec.field() if isinstance(spec, StructuredOutputs) else "grammar"
-        llg = llg_tokenizer(tokenizer, vocab_size)
-        error = llguidance.LLMatcher.validate_grammar(grammar, llg)
-        if error:
-            raise ValueError(f"the {self.field} constraint is invalid: {error.strip()}")
-        self.matcher = llguidance.LLMatcher(llg, grammar, log_level=0)
+        # Built once: a grammar the matcher cannot build leaves it in an error state, with the reason.
+        self.matcher = llguidance.LLMatcher(llg_tokenizer(tokenizer, vocab_size), spec.llguidance_grammar(), log_level=0)
         if self.matcher.is_error():
-            raise ValueError(f"the {self.field} constraint is invalid: {self.matcher.get_error()}")
+            raise ValueError(f"the {spec.field()} constraint is invalid: {self.matcher.get_error().strip()}")
 
     def accept(self, token: int) -> bool:
         """Advance over a sampled token; False if the grammar rejects it (it never should)."""
@@ -191,7 +186,6 @@ class MaskBuffer:
     """Host bitmask rows for one step, filled in parallel for every constrained row."""
 
     def __init__(self, rows: int, vocab_size: int):
-        self.vocab_size = vocab_size
         self.all_ones = np.full((rows, words(vocab_size)), -1, np.int32)
         self._executor = None
 

@@ -62,7 +62,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def tool_call_started(self, token_ids: list[int]) -> bool | None:
-        """Whether generated ids have begun tool calls (text before them can stream as it
+        """Whether these generated ids begin tool calls (text before them can stream as it
         comes); None: this format only tells at the end (hold the reply)."""
         return None
 

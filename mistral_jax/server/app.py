@@ -271,7 +271,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                                         "finish_reason": finish}]})
 
         async def sse() -> AsyncIterator[str]:
-            usage, started, held, text, sent = _Usage(), set(), {}, {}, {}
+            usage, started, held, text, sent, in_calls = _Usage(), set(), {}, {}, {}, set()
             async for index, event in _merged(bridge, jobs, request):
                 if index not in started:
                     started.add(index)
@@ -281,8 +281,10 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                 if tools:  # text streams until the reply turns into tool calls (where the format tells)
                     held.setdefault(index, []).append(event.token_id)
                     text[index] = text.get(index, "") + event.text
+                    if tokenizer.tool_call_started([event.token_id]) is not False:  # begun, or cannot tell
+                        in_calls.add(index)
                     if not event.finished:
-                        if tokenizer.tool_call_started(held[index]) is False:
+                        if index not in in_calls:
                             sent[index] = len(text[index])
                             yield chunk(index, {"content": event.text} if event.text else {}, None, lps)
                         continue
