@@ -42,6 +42,7 @@ from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, mesh_size, named_sharding, use_mesh
+from .speculative import SpeculativeConfig, Speculator, SpecState
 from .structured import Matcher, MaskBuffer
 from .tokenizer import Tokenizer
 
@@ -73,8 +74,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decode tokens)
     enable_prefix_caching: bool = True
     attention_impl: str = "auto"  # "auto" | "reference" | "triton" | "tpu"
+    speculative_config: SpeculativeConfig | dict | str | None = None  # speculative.py
 
     def __post_init__(self):
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         checks = [
             ("block_size", self.block_size, 1 <= self.block_size <= 1024, "an integer in [1, 1024], e.g. 16"),
             ("max_num_seqs", self.max_num_seqs, self.max_num_seqs >= 1, "an integer >= 1"),
@@ -103,9 +106,10 @@ class StepInputs:
     page_indices: jax.Array  # [S, pages] i32
     cu_q_lens: jax.Array  # [S + 1] i32
     num_seqs: jax.Array  # [] i32
-    logits_at: jax.Array  # [S] i32 packed row of each sequence's last token
+    # Sampling rows: one per sequence (its last token), plus one per draft of a speculating one.
+    logits_at: jax.Array  # [S] i32 packed position each row samples after
     slots: jax.Array  # [S] i32 row of the persistent penalty state (max_num_seqs = none)
-    sampled: jax.Array  # [S] bool this step's token of the sequence is kept
+    sampled: jax.Array  # [S] bool the row's token is kept (penalty counts)
     step: jax.Array  # [S] i32 index of the token being sampled among the generated ones
 
 
@@ -119,7 +123,7 @@ def _step(graphdef, state, k_pages, v_pages, inputs: StepInputs, prev_tokens, sa
     cache = PagedKVCache(k_pages, v_pages, inputs.slot_mapping, inputs.kv_lens, inputs.page_indices,
                          inputs.cu_q_lens, inputs.num_seqs, impl=impl)
     hidden, cache = model.hidden(tokens, inputs.positions[None], cache)  # [1, T, dim]
-    last = model.logits(hidden[:, inputs.logits_at])[0]  # [S, vocab]: each sequence's last token
+    last = model.logits(hidden[:, inputs.logits_at])[0]  # [S, vocab]: each sampling row
     vocab = last.shape[-1]
     # Every row's penalties apply (neutral values leave its logits as they are), so requests with
     # and without penalties share one program.
@@ -224,7 +228,12 @@ class Engine:
             self.attention_impl = default_impl(mesh.devices.flat[0].platform)
         self.num_pages = self._size_cache()
         self.allocator = PageAllocator(self.num_pages, self.page_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        spec = config.speculative_config
+        self.speculator = Speculator(spec) if spec is not None else None
+        # A step's sampling rows (sequences + drafts) fit its sequence axis: rows <= tokens <= T
+        # and rows <= max_seqs_bucket, so seqs_bucket(T) holds them; drafts add no program.
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
+                                   speculator=self.speculator, max_rows=self.max_seqs_bucket)
         with use_mesh(mesh):
             # Placed as the step returns them (so the second step does not compile again),
             # straight into their sharding (a device_put afterwards could copy gigabytes).
@@ -333,6 +342,10 @@ class Engine:
         if matcher is None and params.structured_outputs is not None:
             matcher = self.matcher(params)
         seq = Sequence(request_id, [int(t) for t in prompt_ids], params, index, matcher=matcher)
+        if self.speculator is not None and matcher is None and not _uses_penalties(params):
+            # Drafts are sampled with the penalty counts and grammar state of the step's start, which
+            # would be wrong past the first draft: such requests decode plainly.
+            seq.spec = SpecState()
         self.sequences[request_id] = seq
         self.outputs[request_id] = OutputState(request_id, index, params, self.tokenizer)
         self.scheduler.add(seq)
@@ -383,7 +396,7 @@ class Engine:
                          if wants_prompt_logprobs else None)
         for s in batch:
             self.scheduler.register_full_pages(s.seq)
-        self._rows = {s.seq: i for i, s in enumerate(batch)}  # where each sequence's token lands
+        self._rows = dict(zip((s.seq for s in batch), _first_rows(batch)))  # where each sequence's token lands
         return _Launched(batch, result, prompt_lp)
 
     # ---- the program set ------------------------------------------------------------------
@@ -434,6 +447,7 @@ class Engine:
         n_tok = sum(s.n for s in batch)
         T = next(b for b in self.token_buckets() if b >= n_tok)
         S = self.seqs_bucket(T)
+        assert sum(s.rows for s in batch) <= S, "more sampling rows than the step's bucket holds"
         pages = self.page_table_width
         tokens = np.zeros(T, np.int32)
         prev_index = np.full(T, -1, np.int32)
@@ -447,16 +461,19 @@ class Engine:
         slots = np.full(S, self.config.max_num_seqs, np.int32)
         sampled = np.zeros(S, bool)
         step = np.zeros(S, np.int32)
-        rows = self._rows if self._pending else {}
-        t = 0
+        prev_rows = self._rows if self._pending else {}
+        params, constrained = [], []
+        t = r = 0
         for i, s in enumerate(batch):
             seq = s.seq
             pos = np.arange(s.start, s.start + s.n)
-            known = min(s.start + s.n, len(seq.token_ids)) - s.start
+            own = s.n - len(s.draft)  # the sequence's own tokens, then its drafts
+            known = min(s.start + own, len(seq.token_ids)) - s.start
             tokens[t : t + known] = seq.token_ids[s.start : s.start + known]
-            if known < s.n:  # the last token is still on the device, from the previous step
-                assert known == s.n - 1 and seq in rows, "a decode token is missing"
-                prev_index[t + known] = rows[seq]
+            tokens[t + own : t + s.n] = s.draft
+            if known < own:  # the last token is still on the device, from the previous step
+                assert known == own - 1 and seq in prev_rows, "a decode token is missing"
+                prev_index[t + known] = prev_rows[seq]
             positions[t : t + s.n] = pos
             page_of = np.asarray(seq.pages, np.int32)
             slot_mapping[t : t + s.n] = page_of[pos // self.page_size] * self.page_size + pos % self.page_size
@@ -467,17 +484,20 @@ class Engine:
             kv_lens[i] = s.start + s.n
             page_indices[i, : len(seq.pages)] = seq.pages
             cu_q_lens[i + 1] = t + s.n
-            logits_at[i] = t + s.n - 1
-            slots[i] = seq.slot
-            sampled[i] = s.sample
-            step[i] = seq.num_generated - 1 if s.sample else 0
+            rows = slice(r, r + s.rows)  # the last own token's logits, then each draft's
+            logits_at[rows] = t + own - 1 + np.arange(s.rows)
+            slots[rows] = seq.slot
+            sampled[rows] = s.sample
+            step[rows] = seq.num_generated - 1 + np.arange(s.rows) if s.sample else 0
+            params += [seq.params] * s.rows
+            if s.sample and seq.matcher is not None:
+                constrained.append((r, seq.matcher))
             t += s.n
+            r += s.rows
         cu_q_lens[len(batch) + 1 :] = t
         inputs = self._host_to_mesh(StepInputs(tokens, prev_index, positions, slot_mapping, next_ids, kv_lens,
                                            page_indices, cu_q_lens, np.int32(len(batch)), logits_at, slots,
                                            sampled, step))
-        params = [s.seq.params for s in batch]
-        constrained = [(i, s.seq.matcher) for i, s in enumerate(batch) if s.sample and s.seq.matcher is not None]
         sampling = SamplingArrays.from_params(params, pad_to=S, allowed=self._allowed(S, constrained))
         if self.multiprocess:
             sampling = self._host_to_mesh(jax.tree.map(np.asarray, sampling))
@@ -540,35 +560,47 @@ class Engine:
         prompt_lp = self._to_host(launched.prompt_lp) if launched.prompt_lp is not None else None
         events = []
         t = 0
-        for i, s in enumerate(launched.batch):
+        for s, row in zip(launched.batch, _first_rows(launched.batch)):
             seq = s.seq
-            rows = slice(t, t + s.n)
+            packed = slice(t, t + s.n)
             t += s.n
             if seq.status is Status.FINISHED:
                 continue  # aborted or stopped after this step was launched: its output is dropped
             if prompt_lp is not None and seq.params.prompt_logprobs is not None:
-                self._collect_prompt_logprobs(seq, s, rows, prompt_lp)
+                self._collect_prompt_logprobs(seq, s, packed, prompt_lp)
             if not s.sample:
                 continue
             seq.in_flight -= 1
-            token = int(host.tokens[i])
-            seq.token_ids.append(token)
-            out = self.outputs[seq.request_id]
-            # The grammar is done when it has stopped, or if it rejects the token (only if the
-            # mask allowed nothing: the request ends rather than leaving its grammar).
-            done = seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.stopped)
-            event = out.add(token, _row_logprobs(host, i, seq.params.logprobs), grammar_done=done)
-            if out.count == 1 and seq.params.prompt_logprobs is not None:
-                event.prompt_logprobs = self._finish_prompt_logprobs(seq)
-            if event.finished:
-                event.num_cached_tokens = seq.num_cached_tokens or 0
-                self.scheduler.finish(seq)
-                self.sequences.pop(seq.request_id, None)
-                self.outputs.pop(seq.request_id, None)
-            else:
-                self.scheduler.register_full_pages(seq)
-            events.append(event)
+            kept = 1
+            if s.draft:  # keep the drafts the target sampled too, then the token after them
+                accepted = self.speculator.accept(seq.spec, s.draft, host.tokens[row : row + s.rows])
+                self.scheduler.rollback(seq, len(s.draft) - accepted)
+                kept += accepted
+            for r in range(row, row + kept):
+                event = self._emit(seq, int(host.tokens[r]), _row_logprobs(host, r, seq.params.logprobs))
+                events.append(event)
+                if event.finished:
+                    break
         return events
+
+    def _emit(self, seq: Sequence, token: int, logprobs) -> StepEvent:
+        """One sampled token of a sequence -> its event; a finished sequence leaves the engine."""
+        seq.token_ids.append(token)
+        out = self.outputs[seq.request_id]
+        # The grammar is done when it has stopped, or if it rejects the token (only if the
+        # mask allowed nothing: the request ends rather than leaving its grammar).
+        done = seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.stopped)
+        event = out.add(token, logprobs, grammar_done=done)
+        if out.count == 1 and seq.params.prompt_logprobs is not None:
+            event.prompt_logprobs = self._finish_prompt_logprobs(seq)
+        if event.finished:
+            event.num_cached_tokens = seq.num_cached_tokens or 0
+            self.scheduler.finish(seq)
+            self.sequences.pop(seq.request_id, None)
+            self.outputs.pop(seq.request_id, None)
+        else:
+            self.scheduler.register_full_pages(seq)
+        return event
 
     def _collect_prompt_logprobs(self, seq: Sequence, s: Scheduled, rows: slice, prompt_lp) -> None:
         actual, top_ids, top_lp = prompt_lp
@@ -584,6 +616,11 @@ class Engine:
     def _finish_prompt_logprobs(self, seq: Sequence) -> list[dict[int, float] | None]:
         got = self._prompt_lps.pop(seq.request_id, {})
         return [None] + [got.get(p) for p in range(1, len(seq.prompt_ids))]  # nothing predicts token 0
+
+
+def _first_rows(batch: list[Scheduled]) -> list[int]:
+    """Each scheduled sequence's first sampling row (rows are packed in batch order)."""
+    return list(itertools.accumulate((s.rows for s in batch[:-1]), initial=0)) if batch else []
 
 
 def _row_logprobs(host, b: int, n: int | None) -> dict[int, float] | None:

@@ -42,6 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     serve.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                        help="compile every program the settings allow before the first request "
                             "(default: on with an accelerator, off on a CPU)")
+    serve.add_argument("--speculative-config", default=None,
+                       help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                            "(same output, more tokens per step where the text repeats its context)")
     distributed.add_cli_flags(p)
 
 
@@ -52,4 +55,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl,
                 quantization=args.quantization, fp8_impl=args.fp8_impl, mesh=args.mesh, warmup=args.warmup,
-                load_format=args.load_format, config=args.config, tokenizer=args.tokenizer)
+                load_format=args.load_format, config=args.config, tokenizer=args.tokenizer,
+                speculative_config=args.speculative_config)

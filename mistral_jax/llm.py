@@ -101,6 +101,11 @@ class LLM:
     None: on where the devices are accelerators, off on a CPU (start-up time matters more there;
     programs then compile as requests first need them). `warmup_programs` and `warmup_seconds`
     report it; the persistent compilation cache makes a restart's warm-up a fraction of the first.
+
+    speculative_config: vLLM's dict (or its JSON text), e.g. {"method": "ngram",
+    "num_speculative_tokens": 4, "prompt_lookup_max": 5, "prompt_lookup_min": 2}: decoding
+    sequences propose tokens that the model checks in the same step; the output is the same as
+    without it (speculative.py). `llm.engine.speculator.stats` counts proposals and acceptances.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
@@ -110,7 +115,7 @@ class LLM:
                  attention_impl: str = "auto", quantization: str | None = None, fp8_impl: str = "auto",
                  mesh=None, coordinator_address: str | None = None, num_processes: int | None = None,
                  process_id: int | None = None, warmup: bool | None = None, load_format: str = "auto",
-                 config: str | None = None):
+                 config: str | None = None, speculative_config: dict | str | None = None):
         # Multi-host: join the other processes before JAX starts (see distributed.py; the
         # environment's JAX_COORDINATOR_ADDRESS etc. work too). Only process 0 reports.
         distributed.initialize(coordinator_address, num_processes, process_id)
@@ -156,7 +161,7 @@ class LLM:
             self.max_model_len, block_size=block_size, num_pages=num_pages,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            attention_impl=attention_impl)
+            attention_impl=attention_impl, speculative_config=speculative_config)
         check_mesh(self.config, self.mesh)
         self.timings["open checkpoint (config, tensor index)"] = time.perf_counter() - t0
         t0 = time.perf_counter()

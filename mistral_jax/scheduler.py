@@ -16,6 +16,12 @@ still be on the device (`in_flight`) when its next decode step is scheduled; the
 that token from the device. A sequence under a grammar (structured outputs) is the exception:
 its next token's mask is computed on the host from the last one, so it sits out the step
 launched while that token is in flight (it decodes every other step; the others keep pace).
+
+Speculative decoding (speculative.py): a decoding sequence may carry proposed tokens (drafts)
+after its last one; each of them is also sampled, so a step's sampling rows (one per sequence,
+plus one per draft) can outnumber its sequences, up to `max_rows`. A sequence whose drafts are
+in flight waits for them to be read (its length is unknown until then); the engine then rolls
+its computed length back past the rejected ones.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Sequence:
     num_preemptions: int = 0
     slot: int = -1  # row of the persistent per-sequence sampling state
     matcher: object = None  # structured.Matcher: its next mask needs its last token on the host
+    spec: object = None  # speculative.SpecState when the sequence speculates
     status: Status = Status.WAITING
 
     def __post_init__(self):
@@ -79,11 +86,20 @@ class Scheduled:
     n: int
     sample: bool  # the chunk reaches the sequence's end: its last token's logits are sampled
     admitted: bool = False  # the sequence (re)entered the running set with this step
+    draft: tuple[int, ...] = ()  # proposed tokens, the chunk's last len(draft) (each one sampled too)
+
+    @property
+    def rows(self) -> int:
+        """Sampling rows: the last token's, and one per draft."""
+        return 1 + len(self.draft)
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: PageAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+                 speculator=None, max_rows: int | None = None):
         self.allocator = allocator
+        self.speculator = speculator  # speculative.Speculator, or None
+        self.max_rows = max_rows or max_num_seqs
         self.page_size = allocator.page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -102,15 +118,22 @@ class Scheduler:
 
     def schedule(self) -> list[Scheduled]:
         budget = self.max_num_batched_tokens
+        rows = self.max_rows
         batch: list[Scheduled] = []
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and rows > 0:
             seq = self.running[i]
             if seq.matcher is not None and seq.in_flight:
                 i += 1  # its grammar mask waits for the token in flight: it runs next step
                 continue
+            if seq.spec is not None and seq.in_flight and (seq.spec.pending or not seq.spec.plain_steps):
+                i += 1  # its drafts are unread, or its next proposal needs the token in flight
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
+            draft = self._draft(seq, n, budget, rows)
+            if draft and not self._reserve(seq, seq.num_computed + n + len(draft)):
+                draft = ()  # no pages for drafts: decode plainly rather than preempt anyone
             while not self._reserve(seq, seq.num_computed + n):
                 preempted = True
                 victim = self.running[-1]  # the newest; never one already in this batch
@@ -119,10 +142,12 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 break  # seq itself was preempted: everything after it already was
-            batch.append(self._take(seq, n))
-            budget -= n
+            batch.append(self._take(seq, n, draft))
+            budget -= batch[-1].n
+            rows -= batch[-1].rows
             i += 1
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (not preempted and self.waiting and budget > 0 and rows > 0
+               and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             if seq.num_computed == 0 and seq.uses_prefix_cache:
                 seq.pages, seq.hashes = self.allocator.match_prefix(seq.token_ids)
@@ -140,15 +165,35 @@ class Scheduler:
             self.running.append(seq)
             batch.append(dataclasses.replace(self._take(seq, n), admitted=True))
             budget -= n
+            rows -= 1
         return batch
 
-    def _take(self, seq: Sequence, n: int) -> Scheduled:
+    def _draft(self, seq: Sequence, n: int, budget: int, rows: int) -> tuple[int, ...]:
+        """Drafts for a decoding sequence whose tokens are all read (else ()), within the step's
+        token and row budgets and the request's max_tokens."""
+        if seq.spec is None or n != 1 or seq.num_tokens - seq.num_computed != 1:
+            return ()
+        if seq.in_flight:  # plain pipelined steps while backing off
+            seq.spec.plain_steps -= 1
+            return ()
+        limit = min(budget - 1, rows - 1, seq.params.max_tokens - seq.num_generated - 1)
+        return self.speculator.propose(seq.spec, seq.token_ids, limit)
+
+    def _take(self, seq: Sequence, n: int, draft: tuple[int, ...] = ()) -> Scheduled:
         start = seq.num_computed
-        seq.num_computed += n
-        sample = seq.num_computed == seq.num_tokens
+        sample = start + n == seq.num_tokens
+        seq.num_computed += n + len(draft)
         if sample:
             seq.in_flight += 1
-        return Scheduled(seq, start, n, sample)
+        if seq.spec is not None:
+            seq.spec.pending = draft
+        return Scheduled(seq, start, n + len(draft), sample, draft=draft)
+
+    def rollback(self, seq: Sequence, rejected: int) -> None:
+        """A verify step's rejected drafts: their k/v are past the computed length now (the next
+        step overwrites them); the pages stay with the sequence (it grows into them)."""
+        if seq.status is Status.RUNNING:
+            seq.num_computed -= rejected
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Make the block table cover num_tokens; False (nothing allocated) if pages ran out."""

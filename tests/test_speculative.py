@@ -1,0 +1,238 @@
+"""Speculative decoding (issue 21): the output is plain decoding's, token for token (greedy and
+seeded sampling), its distribution is the target's, and everything else keeps working: batches
+mixing speculating and plain requests, the prefix cache, preemption, abort, stop strings,
+max_tokens, logprobs, no new programs. The reference is the same engine without speculation
+(itself checked against transformers in test_engine.py)."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from mistral_jax import LLM, SamplingParams
+from mistral_jax.speculative import SpeculativeConfig, ngram_propose
+from test_warmup import COMPILES
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def ngram(k):
+    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+# ---- the proposer -------------------------------------------------------------------------------
+
+
+def brute_force_propose(tokens, k, n_min, n_max):
+    """The definition, spelled out: longest n in [n_min, n_max] whose last n tokens occur earlier
+    with a token after them; the k tokens after the latest such occurrence."""
+    N = len(tokens)
+    for n in range(min(n_max, N - 1), n_min - 1, -1):
+        suffix = list(tokens[N - n :])
+        starts = [i for i in range(0, N - n) if list(tokens[i : i + n]) == suffix]
+        if starts:
+            return list(tokens[starts[-1] + n : starts[-1] + n + k])
+    return []
+
+
+@pytest.mark.parametrize("alphabet", [2, 3, 6, 40])
+def test_ngram_proposer_matches_its_definition(alphabet):
+    rng = np.random.default_rng(alphabet)
+    hits = 0
+    for trial in range(300):
+        tokens = rng.integers(0, alphabet, size=int(rng.integers(1, 60))).astype(np.int32)
+        n_min = int(rng.integers(1, 4))
+        n_max = n_min + int(rng.integers(0, 4))
+        k = int(rng.integers(1, 7))
+        got = ngram_propose(tokens, k, n_min, n_max).tolist()
+        assert got == brute_force_propose(tokens, k, n_min, n_max), (tokens.tolist(), k, n_min, n_max)
+        hits += bool(got)
+    assert hits > 30  # the cases exercise matches, not only misses
+
+
+def test_bad_speculative_settings_fail_clearly(tiny_checkpoints):
+    cases = [({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0"),
+             ({"method": "eagle", "num_speculative_tokens": 2}, "method='eagle' is not supported"),
+             ({"method": "ngram"}, "needs 'num_speculative_tokens'"),
+             ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+              "prompt_lookup_min=4"),
+             ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown keys"),
+             ('{"method": "ngram", ', "not valid JSON")]
+    for spec, match in cases:
+        with pytest.raises(ValueError, match=match):
+            LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=64, progress=False,
+                speculative_config=spec)
+    assert SpeculativeConfig.parse(json.dumps(ngram(3))) == SpeculativeConfig(**ngram(3))
+
+
+# ---- exactness on the tiny random model --------------------------------------------------------
+
+
+def make_llm(path, spec=None, **kw):
+    kw = {"max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 64, **kw}
+    return LLM(model=str(path), dtype="float32", progress=False, speculative_config=spec, **kw)
+
+
+def repetitive_prompts(n, seed, vocab=32768):
+    """Prompts that repeat a random phrase (prompt lookup finds matches) and plain random ones."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        phrase = rng.integers(5, vocab, size=int(rng.integers(3, 12))).tolist()
+        noise = rng.integers(5, vocab, size=int(rng.integers(1, 20))).tolist()
+        ids = phrase * int(rng.integers(2, 4)) + noise + phrase[: int(rng.integers(1, len(phrase)))]
+        out.append({"prompt_token_ids": ids if i % 5 else noise + phrase})
+    return out
+
+
+def mixed_params(n, seed):
+    """Greedy, seeded sampling, and penalties (those requests decode plainly in the same batch)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        max_tokens = int(rng.integers(1, 30))
+        if i % 4 == 3:
+            out.append(SamplingParams(temperature=0.8, max_tokens=max_tokens, ignore_eos=True, seed=i,
+                                      repetition_penalty=1.3))
+        elif i % 4 == 2:
+            out.append(SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=100 + i, max_tokens=max_tokens,
+                                      ignore_eos=True))
+        else:
+            out.append(dataclasses.replace(GREEDY, max_tokens=max_tokens))
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(tiny_checkpoints):
+    llm = make_llm(tiny_checkpoints[0])
+    prompts, params = repetitive_prompts(32, seed=1), mixed_params(32, seed=1)
+    return prompts, params, [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_speculation_gives_plain_decodings_tokens(tiny_checkpoints, plain_outputs, k):
+    """32 requests in one batch of 8 seats and a 64-token step budget: greedy, seeded top-p/top-k
+    sampling and penalty requests (which do not speculate) side by side, prefix cache on (the
+    repeated phrases and a second pass hit it)."""
+    prompts, params, expected = plain_outputs
+    llm = make_llm(tiny_checkpoints[0], ngram(k))
+    for attempt in range(2):  # the second pass finds the prompts in the prefix cache
+        outs = llm.generate(prompts, params)
+        for o, want, sp in zip(outs, expected, params):
+            assert o.outputs[0].token_ids == want
+            assert len(want) == sp.max_tokens
+    stats = llm.engine.speculator.stats
+    # Both outcomes were exercised: drafts kept (tokens skipped ahead) and drafts rolled back.
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert llm.prefix_cache_stats().cached_tokens > 0
+    assert llm.engine.allocator.num_used_pages == 0
+
+
+def test_speculation_survives_preemption(tiny_checkpoints):
+    """A cache of 24 pages for 8 sequences that need up to 9 each: sequences are preempted
+    (also while their drafts are in flight) and recomputed; outputs stay plain decoding's."""
+    rng = np.random.default_rng(5)
+    phrase = rng.integers(5, 32768, size=10).tolist()
+    prompts = [{"prompt_token_ids": rng.integers(5, 32768, size=int(rng.integers(30, 80))).tolist() + phrase * 2}
+               for _ in range(10)]
+    params = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)] * 10
+    want = [o.outputs[0].token_ids for o in make_llm(tiny_checkpoints[0], num_pages=200).generate(prompts, params)]
+    llm = make_llm(tiny_checkpoints[0], ngram(4), num_pages=24, block_size=16)
+    outs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.speculator.stats.num_accepted_tokens > 0
+    assert llm.engine.allocator.num_used_pages == 0
+
+
+def test_stop_strings_max_tokens_and_logprobs_as_plain(tiny_checkpoints):
+    prompts = repetitive_prompts(6, seed=9)
+    plain, spec = make_llm(tiny_checkpoints[0]), make_llm(tiny_checkpoints[0], ngram(4))
+    base = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=3)
+    ref = plain.generate(prompts, base)
+    # A stop string taken from the middle of each plain output: both engines cut at the same place.
+    stops = [dataclasses.replace(base, stop=[o.outputs[0].text[len(o.outputs[0].text) // 2:][:3]]) for o in ref]
+    for params in ([base] * len(prompts), stops):
+        want, got = plain.generate(prompts, params), spec.generate(prompts, params)
+        for w, g in zip(want, got):
+            w, g = w.outputs[0], g.outputs[0]
+            assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason)
+            assert [sorted(d) for d in g.logprobs] == [sorted(d) for d in w.logprobs]
+            np.testing.assert_allclose([v for d in g.logprobs for v in d.values()],
+                                       [v for d in w.logprobs for v in d.values()], atol=1e-4)
+    assert any(o.outputs[0].finish_reason == "stop" for o in got)
+    assert spec.engine.speculator.stats.num_accepted_tokens > 0
+
+
+def test_abort_with_drafts_in_flight_frees_pages(tiny_checkpoints):
+    llm = make_llm(tiny_checkpoints[0], ngram(4))
+    prompts = repetitive_prompts(6, seed=3)
+    start = llm.engine.allocator.num_free_pages
+    seen = {}
+    for ev in llm.stream(prompts, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)):
+        seen[ev.request_id] = seen.get(ev.request_id, 0) + 1
+        if seen[ev.request_id] == 5 and int(ev.request_id) % 2 == 0:
+            assert llm.abort(ev.request_id)
+    assert llm.engine.allocator.num_free_pages == start
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_speculation_adds_no_program(tiny_checkpoints):
+    llm = make_llm(tiny_checkpoints[0], ngram(5), warmup=True)
+    assert llm.warmup_programs == llm.engine.programs()
+    compiles = COMPILES.count
+    llm.generate(repetitive_prompts(12, seed=4), mixed_params(12, seed=4))
+    llm.generate(repetitive_prompts(3, seed=4), GREEDY)
+    assert llm.engine.speculator.stats.num_drafts > 0
+    assert COMPILES.count == compiles
+
+
+# ---- the distribution -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(tmp_path_factory, tiny_cfg, tiny_checkpoints):
+    """The tiny model with a 48-token vocabulary and a sharpened head: sampled text repeats itself
+    often enough that prompt lookup proposes tokens the model may or may not draw."""
+    from checkpoint_fixtures import random_weights
+
+    cfg = dataclasses.replace(tiny_cfg, vocab_size=48)
+    weights = random_weights(cfg, seed=11)
+    weights["output.weight"] *= 12.0
+    path = tmp_path_factory.mktemp("small_vocab")
+    (path / "params.json").write_text(json.dumps(cfg.to_mistral_params()))
+    save_file(weights, str(path / "consolidated.safetensors"))
+    shutil.copy(tiny_checkpoints[0] / "tokenizer.model.v3", path)
+    return path
+
+
+def _chi_square_p(a: np.ndarray, b: np.ndarray, vocab: int) -> float:
+    """Two-sample chi-square (homogeneity) over token counts; rare tokens pooled."""
+    from scipy.stats import chi2_contingency
+
+    table = np.stack([np.bincount(a, minlength=vocab), np.bincount(b, minlength=vocab)])
+    common = table.sum(0) >= 10
+    table = np.concatenate([table[:, common], table[:, ~common].sum(1, keepdims=True)], axis=1)
+    table = table[:, table.sum(0) > 0]
+    return chi2_contingency(table).pvalue
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_speculative_sampling_follows_the_target_distribution(small_vocab_model, top_p):
+    """600 samples of 6 tokens at temperature 1 with speculation, 600 without, other seeds: each
+    position's token distribution is the same (chi-square); the same seeds give the same tokens."""
+    n, length = 600, 6
+    prompt = {"prompt_token_ids": [1, 7, 9, 7, 9, 7, 9, 30, 7, 9]}
+    plain, spec = make_llm(small_vocab_model, max_num_seqs=64), make_llm(small_vocab_model, ngram(3), max_num_seqs=64)
+    run = lambda llm, seeds: np.array([o.outputs[0].token_ids for o in llm.generate(
+        [prompt] * n, [SamplingParams(temperature=1.0, top_p=top_p, seed=int(s), max_tokens=length, ignore_eos=True)
+                       for s in seeds])])
+    a, b = run(spec, range(n)), run(plain, range(10_000, 10_000 + n))
+    for pos in range(length):
+        assert _chi_square_p(a[:, pos], b[:, pos], 48) > 1e-3, pos
+    assert (run(plain, range(n)) == a).all()
+    stats = spec.engine.speculator.stats
+    assert 0.05 < stats.acceptance_rate < 0.95  # both outcomes common: the test can tell them apart
