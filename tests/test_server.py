@@ -250,16 +250,37 @@ async def _concurrent_streams_with_disconnects(server, llm):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-def test_api_key_and_sigterm(tiny_checkpoints):
-    s = Server(tiny_checkpoints[0], env={"MISTRAL_JAX_API_KEY": "s3cret"})
+@pytest.fixture(scope="module")
+def guarded(tiny_checkpoints):
+    """A second server: an API key, and n-gram speculative decoding; SIGTERM ends it with 0."""
+    s = Server(tiny_checkpoints[0], "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+               env={"MISTRAL_JAX_API_KEY": "s3cret"})
     try:
-        assert httpx.get(s.url + "/v1/models").status_code == 401
-        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
-        assert [m.id for m in ok.models.list().data] == [MODEL]
-        assert httpx.get(s.url + "/health").status_code == 200  # outside /v1: no key needed
+        yield s
     finally:
         assert s.stop() == 0
+
+
+def test_api_key(guarded):
+    s = guarded
+    assert httpx.get(s.url + "/v1/models").status_code == 401
+    assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+    assert [m.id for m in ok.models.list().data] == [MODEL]
+    assert httpx.get(s.url + "/health").status_code == 200  # outside /v1: no key needed
+
+
+def test_speculative_server_streams_plain_decodings_text(guarded, llm):
+    """Several tokens per step reach the client as the plain engine's text, streamed or not."""
+    client = openai.OpenAI(base_url=guarded.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+    phrase = prompt_ids(11, 9)
+    ids = phrase * 3 + prompt_ids(12, 5) + phrase[:4]
+    want = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    kw = dict(model=MODEL, prompt=ids, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    assert client.completions.create(**kw).choices[0].text == want[0].outputs[0].text
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want[0].outputs[0].text
+    assert guarded.metric("spec_decode_num_accepted_tokens_total") > 0
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",

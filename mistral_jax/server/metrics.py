@@ -38,6 +38,8 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(PREFIX + "time_per_output_token_seconds", "Time between a request's tokens.",
                              buckets=LATENCY_BUCKETS, registry=r)
+        if engine.speculator is not None:
+            r.register(_SpeculationCounters(engine.speculator.stats))
         self._last: dict[str, float] = {}  # request -> time of its last token (or of its admission)
         self._started: set[str] = set()
 
@@ -66,3 +68,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SpeculationCounters:
+    """vLLM's speculative-decoding counters, read from the engine's SpecStats when scraped."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, doc in (("num_drafts", "Verify steps that carried drafts."),
+                          ("num_draft_tokens", "Tokens proposed."),
+                          ("num_accepted_tokens", "Proposed tokens the model sampled too.")):
+            yield CounterMetricFamily(f"{PREFIX}spec_decode_{name}", doc, value=getattr(self.stats, name))
