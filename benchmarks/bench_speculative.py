@@ -78,23 +78,29 @@ def run_cpu(args) -> dict:
     fast = LLM(max_model_len=2048, progress=False, speculative_config=spec)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     rows = []
-    for name, text in CPU_PROMPTS.items():
-        prompt = {"prompt_token_ids": plain.tokenizer.encode_chat([{"role": "user", "content": text}])}
+    chats = {name: {"prompt_token_ids": plain.tokenizer.encode_chat([{"role": "user", "content": text}])}
+             for name, text in CPU_PROMPTS.items()}
+    cases = [(name, [prompt], params) for name, prompt in chats.items()]
+    cases.append(("open chat, temperature 1", [chats["open chat"]],
+                  SamplingParams(temperature=1.0, seed=1, max_tokens=args.max_tokens)))
+    batch8 = list(chats.values()) + list(chats.values())[:3]
+    cases.append(("batch of 8 (the prompts above)", batch8, [params] * 8))
+    for name, prompts, sp in cases:
         for llm in (plain, fast):  # compile every bucket these lengths use, outside the timing
-            llm.generate([prompt], params)
-        before = json.loads(json.dumps(fast.engine.speculator.stats.__dict__))
+            llm.generate(prompts, sp)
+        before = dict(fast.engine.speculator.stats.__dict__)
         times = {"plain": [], "speculative": []}
         for _ in range(args.repeats):  # alternate, so both see the same machine state
             for key, llm in (("plain", plain), ("speculative", fast)):
-                dt, outs = _timed(llm, [prompt], params)
-                times[key].append((dt, outs[0].outputs[0].token_ids))
+                dt, outs = _timed(llm, prompts, sp)
+                times[key].append((dt, [o.outputs[0].token_ids for o in outs]))
         stats = fast.engine.speculator.stats
         drafts = stats.num_drafts - before["num_drafts"]
         proposed = stats.num_draft_tokens - before["num_draft_tokens"]
         accepted = stats.num_accepted_tokens - before["num_accepted_tokens"]
-        n_tokens = len(times["plain"][0][1])
+        n_tokens = sum(len(t) for t in times["plain"][0][1])
         best = {key: min(dt for dt, _ in v) for key, v in times.items()}
-        row = {"prompt": name, "tokens": n_tokens,
+        row = {"prompt": name, "batch": len(prompts), "tokens": n_tokens,
                "plain_tok_s": n_tokens / best["plain"], "speculative_tok_s": n_tokens / best["speculative"],
                "speedup": best["plain"] / best["speculative"],
                "verify_steps": drafts, "draft_tokens": proposed, "accepted_tokens": accepted,
@@ -102,7 +108,7 @@ def run_cpu(args) -> dict:
                "tokens_per_verify_step": 1 + accepted / drafts if drafts else 1.0,
                "same_output": all(t == times["plain"][0][1] for _, t in times["plain"] + times["speculative"])}
         rows.append(row)
-        print(f"{name:24s} {row['plain_tok_s']:6.1f} -> {row['speculative_tok_s']:6.1f} tok/s "
+        print(f"{name:32s} {row['plain_tok_s']:6.1f} -> {row['speculative_tok_s']:6.1f} tok/s "
               f"({row['speedup']:.2f}x)  acceptance {row['acceptance_rate']:.2f}, "
               f"{row['tokens_per_verify_step']:.2f} tokens/verify step, same output: {row['same_output']}",
               flush=True)
