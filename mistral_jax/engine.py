@@ -42,7 +42,8 @@ from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, mesh_size, named_sharding, use_mesh
-from .speculative import SpeculativeConfig, Speculator, SpecState
+from .draft import DraftModel
+from .speculative import UNFILLED, SpeculativeConfig, Speculator, SpecState
 from .structured import Matcher, MaskBuffer
 from .tokenizer import Tokenizer
 
@@ -201,7 +202,9 @@ class _Launched:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, mesh: Mesh, config: EngineConfig):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, mesh: Mesh, config: EngineConfig,
+                 draft: Transformer | None = None):
+        """draft: the draft model of speculative_config's draft_model method, loaded."""
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.dtype = model.dtype
@@ -226,9 +229,12 @@ class Engine:
         self.attention_impl = config.attention_impl
         if self.attention_impl == "auto":
             self.attention_impl = default_impl(mesh.devices.flat[0].platform)
+        spec = config.speculative_config
+        if (draft is not None) != (spec is not None and spec.method == "draft_model"):
+            raise ValueError("a draft model goes with speculative_config's draft_model method, and only with it")
+        self.draft = DraftModel(draft, self.cfg, spec.num_speculative_tokens) if draft is not None else None
         self.num_pages = self._size_cache()
         self.allocator = PageAllocator(self.num_pages, self.page_size, config.enable_prefix_caching)
-        spec = config.speculative_config
         self.speculator = Speculator(spec) if spec is not None else None
         # A step's sampling rows (sequences + drafts) fit its sequence axis: rows <= tokens <= T
         # and rows <= max_seqs_bucket, so seqs_bucket(T) holds them; drafts add no program.
@@ -240,6 +246,8 @@ class Engine:
             sharding = named_sharding(mesh, PAGE_AXES)
             init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
             self.k_pages, self.v_pages = init(self.cfg, self.num_pages, self.page_size, self.dtype)
+        if self.draft is not None:  # the same page numbers: a page holds both models' k/v
+            self.draft.allocate(mesh, self.num_pages, self.page_size)
         # Penalty state [max_num_seqs, vocab]: generated-token counts and seen tokens per slot.
         penalty_shape = (config.max_num_seqs, self.cfg.vocab_size)
         self.counts = self._replicated(np.zeros(penalty_shape, np.int32))
@@ -273,6 +281,8 @@ class Engine:
 
     def _size_cache(self) -> int:
         per_page = page_bytes(self.cfg, self.page_size, self.dtype)
+        if self.draft is not None:
+            per_page += self.draft.page_bytes(self.page_size)
         if self.config.num_pages is not None:
             return self.config.num_pages
         stats = self.device_memory()
@@ -386,8 +396,13 @@ class Engine:
             yield from self.step()
 
     def _launch(self, batch: list[Scheduled]) -> _Launched:
+        with use_mesh(self.mesh):
+            if self.draft is not None:
+                batch = self._fill_drafts(batch)
         inputs, sampling, wants_prompt_logprobs = self._pack(batch)
         with use_mesh(self.mesh):
+            if self.draft is not None:  # the draft's cache follows the target's, step by step
+                self.draft.step(inputs, self.prev_tokens, self.attention_impl)
             self._reset_penalties(batch)
             result, hidden, self.prev_tokens, self.k_pages, self.v_pages, self.counts, self.seen = _step(
                 self.graphdef, self.state, self.k_pages, self.v_pages, inputs, self.prev_tokens, sampling,
@@ -398,6 +413,38 @@ class Engine:
             self.scheduler.register_full_pages(s.seq)
         self._rows = dict(zip((s.seq for s in batch), _first_rows(batch)))  # where each sequence's token lands
         return _Launched(batch, result, prompt_lp)
+
+    def _fill_drafts(self, batch: list[Scheduled]) -> list[Scheduled]:
+        """The draft model's tokens for the sequences the scheduler gave room for drafts: k greedy
+        steps from each one's last token, in one program, read back once."""
+        want = [i for i, s in enumerate(batch) if s.draft and s.draft[0] == UNFILLED]
+        if not want:
+            return batch
+        R = self.draft_rows_bucket(len(want))
+        first = np.zeros(R, np.int32)
+        positions = np.full((self.draft.k, R), -1, np.int32)
+        slots = np.full((self.draft.k, R), -1, np.int32)
+        pages = np.zeros((R, self.page_table_width), np.int32)
+        for r, i in enumerate(want):
+            seq, n = batch[i].seq, len(batch[i].draft)
+            first[r] = seq.token_ids[-1]  # known: a sequence with drafts is never in flight
+            pos = len(seq.token_ids) - 1 + np.arange(n)
+            page_of = np.asarray(seq.pages, np.int32)
+            positions[:n, r] = pos
+            slots[:n, r] = page_of[pos // self.page_size] * self.page_size + pos % self.page_size
+            pages[r, : len(seq.pages)] = seq.pages
+        drafts = self._to_host(self.draft.propose(first, positions, slots, pages, len(want), self.attention_impl,
+                                                  self._host_to_mesh))
+        batch = list(batch)
+        for r, i in enumerate(want):
+            s = batch[i]
+            draft = tuple(int(t) for t in drafts[: len(s.draft), r])
+            batch[i] = dataclasses.replace(s, draft=draft)
+            s.seq.spec.pending = draft
+        return batch
+
+    def draft_rows_bucket(self, n: int) -> int:
+        return bucket(n, MIN_SEQS_BUCKET, self.max_seqs_bucket)
 
     # ---- the program set ------------------------------------------------------------------
 
@@ -414,8 +461,15 @@ class Engine:
 
     def programs(self) -> int:
         """Programs a warm engine has compiled: a step and a prompt-logprobs program per token
-        bucket, and the penalty-row reset."""
-        return 2 * len(self.token_buckets()) + 1
+        bucket, and the penalty-row reset; with a draft model, its step per token bucket and its
+        proposal program per row bucket."""
+        n = 2 * len(self.token_buckets()) + 1
+        if self.draft is not None:
+            n += len(self.token_buckets()) + len(self._draft_row_buckets())
+        return n
+
+    def _draft_row_buckets(self) -> list[int]:
+        return powers_of_two(self.draft_rows_bucket(1), self.max_seqs_bucket)
 
     def warmup(self) -> tuple[int, float]:
         """Compile (or load from the persistent cache) every program a request can need, by running
@@ -434,11 +488,18 @@ class Engine:
                                                       allowed=self._allowed(self.seqs_bucket(T), []))
                 if self.multiprocess:
                     sampling = self._host_to_mesh(jax.tree.map(np.asarray, sampling))
+                if self.draft is not None:
+                    self.draft.step(inputs, self.prev_tokens, self.attention_impl)
                 result, hidden, self.prev_tokens, self.k_pages, self.v_pages, self.counts, self.seen = _step(
                     self.graphdef, self.state, self.k_pages, self.v_pages, inputs, self.prev_tokens, sampling,
                     self.counts, self.seen, impl=self.attention_impl, max_seqs=self.max_seqs_bucket)
                 jax.block_until_ready(_prompt_logprobs_step(self.graphdef, self.state, hidden, inputs.next_ids))
             self.counts, self.seen = _reset_penalty_row(self.counts, self.seen, *self._penalty_row(0, [], 0))
+            for R in self._draft_row_buckets() if self.draft is not None else ():
+                k = self.draft.k  # no row: every slot -1, nothing written
+                jax.block_until_ready(self.draft.propose(
+                    np.zeros(R, np.int32), np.full((k, R), -1, np.int32), np.full((k, R), -1, np.int32),
+                    np.zeros((R, self.page_table_width), np.int32), 0, self.attention_impl, self._host_to_mesh))
             jax.block_until_ready((result, self.counts))
         return self.programs(), time.perf_counter() - t0
 

@@ -103,9 +103,10 @@ class LLM:
     report it; the persistent compilation cache makes a restart's warm-up a fraction of the first.
 
     speculative_config: vLLM's dict (or its JSON text), e.g. {"method": "ngram",
-    "num_speculative_tokens": 4, "prompt_lookup_max": 5, "prompt_lookup_min": 2}: decoding
-    sequences propose tokens that the model checks in the same step; the output is the same as
-    without it (speculative.py). `llm.engine.speculator.stats` counts proposals and acceptances.
+    "num_speculative_tokens": 4, "prompt_lookup_max": 5, "prompt_lookup_min": 2} or
+    {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}: decoding sequences
+    propose tokens that the model checks in the same step; the output is the same as without it
+    (speculative.py; a draft model must share the target's vocabulary, draft.py). `llm.engine.speculator.stats` counts proposals and acceptances.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
@@ -168,17 +169,19 @@ class LLM:
         self.tokenizer = load_tokenizer(tokenizer or self.model_path)
         self.timings["tokenizer"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if checkpoint is None:
-            model_ = random_weights(self.config, self.dtype, self.mesh, quantization=quantization, fp8_impl=fp8_impl)
-        elif isinstance(checkpoint, OrbaxCheckpoint):  # read straight into the mesh's shardings
-            model_ = checkpoint.restore(self.dtype, self.mesh, quantization, fp8_impl)
-        else:
-            model_ = load_weights(checkpoint, self.dtype, self.mesh, progress=progress,
-                                  quantization=quantization, fp8_impl=fp8_impl)
+        model_ = self._load(checkpoint, self.config, progress, quantization, fp8_impl)
         self.quantization = model_.quantization  # an FP8 checkpoint sets it even when None was asked
         self.load_seconds = self.timings["weights"] = time.perf_counter() - t0
+        draft = None
+        spec = engine_config.speculative_config
+        if spec is not None and spec.method == "draft_model":
+            t0 = time.perf_counter()
+            draft_checkpoint = open_checkpoint(spec.model)
+            check_mesh(draft_checkpoint.config, self.mesh)
+            draft = self._load(draft_checkpoint, draft_checkpoint.config, progress, None, fp8_impl)
+            self.timings["draft model"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.engine = Engine(model_, self.tokenizer, self.mesh, engine_config)
+        self.engine = Engine(model_, self.tokenizer, self.mesh, engine_config, draft=draft)
         self.timings["engine (KV cache)"] = time.perf_counter() - t0
         if progress:
             impl = fp8_matmul.describe_impl(fp8_impl)
@@ -194,6 +197,16 @@ class LLM:
                   f"[no warm-up: up to {self.engine.programs()} programs compile as requests first need them]",
                   file=sys.stderr)
         self._next_id = 0
+
+    def _load(self, checkpoint, config, progress: bool, quantization, fp8_impl):
+        """Weights into the mesh: random ones (checkpoint None: load_format dummy), an Orbax
+        checkpoint read straight into its shardings, or any other format streamed."""
+        if checkpoint is None:
+            return random_weights(config, self.dtype, self.mesh, quantization=quantization, fp8_impl=fp8_impl)
+        if isinstance(checkpoint, OrbaxCheckpoint):
+            return checkpoint.restore(self.dtype, self.mesh, quantization, fp8_impl)
+        return load_weights(checkpoint, self.dtype, self.mesh, progress=progress, quantization=quantization,
+                            fp8_impl=fp8_impl)
 
     def get_tokenizer(self):
         return self.tokenizer

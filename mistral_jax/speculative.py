@@ -17,6 +17,8 @@ So the output distribution is the target's (tests/test_speculative.py checks it 
 Proposers:
 - ngram (prompt lookup): the longest suffix of the sequence (prompt_lookup_min..max tokens) that
   occurred before, and the tokens that followed its latest occurrence. No weights, no device work.
+- draft_model: a smaller model with the same vocabulary, decoding greedily (draft.py); the
+  scheduler reserves room for k drafts and the engine fills them in before the step.
 
 Cost control. A sequence whose drafts are on the device cannot be scheduled until they are read
 (its length is unknown), so speculation gives up the engine's one-step-ahead pipelining for that
@@ -33,22 +35,28 @@ import numbers
 
 import numpy as np
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
+UNFILLED = -1  # a draft_model draft, before the engine fills it in
 MAX_BACKOFF = 16  # plain steps between proposals after repeated misses
 
 
 @dataclasses.dataclass
 class SpeculativeConfig:
-    """vLLM's names. method "ngram": prompt lookup over the sequence's own tokens."""
+    """vLLM's names. method "ngram": prompt lookup over the sequence's own tokens;
+    "draft_model": `model` (a checkpoint path) proposes."""
 
     method: str
     num_speculative_tokens: int
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
+    model: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"speculative_config method={self.method!r} is not supported: use one of {METHODS}")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError(f"speculative_config model={self.model!r} with method={self.method!r}: the "
+                             "draft_model method needs a model (a checkpoint path); ngram takes none")
         k = self.num_speculative_tokens
         if not _is_int(k) or not 1 <= k <= 16:
             raise ValueError(f"speculative_config num_speculative_tokens={k!r} is invalid: use an integer in "
@@ -177,6 +185,8 @@ class Speculator:
         k = min(self.config.num_speculative_tokens, limit)
         if k < 1:
             return ()
+        if self.config.method == "draft_model":
+            return (UNFILLED,) * k
         draft = ngram_propose(state.sync(token_ids), k, self.config.prompt_lookup_min, self.config.prompt_lookup_max)
         if len(draft) == 0:
             state.missed()

@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from mistral_jax import LLM, SamplingParams
+from mistral_jax.checkpoint import CheckpointError
 from mistral_jax.speculative import SpeculativeConfig, ngram_propose
 from test_warmup import COMPILES
 
@@ -236,3 +237,89 @@ def test_speculative_sampling_follows_the_target_distribution(small_vocab_model,
     assert (run(plain, range(n)) == a).all()
     stats = spec.engine.speculator.stats
     assert 0.05 < stats.acceptance_rate < 0.95  # both outcomes common: the test can tell them apart
+
+
+# ---- the draft-model proposer -------------------------------------------------------------------
+
+
+def draft(path, k):
+    return {"method": "draft_model", "model": str(path), "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory, tiny_cfg, tiny_checkpoints):
+    """Another random model of the tiny shape (seed 1): a draft that seldom agrees."""
+    from checkpoint_fixtures import make_tiny_mistral_checkpoint
+
+    path = tmp_path_factory.mktemp("other_tiny")
+    make_tiny_mistral_checkpoint(path, tiny_cfg, seed=1)
+    shutil.copy(tiny_checkpoints[0] / "tokenizer.model.v3", path)
+    return path
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_a_model_drafting_for_itself_is_always_accepted(tiny_checkpoints, plain_outputs, k):
+    prompts, params, expected = plain_outputs
+    llm = make_llm(tiny_checkpoints[0], draft(tiny_checkpoints[0], k))
+    outs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    stats = llm.engine.speculator.stats
+    greedy_rows = [sp.greedy for sp in params]
+    assert stats.num_draft_tokens > 50 and any(greedy_rows)
+    # Its greedy drafts are the target's greedy tokens; seeded rows accept them only when the
+    # draw agrees, so only an all-greedy run is 100%.
+    greedy = make_llm(tiny_checkpoints[0], draft(tiny_checkpoints[0], k))
+    greedy.generate(prompts, GREEDY)
+    assert greedy.engine.speculator.stats.acceptance_rate == 1.0
+    assert llm.engine.allocator.num_used_pages == 0
+
+
+def test_a_different_draft_is_mostly_rejected_and_changes_nothing(tiny_checkpoints, other_tiny):
+    """With the prefix cache (second pass) and a cache small enough to preempt."""
+    rng = np.random.default_rng(5)
+    prompts = [{"prompt_token_ids": rng.integers(5, 32768, size=int(rng.integers(20, 90))).tolist()} for _ in range(10)]
+    params = [SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)] * 10
+    want = [o.outputs[0].token_ids for o in make_llm(tiny_checkpoints[0], num_pages=200).generate(prompts, params)]
+    llm = make_llm(tiny_checkpoints[0], draft(other_tiny, 3), num_pages=24)
+    for attempt in range(2):
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+    assert llm.engine.scheduler.num_preemptions > 0
+    stats = llm.engine.speculator.stats
+    assert stats.num_drafts > 0 and stats.acceptance_rate < 0.5
+    assert llm.engine.allocator.num_used_pages == 0
+
+
+def test_draft_model_errors_name_the_problem(tiny_checkpoints, small_vocab_model):
+    with pytest.raises(ValueError, match="the draft model's vocabulary has 48 tokens, the target's 32768"):
+        make_llm(tiny_checkpoints[0], draft(small_vocab_model, 3))
+    with pytest.raises(ValueError, match="needs a model"):
+        make_llm(tiny_checkpoints[0], {"method": "draft_model", "num_speculative_tokens": 3})
+    with pytest.raises(CheckpointError, match="missing: no such file"):
+        make_llm(tiny_checkpoints[0], draft(tiny_checkpoints[0] / "missing", 3))
+
+
+def test_draft_model_adds_only_its_own_programs(tiny_checkpoints, other_tiny):
+    llm = make_llm(tiny_checkpoints[0], draft(other_tiny, 4), warmup=True)
+    buckets = len(llm.engine.token_buckets())
+    assert llm.warmup_programs == llm.engine.programs() == 3 * buckets + 1 + 1  # rows buckets 8 (max_num_seqs 8)
+    compiles = COMPILES.count
+    llm.generate(repetitive_prompts(12, seed=4), mixed_params(12, seed=4))
+    llm.generate(repetitive_prompts(3, seed=4), GREEDY)
+    assert llm.engine.speculator.stats.num_drafts > 0
+    assert COMPILES.count == compiles
+
+
+def test_default_model_drafting_for_itself(tmp_path):
+    """Real weights, real text: the demo model as its own draft is accepted every time, and
+    gives the plain engine's text."""
+    from mistral_jax.default_model import default_model_path
+
+    questions = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
+                 "Explain what a CPU does in one sentence."]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    plain = LLM(max_model_len=512, progress=False)
+    fast = LLM(max_model_len=512, progress=False, speculative_config=draft(default_model_path(), 3))
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    want = [o.outputs[0].token_ids for o in plain.chat(convs, params)]
+    assert [o.outputs[0].token_ids for o in fast.chat(convs, params)] == want
+    assert fast.engine.speculator.stats.acceptance_rate == 1.0
