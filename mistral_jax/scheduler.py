@@ -173,7 +173,7 @@ class Scheduler:
         token and row budgets and the request's max_tokens."""
         if seq.spec is None or n != 1 or seq.num_tokens - seq.num_computed != 1:
             return ()
-        if seq.in_flight:  # plain pipelined steps while backing off
+        if seq.spec.plain_steps:  # backing off after misses: plain (pipelined) steps
             seq.spec.plain_steps -= 1
             return ()
         limit = min(budget - 1, rows - 1, seq.params.max_tokens - seq.num_generated - 1)

@@ -323,3 +323,14 @@ def test_default_model_drafting_for_itself(tmp_path):
     want = [o.outputs[0].token_ids for o in plain.chat(convs, params)]
     assert [o.outputs[0].token_ids for o in fast.chat(convs, params)] == want
     assert fast.engine.speculator.stats.acceptance_rate == 1.0
+
+
+def test_missing_proposals_back_off_to_plain_steps(tiny_checkpoints, other_tiny):
+    """A draft that seldom agrees: after each miss the request runs 1, 2, 4, ... plain
+    (pipelined) steps before it proposes again, so most of its tokens come from plain steps."""
+    llm = make_llm(tiny_checkpoints[0], draft(other_tiny, 3))
+    prompt = {"prompt_token_ids": np.random.default_rng(8).integers(5, 32768, size=40).tolist()}
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))[0].outputs[0]
+    stats = llm.engine.speculator.stats
+    assert len(out.token_ids) == 120
+    assert 0 < stats.num_drafts <= 20, stats
