@@ -3,7 +3,13 @@ a named config) with the JAX profiler, then sums each GPU stream's kernels from 
 back by jax.profiler.ProfileData (no TensorFlow needed).
 
     python benchmarks/probe_mesh_trace.py run --mesh tp=2 --out trace_dir      # on the GPUs
-    python benchmarks/probe_mesh_trace.py summarize trace_dir                  # anywhere
+    python benchmarks/probe_mesh_trace.py run --mesh tp=1 --quantization fp8 --batch 32 --out d
+    python benchmarks/probe_mesh_trace.py summarize trace_dir --steps 5        # anywhere
+
+`summarize` also splits each stream's busy time into kernel kinds (the weight-streaming matmuls,
+attention, collectives, everything else) and divides by the traced decode steps: issue 19's
+per-step account (a prefill is traced first when the request is admitted inside the trace, so
+run with --steps large enough to make it small, or read the per-kernel lines).
 
 A compute stream whose busy time is far below its span is waiting: on two H200s at tp=2 the
 compute stream was busy 59 of the 164 ms traced (a prefill and 5 decode steps), the rest spent
@@ -25,18 +31,34 @@ def run(args):
     import bench_generate as bg
     from mistral_jax.sampling import SamplingParams
 
-    engine, _, _ = bg.random_engine(args.config, "bfloat16", None, "auto", args.mesh, max_num_seqs=1,
-                                    max_num_batched_tokens=512, enable_prefix_caching=False)
+    engine, _, _ = bg.random_engine(args.config, "bfloat16", args.quantization, "auto", args.mesh,
+                                    max_num_seqs=max(8, args.batch), max_num_batched_tokens=max(512, 64 * args.batch),
+                                    enable_prefix_caching=False)
     prompt = list(range(10, 74))
+    for i in range(args.batch):  # enough tokens for the warm steps and the traced ones
+        engine.add_request(prompt, SamplingParams(max_tokens=args.steps + 64, temperature=0.0, ignore_eos=True), index=i)
 
-    def steps(n):  # ms between the request's events (one per decode step)
-        engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), index=0)
-        t = [time.perf_counter() for _ in engine.run()]
-        return [round((b - a) * 1e3, 2) for a, b in zip(t, t[1:])]
+    def steps(n):  # ms per engine step (launch one, read the one before)
+        t = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        return round((time.perf_counter() - t) / n * 1e3, 2)
 
-    print("warm ms/step:", steps(12)[-4:], flush=True)  # compiles, then steady steps
+    print("warm ms/step:", steps(24), flush=True)  # prefill, compiles, then steady decode steps
     with jax.profiler.trace(args.out):
-        print("traced ms/step:", steps(args.steps + 1), flush=True)
+        print("traced ms/step:", steps(args.steps), flush=True)
+
+
+KINDS = (  # (kind, substrings of kernel names), first match wins
+    ("matmul (weights)", ("gemm", "cutlass", "nvjet", "fp8_matmul", "wgmma", "matmul", "dot")),
+    ("attention", ("attention", "ragged", "paged")),
+    ("collective", ("nccl", "all_reduce", "allreduce", "all-reduce", "all_gather")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
 
 
 def summarize(args):
@@ -60,6 +82,13 @@ def summarize(args):
                       f"busy {sum(busy.values()) / 1e6:.1f} ms")
                 for name, ns in busy.most_common(args.top):
                     print(f"    {ns / 1e6:8.2f} ms {count[name]:5d}x  {name}")
+                kinds = collections.Counter()
+                for name, ns in busy.items():
+                    kinds[kind_of(name)] += ns
+                gap = span - sum(busy.values())
+                per = f" = {{:.3f}} ms per step ({args.steps} steps)" if args.steps else ""
+                for kind, ns in list(kinds.most_common()) + [("idle between kernels", gap)]:
+                    print(f"    {kind:22s} {ns / 1e6:8.2f} ms" + (per.format(ns / 1e6 / args.steps) if per else ""))
 
 
 def main():
@@ -69,10 +98,13 @@ def main():
     r.add_argument("--config", default="mistral-small-2501")
     r.add_argument("--mesh", default="tp=2")
     r.add_argument("--steps", type=int, default=5)
+    r.add_argument("--quantization", default=None, choices=(None, "fp8"))
+    r.add_argument("--batch", type=int, default=1)
     r.add_argument("--out", default="trace")
     s = sub.add_parser("summarize")
     s.add_argument("trace")
     s.add_argument("--top", type=int, default=8)
+    s.add_argument("--steps", type=int, default=0, help="decode steps traced: print kinds per step")
     args = ap.parse_args()
     run(args) if args.cmd == "run" else summarize(args)
 
