@@ -58,8 +58,9 @@ def run_cli(*args, stdin=None):
                           capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_cli_prompt_streams_paris():
-    r = run_cli("--prompt", "What is the capital of France?", "--max-tokens", "30")
+@pytest.mark.parametrize("extra", [[], ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']])
+def test_cli_prompt_streams_paris(extra):
+    r = run_cli("--prompt", "What is the capital of France?", "--max-tokens", "30", *extra)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "tokens/s" in r.stderr
@@ -78,6 +79,7 @@ def test_cli_chat_multi_turn():
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--top-p", "1.5"], "top_p"),
     (["--max-tokens", "0"], "max_tokens"),
+    (["--speculative-config", '{"method": "medusa", "num_speculative_tokens": 2}'], "method='medusa'"),
 ])
 def test_cli_bad_input_is_a_clear_error(args, needle):
     r = run_cli(*args, "--prompt", "hi")
