@@ -334,3 +334,14 @@ def test_missing_proposals_back_off_to_plain_steps(tiny_checkpoints, other_tiny)
     stats = llm.engine.speculator.stats
     assert len(out.token_ids) == 120
     assert 0 < stats.num_drafts <= 20, stats
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculation_on_a_tensor_parallel_mesh(tiny_checkpoints, other_tiny, method):
+    """tp=2 over the CPU's fake devices: drafts, verify rows and the draft's own cache sharded."""
+    prompts, params = repetitive_prompts(8, seed=6), [dataclasses.replace(GREEDY, max_tokens=20)] * 8
+    want = [o.outputs[0].token_ids for o in make_llm(tiny_checkpoints[0]).generate(prompts, params)]
+    spec = ngram(3) if method == "ngram" else draft(other_tiny, 3)
+    llm = make_llm(tiny_checkpoints[0], spec, mesh="tp=2")
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+    assert llm.engine.speculator.stats.num_drafts > 0
