@@ -103,7 +103,9 @@ def _is_int(v) -> bool:
 def ngram_propose(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> np.ndarray:
     """Prompt lookup. tokens: [N] i32 (prompt + output so far). Find the longest n in
     [n_min, n_max] whose last-n tokens occurred earlier (followed by at least one token); return
-    up to k tokens that followed its latest occurrence ([0] if none).
+    the k tokens that followed its latest occurrence with k tokens after it, else as many as
+    followed its latest occurrence ([0] if none). (The very latest occurrence of a repeating
+    pattern overlaps the suffix and would propose a single token.)
 
     Candidates are kept by where the match ends (`ends`: the index right after it), so growing n
     by one only compares one more token of each surviving candidate."""
@@ -119,7 +121,8 @@ def ngram_propose(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> np.ndar
         if len(ends) == 0:
             break
         if n >= n_min:
-            best = ends[-1]  # the latest occurrence of the longest match so far
+            whole = ends[ends <= N - k]  # occurrences with k tokens after them
+            best = whole[-1] if len(whole) else ends[-1]
     if best is None:
         return tokens[:0]
     return tokens[best : best + k]

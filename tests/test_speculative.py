@@ -29,13 +29,16 @@ def ngram(k):
 
 def brute_force_propose(tokens, k, n_min, n_max):
     """The definition, spelled out: longest n in [n_min, n_max] whose last n tokens occur earlier
-    with a token after them; the k tokens after the latest such occurrence."""
+    with a token after them; the k tokens after the latest such occurrence that has k after it,
+    else what follows the latest one."""
     N = len(tokens)
     for n in range(min(n_max, N - 1), n_min - 1, -1):
         suffix = list(tokens[N - n :])
         starts = [i for i in range(0, N - n) if list(tokens[i : i + n]) == suffix]
         if starts:
-            return list(tokens[starts[-1] + n : starts[-1] + n + k])
+            whole = [i for i in starts if i + n + k <= N]
+            i = whole[-1] if whole else starts[-1]
+            return list(tokens[i + n : i + n + k])
     return []
 
 
