@@ -146,7 +146,9 @@ class SamplingArrays:
     def from_params(cls, params: list[SamplingParams], pad_to: int | None = None,
                     allowed: jax.Array | None = None) -> "SamplingArrays":
         """One row per request, then greedy padding rows up to pad_to. Unseeded rows get a fresh
-        random seed here, on the host. allowed: the rows' grammar bitmask (structured.py)."""
+        random seed here, on the host. allowed: the rows' grammar bitmask (structured.py).
+        NumPy arrays: the engine moves them to the device with the step's other inputs in one
+        transfer (one jnp.asarray per field cost 2.5-2.8 ms per step on an H200 host)."""
         batch = len(params) if pad_to is None else pad_to
         if batch < len(params):
             raise ValueError(f"pad_to={pad_to} is smaller than the {len(params)} requests: pass pad_to >= {len(params)}")
@@ -158,15 +160,15 @@ class SamplingArrays:
         seeds = [int(_HOST_RNG.integers(2**64, dtype=np.uint64) if p.seed is None else p.seed) % 2**64
                  for p in rows]
         return cls(
-            temperature=jnp.asarray(col(lambda p: p.temperature, np.float32, 1.0)),
-            top_k=jnp.asarray(col(lambda p: max(p.top_k, 0), np.int32, 0)),
-            top_p=jnp.asarray(col(lambda p: p.top_p, np.float32, 1.0)),
-            min_p=jnp.asarray(col(lambda p: p.min_p, np.float32, 0.0)),
-            repetition_penalty=jnp.asarray(np.array([p.repetition_penalty for p in rows], np.float32)),
-            presence_penalty=jnp.asarray(np.array([p.presence_penalty for p in rows], np.float32)),
-            frequency_penalty=jnp.asarray(np.array([p.frequency_penalty for p in rows], np.float32)),
-            greedy=jnp.asarray(greedy),
-            seed=jnp.asarray(np.array([(s >> 32, s & 0xFFFFFFFF) for s in seeds], np.uint32).reshape(batch, 2)),
+            temperature=col(lambda p: p.temperature, np.float32, 1.0),
+            top_k=col(lambda p: max(p.top_k, 0), np.int32, 0),
+            top_p=col(lambda p: p.top_p, np.float32, 1.0),
+            min_p=col(lambda p: p.min_p, np.float32, 0.0),
+            repetition_penalty=np.array([p.repetition_penalty for p in rows], np.float32),
+            presence_penalty=np.array([p.presence_penalty for p in rows], np.float32),
+            frequency_penalty=np.array([p.frequency_penalty for p in rows], np.float32),
+            greedy=greedy,
+            seed=np.array([(s >> 32, s & 0xFFFFFFFF) for s in seeds], np.uint32).reshape(batch, 2),
             allowed=allowed,
         )
 
