@@ -5,6 +5,12 @@ decode-shaped products of Mistral-Small-2501 at 0.98 TB/s of weights; cuBLAS ran
 2.19 TB/s (batch-1 decode 47.9 -> 21.5 ms per step) and prefill 1.6x faster
 (benchmarks/NOTES.md). The flag only concerns GPUs; CPU and TPU ignore it.
 
+--xla_disable_hlo_passes=dot-merger: XLA's DotMerger joins dots that share an operand (a layer's
+k and v projections of the same x) by concatenating their weights, at run time, in every step:
+on an H200 that copy (input_concatenate_fusion, 40 per step) cost 1.34 ms of a 14.4 ms bf16
+batch-1 decode step. Without the pass: 14.39 -> 13.67 ms at batch 1, 21.38 -> 19.93 ms at
+batch 32 (probe_mesh_trace.py, 2026-12-03). FP8 projections are Pallas kernels, not dots.
+
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.90: JAX's GPU allocator takes 75% of device memory by default,
 so `gpu_memory_utilization` (a fraction of what the allocator may hold) left an H100 serving
 Mistral-Small-2501 with 7.9 GB of KV cache instead of ~17 GB. 0.95 was too much: the CUDA
@@ -14,7 +20,7 @@ setting wins.
 
 import os
 
-DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false"}
+DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false", "--xla_disable_hlo_passes": "dot-merger"}
 
 
 DEFAULT_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}
