@@ -18,6 +18,10 @@ so that no request waits on a compile, whatever it hits in the prefix cache:
 The host stays one step ahead of the device: it launches step i+1 before reading step i's
 tokens. A decode token that is still on the device is fed from step i's output
 (`prev_index`), so the device never waits for the host's bookkeeping.
+
+Speculative decoding (speculative.py, draft.py): a decoding sequence's proposed tokens ride in
+the same step after its last token, each with its own sampling row, so a step's sampling axis
+counts rows, not sequences; the host keeps the proposals the model sampled too.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pallas_kernels.ragged_paged_attention import default_impl
 
+from .draft import DraftModel
 from .model import Transformer
 from .outputs import OutputState, StepEvent
 from .page_allocator import PageAllocator
@@ -42,7 +47,6 @@ from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, mesh_size, named_sharding, use_mesh
-from .draft import DraftModel
 from .speculative import UNFILLED, SpeculativeConfig, Speculator, SpecState
 from .structured import Matcher, MaskBuffer
 from .tokenizer import Tokenizer
