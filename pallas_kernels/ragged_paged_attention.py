@@ -37,8 +37,6 @@ matmul, unnormalized (exp(score - running max) <= 1), and the sum divides at the
 passes:
 - decode rows (sequences with one query row) all at once: each row against its own pages,
   [seqs, chunk, n_kv_heads, head_dim] per chunk, up to the longest such kv_len;
-- short sequences (2 to SHORT_ROWS query rows: speculative decoding's verify rows) the same
-  way, [seqs, SHORT_ROWS] rows against their sequence's pages, only in steps that have any;
 - then a `lax.fori_loop` over the other (prefill) sequences: ALL num_tokens query rows are
   scored against the sequence's chunks and only its rows kept -- O(num_tokens * kv_len) per
   such sequence, wasteful for many small chunks in one step but memory-sane and shape-static.
@@ -60,7 +58,6 @@ MASK_VALUE = -1e30
 __all__ = ["ragged_paged_attention_reference", "write_kv_pages", "token_seq_ids"]
 
 KV_CHUNK_TOKENS = 64  # cache positions per step of the reference's loop (whole pages): decode reads at most 63 more
-SHORT_ROWS = 8  # sequences of up to this many query rows attend side by side (a verify step's 1 + k)
 
 
 def token_seq_ids(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:
@@ -151,30 +148,6 @@ def ragged_paged_attention_reference(
                             ("nkgd,nskd->nkgs", "nkgs,nskd->nkgd"), scale)
         return out.at[jnp.where(is_decode, row, num_tokens)].set(o.reshape(n, n_heads, head_dim), mode="drop")
 
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
-    is_short = (q_lens > 1) & (q_lens <= SHORT_ROWS) & (jnp.arange(kv_lens.shape[0]) < num_seqs)
-
-    def short_rows(out):
-        """Every sequence of 2..SHORT_ROWS rows at once, [S, SHORT_ROWS] rows (unused ones
-        masked), each against its own sequence's pages."""
-        n, j = kv_lens.shape[0], jnp.arange(SHORT_ROWS, dtype=jnp.int32)
-        valid = is_short[:, None] & (j[None, :] < q_lens[:, None])  # [S, Q]
-        row = jnp.where(valid, cu_q_lens[:-1, None] + j[None, :], num_tokens)
-        q_pos = kv_lens[:, None] - q_lens[:, None] + j[None, :]  # [S, Q]
-        lens = jnp.where(is_short, kv_lens, 0)
-
-        def chunk_kv(c):
-            pages = jax.lax.dynamic_slice_in_dim(page_indices, c * chunk_pages, chunk_pages, axis=1)  # [S, cp]
-            kv_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-            in_cache = kv_pos[None, :] < lens[:, None]  # [S, chunk]
-            k = gather(k_pages, pages).reshape(n, chunk, n_kv, head_dim)
-            v = jnp.where(in_cache[:, :, None, None], gather(v_pages, pages).reshape(n, chunk, n_kv, head_dim), 0)
-            return k, v, (kv_pos[None, None, :] <= q_pos[:, :, None]) & in_cache[:, None, :]  # [S, Q, chunk]
-
-        o = _online_softmax(qg[jnp.minimum(row, num_tokens - 1)], (jnp.max(lens) + chunk - 1) // chunk, chunk_kv,
-                            ("nqkgd,nskd->nqkgs", "nqkgs,nskd->nqkgd"), scale)
-        return out.at[row].set(o.reshape(n, SHORT_ROWS, n_heads, head_dim), mode="drop")
-
     def body(s, out):  # a prefill chunk: every packed row, keeping this sequence's
         q_start = cu_q_lens[s]
         q_len = cu_q_lens[s + 1] - q_start
@@ -183,34 +156,32 @@ def ragged_paged_attention_reference(
             q_pos = kv_lens[s] - q_len + (rows - q_start)  # [T] absolute position of each row (if mine)
             return jnp.where((seq_of_row == s)[:, None, None], attend(s, qg, q_pos), out)
 
-        # Decode and short sequences were done side by side above.
-        return jax.lax.cond(q_len <= SHORT_ROWS, lambda out: out, all_rows, out)
+        return jax.lax.cond(q_len == 1, lambda out: out, all_rows, out)  # decode rows: decode_rows()
 
     out = decode_rows(jnp.zeros((num_tokens, n_heads, head_dim), jnp.float32))
-    out = jax.lax.cond(jnp.any(is_short), short_rows, lambda out: out, out)
     out = jax.lax.fori_loop(0, num_seqs, body, out)
     return out.astype(q.dtype)
 
 
 def _online_softmax(q, num_chunks, chunk_kv, eqs, scale):
-    """Softmax attention of rows q [*R, kv, g, D] over cache chunks, folded in one at a time
-    (running max and sum, f32): chunk_kv(c) -> (k, v, visible [*R, chunk]), k/v shared by the rows
-    or one per row, as the einsums `eqs` (scores, then output) say. -> [*R, kv, g, D] f32."""
-    *R, n_kv, group, head_dim = q.shape
+    """Softmax attention of rows q [R, kv, g, D] over cache chunks, folded in one at a time
+    (running max and sum, f32): chunk_kv(c) -> (k, v, visible [R, chunk]), k/v shared by the rows
+    or one per row, as the einsums `eqs` (scores, then output) say. -> [R, kv, g, D] f32."""
+    R, n_kv, group, head_dim = q.shape
 
     def one_chunk(c, carry):
-        m, l, acc = carry  # [*R, kv, g] running max and sum, [*R, kv, g, D] unnormalized output
+        m, l, acc = carry  # [R, kv, g] running max and sum, [R, kv, g, D] unnormalized output
         k, v, visible = chunk_kv(c)
         scores = jnp.einsum(eqs[0], q, k, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(visible[..., None, None, :], scores, MASK_VALUE)
+        scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
         m_new = jnp.maximum(m, scores.max(-1))
         p = jnp.exp(scores - m_new[..., None])
         correction = jnp.exp(m - m_new)
         pv = jnp.einsum(eqs[1], p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
 
-    init = (jnp.full((*R, n_kv, group), MASK_VALUE, jnp.float32), jnp.zeros((*R, n_kv, group), jnp.float32),
-            jnp.zeros((*R, n_kv, group, head_dim), jnp.float32))
+    init = (jnp.full((R, n_kv, group), MASK_VALUE, jnp.float32), jnp.zeros((R, n_kv, group), jnp.float32),
+            jnp.zeros((R, n_kv, group, head_dim), jnp.float32))
     _, l, acc = jax.lax.fori_loop(0, num_chunks, one_chunk, init)
     return acc / jnp.maximum(l, 1e-30)[..., None]
 
