@@ -76,15 +76,17 @@ def run_cpu(args) -> dict:
     spec = {"method": "ngram", "num_speculative_tokens": args.k}
     plain = LLM(max_model_len=2048, progress=False)
     fast = LLM(max_model_len=2048, progress=False, speculative_config=spec)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     rows = []
     chats = {name: {"prompt_token_ids": plain.tokenizer.encode_chat([{"role": "user", "content": text}])}
              for name, text in CPU_PROMPTS.items()}
     cases = [(name, [prompt], params) for name, prompt in chats.items()]
     cases.append(("open chat, temperature 1", [chats["open chat"]],
-                  SamplingParams(temperature=1.0, seed=1, max_tokens=args.max_tokens)))
+                  SamplingParams(temperature=1.0, seed=1, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)))
     batch8 = list(chats.values()) + list(chats.values())[:3]
     cases.append(("batch of 8 (the prompts above)", batch8, [params] * 8))
+    if args.only:
+        cases = [c for c in cases if c[0] in args.only.split("|")]
     for name, prompts, sp in cases:
         for llm in (plain, fast):  # compile every bucket these lengths use, outside the timing
             llm.generate(prompts, sp)
@@ -100,9 +102,11 @@ def run_cpu(args) -> dict:
         accepted = stats.num_accepted_tokens - before["num_accepted_tokens"]
         n_tokens = sum(len(t) for t in times["plain"][0][1])
         best = {key: min(dt for dt, _ in v) for key, v in times.items()}
+        ratios = sorted(p / q for (p, _), (q, _) in zip(times["plain"], times["speculative"]))
         row = {"prompt": name, "batch": len(prompts), "tokens": n_tokens,
                "plain_tok_s": n_tokens / best["plain"], "speculative_tok_s": n_tokens / best["speculative"],
                "speedup": best["plain"] / best["speculative"],
+               "speedup_median_of_pairs": ratios[len(ratios) // 2],
                "verify_steps": drafts, "draft_tokens": proposed, "accepted_tokens": accepted,
                "acceptance_rate": accepted / proposed if proposed else 0.0,
                "tokens_per_verify_step": 1 + accepted / drafts if drafts else 1.0,
@@ -113,7 +117,8 @@ def run_cpu(args) -> dict:
               f"{row['tokens_per_verify_step']:.2f} tokens/verify step, same output: {row['same_output']}",
               flush=True)
     return {"mode": "cpu", "model": "embedded default (SmolLM2-135M-Instruct, f32)", "k": args.k,
-            "max_tokens": args.max_tokens, "repeats": args.repeats, "rows": rows, "versions": _versions()}
+            "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "repeats": args.repeats, "rows": rows,
+            "versions": _versions()}
 
 
 def _drain(eng):
@@ -231,6 +236,8 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens (cpu)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--only", default=None, help="cpu: prompt names to run, separated by |")
+    p.add_argument("--ignore-eos", action="store_true", help="cpu: always generate --max-tokens tokens")
     p.add_argument("--config", default="mistral-small-2501")
     p.add_argument("--quantization", default=None)
     p.add_argument("--steps", type=int, default=20, help="timed steps per point (gpu)")

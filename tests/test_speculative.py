@@ -312,6 +312,26 @@ def test_draft_model_adds_only_its_own_programs(tiny_checkpoints, other_tiny):
     assert COMPILES.count == compiles
 
 
+def test_default_model_ngram_gives_plain_decodings_tokens():
+    """Real weights, real text, 32 chat requests in one batch: prompts that repeat their context
+    (rewrite, quote) and open questions, greedy and seeded, beside penalty requests (plain)."""
+    sentences = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
+                 "Water boils at one hundred degrees Celsius at sea level.", "Cats sleep for most of the day.",
+                 "The train leaves the station at seven in the morning.", "Bananas are rich in potassium.",
+                 "A triangle has three sides and three angles.", "The library opens at nine on weekdays."]
+    asks = ["Repeat this sentence exactly: {}", "Rewrite this sentence in capital letters: {}",
+            "Quote this sentence, then say if it is true: {}", "What is a good title for this? {}"]
+    convs = [[{"role": "user", "content": a.format(s)}] for s in sentences for a in asks]
+    params = [SamplingParams(temperature=0, max_tokens=24) if i % 4 else
+              SamplingParams(temperature=0.8, seed=i, max_tokens=24) for i in range(len(convs))]
+    params[5] = SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.2)  # decodes plainly
+    plain = LLM(max_model_len=512, progress=False)
+    fast = LLM(max_model_len=512, progress=False, speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    want = [o.outputs[0].token_ids for o in plain.chat(convs, params)]
+    assert [o.outputs[0].token_ids for o in fast.chat(convs, params)] == want
+    assert fast.engine.speculator.stats.num_accepted_tokens > 50
+
+
 def test_default_model_drafting_for_itself(tmp_path):
     """Real weights, real text: the demo model as its own draft is accepted every time, and
     gives the plain engine's text."""
