@@ -203,6 +203,7 @@ class _Launched:
     batch: list[Scheduled]
     result: object  # device SampleResult
     prompt_lp: object  # device prompt logprobs or None
+    rows: list[int]  # each scheduled sequence's first sampling row
 
 
 class Engine:
@@ -415,8 +416,9 @@ class Engine:
                          if wants_prompt_logprobs else None)
         for s in batch:
             self.scheduler.register_full_pages(s.seq)
-        self._rows = dict(zip((s.seq for s in batch), _first_rows(batch)))  # where each sequence's token lands
-        return _Launched(batch, result, prompt_lp)
+        rows = _first_rows(batch)
+        self._rows = dict(zip((s.seq for s in batch), rows))  # where each sequence's token lands
+        return _Launched(batch, result, prompt_lp, rows)
 
     def _fill_drafts(self, batch: list[Scheduled]) -> list[Scheduled]:
         """The draft model's tokens for the sequences the scheduler gave room for drafts: k greedy
@@ -623,7 +625,7 @@ class Engine:
         prompt_lp = self._to_host(launched.prompt_lp) if launched.prompt_lp is not None else None
         events = []
         t = 0
-        for s, row in zip(launched.batch, _first_rows(launched.batch)):
+        for s, row in zip(launched.batch, launched.rows):
             seq = s.seq
             packed = slice(t, t + s.n)
             t += s.n

@@ -106,7 +106,8 @@ class LLM:
     "num_speculative_tokens": 4, "prompt_lookup_max": 5, "prompt_lookup_min": 2} or
     {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}: decoding sequences
     propose tokens that the model checks in the same step; the output is the same as without it
-    (speculative.py; a draft model must share the target's vocabulary, draft.py). `llm.engine.speculator.stats` counts proposals and acceptances.
+    (speculative.py; a draft model must share the target's vocabulary, draft.py).
+    `llm.engine.speculator.stats` counts proposals and acceptances.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_model_len: int | None = None,
