@@ -22,8 +22,8 @@ if [ "${PART:-w}" = w ]; then
 elif [ "${PART}" = p ]; then
   for run in cold warm; do
     MISTRAL_JAX_CACHE_DIR=/tmp/probe_cache PYTHONPATH=${NEW:-.}:$PYTHONPATH timeout ${RUN_S:-200} python3 \
-      ${NEW:-.}/benchmarks/probes/probe_warm_start.py --config mistral-small-2501 --quantization fp8 --max-model-len 8192 \
-      2>&1 | grep -v -i warn | tee "$OUT/probe_warm_start_$run.log" | head -12
+      ${NEW:-.}/benchmarks/probes/probe_warm_start.py --config mistral-small-2501 --quantization fp8 --max-model-len 8192 --profile ${PROFILE:-0} \
+      2>&1 | grep -v -i warn | tee "$OUT/probe_warm_start_$run.log" | head -${HEAD:-12}
   done
 else
   OLD=${OLD:-.old}

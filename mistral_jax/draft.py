@@ -27,11 +27,12 @@ from flax import nnx
 
 from .model import Transformer
 from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
+from .programs import Program
 from .sharding import constrain, named_sharding, use_mesh
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("k_pages", "v_pages"))
-def _step(graphdef, state, k_pages, v_pages, inputs, prev_tokens, *, impl: str):
+def _step(state, k_pages, v_pages, inputs, prev_tokens, *, graphdef, impl: str):
     """The engine step's packed batch through the draft: only its k/v are kept."""
     model: Transformer = nnx.merge(graphdef, state)
     prev = prev_tokens[jnp.maximum(inputs.prev_index, 0)]
@@ -43,7 +44,7 @@ def _step(graphdef, state, k_pages, v_pages, inputs, prev_tokens, *, impl: str):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("k_pages", "v_pages"))
-def _propose(graphdef, state, k_pages, v_pages, first, positions, slots, page_indices, num_seqs, *, impl: str):
+def _propose(state, k_pages, v_pages, first, positions, slots, page_indices, num_seqs, *, graphdef, impl: str):
     """k greedy draft tokens per row. first: [R] each row's last token; positions, slots:
     [k, R] where step j's token goes (-1 = nothing: padding rows, or past the row's own k)."""
     model: Transformer = nnx.merge(graphdef, state)
@@ -75,21 +76,25 @@ class DraftModel:
     def page_bytes(self, page_size: int) -> int:
         return page_bytes(self.cfg, page_size, self.dtype)
 
-    def allocate(self, mesh, num_pages: int, page_size: int) -> None:
+    def allocate(self, mesh, num_pages: int, page_size: int, impl: str) -> None:
+        """The paged cache, and the programs (by bucket) that run on it."""
+        devices = list(mesh.devices.flat)
+        self._step_program = Program(_step, devices, graphdef=self.graphdef, impl=impl)
+        self._propose_program = Program(_propose, devices, graphdef=self.graphdef, impl=impl)
         with use_mesh(mesh):
             sharding = named_sharding(mesh, PAGE_AXES)
             init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
             self.k_pages, self.v_pages = init(self.cfg, num_pages, page_size, self.dtype)
 
-    def step(self, inputs, prev_tokens, impl: str) -> None:
-        self.k_pages, self.v_pages = _step(self.graphdef, self.state, self.k_pages, self.v_pages, inputs,
-                                           prev_tokens, impl=impl)
+    def step(self, inputs, prev_tokens) -> None:
+        self.k_pages, self.v_pages = self._step_program(len(inputs.tokens), self.state, self.k_pages, self.v_pages,
+                                                        inputs, prev_tokens)
 
     def propose(self, first: np.ndarray, positions: np.ndarray, slots: np.ndarray, page_indices: np.ndarray,
-                num_seqs: int, impl: str, put) -> jax.Array:
+                num_seqs: int, put) -> jax.Array:
         """Host arrays (padded to a row bucket) -> drafts [k, rows] on the device. put: the
         engine's host-to-mesh placement."""
         args = put((first, positions, slots, page_indices, np.int32(num_seqs)))
-        drafts, self.k_pages, self.v_pages = _propose(self.graphdef, self.state, self.k_pages, self.v_pages,
-                                                      *args, impl=impl)
+        drafts, self.k_pages, self.v_pages = self._propose_program(len(first), self.state, self.k_pages,
+                                                                   self.v_pages, *args)
         return drafts

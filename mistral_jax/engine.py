@@ -43,6 +43,7 @@ from .draft import DraftModel
 from .model import Transformer
 from .outputs import OutputState, StepEvent
 from .page_allocator import PageAllocator
+from .programs import Program
 from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
@@ -120,8 +121,8 @@ class StepInputs:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_seqs"),
                    donate_argnames=("k_pages", "v_pages", "counts", "seen"))
-def _step(graphdef, state, k_pages, v_pages, inputs: StepInputs, prev_tokens, sampling, counts, seen, *,
-          impl: str, max_seqs: int):
+def _step(state, k_pages, v_pages, inputs: StepInputs, prev_tokens, sampling, counts, seen, *,
+          graphdef, impl: str, max_seqs: int):
     model: Transformer = nnx.merge(graphdef, state)
     prev = prev_tokens[jnp.maximum(inputs.prev_index, 0)]
     tokens = jnp.where(inputs.prev_index >= 0, prev, inputs.tokens)[None]  # [1, T]
@@ -143,7 +144,7 @@ def _step(graphdef, state, k_pages, v_pages, inputs: StepInputs, prev_tokens, sa
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prompt_logprobs_step(graphdef, state, hidden, next_ids):
+def _prompt_logprobs_step(state, hidden, next_ids, *, graphdef):
     """A step's hidden states [T, dim] -> prompt logprobs (see _prompt_logprobs): the head and a
     log-softmax over every row, only for steps that carry a request asking for them."""
     logits = nnx.merge(graphdef, state).logits(hidden[None])[0]  # [T, vocab]
@@ -252,7 +253,7 @@ class Engine:
             init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
             self.k_pages, self.v_pages = init(self.cfg, self.num_pages, self.page_size, self.dtype)
         if self.draft is not None:  # the same page numbers: a page holds both models' k/v
-            self.draft.allocate(mesh, self.num_pages, self.page_size)
+            self.draft.allocate(mesh, self.num_pages, self.page_size, self.attention_impl)
         # Penalty state [max_num_seqs, vocab]: generated-token counts and seen tokens per slot.
         penalty_shape = (config.max_num_seqs, self.cfg.vocab_size)
         self.counts = self._replicated(np.zeros(penalty_shape, np.int32))
@@ -270,6 +271,12 @@ class Engine:
         self._ids = itertools.count()
         # Default seeds must agree across processes, or their replicated inputs would differ.
         self._rng = np.random.default_rng(_shared_seed() if self.multiprocess else None)
+        # The compiled programs, by bucket; kept on disk across restarts (programs.py).
+        devices = list(mesh.devices.flat)
+        self._step_program = Program(_step, devices, graphdef=self.graphdef, impl=self.attention_impl,
+                                     max_seqs=self.max_seqs_bucket)
+        self._prompt_lp_program = Program(_prompt_logprobs_step, devices, graphdef=self.graphdef)
+        self._reset_row_program = Program(_reset_penalty_row, devices)
 
     # ---- sizing and validation ------------------------------------------------------------
 
@@ -407,18 +414,23 @@ class Engine:
         inputs, sampling, wants_prompt_logprobs = self._pack(batch)
         with use_mesh(self.mesh):
             if self.draft is not None:  # the draft's cache follows the target's, step by step
-                self.draft.step(inputs, self.prev_tokens, self.attention_impl)
+                self.draft.step(inputs, self.prev_tokens)
             self._reset_penalties(batch)
-            result, hidden, self.prev_tokens, self.k_pages, self.v_pages, self.counts, self.seen = _step(
-                self.graphdef, self.state, self.k_pages, self.v_pages, inputs, self.prev_tokens, sampling,
-                self.counts, self.seen, impl=self.attention_impl, max_seqs=self.max_seqs_bucket)
-            prompt_lp = (_prompt_logprobs_step(self.graphdef, self.state, hidden, inputs.next_ids)
-                         if wants_prompt_logprobs else None)
+            result, hidden = self._run_step(inputs, sampling)
+            prompt_lp = self._prompt_lp_program(len(inputs.tokens), self.state, hidden, inputs.next_ids) \
+                if wants_prompt_logprobs else None
         for s in batch:
             self.scheduler.register_full_pages(s.seq)
         rows = _first_rows(batch)
         self._rows = dict(zip((s.seq for s in batch), rows))  # where each sequence's token lands
         return _Launched(batch, result, prompt_lp, rows)
+
+    def _run_step(self, inputs: StepInputs, sampling):
+        """One step's program (its bucket: the token count), keeping the state it updates."""
+        result, hidden, self.prev_tokens, self.k_pages, self.v_pages, self.counts, self.seen = self._step_program(
+            len(inputs.tokens), self.state, self.k_pages, self.v_pages, inputs, self.prev_tokens, sampling,
+            self.counts, self.seen)
+        return result, hidden
 
     def _fill_drafts(self, batch: list[Scheduled]) -> list[Scheduled]:
         """The draft model's tokens for the sequences the scheduler gave room for drafts: k greedy
@@ -439,8 +451,7 @@ class Engine:
             positions[:n, r] = pos
             slots[:n, r] = page_of[pos // self.page_size] * self.page_size + pos % self.page_size
             pages[r, : len(seq.pages)] = seq.pages
-        drafts = self._to_host(self.draft.propose(first, positions, slots, pages, len(want), self.attention_impl,
-                                                  self._host_to_mesh))
+        drafts = self._to_host(self.draft.propose(first, positions, slots, pages, len(want), self._host_to_mesh))
         batch = list(batch)
         for r, i in enumerate(want):
             s = batch[i]
@@ -493,17 +504,15 @@ class Engine:
                     SamplingArrays.from_params([], pad_to=self.seqs_bucket(T),
                                                allowed=self._allowed(self.seqs_bucket(T), []))))
                 if self.draft is not None:
-                    self.draft.step(inputs, self.prev_tokens, self.attention_impl)
-                result, hidden, self.prev_tokens, self.k_pages, self.v_pages, self.counts, self.seen = _step(
-                    self.graphdef, self.state, self.k_pages, self.v_pages, inputs, self.prev_tokens, sampling,
-                    self.counts, self.seen, impl=self.attention_impl, max_seqs=self.max_seqs_bucket)
-                jax.block_until_ready(_prompt_logprobs_step(self.graphdef, self.state, hidden, inputs.next_ids))
-            self.counts, self.seen = _reset_penalty_row(self.counts, self.seen, *self._penalty_row(0, [], 0))
+                    self.draft.step(inputs, self.prev_tokens)
+                result, hidden = self._run_step(inputs, sampling)
+                jax.block_until_ready(self._prompt_lp_program(T, self.state, hidden, inputs.next_ids))
+            self.counts, self.seen = self._reset_row_program(None, self.counts, self.seen, *self._penalty_row(0, [], 0))
             for R in self._draft_row_buckets() if self.draft is not None else ():
                 k = self.draft.k  # no row: every slot -1, nothing written
                 jax.block_until_ready(self.draft.propose(
                     np.zeros(R, np.int32), np.full((k, R), -1, np.int32), np.full((k, R), -1, np.int32),
-                    np.zeros((R, self.page_table_width), np.int32), 0, self.attention_impl, self._host_to_mesh))
+                    np.zeros((R, self.page_table_width), np.int32), 0, self._host_to_mesh))
             jax.block_until_ready((result, self.counts))
         return self.programs(), time.perf_counter() - t0
 
@@ -612,7 +621,7 @@ class Engine:
             seq = s.seq
             if _uses_penalties(seq.params) and s.admitted:
                 row = self._penalty_row(seq.slot, seq.token_ids, len(seq.prompt_ids))
-                self.counts, self.seen = _reset_penalty_row(self.counts, self.seen, *row)
+                self.counts, self.seen = self._reset_row_program(None, self.counts, self.seen, *row)
 
     def _penalty_row(self, slot: int, token_ids: list[int], num_prompt: int):
         ids = np.full(bucket(self.max_model_len, MIN_TOKEN_BUCKET), self.cfg.vocab_size, np.int32)
