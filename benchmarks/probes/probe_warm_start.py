@@ -29,6 +29,24 @@ args = p.parse_args()
 if args.min_compile_secs is not None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", args.min_compile_secs)
 from mistral_jax import LLM  # noqa: E402
+from mistral_jax import programs  # noqa: E402
+
+# The engine's programs: seconds spent getting them (loading a stored executable, or lowering and
+# compiling), apart from running them (which, for a loaded program, includes XLA instantiating its
+# custom calls: Mosaic GPU kernels compile then, in-process, and are not cached across processes).
+get_seconds = [0.0]
+_get = programs.Program._get
+
+
+def timed_get(self, args):
+    t = time.perf_counter()
+    try:
+        return _get(self, args)
+    finally:
+        get_seconds[0] += time.perf_counter() - t
+
+
+programs.Program._get = timed_get
 
 prof = None
 if args.profile:
@@ -41,6 +59,9 @@ llm = LLM(load_format="dummy", config=args.config, quantization=args.quantizatio
 if prof:
     prof.disable()
 print(f"start {time.perf_counter() - t:.1f} s, warm-up {llm.warmup_seconds:.1f} s, {llm.warmup_programs} programs")
+progs = [p for p in vars(llm.engine).values() if isinstance(p, programs.Program)]
+print(f"programs loaded {sum(p.loaded for p in progs)}, compiled {sum(p.compiled for p in progs)}; "
+      f"getting them {get_seconds[0]:.2f} s, running them once {llm.warmup_seconds - get_seconds[0]:.2f} s")
 for k in sorted(totals, key=totals.get, reverse=True):
     print(f"{totals[k]:8.2f} s  x{counts[k]:4d}  {k}")
 if prof:
