@@ -13,11 +13,16 @@ import dataclasses
 import itertools
 import queue
 import threading
+import time
 from typing import AsyncIterator
 
 from ..engine import Engine
 from ..outputs import StepEvent
 from ..sampling import SamplingParams
+
+
+ARRIVAL_GAP_S = 0.002
+ARRIVAL_WINDOW_S = 0.010
 
 
 @dataclasses.dataclass
@@ -105,11 +110,24 @@ class AsyncEngine:
                 for o in self.observers:
                     o.aborted(message.request_id)
 
+    def _take_arrivals(self) -> None:
+        """After an idle spell, requests that arrive together (clients that connect at once send over
+        a few ms) start together: take what comes within ARRIVAL_GAP_S of the last, for at most
+        ARRIVAL_WINDOW_S. Otherwise the first starts alone and the rest wait a whole step for the
+        next (on an H200, 16 clients: +29-36 ms TTFT over HTTP). A lone request waits one gap."""
+        deadline = time.monotonic() + ARRIVAL_WINDOW_S
+        while (left := deadline - time.monotonic()) > 0 and not self._stopping.is_set():
+            try:
+                self._take(self._inbox.get(timeout=min(ARRIVAL_GAP_S, left)))
+            except queue.Empty:
+                return
+
     def _loop(self) -> None:
         try:
             while not self._stopping.is_set():
                 if not self.engine.has_unfinished_requests():
                     self._take(self._inbox.get())  # idle: wait for work
+                    self._take_arrivals()
                 while True:  # everything that arrived: it joins this step
                     try:
                         self._take(self._inbox.get_nowait())
