@@ -13,11 +13,11 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 if [ "${PART:-w}" = w ]; then
-  for q in bf16 fp8; do
+  for q in ${QUANTS:-bf16 fp8}; do
     flag=$([ $q = fp8 ] && echo "--quantization fp8")
     PYTHONPATH=.:$PYTHONPATH timeout ${RUN_S:-280} python3 benchmarks/bench_warmup.py --config mistral-small-2501 $flag \
       --out "$OUT/warmup_$q.json" > "$OUT/warmup_$q.log" 2>&1 || tail -20 "$OUT/warmup_$q.log"
-    tail -2 "$OUT/warmup_$q.log"
+    tail -2 "$OUT/warmup_$q.log"; grep -c -i -E "could not load|Failed to deserialize" "$OUT/warmup_$q.log"
   done
 elif [ "${PART}" = p ]; then
   for run in cold warm; do
