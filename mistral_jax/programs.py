@@ -31,6 +31,7 @@ import jax
 log = logging.getLogger(__name__)
 
 _FORMAT = "1"  # bump when what is stored changes
+MAX_STORED_BYTES = 4 << 30  # past this, the least recently used stored programs are deleted
 _shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> executable, among live engines
 _compile_lock = threading.Lock()
 _jax_cache_hits = threading.local()  # hits of JAX's persistent cache, counted per thread
@@ -148,7 +149,9 @@ class Program:
         _prepare_mosaic_gpu()
         try:
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-            return deserialize_and_load(payload, in_tree, out_tree, execution_devices=self.devices)
+            exe = deserialize_and_load(payload, in_tree, out_tree, execution_devices=self.devices)
+            os.utime(path)  # recently used: kept when the directory is pruned
+            return exe
         except Exception as e:  # a torn or foreign file: compile instead, and replace it
             log.warning("could not load the stored program %s (%s: %s); compiling it again", path.name,
                         type(e).__name__, e)
@@ -163,8 +166,20 @@ class Program:
             with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:  # readers never see half a file
                 f.write(blob)
             os.replace(f.name, path)
+            _prune(path.parent, MAX_STORED_BYTES)
         except Exception as e:  # e.g. a read-only cache, or a program JAX cannot serialize
             log.warning("could not store the compiled program %s (%s: %s)", self.name, type(e).__name__, e)
+
+
+def _prune(directory: Path, max_bytes: int) -> None:
+    """Delete the least recently used programs past max_bytes (each code or JAX version, model and
+    setting leaves its own; old ones are never loaded again)."""
+    files = sorted(directory.glob("*.bin"), key=lambda f: f.stat().st_mtime, reverse=True)
+    total = 0
+    for f in files:
+        total += f.stat().st_size
+        if total > max_bytes:
+            f.unlink(missing_ok=True)
 
 
 @functools.cache

@@ -106,3 +106,12 @@ def test_a_static_argument_without_a_stable_text_is_not_stored(tmp_path):
     p = programs.Program(f, jax.devices()[:1], directory=tmp_path, tag=Opaque())
     np.testing.assert_allclose(p(0, np.zeros(3, np.float32)), np.ones(3))
     assert p.compiled == 1 and not list(tmp_path.glob("*.bin"))
+
+
+def test_the_directory_keeps_the_most_recently_used_within_its_size(tmp_path):
+    for i, age in enumerate((300, 100, 200)):
+        f = tmp_path / f"{i}.bin"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (f.stat().st_atime, f.stat().st_mtime - age))
+    programs._prune(tmp_path, 2500)
+    assert sorted(f.name for f in tmp_path.glob("*.bin")) == ["1.bin", "2.bin"]  # the oldest went
