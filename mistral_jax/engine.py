@@ -43,8 +43,8 @@ from .draft import DraftModel
 from .model import Transformer
 from .outputs import OutputState, StepEvent
 from .page_allocator import PageAllocator
-from .programs import Program
 from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
+from .programs import Program
 from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, mesh_size, named_sharding, use_mesh
@@ -417,8 +417,8 @@ class Engine:
                 self.draft.step(inputs, self.prev_tokens)
             self._reset_penalties(batch)
             result, hidden = self._run_step(inputs, sampling)
-            prompt_lp = self._prompt_lp_program(len(inputs.tokens), self.state, hidden, inputs.next_ids) \
-                if wants_prompt_logprobs else None
+            prompt_lp = (self._prompt_lp_program(len(inputs.tokens), self.state, hidden, inputs.next_ids)
+                         if wants_prompt_logprobs else None)
         for s in batch:
             self.scheduler.register_full_pages(s.seq)
         rows = _first_rows(batch)

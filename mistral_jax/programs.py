@@ -15,6 +15,7 @@ executable's own C++ dispatch.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import importlib
@@ -32,7 +33,11 @@ log = logging.getLogger(__name__)
 
 _FORMAT = "1"  # bump when what is stored changes
 MAX_STORED_BYTES = 4 << 30  # past this, the least recently used stored programs are deleted
-_shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> executable, among live engines
+# key -> executable: every one a live engine holds, and the most recent ones (engines built one
+# after another in a process, tests and notebooks, find them without loading from disk)
+_shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_recent: collections.OrderedDict = collections.OrderedDict()
+RECENT = 64
 _compile_lock = threading.Lock()
 _jax_cache_hits = threading.local()  # hits of JAX's persistent cache, counted per thread
 
@@ -89,6 +94,12 @@ def _leaf_repr(x) -> str:
                  getattr(aval, "weak_type", False), repr(getattr(x, "sharding", None))))
 
 
+def clear() -> None:
+    """Forget the recently used executables (as jax.clear_caches() does JAX's): each XLA:CPU program
+    keeps its code mapped in memory while it lives."""
+    _recent.clear()
+
+
 def default_directory() -> Path | None:
     """Next to JAX's persistent cache when that is on and local; one process only (in a
     multi-process run each process's executable is one part of a whole)."""
@@ -141,6 +152,11 @@ class Program:
                 self.loaded += 1
             if key is not None:
                 _shared[key] = exe
+        if key is not None:
+            _recent[key] = exe
+            _recent.move_to_end(key)
+            while len(_recent) > RECENT:
+                _recent.popitem(last=False)
         return exe
 
     def _load(self, path: Path):  # a file of the user's own cache: trusted as JAX's cache is

@@ -41,7 +41,10 @@ def _free_compiled_programs():
 
     import jax
 
+    from mistral_jax import programs
+
     jax.clear_caches()
+    programs.clear()
     gc.collect()
 
 

@@ -89,10 +89,12 @@ def test_a_damaged_file_is_compiled_again(tmp_path, caplog):
     (stored,) = tmp_path.glob("*.bin")
     stored.write_bytes(b"not an executable")
     programs._shared.clear()  # as in a new process
+    programs.clear()
     p = programs.Program(_affine_jit, devices, directory=tmp_path, scale=5.0)
     np.testing.assert_allclose(p("b", x, w), x * 5)
     assert (p.loaded, p.compiled) == (0, 1) and "could not load" in caplog.text
     programs._shared.clear()
+    programs.clear()
     q = programs.Program(_affine_jit, devices, directory=tmp_path, scale=5.0)
     np.testing.assert_allclose(q("b", x, w), x * 5)
     assert (q.loaded, q.compiled) == (1, 0)  # replaced by a good one
