@@ -9,7 +9,11 @@ prompts, ignore_eos, greedy), stops it, then runs the same requests through the 
 fresh process (LLM(load_format="dummy"), all requests added at once). A workload CxPxO is C
 concurrent requests of P prompt tokens and O output tokens; each runs twice, the second counts.
 Reported per workload: output tokens/s, time to first token and inter-token latency (p50, p99).
-HTTP may cost at most 5% of tokens/s and 10 ms of TTFT (issue 18)."""
+HTTP may cost at most 5% of tokens/s and 10 ms of TTFT (issue 18).
+
+--client aiohttp (vLLM's benchmark client library) or httpx; --client-procs N splits each
+workload's requests over N client processes that start together (one Python client at 64
+streams spends its own time on every chunk, and that time lands in its TTFT)."""
 
 from __future__ import annotations
 
@@ -43,25 +47,33 @@ def summarize(wall: float, starts, firsts, stamps) -> dict:
             "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99), "requests": len(stamps), "tokens": tokens}
 
 
-async def run_http(url: str, reqs, model: str, http=None) -> dict:
-    """Stream every request at once. http: an httpx.AsyncClient to reuse (its connections stay
-    open between runs, as a client's pool keeps them); None: a new one."""
-    import httpx
-
-    async def one(ids, out, http):
-        body = {"model": model, "prompt": ids, "max_tokens": out, "temperature": 0, "stream": True, "ignore_eos": True}
-        start, stamps = time.perf_counter(), []
-        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+async def stream_one(http, url: str, model: str, ids: list[int], out: int) -> tuple[float, list[float]]:
+    """One streamed request: (its start, the time of each token's chunk)."""
+    body = {"model": model, "prompt": ids, "max_tokens": out, "temperature": 0, "stream": True, "ignore_eos": True}
+    start, stamps = time.perf_counter(), []
+    if _is_aiohttp(http):
+        async with http.post(url + "/v1/completions", json=body) as r:
             r.raise_for_status()
-            async for line in r.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
+            async for line in r.content:
+                if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
                     stamps.append(time.perf_counter())
         return start, stamps
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                stamps.append(time.perf_counter())
+    return start, stamps
+
+
+async def run_http(url: str, reqs, model: str, http=None) -> dict:
+    """Stream every request at once. http: a client to reuse (its connections stay open between
+    runs, as a client's pool keeps them); None: a new httpx one."""
 
     async def run(http):
         before = await server_ttft(http, url)
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(ids, o, http) for ids, o in reqs))
+        results = await asyncio.gather(*(stream_one(http, url, model, ids, o) for ids, o in reqs))
         wall = time.perf_counter() - t0
         after = await server_ttft(http, url)
         out = summarize(wall, [r[0] for r in results], [r[1][0] for r in results], [r[1] for r in results])
@@ -71,17 +83,37 @@ async def run_http(url: str, reqs, model: str, http=None) -> dict:
 
     if http is not None:
         return await run(http)
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1024)) as http:
+    async with _client("httpx") as http:
         return await run(http)
+
+
+def _is_aiohttp(http) -> bool:
+    return type(http).__module__.startswith("aiohttp")
+
+
+def _client(kind: str):
+    if kind == "aiohttp":
+        import aiohttp
+
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
+                                     connector=aiohttp.TCPConnector(limit=0))
+    import httpx
+
+    return httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1024))
 
 
 async def server_ttft(http, url: str) -> tuple[float, float] | None:
     """(sum, count) of the server's time-to-first-token histogram, from /metrics."""
-    r = await http.get(url + "/metrics")
-    if r.status_code != 200:
+    if _is_aiohttp(http):
+        async with http.get(url + "/metrics") as r:
+            status, text = r.status, await r.text()
+    else:
+        r = await http.get(url + "/metrics")
+        status, text = r.status_code, r.text
+    if status != 200:
         return None
     values = {}
-    for line in r.text.splitlines():
+    for line in text.splitlines():
         for k in ("time_to_first_token_seconds_sum", "time_to_first_token_seconds_count"):
             if line.split(" ")[0].endswith(k):
                 values[k] = float(line.split(" ")[-1])
@@ -122,12 +154,13 @@ def in_process(args) -> dict:
 
 
 def over_http(args, url: str, vocab: int) -> dict:
-    """Each workload twice on one client; the second counts (its connections already open)."""
-    import httpx
+    """Each workload twice on the same clients; the second counts (its connections already open)."""
+    if args.client_procs > 1:
+        return _over_http_procs(args, url, vocab)
 
     async def all_workloads():
         out = {}
-        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1024)) as http:
+        async with _client(args.client) as http:
             for w in args.workloads.split(","):
                 reqs = requests_of(w, vocab)
                 await run_http(url, reqs, args.model_name, http)
@@ -135,6 +168,60 @@ def over_http(args, url: str, vocab: int) -> dict:
         return out
 
     return asyncio.run(all_workloads())
+
+
+# ---- several client processes --------------------------------------------------------------
+# Each worker keeps one client (and its connections) for the whole benchmark; a workload's
+# requests are dealt round-robin, and every worker starts its share at the same moment
+# (time.perf_counter is the system's monotonic clock, shared by processes).
+
+_worker: dict = {}
+
+
+def _worker_init(url: str, model: str, kind: str) -> None:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    _worker.update(url=url, model=model, loop=loop, http=loop.run_until_complete(_enter(kind)))
+
+
+async def _enter(kind):
+    return await _client(kind).__aenter__()
+
+
+def _worker_run(reqs, t_start: float):
+    async def go():
+        await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
+        w = _worker
+        return await asyncio.gather(*(stream_one(w["http"], w["url"], w["model"], ids, o) for ids, o in reqs))
+
+    return _worker["loop"].run_until_complete(go())
+
+
+async def _server_ttft_now(url: str):
+    async with _client("httpx") as http:
+        return await server_ttft(http, url)
+
+
+def _over_http_procs(args, url: str, vocab: int) -> dict:
+    import multiprocessing as mp
+
+    n = args.client_procs
+    with mp.get_context("spawn").Pool(n, _worker_init, (url, args.model_name, args.client)) as pool:
+        out = {}
+        for w in args.workloads.split(","):
+            reqs = requests_of(w, vocab)
+            for _ in range(2):
+                before = asyncio.run(_server_ttft_now(url))
+                t0 = time.perf_counter() + 0.2
+                parts = pool.starmap(_worker_run, [(reqs[i::n], t0) for i in range(n)])
+            after = asyncio.run(_server_ttft_now(url))
+            pairs = [pair for part in parts for pair in part]
+            wall = max(s[-1] for _, s in pairs) - t0
+            out[w] = summarize(wall, [p[0] for p in pairs], [p[1][0] for p in pairs], [p[1] for p in pairs])
+            out[w]["client_procs"] = n
+            if before and after and after[1] > before[1]:
+                out[w]["server_ttft_ms_mean"] = 1e3 * (after[0] - before[0]) / (after[1] - before[1])
+        return out
 
 
 def main():
@@ -147,6 +234,8 @@ def main():
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--url", help="a running server (then no in-process peer)")
     p.add_argument("--model-name", default="bench")
+    p.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp")
+    p.add_argument("--client-procs", type=int, default=1)
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out")
     args = p.parse_args()
@@ -156,7 +245,8 @@ def main():
     from mistral_jax.dummy import dummy_config
 
     vocab = dummy_config(args.config).vocab_size
-    result = {"config": args.config, "quantization": args.quantization, "date": time.strftime("%Y-%m-%d")}
+    result = {"config": args.config, "quantization": args.quantization, "date": time.strftime("%Y-%m-%d"),
+              "client": args.client, "client_procs": args.client_procs}
     if args.url:
         result["http"] = over_http(args, args.url, vocab)
     else:

@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Issue 18's HTTP benchmark on one H200: bench_http.py (the server over loopback against the
 # in-process engine, same workloads, same call) for each of QUANTS (bf16, fp8).
-# Needs the server's and mistral-common's wheels in .whl (device README), installed by the caller.
+# CLIENT: bench_http's client flags (default: aiohttp in 4 processes); TAG names the outputs.
+# Needs the server's, mistral-common's and aiohttp's wheels in .whl (device README), installed by the caller.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 WORKLOADS=${WORKLOADS:-1x128x128,16x128x128,64x128x128,16x1024x256,64x1024x256}
+CLIENT=${CLIENT:---client aiohttp --client-procs 4}
+TAG=${TAG:-}
+# Which processes hold GPU memory while the benchmark runs (the HTTP process must hold none).
+(while sleep 15; do nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader; echo; done) \
+  >> "$OUT/gpu_apps$TAG.txt" 2>&1 &
+watcher=$!
 for q in ${QUANTS:-bf16 fp8}; do
   flag=$([ $q = fp8 ] && echo "--quantization fp8")
   timeout ${RUN_S:-280} python3 benchmarks/bench_http.py --config mistral-small-2501 $flag --workloads "$WORKLOADS" \
-    --out "$OUT/http_$q.json" > "$OUT/http_$q.log" 2>&1 || tail -20 "$OUT/http_$q.log"
-  grep -E "^ *[0-9]+x" "$OUT/http_$q.log"
+    $CLIENT --out "$OUT/http_$q$TAG.json" > "$OUT/http_$q$TAG.log" 2>&1 || tail -20 "$OUT/http_$q$TAG.log"
+  echo "== $q $CLIENT"; grep -E "^ *[0-9]+x" "$OUT/http_$q$TAG.log"
 done
+kill $watcher 2>/dev/null

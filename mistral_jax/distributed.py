@@ -93,6 +93,11 @@ def add_cli_flags(parser) -> None:
                    help="seconds to wait for the other processes before failing")
 
 
+def kwargs_from_args(args) -> dict:
+    """initialize's keyword arguments from add_cli_flags' flags (for a process that joins later)."""
+    return dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                process_id=args.process_id, auto=args.distributed, timeout_s=args.distributed_timeout)
+
+
 def initialize_from_args(args) -> bool:
-    return initialize(args.coordinator_address, args.num_processes, args.process_id,
-                      auto=args.distributed, timeout_s=args.distributed_timeout)
+    return initialize(**kwargs_from_args(args))

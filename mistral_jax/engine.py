@@ -45,6 +45,7 @@ from .outputs import OutputState, StepEvent
 from .page_allocator import PageAllocator
 from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from .programs import Program
+from .request_limits import RequestLimits
 from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, mesh_size, named_sharding, use_mesh
@@ -241,6 +242,7 @@ class Engine:
         self.draft = DraftModel(draft, self.cfg, spec.num_speculative_tokens) if draft is not None else None
         self.num_pages = self._size_cache()
         self.allocator = PageAllocator(self.num_pages, self.page_size, config.enable_prefix_caching)
+        self.limits = RequestLimits(self.cfg.vocab_size, self.max_model_len, self.page_size, self.num_pages)
         self.speculator = Speculator(spec) if spec is not None else None
         # A step's sampling rows (sequences + drafts) fit its sequence axis: rows <= tokens <= T
         # and rows <= max_seqs_bucket, so seqs_bucket(T) holds them; drafts add no program.
@@ -322,34 +324,7 @@ class Engine:
 
     def check_request(self, ids: list[int], params: SamplingParams, where: str) -> SamplingParams:
         """Reject bad input before any work starts; fill max_tokens=None up to the context."""
-        if len(ids) == 0:
-            raise ValueError(f"{where} is empty: give at least one token (the tokenizer adds BOS to text prompts)")
-        bad = [t for t in ids if not 0 <= int(t) < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"{where} has token ids outside [0, {self.cfg.vocab_size}): {bad[:5]}")
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(
-                f"{where} has {len(ids)} tokens, past the model's context of {self.max_model_len}: "
-                f"shorten it to at most {self.max_model_len - 1} tokens")
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=room)
-        elif params.max_tokens > room:
-            raise ValueError(
-                f"{where} has {len(ids)} tokens and asks for max_tokens={params.max_tokens}: "
-                f"{len(ids)} + {params.max_tokens} > context {self.max_model_len}. "
-                f"Lower max_tokens to {room} or shorten the prompt")
-        pages = -(-(len(ids) + params.max_tokens) // self.page_size)
-        if pages > self.num_pages - 1:
-            fits = (self.num_pages - 1) * self.page_size
-            raise ValueError(
-                f"{where} needs {len(ids)} + {params.max_tokens} tokens of KV cache = {pages} pages of "
-                f"{self.page_size}, but the whole cache has {self.num_pages - 1} pages ({fits} tokens): "
-                "lower max_tokens, shorten the prompt, or give the cache more memory "
-                "(gpu_memory_utilization / num_pages)")
-        if params.seed is None:  # fixed now, so a preempted and recomputed request continues alike
-            params = dataclasses.replace(params, seed=int(self._rng.integers(2**63)))
-        return params
+        return self.limits.check(ids, params, where, self._rng)
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -167,7 +167,8 @@ class LLM:
         check_mesh(self.config, self.mesh)
         self.timings["open checkpoint (config, tensor index)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(tokenizer or self.model_path)
+        self.tokenizer_source = tokenizer or self.model_path  # a file, directory or GGUF: load_tokenizer's input
+        self.tokenizer = load_tokenizer(self.tokenizer_source)
         self.timings["tokenizer"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         model_ = self._load(checkpoint, self.config, progress, quantization, fp8_impl)

@@ -29,37 +29,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-SWITCH_INTERVAL_S = 0.0005
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import uvicorn
 
-    from . import distributed
+    from .distributed import kwargs_from_args
     from .engine_args import llm_kwargs
-    from .llm import LLM
     from .server.app import create_app
+    from .server.bridge import EngineClient, EngineStartError
+    from .tokenizer import load_tokenizer
 
+    # The engine runs in its own process (server/engine_process.py): its host work and this
+    # process's HTTP work do not share a GIL. It loads the model and warms up before the port opens.
     try:
-        distributed.initialize_from_args(args)
-        llm = LLM(**llm_kwargs(args))
-    except (ValueError, FileNotFoundError, TypeError, distributed.DistributedInitError) as e:
+        bridge = EngineClient(llm_kwargs(args), kwargs_from_args(args))
+    except EngineStartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = create_app(llm, args.served_model_name, args.api_key)
-    print(f"[serving {args.served_model_name or llm.model_path} on http://{args.host}:{args.port}/v1]",
+    try:
+        tokenizer = load_tokenizer(bridge.info.tokenizer_source)
+        app = create_app(bridge, tokenizer, args.served_model_name, args.api_key)
+    except BaseException:
+        bridge.shutdown()
+        raise
+    print(f"[serving {args.served_model_name or bridge.info.model_path} on http://{args.host}:{args.port}/v1]",
           file=sys.stderr, flush=True)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                     timeout_graceful_shutdown=args.timeout_graceful_shutdown))
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop accepting, let running requests finish, exit 0
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    # The engine thread and the HTTP event loop share the GIL. With Python's default 5-ms switch
-    # interval the engine thread, back from waiting on a step, could wait that long while the
-    # loop wrote 64 streams' chunks, and its next step launched late (H200, 2501 bf16, 64
-    # concurrent streams: 29 ms per output token over HTTP against 22.5 in-process).
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    server.run()
+    try:
+        server.run()
+    finally:
+        bridge.shutdown()  # idempotent after the app's own shutdown; covers a failed start (port taken)
     return 0
 
 

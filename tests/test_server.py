@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -250,15 +251,55 @@ async def _concurrent_streams_with_disconnects(server, llm):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def children(pid: int, running: str = "") -> list[int]:
+    """A process's child processes whose command line holds `running` (Linux)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return [c for c in out if running in Path(f"/proc/{c}/cmdline").read_text().replace("\0", " ")]
+
+
+def wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True  # exited; its parent has not reaped it
+        except FileNotFoundError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
 @pytest.fixture(scope="module")
 def guarded(tiny_checkpoints):
-    """A second server: an API key, and n-gram speculative decoding; SIGTERM ends it with 0."""
+    """A second server: an API key, and n-gram speculative decoding; SIGTERM ends it with 0,
+    and its engine process with it."""
     s = Server(tiny_checkpoints[0], "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
                env={"MISTRAL_JAX_API_KEY": "s3cret"})
+    engines = children(s.proc.pid, "spawn_main")
+    assert len(engines) == 1, engines  # the engine runs in its own process
     try:
         yield s
     finally:
         assert s.stop() == 0
+        assert wait_gone(engines[0], 5)
+
+
+def test_engine_process_start_failure_and_orphan(tiny_checkpoints):
+    # Settings the engine refuses: the server exits 2 with the engine's message (naming the fix).
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "mistral_jax.serve", "--model", str(tiny_checkpoints[0]),
+                        "--port", str(port), *SETTINGS, "--max-model-len", "1000000"], capture_output=True, text=True,
+                       timeout=180, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2 and "max_model_len=1000000 must be in" in r.stderr, r.stderr[-2000:]
+    # An HTTP process killed outright: its engine process notices the closed pipe and exits.
+    s = Server(tiny_checkpoints[0])
+    engines, helpers = children(s.proc.pid, "spawn_main"), children(s.proc.pid)
+    s.proc.kill()
+    s.proc.wait(10)
+    s.log.close()
+    assert len(engines) == 1 and all(wait_gone(pid, 30) for pid in helpers), helpers
 
 
 def test_api_key(guarded):

@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..outputs import StepEvent
 from ..sampling import SamplingParams
-from .bridge import AsyncEngine, EngineStopped
+from ..structured import Matcher
+from .bridge import EngineClient, EngineStopped, RequestStream
 from .constraints import ConstraintError, request_constraint
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        error_body)
@@ -38,15 +39,16 @@ class BadRequest(Exception):
         self.message, self.param, self.status, self.type = message, param, status, type_
 
 
-def create_app(llm, served_model_name: str | None = None, api_key: str | None = None,
+def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = None, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The server's app around a loaded LLM (its engine is stepped by the bridge's thread)."""
+    """The server's app in front of a running engine process (bridge) and its tokenizer."""
     from . import metrics as metrics_module
 
-    model_name = served_model_name or llm.model_path
-    tokenizer = llm.tokenizer
-    metrics = metrics_module.Metrics(llm.engine)
-    bridge = AsyncEngine(llm.engine, observers=[metrics])
+    info = bridge.info
+    model_name = served_model_name or info.model_path
+    vocab_size = info.limits.vocab_size
+    metrics = metrics_module.Metrics(bridge)
+    bridge.observers.append(metrics)
     app = FastAPI(title="mistral_jax", docs_url=None, redoc_url=None)
     app.state.bridge, app.state.metrics = bridge, metrics
     created = int(time.time())
@@ -94,23 +96,20 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
             raise BadRequest(str(e)) from e
 
     async def constrained(jobs, req, tools):
-        """jobs (index, ids, params) -> (index, ids, params, matcher): each choice its own grammar
-        state, built off the event loop (a complex grammar takes up to a second)."""
+        """jobs (index, ids, params), each with the request's output constraint. Its grammar is
+        compiled here once, off the event loop (a complex one takes up to a second), so an
+        invalid one is a 400 before any work; the engine process compiles its own copy."""
         try:
             spec, field = request_constraint(req, tokenizer, tools)
         except ConstraintError as e:
             raise BadRequest(str(e), e.param) from None
         if spec is None:
-            return [(*job, None) for job in jobs]
-        out = []
-        for index, ids, params in jobs:
-            params = dataclasses.replace(params, structured_outputs=spec)
-            try:
-                matcher = await asyncio.to_thread(bridge.engine.matcher, params)
-            except ValueError as e:
-                raise BadRequest(f"{field}: {e}", field) from None
-            out.append((index, ids, params, matcher))
-        return out
+            return jobs
+        try:
+            await asyncio.to_thread(Matcher, spec, tokenizer, vocab_size)
+        except ValueError as e:
+            raise BadRequest(f"{field}: {e}", field) from None
+        return [(index, ids, dataclasses.replace(params, structured_outputs=spec)) for index, ids, params in jobs]
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -122,13 +121,13 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
     @app.get("/health")
     async def health():
         if bridge.fault is not None:
-            return error(503, f"the engine stopped: {bridge.fault}", type_="server_error")
+            return error(503, bridge.fault, type_="server_error")
         return Response(status_code=200)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "mistral_jax", "max_model_len": llm.max_model_len}]}
+                                            "owned_by": "mistral_jax", "max_model_len": info.max_model_len}]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -141,14 +140,14 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
             raise BadRequest("give exactly one of 'prompt' (text) or 'messages' (a chat)", "prompt")
         ids = (tokenizer.encode(req.prompt, add_bos=req.add_special_tokens) if req.prompt is not None
                else _encode_chat(tokenizer, req.messages, None))
-        return {"tokens": ids, "count": len(ids), "max_model_len": llm.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": info.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         check_model(req.model)
-        bad = [t for t in req.tokens if not 0 <= t < llm.config.vocab_size]
+        bad = [t for t in req.tokens if not 0 <= t < vocab_size]
         if bad:
-            raise BadRequest(f"token ids outside [0, {llm.config.vocab_size}): {bad[:5]}", "tokens")
+            raise BadRequest(f"token ids outside [0, {vocab_size}): {bad[:5]}", "tokens")
         return {"prompt": tokenizer.decode(req.tokens)}
 
     # ---- completions --------------------------------------------------------------------
@@ -181,10 +180,11 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                             {tokenizer.decode([t], skip_special_tokens=False): v for t, v in d.items()})
             return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": _offsets(toks)}
 
+        streams = _submit(bridge, jobs)
         if not req.stream:
-            results = await _unless_disconnected(request, [_collect(bridge, *job[1:]) for job in jobs])
+            results = await _unless_disconnected(request, streams)
             choices, usage = [], _Usage()
-            for (index, ids, _, _), r in zip(jobs, results):
+            for (index, ids, _), r in zip(jobs, results):
                 echo_lps = list(zip(ids, r.prompt_logprobs or [None] * len(ids))) if req.echo else []
                 gen_ids, gen_lps, text = ([], [], "") if score_only else (r.token_ids, r.logprobs, r.text)
                 prefix = (texts[index] if texts[index] is not None else tokenizer.decode(ids)) if req.echo else ""
@@ -197,7 +197,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
 
         async def sse() -> AsyncIterator[str]:
             usage = _Usage()
-            async for index, event in _merged(bridge, jobs, request):
+            async for index, event in _merged(streams):
                 ids = jobs[index][1]
                 if score_only:
                     if event.finished:
@@ -215,7 +215,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                                     usage, req.stream_options):
                 yield line
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return _EventStream(sse(), streams)
 
     # ---- chat ---------------------------------------------------------------------------
 
@@ -239,10 +239,11 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                     "top_logprobs": [{"token": (t := tokenizer.decode([k], skip_special_tokens=False)), "logprob": v,
                                       "bytes": list(t.encode())} for k, v in list(d.items())[: top or 0]]}
 
+        streams = _submit(bridge, jobs)
         if not req.stream:
-            results = await _unless_disconnected(request, [_collect(bridge, *job[1:]) for job in jobs])
+            results = await _unless_disconnected(request, streams)
             choices, usage = [], _Usage()
-            for (index, _, _, _), r in zip(jobs, results):
+            for (index, _, _), r in zip(jobs, results):
                 message: dict[str, Any] = {"role": "assistant", "content": r.text}
                 finish = r.finish_reason
                 if tools:
@@ -265,7 +266,7 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
 
         async def sse() -> AsyncIterator[str]:
             usage, started, held, text, sent, in_calls = _Usage(), set(), {}, {}, {}, set()
-            async for index, event in _merged(bridge, jobs, request):
+            async for index, event in _merged(streams):
                 if index not in started:
                     started.add(index)
                     yield chunk(index, {"role": "assistant", "content": ""})
@@ -302,7 +303,11 @@ def create_app(llm, served_model_name: str | None = None, api_key: str | None = 
                                      "model": model_name}, usage, req.stream_options):
                 yield line
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return _EventStream(sse(), streams)
+
+    @app.on_event("startup")
+    async def _startup():
+        bridge.attach(asyncio.get_running_loop())
 
     @app.on_event("shutdown")
     async def _shutdown():
@@ -343,9 +348,30 @@ class _Result:
         self.finish_reason, self.cached, self.prompt_logprobs = None, 0, None
 
 
-async def _collect(bridge: AsyncEngine, ids: list[int], params: SamplingParams, matcher) -> _Result:
+def _submit(bridge: EngineClient, jobs) -> list[tuple[int, RequestStream]]:
+    """Every job (index, ids, params) to the engine now, before the handler returns."""
+    return [(index, bridge.submit(ids, params)) for index, ids, params in jobs]
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events of submitted requests, which are aborted however the response ends
+    (a client that hangs up before the first chunk included)."""
+
+    def __init__(self, body, streams: list[tuple[int, RequestStream]]):
+        super().__init__(body, media_type="text/event-stream")
+        self.streams = streams
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for _, stream in self.streams:
+                stream.close()
+
+
+async def _collect(stream: RequestStream) -> _Result:
     r = _Result()
-    async for event in bridge.generate(ids, params, matcher):
+    async for event in stream:
         r.token_ids.append(event.token_id)
         r.logprobs.append(event.logprobs)
         r.text += event.text
@@ -356,30 +382,34 @@ async def _collect(bridge: AsyncEngine, ids: list[int], params: SamplingParams, 
     return r
 
 
-async def _unless_disconnected(request: Request, coros: list) -> list:
-    """Run a non-streamed request's generations; a client that hangs up before they end has them
-    cancelled (each generator aborts its request: the engine frees its pages)."""
-    work = asyncio.ensure_future(asyncio.gather(*coros))
-    while not work.done():
-        await asyncio.wait([work], timeout=0.5)
-        if not work.done() and await request.is_disconnected():
-            work.cancel()
-            raise BadRequest("the client disconnected", status=499)
-    return work.result()
+async def _unless_disconnected(request: Request, streams: list[tuple[int, RequestStream]]) -> list[_Result]:
+    """A non-streamed request's generations, collected; a client that hangs up before they end
+    has them aborted (the engine frees their pages)."""
+    work = asyncio.ensure_future(asyncio.gather(*(_collect(s) for _, s in streams)))
+    try:
+        while not work.done():
+            await asyncio.wait([work], timeout=0.5)
+            if not work.done() and await request.is_disconnected():
+                work.cancel()
+                raise BadRequest("the client disconnected", status=499)
+        return work.result()
+    finally:
+        for _, stream in streams:
+            stream.close()
 
 
-async def _merged(bridge: AsyncEngine, jobs, request: Request) -> AsyncIterator[tuple[int, StepEvent]]:
-    """Events of several requests (index, event) in arrival order. A client that disconnects
-    cancels the stream: every request still running is aborted."""
-    if len(jobs) == 1:  # one request (n = 1): its own events, without a task and a second queue
-        async for event in bridge.generate(*jobs[0][1:]):
-            yield jobs[0][0], event
+async def _merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tuple[int, StepEvent]]:
+    """Events of several requests (index, event) in arrival order."""
+    if len(streams) == 1:  # one request (n = 1): its own events, without a task and a second queue
+        index, stream = streams[0]
+        async for event in stream:
+            yield index, event
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index, ids, params, matcher):
+    async def pump(index, stream):
         try:
-            async for event in bridge.generate(ids, params, matcher):
+            async for event in stream:
                 await queue.put((index, event))
         except BaseException as e:  # noqa: BLE001
             await queue.put((index, e))
@@ -387,7 +417,7 @@ async def _merged(bridge: AsyncEngine, jobs, request: Request) -> AsyncIterator[
         finally:
             await queue.put((index, None))
 
-    tasks = [asyncio.create_task(pump(*job)) for job in jobs]
+    tasks = [asyncio.create_task(pump(*s)) for s in streams]
     try:
         done = 0
         while done < len(tasks):
@@ -400,7 +430,7 @@ async def _merged(bridge: AsyncEngine, jobs, request: Request) -> AsyncIterator[
                 yield index, item
     finally:
         for t in tasks:
-            t.cancel()  # each pump's generator aborts its request
+            t.cancel()
 
 
 def _chunk(body: dict) -> str:

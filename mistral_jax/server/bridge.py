@@ -1,162 +1,198 @@
-"""The async bridge: one thread owns the engine and steps it; asyncio handlers submit requests
-and await their events.
+"""The async bridge: the HTTP process's side of the engine process (engine_process.py).
 
-Requests that arrive while a batch runs join it at the next step (continuous batching across
-clients). A handler that stops reading (a client disconnects, a task is cancelled) aborts its
-request: the engine frees its pages before the next step. Only the engine thread touches the
-engine after start."""
+It starts the engine process and waits until the model is loaded and warm; checks each request
+as the engine would (RequestLimits) so bad input is a 400 before any work; sends requests and
+aborts down one pipe; and reads the engine's batches from the other inside the event loop (a
+reader on the pipe: no thread, no GIL shared with the engine), handing each request's events to
+its handler. Requests that arrive while a batch runs join it at the next step (continuous
+batching across clients). A handler that stops reading (a client disconnects, a task is
+cancelled) aborts its request: the engine frees its pages before its next step."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import itertools
-import queue
-import threading
-import time
+import multiprocessing
 from typing import AsyncIterator
 
-from ..engine import Engine
+import numpy as np
+
 from ..outputs import StepEvent
 from ..sampling import SamplingParams
-
-
-ARRIVAL_GAP_S = 0.002
-ARRIVAL_WINDOW_S = 0.010
-
-
-@dataclasses.dataclass
-class _Add:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    matcher: object = None  # the request's grammar state (structured outputs), built by the handler
-
-
-@dataclasses.dataclass
-class _Abort:
-    request_id: str
+from . import engine_process
+from .engine_process import Abort, Add, Batch, Failed, Fault, Ready, Stats
 
 
 class EngineStopped(RuntimeError):
-    """The engine loop has stopped (shutdown, or a fault it reported)."""
+    """The engine has stopped (shutdown, or a fault it reported)."""
 
 
-class AsyncEngine:
-    def __init__(self, engine: Engine, observers=()):
-        """observers: objects with added(request_id, prompt_len), event(StepEvent) and
-        aborted(request_id), called on the engine thread (metrics)."""
-        self.engine = engine
+class EngineStartError(RuntimeError):
+    """The engine process could not load the model (the message names the fix)."""
+
+
+class EngineClient:
+    def __init__(self, llm_kwargs: dict, distributed_kwargs: dict | None = None, observers=()):
+        """Start the engine process and wait until it serves (weights loaded, programs warm).
+        observers: objects with added(request_id, prompt_len, t), event(StepEvent) and
+        aborted(request_id), called in the event loop (metrics)."""
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX state inherited
+        inbox, self._to_engine = ctx.Pipe(duplex=False)
+        self._from_engine, outbox = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=engine_process.main, name="mistral-jax-engine", daemon=True,
+                                   args=(inbox, outbox, llm_kwargs, distributed_kwargs or {}))
+        self.process.start()
+        inbox.close()  # the engine process's ends: closed here, so its exit reads as EOF
+        outbox.close()
         self.observers = list(observers)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._requests: dict[str, _Add] = {}
+        self.fault: str | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count()
-        self._stopping = threading.Event()
-        self.fault: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="mistral-jax-engine", daemon=True)
-        self._thread.start()
+        self._rng = np.random.default_rng()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        ready = self._wait_ready()
+        self.info: engine_process.EngineInfo = ready.info
+        self.stats: Stats = ready.stats
 
-    # ---- the asyncio side ---------------------------------------------------------------
+    def _wait_ready(self) -> Ready:
+        while not self._from_engine.poll(0.5):
+            if not self.process.is_alive():
+                raise EngineStartError(f"the engine process exited (code {self.process.exitcode}) before it was "
+                                       "ready: its output above says why")
+        try:
+            message = self._from_engine.recv()
+        except EOFError:
+            self.process.join(5)
+            raise EngineStartError(f"the engine process exited (code {self.process.exitcode}) before it was "
+                                   "ready: its output above says why") from None
+        if isinstance(message, Failed):
+            self.process.join(30)
+            raise EngineStartError(message.message)
+        return message
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the engine's batches in this event loop (the server's, once it runs)."""
+        self._loop = loop
+        loop.add_reader(self._from_engine.fileno(), self._on_readable)
+
+    # ---- requests ---------------------------------------------------------------------------
 
     def check(self, prompt_ids: list[int], params: SamplingParams, where: str = "the prompt") -> SamplingParams:
         """The engine's request check (context, cache, vocabulary): raises ValueError with the fix."""
-        return self.engine.check_request(prompt_ids, params, where)
+        return self.info.limits.check(prompt_ids, params, where, self._rng)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       matcher=None) -> AsyncIterator[StepEvent]:
-        """Events of one request, as the engine makes them; abandoning the iterator aborts it."""
-        if self.fault is not None or self._stopping.is_set():
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":
+        """Send a checked request to the engine now (a handler submits before it returns its
+        response: under a burst, requests reach the engine as each is parsed, not after every
+        other request's handler has run). Iterate the stream for its events; close() aborts it."""
+        if self.fault is not None or self._stopping:
             raise EngineStopped(f"the engine is not running ({self.fault or 'shutting down'})")
-        request_id = f"r{next(self._ids)}"
-        add = _Add(request_id, prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue(), matcher)
-        self._inbox.put(add)
-        finished = False
+        stream = RequestStream(self, f"r{next(self._ids)}")
+        self._queues[stream.request_id] = stream.events
+        self._send(Add(stream.request_id, prompt_ids, params))
+        return stream
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepEvent]:
+        """Events of one checked request, as the engine makes them; abandoning the iterator aborts it."""
+        stream = self.submit(prompt_ids, params)
         try:
-            while not finished:
-                event = await add.events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                finished = event.finished
+            async for event in stream:
                 yield event
         finally:
-            if not finished:
-                self._inbox.put(_Abort(request_id))
+            stream.close()
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        self._stopping.set()
-        self._inbox.put(None)  # wake the loop
-        self._thread.join(timeout)
+    def release(self, stream: "RequestStream", abort: bool) -> None:
+        """A stream is done with: forget it; abort its request if it has not finished."""
+        self._queues.pop(stream.request_id, None)
+        if abort:
+            self._send(Abort(stream.request_id))
+            for o in self.observers:
+                o.aborted(stream.request_id)
 
-    # ---- the engine thread ----------------------------------------------------------------
+    def _send(self, message) -> None:
+        with contextlib.suppress(BrokenPipeError, EOFError, OSError):  # a dead engine shows as EOF on the read side
+            self._to_engine.send(message)
 
-    def _deliver(self, add: _Add, item) -> None:
-        add.loop.call_soon_threadsafe(add.events.put_nowait, item)
+    # ---- the engine's batches (event loop) -------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            while self._from_engine.poll():
+                self._take(self._from_engine.recv())
+        except (EOFError, OSError):
+            self._stop_all("the engine process exited" if not self._stopping else "shutting down")
 
     def _take(self, message) -> None:
-        if isinstance(message, _Add):
-            try:
-                self.engine.add_request(message.prompt_ids, message.params, request_id=message.request_id,
-                                        matcher=message.matcher)
-                self._requests[message.request_id] = message
-                for o in self.observers:
-                    o.added(message.request_id, len(message.prompt_ids))
-            except Exception as e:  # noqa: BLE001  (the handler re-raises it)
-                self._deliver(message, e)
-        elif isinstance(message, _Abort):
-            if self._requests.pop(message.request_id, None) is not None:
-                self.engine.abort_request(message.request_id)
-                for o in self.observers:
-                    o.aborted(message.request_id)
+        if isinstance(message, Fault):
+            self._stop_all(f"the engine stopped: {message.message}")
+            return
+        assert isinstance(message, Batch), message
+        self.stats = message.stats
+        for request_id, prompt_len, t in message.admitted:
+            for o in self.observers:
+                o.added(request_id, prompt_len, t)
+        for request_id, why in message.rejected:
+            if (q := self._queues.get(request_id)) is not None:
+                q.put_nowait(RuntimeError(f"the engine did not take the request: {why}"))
+        for event in message.events:
+            for o in self.observers:
+                o.event(event)
+            if (q := self._queues.get(event.request_id)) is not None:
+                q.put_nowait(event)
 
-    def _take_arrivals(self) -> None:
-        """After an idle spell, requests that arrive together (clients that connect at once send over
-        a few ms) start together: take what comes within ARRIVAL_GAP_S of the last, for at most
-        ARRIVAL_WINDOW_S. Otherwise the first starts alone and the rest wait a whole step for the
-        next (on an H200, 16 clients: +29-36 ms TTFT over HTTP). A lone request waits one gap."""
-        deadline = time.monotonic() + ARRIVAL_WINDOW_S
-        while (left := deadline - time.monotonic()) > 0 and not self._stopping.is_set():
-            try:
-                self._take(self._inbox.get(timeout=min(ARRIVAL_GAP_S, left)))
-            except queue.Empty:
-                return
+    def _stop_all(self, why: str) -> None:
+        if self.fault is None and not self._stopping:
+            self.fault = why
+        if self._loop is not None:
+            self._loop.remove_reader(self._from_engine.fileno())
+        for q in self._queues.values():
+            q.put_nowait(EngineStopped(why))
 
-    def _loop(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                if not self.engine.has_unfinished_requests():
-                    self._take(self._inbox.get())  # idle: wait for work
-                    self._take_arrivals()
-                while True:  # everything that arrived: it joins this step
-                    try:
-                        self._take(self._inbox.get_nowait())
-                    except queue.Empty:
-                        break
-                if self._stopping.is_set() or not self.engine.has_unfinished_requests():
-                    continue
-                # One wake-up of each event loop per step, not one per event: at 64 streams the
-                # per-event hand-offs competed with this thread for the GIL.
-                deliveries: dict[asyncio.AbstractEventLoop, list] = {}
-                for event in self.engine.step():
-                    for o in self.observers:
-                        o.event(event)
-                    add = self._requests.get(event.request_id)
-                    if add is not None:
-                        if event.finished:
-                            del self._requests[event.request_id]
-                        deliveries.setdefault(add.loop, []).append((add.events, event))
-                for loop, items in deliveries.items():
-                    loop.call_soon_threadsafe(_put_all, items)
-        except BaseException as e:  # noqa: BLE001  a fault: every waiting handler hears of it
-            self.fault = e
-            for add in self._requests.values():
-                self._deliver(add, EngineStopped(f"the engine stopped: {type(e).__name__}: {e}"))
-            self._requests.clear()
-        finally:
-            self._stopping.set()
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine process (after the server has drained its requests)."""
+        self._stopping = True
+        self._send(None)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
 
 
-def _put_all(items) -> None:
-    for events, event in items:
-        events.put_nowait(event)
+
+class RequestStream:
+    """One submitted request's events, in order (an async iterator). close() aborts a request
+    that has not finished (its pages are freed before the engine's next step); a stream
+    dropped unclosed is closed when collected."""
+
+    def __init__(self, client: EngineClient, request_id: str):
+        self.client, self.request_id = client, request_id
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StepEvent:
+        if self.done:
+            raise StopAsyncIteration
+        event = await self.events.get()
+        if isinstance(event, BaseException):  # the engine does not hold it (rejected, or stopped)
+            self._finish(abort=False)
+            raise event
+        if event.finished:
+            self._finish(abort=False)
+        return event
+
+    def close(self) -> None:
+        self._finish(abort=True)
+
+    def _finish(self, abort: bool) -> None:
+        if not self.done:
+            self.done = True
+            self.client.release(self, abort)
+
+    def __del__(self):
+        if not self.done:
+            self.close()

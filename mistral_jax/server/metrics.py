@@ -1,7 +1,8 @@
 """/metrics: Prometheus text through prometheus-client, vLLM's metric names with our prefix.
 
-Gauges read the engine when scraped; counters and latency histograms are fed by the bridge's
-engine thread (Metrics is one of its observers)."""
+Gauges read the engine's last stats (sent with each of its batches) when scraped; counters and
+latency histograms are fed by the bridge as the engine's batches arrive (Metrics is one of its
+observers)."""
 
 from __future__ import annotations
 
@@ -15,21 +16,21 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1
 
 
 class Metrics:
-    def __init__(self, engine, bridge=None):
-        self.bridge = bridge
+    def __init__(self, client):
+        """client: the bridge's EngineClient; its `stats` (the engine's gauges after its last
+        loop turn) are read when scraped."""
         self.registry = r = CollectorRegistry()
-        allocator, scheduler = engine.allocator, engine.scheduler
 
         def gauge(name, doc, fn):
-            Gauge(PREFIX + name, doc, registry=r).set_function(fn)
+            Gauge(PREFIX + name, doc, registry=r).set_function(lambda: fn(client.stats))
 
-        gauge("num_requests_running", "Requests in the running batch.", lambda: len(scheduler.running))
-        gauge("num_requests_waiting", "Requests waiting for a place in the batch.", lambda: len(scheduler.waiting))
+        gauge("num_requests_running", "Requests in the running batch.", lambda s: s.running)
+        gauge("num_requests_waiting", "Requests waiting for a place in the batch.", lambda s: s.waiting)
         gauge("kv_cache_usage_perc", "Fraction of KV pages held by requests (0-1).",
-              lambda: allocator.num_used_pages / max(1, allocator.num_pages - 1))
-        gauge("num_free_pages", "KV pages free or held only by the prefix cache.", lambda: allocator.num_free_pages)
+              lambda s: s.used_pages / max(1, s.num_pages - 1))
+        gauge("num_free_pages", "KV pages free or held only by the prefix cache.", lambda s: s.free_pages)
         gauge("prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens.",
-              lambda: allocator.stats.cached_tokens / max(1, allocator.stats.prompt_tokens))
+              lambda s: s.cached_tokens / max(1, s.prompt_tokens))
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens admitted.", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=r)
         self.request_success = Counter(PREFIX + "request_success", "Requests finished, by reason.",
@@ -38,15 +39,16 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(PREFIX + "time_per_output_token_seconds", "Time between a request's tokens.",
                              buckets=LATENCY_BUCKETS, registry=r)
-        if engine.speculator is not None:
-            r.register(_SpeculationCounters(engine.speculator.stats))
+        if client.info.speculative:
+            r.register(_SpeculationCounters(client))
         self._last: dict[str, float] = {}  # request -> time of its last token (or of its admission)
         self._started: set[str] = set()
 
-    # observer hooks (the engine thread)
-    def added(self, request_id: str, prompt_len: int) -> None:
+    # observer hooks (the bridge, in the event loop)
+    def added(self, request_id: str, prompt_len: int, t: float) -> None:
+        """t: time.perf_counter() of the admission, in the engine process (the same clock)."""
         self.prompt_tokens.inc(prompt_len)
-        self._last[request_id] = time.perf_counter()
+        self._last[request_id] = t
 
     def event(self, event) -> None:
         now = time.perf_counter()
@@ -71,15 +73,15 @@ class Metrics:
 
 
 class _SpeculationCounters:
-    """vLLM's speculative-decoding counters, read from the engine's SpecStats when scraped."""
+    """vLLM's speculative-decoding counters, from the engine's last stats when scraped."""
 
-    def __init__(self, stats):
-        self.stats = stats
+    def __init__(self, client):
+        self.client = client
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily
 
-        for name, doc in (("num_drafts", "Verify steps that carried drafts."),
-                          ("num_draft_tokens", "Tokens proposed."),
-                          ("num_accepted_tokens", "Proposed tokens the model sampled too.")):
-            yield CounterMetricFamily(f"{PREFIX}spec_decode_{name}", doc, value=getattr(self.stats, name))
+        docs = (("num_drafts", "Verify steps that carried drafts."), ("num_draft_tokens", "Tokens proposed."),
+                ("num_accepted_tokens", "Proposed tokens the model sampled too."))
+        for (name, doc), value in zip(docs, self.client.stats.spec):
+            yield CounterMetricFamily(f"{PREFIX}spec_decode_{name}", doc, value=value)

@@ -1,0 +1,242 @@
+"""The engine's own process: it loads the model, steps the engine, and talks to the HTTP process
+over two pipes (vLLM's split of API server and engine core).
+
+Why a process: in one process the engine's host work (launching a step, reading its tokens,
+detokenizing) and the event loop's per-chunk work share one GIL. On an H200 at 64 streams a
+step then launched late and HTTP kept 71-85% of the in-process tokens/s. Here the engine
+process does nothing but step; the HTTP process parses, checks, streams.
+
+Messages in: Add (a request, its prompt checked by the HTTP process), Abort, None (stop). Out:
+Ready or Failed once at start, then one Batch per loop turn (requests admitted, their events,
+rejections, and a snapshot of the engine's gauges), or Fault (the engine stopped). The engine
+process exits when told to stop or when the HTTP process goes away (its pipe closes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..outputs import StepEvent
+from ..request_limits import RequestLimits
+from ..sampling import SamplingParams
+
+# Requests that arrive together after an idle spell start in one step: clients that connect at
+# once send over a few ms, and the first would otherwise start alone while the rest wait a
+# whole step (on an H200, 16 clients: +29-36 ms of TTFT over HTTP). A lone request waits one gap.
+ARRIVAL_GAP_S = 0.002
+ARRIVAL_WINDOW_S = 0.010
+
+
+# ---- messages ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams  # checked (RequestLimits.check: seed and max_tokens filled)
+    matcher: object = None  # set in the engine process: the request's grammar state
+
+
+@dataclasses.dataclass
+class Abort:
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What the HTTP process needs to know of the engine (sent once, when it is ready)."""
+
+    model_path: str
+    tokenizer_source: str
+    max_model_len: int
+    limits: RequestLimits
+    speculative: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """The engine's gauges after a loop turn (/metrics)."""
+
+    running: int = 0
+    waiting: int = 0
+    used_pages: int = 0
+    free_pages: int = 0
+    num_pages: int = 2
+    prompt_tokens: int = 0  # prefix cache: prompt tokens looked up, and those found
+    cached_tokens: int = 0
+    spec: tuple[int, int, int] = (0, 0, 0)  # drafts, draft tokens, accepted tokens
+
+
+@dataclasses.dataclass
+class Ready:
+    info: EngineInfo
+    stats: Stats
+
+
+@dataclasses.dataclass
+class Failed:
+    message: str  # the engine could not start (bad settings, a missing file): names the fix
+
+
+@dataclasses.dataclass
+class Batch:
+    admitted: list[tuple[str, int, float]]  # (request_id, prompt tokens, time.perf_counter() of admission)
+    events: list[StepEvent]
+    rejected: list[tuple[str, str]]  # (request_id, why)
+    stats: Stats
+
+
+@dataclasses.dataclass
+class Fault:
+    message: str
+
+
+# ---- the process ---------------------------------------------------------------------------
+
+def main(inbox, outbox, llm_kwargs: dict, distributed_kwargs: dict) -> None:
+    """The engine process's entry (multiprocessing, spawned): load, report, step until told to stop."""
+    # The HTTP process owns signals: it drains the running requests on SIGTERM / Ctrl-C and then
+    # stops this process through the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from .. import distributed
+    from ..llm import LLM
+
+    try:
+        distributed.initialize(**distributed_kwargs)
+        llm = LLM(**llm_kwargs)
+    except (ValueError, FileNotFoundError, TypeError, distributed.DistributedInitError) as e:
+        outbox.send(Failed(str(e)))
+        return
+    except BaseException as e:  # a fault of ours: the HTTP process reports it, then this traceback follows
+        outbox.send(Failed(f"{type(e).__name__}: {e}"))
+        raise
+    engine = llm.engine
+    info = EngineInfo(llm.model_path, str(llm.tokenizer_source), llm.max_model_len, engine.limits,
+                      engine.speculator is not None)
+    outbox.send(Ready(info, stats_of(engine)))
+    EngineLoop(engine, inbox, outbox).run()
+
+
+def stats_of(engine) -> Stats:
+    a, s = engine.allocator, engine.speculator
+    spec = (s.stats.num_drafts, s.stats.num_draft_tokens, s.stats.num_accepted_tokens) if s is not None else (0, 0, 0)
+    return Stats(len(engine.scheduler.running), len(engine.scheduler.waiting), a.num_used_pages, a.num_free_pages,
+                 a.num_pages, a.stats.prompt_tokens, a.stats.cached_tokens, spec)
+
+
+class EngineLoop:
+    """Steps the engine while it has work; between steps it takes what arrived (new requests
+    join the running batch at the next step, aborted ones free their pages before it)."""
+
+    def __init__(self, engine, inbox, outbox):
+        self.engine, self.inbox, self.outbox = engine, inbox, outbox
+        self._arrivals: queue.SimpleQueue = queue.SimpleQueue()  # Add / Abort / None, in order
+        self._running: set[str] = set()
+        self._admitted: list = []
+        self._rejected: list = []
+        self._stopping = False
+        # Grammars compile off the loop (a complex one takes up to a second); a request aborted
+        # while its grammar compiles is dropped when it is done.
+        self._grammars = ThreadPoolExecutor(2, thread_name_prefix="mistral-jax-grammar")
+        self._compiling: set[str] = set()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._receive, name="mistral-jax-receive", daemon=True).start()
+
+    # ---- the receiving thread -------------------------------------------------------------
+
+    def _receive(self) -> None:
+        try:
+            while (message := self.inbox.recv()) is not None:
+                if isinstance(message, Add) and message.params.structured_outputs is not None:
+                    with self._lock:
+                        self._compiling.add(message.request_id)
+                    self._grammars.submit(self._compile, message)
+                    continue
+                if isinstance(message, Abort):
+                    with self._lock:
+                        if message.request_id in self._compiling:
+                            self._cancelled.add(message.request_id)
+                            continue
+                self._arrivals.put(message)
+        except (EOFError, OSError):  # the HTTP process is gone
+            pass
+        self._arrivals.put(None)
+
+    def _compile(self, add: Add) -> None:
+        try:
+            add.matcher = self.engine.matcher(add.params)
+        except Exception as e:  # noqa: BLE001  (the HTTP process checked it; reported if not)
+            add.matcher = e
+        with self._lock:
+            self._compiling.discard(add.request_id)
+            if add.request_id in self._cancelled:
+                self._cancelled.discard(add.request_id)
+                return
+        self._arrivals.put(add)
+
+    # ---- the engine's thread ----------------------------------------------------------------
+
+    def _take(self, message) -> None:
+        if message is None:
+            self._stopping = True
+        elif isinstance(message, Add):
+            try:
+                if isinstance(message.matcher, Exception):
+                    raise message.matcher
+                self.engine.add_request(message.prompt_ids, message.params, request_id=message.request_id,
+                                        matcher=message.matcher)
+                self._running.add(message.request_id)
+                self._admitted.append((message.request_id, len(message.prompt_ids), time.perf_counter()))
+            except Exception as e:  # noqa: BLE001  the HTTP process raises it in the request's handler
+                self._rejected.append((message.request_id, f"{type(e).__name__}: {e}"))
+        elif isinstance(message, Abort):
+            if message.request_id in self._running:
+                self._running.discard(message.request_id)
+                self.engine.abort_request(message.request_id)
+
+    def _take_waiting(self, block: bool) -> None:
+        """Everything that has arrived. After an idle spell (block), wait for the first and then
+        take what comes within ARRIVAL_GAP_S of the last, for at most ARRIVAL_WINDOW_S."""
+        if block:
+            self._take(self._arrivals.get())
+            deadline = time.monotonic() + ARRIVAL_WINDOW_S
+            while (left := deadline - time.monotonic()) > 0 and not self._stopping:
+                try:
+                    self._take(self._arrivals.get(timeout=min(ARRIVAL_GAP_S, left)))
+                except queue.Empty:
+                    break
+        while not self._stopping:
+            try:
+                self._take(self._arrivals.get_nowait())
+            except queue.Empty:
+                break
+
+    def run(self) -> None:
+        try:
+            while not self._stopping:
+                self._take_waiting(block=not self.engine.has_unfinished_requests())
+                if self._stopping:
+                    break
+                events = self.engine.step() if self.engine.has_unfinished_requests() else []
+                for event in events:
+                    if event.finished:
+                        self._running.discard(event.request_id)
+                self._send(Batch(self._admitted, events, self._rejected, stats_of(self.engine)))
+                self._admitted, self._rejected = [], []
+        except BaseException as e:  # noqa: BLE001  every waiting request hears of it
+            self._send(Fault(f"{type(e).__name__}: {e}"))
+            raise
+        finally:
+            self._grammars.shutdown(wait=False, cancel_futures=True)
+
+    def _send(self, message) -> None:
+        try:
+            self.outbox.send(message)
+        except (BrokenPipeError, EOFError):  # the HTTP process is gone: nothing to tell, stop
+            self._stopping = True
