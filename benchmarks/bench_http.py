@@ -7,7 +7,8 @@ Without --url it starts `python -m mistral_jax.serve --load-format dummy --confi
 loopback port (warm-up on), runs every workload over HTTP (streamed /v1/completions with token-id
 prompts, ignore_eos, greedy), stops it, then runs the same requests through the engine in a
 fresh process (LLM(load_format="dummy"), all requests added at once). A workload CxPxO is C
-concurrent requests of P prompt tokens and O output tokens; each runs twice, the second counts.
+concurrent requests of P prompt tokens and O output tokens; each runs twice, the second counts
+(other prompts of the same shapes: the first run's would all be prefix-cache hits).
 Reported per workload: output tokens/s, time to first token and inter-token latency (p50, p99).
 HTTP may cost at most 5% of tokens/s and 10 ms of TTFT (issue 18).
 
@@ -71,15 +72,13 @@ async def run_http(url: str, reqs, model: str, http=None) -> dict:
     runs, as a client's pool keeps them); None: a new httpx one."""
 
     async def run(http):
-        before = await server_ttft(http, url)
+        before = await server_histograms(http, url)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(stream_one(http, url, model, ids, o) for ids, o in reqs))
         wall = time.perf_counter() - t0
-        after = await server_ttft(http, url)
+        after = await server_histograms(http, url)
         out = summarize(wall, [r[0] for r in results], [r[1][0] for r in results], [r[1] for r in results])
-        if before and after and after[1] > before[1]:  # the server's own view: admitted -> first token
-            out["server_ttft_ms_mean"] = 1e3 * (after[0] - before[0]) / (after[1] - before[1])
-        return out
+        return out | server_means(before, after)  # the server's own view
 
     if http is not None:
         return await run(http)
@@ -102,8 +101,12 @@ def _client(kind: str):
     return httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1024))
 
 
-async def server_ttft(http, url: str) -> tuple[float, float] | None:
-    """(sum, count) of the server's time-to-first-token histogram, from /metrics."""
+SERVER_HISTOGRAMS = {"server_ttft_ms_mean": "time_to_first_token_seconds",  # admitted -> first token
+                     "server_queue_ms_mean": "request_queue_time_seconds"}  # arrived at the server -> admitted
+
+
+async def server_histograms(http, url: str) -> dict[str, tuple[float, float]] | None:
+    """{our key: (sum, count)} of the server's histograms, from /metrics."""
     if _is_aiohttp(http):
         async with http.get(url + "/metrics") as r:
             status, text = r.status, await r.text()
@@ -114,10 +117,22 @@ async def server_ttft(http, url: str) -> tuple[float, float] | None:
         return None
     values = {}
     for line in text.splitlines():
-        for k in ("time_to_first_token_seconds_sum", "time_to_first_token_seconds_count"):
-            if line.split(" ")[0].endswith(k):
-                values[k] = float(line.split(" ")[-1])
-    return (values["time_to_first_token_seconds_sum"], values["time_to_first_token_seconds_count"]) if len(values) == 2 else None
+        name, _, value = line.partition(" ")
+        for key, metric in SERVER_HISTOGRAMS.items():
+            for part in ("sum", "count"):
+                if name.endswith(f"{metric}_{part}"):
+                    values.setdefault(key, {})[part] = float(value)
+    return {k: (v["sum"], v["count"]) for k, v in values.items() if len(v) == 2}
+
+
+def server_means(before, after) -> dict[str, float]:
+    """The mean of each server histogram over the requests between two scrapes, in ms."""
+    out = {}
+    for key in (before or {}).keys() & (after or {}).keys():
+        (s0, n0), (s1, n1) = before[key], after[key]
+        if n1 > n0:
+            out[key] = 1e3 * (s1 - s0) / (n1 - n0)
+    return out
 
 
 def run_engine(engine, reqs) -> dict:
@@ -147,9 +162,8 @@ def in_process(args) -> dict:
               dtype=args.dtype or "auto", warmup=args.warmup, progress=False)
     out = {}
     for w in args.workloads.split(","):
-        reqs = requests_of(w, llm.config.vocab_size)
-        run_engine(llm.engine, reqs)
-        out[w] = run_engine(llm.engine, reqs)
+        run_engine(llm.engine, requests_of(w, llm.config.vocab_size, seed=0))
+        out[w] = run_engine(llm.engine, requests_of(w, llm.config.vocab_size, seed=1))
     return out
 
 
@@ -162,9 +176,8 @@ def over_http(args, url: str, vocab: int) -> dict:
         out = {}
         async with _client(args.client) as http:
             for w in args.workloads.split(","):
-                reqs = requests_of(w, vocab)
-                await run_http(url, reqs, args.model_name, http)
-                out[w] = await run_http(url, reqs, args.model_name, http)
+                await run_http(url, requests_of(w, vocab, seed=0), args.model_name, http)
+                out[w] = await run_http(url, requests_of(w, vocab, seed=1), args.model_name, http)
         return out
 
     return asyncio.run(all_workloads())
@@ -197,9 +210,9 @@ def _worker_run(reqs, t_start: float):
     return _worker["loop"].run_until_complete(go())
 
 
-async def _server_ttft_now(url: str):
+async def _server_histograms_now(url: str):
     async with _client("httpx") as http:
-        return await server_ttft(http, url)
+        return await server_histograms(http, url)
 
 
 def _over_http_procs(args, url: str, vocab: int) -> dict:
@@ -209,18 +222,17 @@ def _over_http_procs(args, url: str, vocab: int) -> dict:
     with mp.get_context("spawn").Pool(n, _worker_init, (url, args.model_name, args.client)) as pool:
         out = {}
         for w in args.workloads.split(","):
-            reqs = requests_of(w, vocab)
-            for _ in range(2):
-                before = asyncio.run(_server_ttft_now(url))
+            for seed in (0, 1):
+                reqs = requests_of(w, vocab, seed)
+                before = asyncio.run(_server_histograms_now(url))
                 t0 = time.perf_counter() + 0.2
                 parts = pool.starmap(_worker_run, [(reqs[i::n], t0) for i in range(n)])
-            after = asyncio.run(_server_ttft_now(url))
+            after = asyncio.run(_server_histograms_now(url))
             pairs = [pair for part in parts for pair in part]
             wall = max(s[-1] for _, s in pairs) - t0
             out[w] = summarize(wall, [p[0] for p in pairs], [p[1][0] for p in pairs], [p[1] for p in pairs])
             out[w]["client_procs"] = n
-            if before and after and after[1] > before[1]:
-                out[w]["server_ttft_ms_mean"] = 1e3 * (after[0] - before[0]) / (after[1] - before[1])
+            out[w].update(server_means(before, after))
         return out
 
 
@@ -285,7 +297,8 @@ def main():
         e = result.get("in_process", {}).get(w)
         peer = (f"  in-process {e['output_tokens_per_s']:9.1f} tok/s, TTFT p50 {e['ttft_ms_p50']:7.1f} ms"
                 f"  (HTTP {h['output_tokens_per_s'] / e['output_tokens_per_s']:.1%} of its tok/s)") if e else ""
-        server = f" (server {h['server_ttft_ms_mean']:.1f} mean)" if "server_ttft_ms_mean" in h else ""
+        server = (f" (server: queue {h.get('server_queue_ms_mean', 0):.1f} + TTFT {h['server_ttft_ms_mean']:.1f} mean)"
+                  if "server_ttft_ms_mean" in h else "")
         print(f"{w:>12}: HTTP {h['output_tokens_per_s']:9.1f} tok/s, TTFT p50 {h['ttft_ms_p50']:7.1f} ms{server}, "
               f"ITL p50 {h['itl_ms_p50'] or 0:6.1f} ms{peer}", flush=True)
     if args.out:

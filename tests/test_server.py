@@ -216,7 +216,7 @@ def test_concurrent_streams_with_disconnects(server, llm):
 async def _concurrent_streams_with_disconnects(server, llm):
     """200 streaming clients (40 at a time), one in five hanging up after its second chunk: every
     other one gets the text it gets alone (greedy), and every page comes back."""
-    start_free = server.metric("num_free_pages")
+    start_free, queued = server.metric("num_free_pages"), server.metric("request_queue_time_seconds_count")
     prompts = [prompt_ids(100 + i) for i in range(200)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     want = [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
@@ -248,6 +248,7 @@ async def _concurrent_streams_with_disconnects(server, llm):
         await asyncio.sleep(0.2)
     assert server.metric("num_free_pages") == start_free
     assert server.metric("num_requests_running") == 0
+    assert server.metric("request_queue_time_seconds_count") - queued == 200  # each admitted once, timed
     assert httpx.get(server.url + "/health").status_code == 200
 
 

@@ -180,7 +180,7 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
                             {tokenizer.decode([t], skip_special_tokens=False): v for t, v in d.items()})
             return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": _offsets(toks)}
 
-        streams = _submit(bridge, jobs)
+        streams = _submit(bridge, jobs, request)
         if not req.stream:
             results = await _unless_disconnected(request, streams)
             choices, usage = [], _Usage()
@@ -239,7 +239,7 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
                     "top_logprobs": [{"token": (t := tokenizer.decode([k], skip_special_tokens=False)), "logprob": v,
                                       "bytes": list(t.encode())} for k, v in list(d.items())[: top or 0]]}
 
-        streams = _submit(bridge, jobs)
+        streams = _submit(bridge, jobs, request)
         if not req.stream:
             results = await _unless_disconnected(request, streams)
             choices, usage = [], _Usage()
@@ -328,6 +328,7 @@ class _Guard:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
+            scope.setdefault("state", {})["arrived"] = time.perf_counter()  # request.state.arrived (queue time)
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
@@ -348,9 +349,10 @@ class _Result:
         self.finish_reason, self.cached, self.prompt_logprobs = None, 0, None
 
 
-def _submit(bridge: EngineClient, jobs) -> list[tuple[int, RequestStream]]:
+def _submit(bridge: EngineClient, jobs, request: Request) -> list[tuple[int, RequestStream]]:
     """Every job (index, ids, params) to the engine now, before the handler returns."""
-    return [(index, bridge.submit(ids, params)) for index, ids, params in jobs]
+    arrived = getattr(request.state, "arrived", None)
+    return [(index, bridge.submit(ids, params, arrived)) for index, ids, params in jobs]
 
 
 class _EventStream(StreamingResponse):

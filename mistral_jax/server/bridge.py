@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import multiprocessing
+import time
 from typing import AsyncIterator
 
 import numpy as np
@@ -35,7 +36,7 @@ class EngineStartError(RuntimeError):
 class EngineClient:
     def __init__(self, llm_kwargs: dict, distributed_kwargs: dict | None = None, observers=()):
         """Start the engine process and wait until it serves (weights loaded, programs warm).
-        observers: objects with added(request_id, prompt_len, t), event(StepEvent) and
+        observers: objects with added(request_id, prompt_len, arrived, admitted), event(StepEvent) and
         aborted(request_id), called in the event loop (metrics)."""
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX state inherited
         inbox, self._to_engine = ctx.Pipe(duplex=False)
@@ -52,6 +53,7 @@ class EngineClient:
         self._rng = np.random.default_rng()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._outgoing: list = []
         ready = self._wait_ready()
         self.info: engine_process.EngineInfo = ready.info
         self.stats: Stats = ready.stats
@@ -83,7 +85,7 @@ class EngineClient:
         """The engine's request check (context, cache, vocabulary): raises ValueError with the fix."""
         return self.info.limits.check(prompt_ids, params, where, self._rng)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> "RequestStream":
+    def submit(self, prompt_ids: list[int], params: SamplingParams, arrived: float | None = None) -> "RequestStream":
         """Send a checked request to the engine now (a handler submits before it returns its
         response: under a burst, requests reach the engine as each is parsed, not after every
         other request's handler has run). Iterate the stream for its events; close() aborts it."""
@@ -91,7 +93,8 @@ class EngineClient:
             raise EngineStopped(f"the engine is not running ({self.fault or 'shutting down'})")
         stream = RequestStream(self, f"r{next(self._ids)}")
         self._queues[stream.request_id] = stream.events
-        self._send(Add(stream.request_id, prompt_ids, params))
+        arrived = time.perf_counter() if arrived is None else arrived
+        self._send(Add(stream.request_id, prompt_ids, params, arrived))
         return stream
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepEvent]:
@@ -112,6 +115,20 @@ class EngineClient:
                 o.aborted(stream.request_id)
 
     def _send(self, message) -> None:
+        """Messages sent in one turn of the event loop go down the pipe together, as a list: under a
+        burst, one write and one wake-up of the engine process's receiver instead of one each."""
+        if self._loop is None or self._stopping:
+            self._write(message)
+            return
+        self._outgoing.append(message)
+        if len(self._outgoing) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        messages, self._outgoing = self._outgoing, []
+        self._write(messages)
+
+    def _write(self, message) -> None:
         with contextlib.suppress(BrokenPipeError, EOFError, OSError):  # a dead engine shows as EOF on the read side
             self._to_engine.send(message)
 
@@ -130,9 +147,9 @@ class EngineClient:
             return
         assert isinstance(message, Batch), message
         self.stats = message.stats
-        for request_id, prompt_len, t in message.admitted:
+        for request_id, prompt_len, arrived, t in message.admitted:
             for o in self.observers:
-                o.added(request_id, prompt_len, t)
+                o.added(request_id, prompt_len, arrived, t)
         for request_id, why in message.rejected:
             if (q := self._queues.get(request_id)) is not None:
                 q.put_nowait(RuntimeError(f"the engine did not take the request: {why}"))
@@ -153,7 +170,7 @@ class EngineClient:
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the engine process (after the server has drained its requests)."""
         self._stopping = True
-        self._send(None)
+        self._write(None)
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.terminate()

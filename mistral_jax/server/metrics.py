@@ -37,6 +37,10 @@ class Metrics:
                                        ["finished_reason"], registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Request admitted to its first token.",
                               buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
+                                    "Request arrived at the server to admitted by the engine (parsing, checks, "
+                                    "the hand-over, waiting for the engine's loop).",
+                                    buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(PREFIX + "time_per_output_token_seconds", "Time between a request's tokens.",
                              buckets=LATENCY_BUCKETS, registry=r)
         if client.info.speculative:
@@ -45,9 +49,11 @@ class Metrics:
         self._started: set[str] = set()
 
     # observer hooks (the bridge, in the event loop)
-    def added(self, request_id: str, prompt_len: int, t: float) -> None:
-        """t: time.perf_counter() of the admission, in the engine process (the same clock)."""
+    def added(self, request_id: str, prompt_len: int, arrived: float, t: float) -> None:
+        """arrived: time.perf_counter() when the HTTP request arrived; t: when the engine process
+        admitted it (the same clock in both processes)."""
         self.prompt_tokens.inc(prompt_len)
+        self.queue_time.observe(max(0.0, t - arrived))
         self._last[request_id] = t
 
     def event(self, event) -> None:
