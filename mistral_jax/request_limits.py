@@ -4,6 +4,7 @@ server's HTTP process) checks requests exactly as the engine does, before any wo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -46,7 +47,9 @@ class RequestLimits:
                 f"{self.page_size}, but the whole cache has {self.num_pages - 1} pages ({fits} tokens): "
                 "lower max_tokens, shorten the prompt, or give the cache more memory "
                 "(gpu_memory_utilization / num_pages)")
-        fill = {"max_tokens": max_tokens} if params.max_tokens is None else {}
-        if params.seed is None:
-            fill["seed"] = int(rng.integers(2**63))
-        return dataclasses.replace(params, **fill) if fill else params
+        if params.max_tokens is None or params.seed is None:
+            params = copy.copy(params)  # the values are valid: no second pass of SamplingParams' checks
+            params.max_tokens = max_tokens
+            if params.seed is None:
+                params.seed = int(rng.integers(2**63))
+        return params

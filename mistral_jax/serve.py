@@ -8,6 +8,7 @@ accepting, lets running requests finish (uvicorn's graceful shutdown) and exits 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -58,6 +59,10 @@ def main(argv=None) -> int:
                                     timeout_graceful_shutdown=args.timeout_graceful_shutdown))
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop accepting, let running requests finish, exit 0
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    # What is loaded by now (JAX, the tokenizer, the app) lives as long as the process: out of the
+    # cyclic GC's full passes, each of which walked all of it with the event loop stopped (a CPU
+    # profile under load: one pass of 160 ms; 3.8 ms with this).
+    gc.freeze()
     try:
         server.run()
     finally:

@@ -498,7 +498,7 @@ def _sampling(req, *, max_tokens, logprobs, prompt_logprobs=None) -> SamplingPar
 def _completion_prompts(tokenizer, prompt) -> list[tuple[str | None, list[int]]]:
     if isinstance(prompt, str):
         prompt = [prompt]
-    elif prompt and all(isinstance(t, int) for t in prompt):
+    elif prompt and isinstance(prompt[0], int):  # token ids (the request model allows no mixed list)
         prompt = [prompt]
     if not prompt:
         raise BadRequest("prompt is empty: send a string, a list of strings, or token ids", "prompt")
