@@ -65,9 +65,12 @@ class Server:
         self.log.close()
         return self.proc.returncode
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, labels: str = "") -> float:
         text = httpx.get(self.url + "/metrics").text
-        line = next(ln for ln in text.splitlines() if ln.startswith("mistral_jax:" + name + " "))
+        prefix = f"mistral_jax:{name}{{{labels}}} " if labels else f"mistral_jax:{name} "
+        line = next((ln for ln in text.splitlines() if ln.startswith(prefix)), None)
+        if line is None and labels:
+            return 0.0  # a labelled series appears with its first count
         return float(line.split()[-1])
 
 
@@ -480,6 +483,23 @@ def test_non_streamed_request_aborted_when_the_client_hangs_up(server):
         httpx.post(server.url + "/v1/completions", timeout=1.0,
                    json={"prompt": prompt_ids(7, 40), "max_tokens": 210, "ignore_eos": True, "n": 8})
     deadline = time.time() + 30
+    while server.metric("num_free_pages") != start_free and time.time() < deadline:
+        time.sleep(0.2)
+    assert server.metric("num_free_pages") == start_free and server.metric("num_requests_running") == 0
+
+
+def test_stream_closed_before_its_first_token_is_aborted(server):
+    # A streaming client that hangs up right after the response headers: its request is aborted
+    # (the server notices the hang-up itself, with no chunk written to fail), its pages come back.
+    start_free, aborts = server.metric("num_free_pages"), server.metric("request_success_total", 'finished_reason="abort"')
+    body = {"prompt": prompt_ids(9, 40), "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 4}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+    deadline = time.time() + 30
+    while server.metric("num_requests_running") != 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metric("request_success_total", 'finished_reason="abort"') - aborts == 4
     while server.metric("num_free_pages") != start_free and time.time() < deadline:
         time.sleep(0.2)
     assert server.metric("num_free_pages") == start_free and server.metric("num_requests_running") == 0

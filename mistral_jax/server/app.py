@@ -364,11 +364,19 @@ class _EventStream(StreamingResponse):
         self.streams = streams
 
     async def __call__(self, scope, receive, send):
+        # Starlette runs the stream and a listener for the client's hang-up in an anyio task group:
+        # ~14% of the HTTP process's CPU per request (cProfile, thread CPU time). Two asyncio tasks.
+        writer = asyncio.ensure_future(self.stream_response(send))
+        listener = asyncio.ensure_future(self.listen_for_disconnect(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait((writer, listener), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            writer.cancel()
+            listener.cancel()
             for _, stream in self.streams:
                 stream.close()
+        if writer.done() and not writer.cancelled() and writer.exception() is not None:
+            raise writer.exception()
 
 
 async def _collect(stream: RequestStream) -> _Result:
