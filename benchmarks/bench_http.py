@@ -45,7 +45,8 @@ def summarize(wall: float, starts, firsts, stamps) -> dict:
     itl = [b - a for s in stamps for a, b in zip(s, s[1:])]
     pct = lambda xs, q: float(np.percentile(xs, q) * 1e3) if xs else None  # noqa: E731
     return {"output_tokens_per_s": tokens / wall, "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
-            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99), "requests": len(stamps), "tokens": tokens}
+            "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99), "requests": len(stamps), "tokens": tokens,
+            "ttft_ms": sorted(round(t * 1e3, 1) for t in ttft)}  # the whole ramp: a burst's p50 is one place on it
 
 
 async def stream_one(http, url: str, model: str, ids: list[int], out: int) -> tuple[float, list[float]]:
@@ -248,6 +249,7 @@ def main():
     p.add_argument("--model-name", default="bench")
     p.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp")
     p.add_argument("--client-procs", type=int, default=1)
+    p.add_argument("--api-server-count", type=int, default=1, help="the server's HTTP processes")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out")
     args = p.parse_args()
@@ -258,7 +260,7 @@ def main():
 
     vocab = dummy_config(args.config).vocab_size
     result = {"config": args.config, "quantization": args.quantization, "date": time.strftime("%Y-%m-%d"),
-              "client": args.client, "client_procs": args.client_procs}
+              "client": args.client, "client_procs": args.client_procs, "api_server_count": args.api_server_count}
     if args.url:
         result["http"] = over_http(args, args.url, vocab)
     else:
@@ -267,7 +269,8 @@ def main():
             port = s.getsockname()[1]
         log = tempfile.TemporaryFile("w+")  # a file, not an unread pipe that could fill and block the server
         server = subprocess.Popen([sys.executable, "-m", "mistral_jax.serve", *engine_flags(args), "--port", str(port),
-                                   "--served-model-name", args.model_name], stderr=log, text=True)
+                                   "--served-model-name", args.model_name,
+                                   "--api-server-count", str(args.api_server_count)], stderr=log, text=True)
         url = f"http://127.0.0.1:{port}"
         try:
             import httpx

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import openai
+import psutil
 import pytest
 
 from mistral_jax import LLM, SamplingParams
@@ -76,7 +77,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints):
-    s = Server(tiny_checkpoints[0])
+    """Two HTTP processes in front of the engine (--api-server-count): every test of this server
+    reaches one or the other, as the kernel spreads its connections."""
+    s = Server(tiny_checkpoints[0], "--api-server-count", "2")
     try:
         yield s
     finally:
@@ -297,13 +300,38 @@ def test_engine_process_start_failure_and_orphan(tiny_checkpoints):
                         "--port", str(port), *SETTINGS, "--max-model-len", "1000000"], capture_output=True, text=True,
                        timeout=180, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2 and "max_model_len=1000000 must be in" in r.stderr, r.stderr[-2000:]
-    # An HTTP process killed outright: its engine process notices the closed pipe and exits.
-    s = Server(tiny_checkpoints[0])
-    engines, helpers = children(s.proc.pid, "spawn_main"), children(s.proc.pid)
+    # The first HTTP process killed outright: the engine process notices the closed pipe and exits,
+    # and the second HTTP process, whose engine is gone, exits too.
+    s = Server(tiny_checkpoints[0], "--api-server-count", "2")
+    spawned, helpers = children(s.proc.pid, "spawn_main"), children(s.proc.pid)
     s.proc.kill()
     s.proc.wait(10)
     s.log.close()
-    assert len(engines) == 1 and all(wait_gone(pid, 30) for pid in helpers), helpers
+    assert len(spawned) == 2 and all(wait_gone(pid, 30) for pid in helpers), helpers
+
+
+def test_http_processes_share_the_port_and_sum_their_metrics(server):
+    main = psutil.Process(server.proc.pid)
+
+    def connections(p, status):
+        return [c for c in p.net_connections("tcp") if c.status == status and c.laddr.port == server.port]
+
+    fronts = [p for p in [main, *main.children()] if connections(p, "LISTEN")]
+    assert len(fronts) == 2  # the first HTTP process and one more, each with its own socket
+    before = server.metric("request_success_total", 'finished_reason="length"')
+    sessions = [httpx.Client(timeout=60) for _ in range(16)]  # 16 connections, kept open
+    try:
+        for http in sessions:
+            r = http.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": prompt_ids(7), "max_tokens": 2,
+                                                                "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        # The kernel spread the connections over both (all 16 on one: a chance of 2 in 65,536).
+        assert all(connections(p, "ESTABLISHED") for p in fronts)
+    finally:
+        for http in sessions:
+            http.close()
+    # Whichever process answers a scrape (each one a new connection), it counts both processes' requests.
+    assert [server.metric("request_success_total", 'finished_reason="length"') - before for _ in range(6)] == [16] * 6
 
 
 def test_api_key(guarded):

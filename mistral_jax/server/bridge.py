@@ -33,19 +33,38 @@ class EngineStartError(RuntimeError):
     """The engine process could not load the model (the message names the fix)."""
 
 
+def start_engine(llm_kwargs: dict, distributed_kwargs: dict | None = None, fronts: int = 1):
+    """Spawn the engine process (it loads the model and warms up) with a pair of pipes for each of
+    `fronts` HTTP processes. Returns the process and the pairs (to_engine, from_engine); pair 0
+    belongs to the first HTTP process, which stops the engine when it is done."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX state inherited
+    pairs, inboxes, outboxes = [], [], []
+    for _ in range(fronts):
+        inbox, to_engine = ctx.Pipe(duplex=False)
+        from_engine, outbox = ctx.Pipe(duplex=False)
+        pairs.append((to_engine, from_engine))
+        inboxes.append(inbox)
+        outboxes.append(outbox)
+    process = ctx.Process(target=engine_process.main, name="mistral-jax-engine", daemon=True,
+                          args=(inboxes, outboxes, llm_kwargs, distributed_kwargs or {}))
+    process.start()
+    for end in inboxes + outboxes:  # the engine process's ends: closed here, so its exit reads as EOF
+        end.close()
+    return process, pairs
+
+
 class EngineClient:
-    def __init__(self, llm_kwargs: dict, distributed_kwargs: dict | None = None, observers=()):
-        """Start the engine process and wait until it serves (weights loaded, programs warm).
-        observers: objects with added(request_id, prompt_len, arrived, admitted), event(StepEvent) and
-        aborted(request_id), called in the event loop (metrics)."""
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX state inherited
-        inbox, self._to_engine = ctx.Pipe(duplex=False)
-        self._from_engine, outbox = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=engine_process.main, name="mistral-jax-engine", daemon=True,
-                                   args=(inbox, outbox, llm_kwargs, distributed_kwargs or {}))
-        self.process.start()
-        inbox.close()  # the engine process's ends: closed here, so its exit reads as EOF
-        outbox.close()
+    def __init__(self, pipes, process=None, front: int = 0, observers=()):
+        """One HTTP process's side of the engine process; waits until it serves (weights loaded,
+        programs warm). pipes: (to_engine, from_engine) from start_engine. process: the engine
+        process, held by the first HTTP process (front 0), which stops it on shutdown after the
+        others (companions) have exited. observers: objects with added(request_id, prompt_len,
+        arrived, admitted), event(StepEvent) and aborted(request_id), called in the event loop
+        (metrics)."""
+        self._to_engine, self._from_engine = pipes
+        self.process, self.front = process, front
+        self.companions: list = []  # the other HTTP processes (front 0 only)
+        self.on_stop = None  # called once if the engine goes away
         self.observers = list(observers)
         self.fault: str | None = None
         self._queues: dict[str, asyncio.Queue] = {}
@@ -59,18 +78,20 @@ class EngineClient:
         self.stats: Stats = ready.stats
 
     def _wait_ready(self) -> Ready:
-        while not self._from_engine.poll(0.5):
+        exited = "the engine process exited{} before it was ready: its output above says why"
+        while self.process is not None and not self._from_engine.poll(0.5):
             if not self.process.is_alive():
-                raise EngineStartError(f"the engine process exited (code {self.process.exitcode}) before it was "
-                                       "ready: its output above says why")
+                raise EngineStartError(exited.format(f" (code {self.process.exitcode})"))
         try:
             message = self._from_engine.recv()
         except EOFError:
-            self.process.join(5)
-            raise EngineStartError(f"the engine process exited (code {self.process.exitcode}) before it was "
-                                   "ready: its output above says why") from None
+            if self.process is not None:
+                self.process.join(5)
+            raise EngineStartError(exited.format(f" (code {self.process.exitcode})" if self.process else "")) \
+                from None
         if isinstance(message, Failed):
-            self.process.join(30)
+            if self.process is not None:
+                self.process.join(30)
             raise EngineStartError(message.message)
         return message
 
@@ -91,7 +112,7 @@ class EngineClient:
         other request's handler has run). Iterate the stream for its events; close() aborts it."""
         if self.fault is not None or self._stopping:
             raise EngineStopped(f"the engine is not running ({self.fault or 'shutting down'})")
-        stream = RequestStream(self, f"r{next(self._ids)}")
+        stream = RequestStream(self, f"r{self.front}-{next(self._ids)}")
         self._queues[stream.request_id] = stream.events
         arrived = time.perf_counter() if arrived is None else arrived
         self._send(Add(stream.request_id, prompt_ids, params, arrived))
@@ -162,14 +183,24 @@ class EngineClient:
     def _stop_all(self, why: str) -> None:
         if self.fault is None and not self._stopping:
             self.fault = why
+            if self.on_stop is not None:
+                self.on_stop()
         if self._loop is not None:
             self._loop.remove_reader(self._from_engine.fileno())
         for q in self._queues.values():
             q.put_nowait(EngineStopped(why))
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the engine process (after the server has drained its requests)."""
+        """After the server has drained its requests: the first HTTP process waits for the others
+        and stops the engine process; another one closes its pipes."""
+        if self._stopping:
+            return
         self._stopping = True
+        if self.process is None:
+            self._to_engine.close()
+            return
+        for companion in self.companions:
+            companion.join(timeout)
         self._write(None)
         self.process.join(timeout)
         if self.process.is_alive():

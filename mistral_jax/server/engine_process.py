@@ -1,5 +1,6 @@
-"""The engine's own process: it loads the model, steps the engine, and talks to the HTTP process
-over two pipes (vLLM's split of API server and engine core).
+"""The engine's own process: it loads the model, steps the engine, and talks to each HTTP process
+over a pair of pipes (vLLM's split of API server and engine core; --api-server-count HTTP
+processes in front of one engine).
 
 Why a process: in one process the engine's host work (launching a step, reading its tokens,
 detokenizing) and the event loop's per-chunk work share one GIL. On an H200 at 64 streams a
@@ -8,12 +9,15 @@ process does nothing but step; the HTTP process parses, checks, streams.
 
 Messages in (one at a time or as a list): Add (a request, its prompt checked by the HTTP
 process), Abort, None (stop). Out:
-Ready or Failed once at start, then one Batch per loop turn (requests admitted, their events,
-rejections, and a snapshot of the engine's gauges), or Fault (the engine stopped). The engine
-process exits when told to stop or when the HTTP process goes away (its pipe closes)."""
+Ready or Failed once at start, then one Batch per loop turn to each HTTP process (its requests
+admitted, their events, rejections, and a snapshot of the engine's gauges), or Fault (the engine
+stopped). The engine process exits when the first HTTP process (the one that started it) tells
+it to stop or goes away (its pipe closes); another HTTP process that goes away has its requests
+aborted."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import queue
@@ -21,6 +25,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import wait
 
 from ..outputs import StepEvent
 from ..request_limits import RequestLimits
@@ -41,8 +46,14 @@ class Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams  # checked (RequestLimits.check: seed and max_tokens filled)
-    arrived: float  # time.perf_counter() when the HTTP request arrived (one clock for both processes)
+    arrived: float  # time.perf_counter() when the HTTP request arrived (one clock for all processes)
     matcher: object = None  # set in the engine process: the request's grammar state
+    front: int = 0  # set in the engine process: which HTTP process sent it
+
+
+@dataclasses.dataclass
+class Gone:
+    front: int  # an HTTP process's pipe closed: abort its requests
 
 
 @dataclasses.dataclass
@@ -101,10 +112,11 @@ class Fault:
 
 # ---- the process ---------------------------------------------------------------------------
 
-def main(inbox, outbox, llm_kwargs: dict, distributed_kwargs: dict) -> None:
-    """The engine process's entry (multiprocessing, spawned): load, report, step until told to stop."""
-    # The HTTP process owns signals: it drains the running requests on SIGTERM / Ctrl-C and then
-    # stops this process through the pipe.
+def main(inboxes: list, outboxes: list, llm_kwargs: dict, distributed_kwargs: dict) -> None:
+    """The engine process's entry (multiprocessing, spawned): load, report, step until told to stop.
+    inboxes[k], outboxes[k]: the pipes of HTTP process k."""
+    # The HTTP processes own signals: they drain the running requests on SIGTERM / Ctrl-C and then
+    # the first stops this process through its pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from .. import distributed
@@ -114,10 +126,10 @@ def main(inbox, outbox, llm_kwargs: dict, distributed_kwargs: dict) -> None:
         distributed.initialize(**distributed_kwargs)
         llm = LLM(**llm_kwargs)
     except (ValueError, FileNotFoundError, TypeError, distributed.DistributedInitError) as e:
-        outbox.send(Failed(str(e)))
+        _tell_all(outboxes, Failed(str(e)))
         return
     except BaseException as e:  # a fault of ours: the HTTP process reports it, then this traceback follows
-        outbox.send(Failed(f"{type(e).__name__}: {e}"))
+        _tell_all(outboxes, Failed(f"{type(e).__name__}: {e}"))
         raise
     # The model, its programs and JAX's state live as long as this process: out of the cyclic GC's
     # full passes, which otherwise stop the loop between two steps (the tiny model on a CPU, 256
@@ -126,8 +138,14 @@ def main(inbox, outbox, llm_kwargs: dict, distributed_kwargs: dict) -> None:
     engine = llm.engine
     info = EngineInfo(llm.model_path, str(llm.tokenizer_source), llm.max_model_len, engine.limits,
                       engine.speculator is not None)
-    outbox.send(Ready(info, stats_of(engine)))
-    EngineLoop(engine, inbox, outbox).run()
+    _tell_all(outboxes, Ready(info, stats_of(engine)))
+    EngineLoop(engine, inboxes, outboxes).run()
+
+
+def _tell_all(outboxes, message) -> None:
+    for outbox in outboxes:
+        with contextlib.suppress(BrokenPipeError, EOFError, OSError):
+            outbox.send(message)
 
 
 def stats_of(engine) -> Stats:
@@ -141,10 +159,10 @@ class EngineLoop:
     """Steps the engine while it has work; between steps it takes what arrived (new requests
     join the running batch at the next step, aborted ones free their pages before it)."""
 
-    def __init__(self, engine, inbox, outbox):
-        self.engine, self.inbox, self.outbox = engine, inbox, outbox
-        self._arrivals: queue.SimpleQueue = queue.SimpleQueue()  # Add / Abort / None, in order
-        self._running: set[str] = set()
+    def __init__(self, engine, inboxes: list, outboxes: list):
+        self.engine, self.inboxes, self.outboxes = engine, inboxes, list(outboxes)
+        self._arrivals: queue.SimpleQueue = queue.SimpleQueue()  # Add / Abort / Gone / None, in order
+        self._owner: dict[str, int] = {}  # running request -> the HTTP process that sent it
         self._admitted: list = []
         self._arrived_tokens = 0  # prompt tokens taken since the engine was last idle
         self._rejected: list = []
@@ -160,15 +178,23 @@ class EngineLoop:
     # ---- the receiving thread -------------------------------------------------------------
 
     def _receive(self) -> None:
-        try:
-            while (received := self.inbox.recv()) is not None:
+        live = dict(enumerate(self.inboxes))
+        while True:
+            for inbox in wait(list(live.values())):
+                front = self.inboxes.index(inbox)
+                try:
+                    received = inbox.recv()
+                except (EOFError, OSError):  # that HTTP process is gone
+                    received = None if front == 0 else [Gone(front)]
+                    del live[front]
+                if received is None:  # the first HTTP process stops the engine (or went away)
+                    return self._arrivals.put(None)
                 for message in received if isinstance(received, list) else [received]:
                     if message is None:
                         return self._arrivals.put(None)
+                    if isinstance(message, Add):
+                        message.front = front
                     self._route(message)
-        except (EOFError, OSError):  # the HTTP process is gone
-            pass
-        self._arrivals.put(None)
 
     def _route(self, message) -> None:
         if isinstance(message, Add) and message.params.structured_outputs is not None:
@@ -201,21 +227,27 @@ class EngineLoop:
         if message is None:
             self._stopping = True
         elif isinstance(message, Add):
+            if self.outboxes[message.front] is None:
+                return  # its HTTP process is gone
             try:
                 if isinstance(message.matcher, Exception):
                     raise message.matcher
                 self.engine.add_request(message.prompt_ids, message.params, request_id=message.request_id,
                                         matcher=message.matcher)
-                self._running.add(message.request_id)
+                self._owner[message.request_id] = message.front
                 self._admitted.append((message.request_id, len(message.prompt_ids), message.arrived,
                                        time.perf_counter()))
                 self._arrived_tokens += len(message.prompt_ids)
             except Exception as e:  # noqa: BLE001  the HTTP process raises it in the request's handler
-                self._rejected.append((message.request_id, f"{type(e).__name__}: {e}"))
+                self._rejected.append((message.front, message.request_id, f"{type(e).__name__}: {e}"))
         elif isinstance(message, Abort):
-            if message.request_id in self._running:
-                self._running.discard(message.request_id)
+            if self._owner.pop(message.request_id, None) is not None:
                 self.engine.abort_request(message.request_id)
+        elif isinstance(message, Gone):
+            self.outboxes[message.front] = None
+            for request_id in [r for r, front in self._owner.items() if front == message.front]:
+                del self._owner[request_id]
+                self.engine.abort_request(request_id)
 
     def _take_waiting(self, block: bool) -> None:
         """Everything that has arrived. After an idle spell (block), wait for the first and then
@@ -245,19 +277,38 @@ class EngineLoop:
                 if self._stopping:
                     break
                 events = self.engine.step() if self.engine.has_unfinished_requests() else []
-                for event in events:
-                    if event.finished:
-                        self._running.discard(event.request_id)
-                self._send(Batch(self._admitted, events, self._rejected, stats_of(self.engine)))
-                self._admitted, self._rejected = [], []
+                self._send_batches(events)
         except BaseException as e:  # noqa: BLE001  every waiting request hears of it
-            self._send(Fault(f"{type(e).__name__}: {e}"))
+            for front in range(len(self.outboxes)):
+                self._send(front, Fault(f"{type(e).__name__}: {e}"))
             raise
         finally:
             self._grammars.shutdown(wait=False, cancel_futures=True)
 
-    def _send(self, message) -> None:
+    def _send_batches(self, events: list[StepEvent]) -> None:
+        """One Batch to each HTTP process: its own requests' news, and the engine's gauges."""
+        stats = stats_of(self.engine)
+        batches = [Batch([], [], [], stats) for _ in self.outboxes]
+        for admitted in self._admitted:
+            if (front := self._owner.get(admitted[0])) is not None:
+                batches[front].admitted.append(admitted)
+        for front, request_id, why in self._rejected:
+            batches[front].rejected.append((request_id, why))
+        for event in events:
+            front = (self._owner.pop if event.finished else self._owner.get)(event.request_id, None)
+            if front is not None:
+                batches[front].events.append(event)
+        self._admitted, self._rejected = [], []
+        for front, batch in enumerate(batches):
+            self._send(front, batch)
+
+    def _send(self, front: int, message) -> None:
+        if (outbox := self.outboxes[front]) is None:
+            return
         try:
-            self.outbox.send(message)
-        except (BrokenPipeError, EOFError):  # the HTTP process is gone: nothing to tell, stop
-            self._stopping = True
+            outbox.send(message)
+        except (BrokenPipeError, EOFError, OSError):  # that HTTP process is gone
+            if front == 0:
+                self._stopping = True  # the one that started the engine: nothing left to serve
+            else:
+                self._arrivals.put(Gone(front))

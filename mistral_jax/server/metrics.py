@@ -2,13 +2,18 @@
 
 Gauges read the engine's last stats (sent with each of its batches) when scraped; counters and
 latency histograms are fed by the bridge as the engine's batches arrive (Metrics is one of its
-observers)."""
+observers). With several HTTP processes (PROMETHEUS_MULTIPROC_DIR set before prometheus-client
+is imported) each process's counters and histograms live in that directory and every scrape sums
+them, whichever process answers it."""
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "mistral_jax:"
@@ -19,18 +24,14 @@ class Metrics:
     def __init__(self, client):
         """client: the bridge's EngineClient; its `stats` (the engine's gauges after its last
         loop turn) are read when scraped."""
-        self.registry = r = CollectorRegistry()
-
-        def gauge(name, doc, fn):
-            Gauge(PREFIX + name, doc, registry=r).set_function(lambda: fn(client.stats))
-
-        gauge("num_requests_running", "Requests in the running batch.", lambda s: s.running)
-        gauge("num_requests_waiting", "Requests waiting for a place in the batch.", lambda s: s.waiting)
-        gauge("kv_cache_usage_perc", "Fraction of KV pages held by requests (0-1).",
-              lambda s: s.used_pages / max(1, s.num_pages - 1))
-        gauge("num_free_pages", "KV pages free or held only by the prefix cache.", lambda s: s.free_pages)
-        gauge("prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens.",
-              lambda s: s.cached_tokens / max(1, s.prompt_tokens))
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineGauges(client))
+        if client.info.speculative:
+            self.registry.register(_SpeculationCounters(client))
+        r = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            MultiProcessCollector(self.registry)
+            r = None  # the metrics below are read from the directory, not from this process
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens admitted.", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=r)
         self.request_success = Counter(PREFIX + "request_success", "Requests finished, by reason.",
@@ -43,8 +44,6 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(PREFIX + "time_per_output_token_seconds", "Time between a request's tokens.",
                              buckets=LATENCY_BUCKETS, registry=r)
-        if client.info.speculative:
-            r.register(_SpeculationCounters(client))
         self._last: dict[str, float] = {}  # request -> time of its last token (or of its admission)
         self._started: set[str] = set()
 
@@ -78,6 +77,26 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _EngineGauges:
+    """The engine's gauges, from its last stats when scraped."""
+
+    GAUGES = (("num_requests_running", "Requests in the running batch.", lambda s: s.running),
+              ("num_requests_waiting", "Requests waiting for a place in the batch.", lambda s: s.waiting),
+              ("kv_cache_usage_perc", "Fraction of KV pages held by requests (0-1).",
+               lambda s: s.used_pages / max(1, s.num_pages - 1)),
+              ("num_free_pages", "KV pages free or held only by the prefix cache.", lambda s: s.free_pages),
+              ("prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens.",
+               lambda s: s.cached_tokens / max(1, s.prompt_tokens)))
+
+    def __init__(self, client):
+        self.client = client
+
+    def collect(self):
+        stats = self.client.stats
+        for name, doc, value in self.GAUGES:
+            yield GaugeMetricFamily(PREFIX + name, doc, value=value(stats))
+
+
 class _SpeculationCounters:
     """vLLM's speculative-decoding counters, from the engine's last stats when scraped."""
 
@@ -85,8 +104,6 @@ class _SpeculationCounters:
         self.client = client
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
-
         docs = (("num_drafts", "Verify steps that carried drafts."), ("num_draft_tokens", "Tokens proposed."),
                 ("num_accepted_tokens", "Proposed tokens the model sampled too."))
         for (name, doc), value in zip(docs, self.client.stats.spec):
