@@ -35,7 +35,7 @@ WORKLOADS = ("1x128x128", "16x128x128", "64x128x128", "1x1024x256", "16x1024x256
 
 def requests_of(workload: str, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
     c, p, o = map(int, workload.split("x"))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, c, p, o])  # per workload too: no run's prompts prefix another's
     return [(rng.integers(1000, vocab, size=p).tolist(), o) for _ in range(c)]
 
 
@@ -249,7 +249,7 @@ def main():
     p.add_argument("--model-name", default="bench")
     p.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp")
     p.add_argument("--client-procs", type=int, default=1)
-    p.add_argument("--api-server-count", type=int, default=1, help="the server's HTTP processes")
+    p.add_argument("--api-server-count", type=int, default=None, help="the server's HTTP processes (default: its own)")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out")
     args = p.parse_args()
@@ -270,7 +270,8 @@ def main():
         log = tempfile.TemporaryFile("w+")  # a file, not an unread pipe that could fill and block the server
         server = subprocess.Popen([sys.executable, "-m", "mistral_jax.serve", *engine_flags(args), "--port", str(port),
                                    "--served-model-name", args.model_name,
-                                   "--api-server-count", str(args.api_server_count)], stderr=log, text=True)
+                                   *(["--api-server-count", str(args.api_server_count)] if args.api_server_count else [])],
+                                  stderr=log, text=True)
         url = f"http://127.0.0.1:{port}"
         try:
             import httpx
@@ -290,6 +291,7 @@ def main():
             server.wait(120)
             log.seek(0)
             result["server_log_tail"] = log.read()[-2000:]  # its start-up and warm-up report
+            print(*(ln for ln in result["server_log_tail"].splitlines() if ln.startswith("[serving")), flush=True)
             log.close()
         peer = subprocess.run([sys.executable, __file__, "--in-process", *sys.argv[1:]], capture_output=True, text=True)
         line = next((ln for ln in peer.stdout.splitlines() if ln.startswith("RESULT ")), None)

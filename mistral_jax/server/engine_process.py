@@ -35,6 +35,9 @@ from ..sampling import SamplingParams
 # burst one request at a time (~0.5-1 ms each), and the first would otherwise start alone while
 # the rest wait a whole step (a prefill step of 2,048 tokens of Mistral-Small takes ~145 ms on
 # an H200). A lone request waits one gap; a burst waits until a step is full or the window ends.
+# Measured (H200, 4 HTTP processes): a 1 ms gap took 2-5 ms off a lone request's first token but
+# split bursts of 64 (the rest a step later: FP8 64 x 128 x 128 kept 90.8% of the in-process
+# tokens/s against 99.7% with 2 ms).
 ARRIVAL_GAP_S = 0.002
 ARRIVAL_WINDOW_S = 0.030
 
