@@ -283,7 +283,7 @@ def guarded(tiny_checkpoints):
     """A second server: an API key, and n-gram speculative decoding; SIGTERM ends it with 0,
     and its engine process with it."""
     s = Server(tiny_checkpoints[0], "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
-               env={"MISTRAL_JAX_API_KEY": "s3cret"})
+               "--api-server-count", "1", env={"MISTRAL_JAX_API_KEY": "s3cret"})
     engines = children(s.proc.pid, "spawn_main")
     assert len(engines) == 1, engines  # the engine runs in its own process
     try:
