@@ -286,6 +286,8 @@ def guarded(tiny_checkpoints):
                "--api-server-count", "1", env={"MISTRAL_JAX_API_KEY": "s3cret"})
     engines = children(s.proc.pid, "spawn_main")
     assert len(engines) == 1, engines  # the engine runs in its own process
+    # The HTTP process's own warm-up request (its first request's cold paths) is not in /metrics.
+    assert s.metric("prompt_tokens_total") == 0 and s.metric("time_to_first_token_seconds_count") == 0
     try:
         yield s
     finally:

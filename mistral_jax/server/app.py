@@ -308,6 +308,7 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
     @app.on_event("startup")
     async def _startup():
         bridge.attach(asyncio.get_running_loop())
+        await _warm_up(app, bridge, metrics, model_name, api_key)
 
     @app.on_event("shutdown")
     async def _shutdown():
@@ -317,6 +318,48 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+async def _warm_up(app, bridge: EngineClient, metrics, model_name: str, api_key: str | None) -> None:
+    """One streamed one-token completion through this process's own app, before it accepts a
+    connection: a process's first request went through paths still cold (a CPU, the demo model:
+    3.5 ms from arrival to admission against 1.3 ms for the next ones; an H200's host, 4.2 against
+    1.3), which a user's request should not pay. It is left out of /metrics."""
+    if bridge.fault is not None:
+        return
+    body = json.dumps({"model": model_name, "prompt": [1], "max_tokens": 1, "stream": True,
+                       "ignore_eos": True}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if api_key is not None:
+        headers.append((b"authorization", b"Bearer " + api_key.encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "root_path": "", "query_string": b"",
+             "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    sent, hang = [], asyncio.Event()
+
+    async def receive():
+        if not sent:
+            sent.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+        await hang.wait()  # the client never hangs up
+        return {"type": "http.disconnect"}
+
+    statuses = []
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    bridge.observers.remove(metrics)
+    try:
+        await asyncio.wait_for(app(scope, receive, send), timeout=600)
+    except (asyncio.TimeoutError, EngineStopped):
+        pass  # /health and every request say what is wrong with the engine
+    finally:
+        hang.set()
+        bridge.observers.append(metrics)
+    if statuses and statuses[0] != 200:
+        raise RuntimeError(f"the HTTP process's warm-up request failed with status {statuses[0]}")
+
 
 class _Guard:
     """Every request: a body over the size limit is a 413; on /v1/*, a missing or wrong API key
