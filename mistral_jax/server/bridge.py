@@ -199,8 +199,11 @@ class EngineClient:
         if self.process is None:
             self._to_engine.close()
             return
-        for companion in self.companions:
+        for companion in self.companions:  # they drain in parallel (SIGTERM reached them all at once)
             companion.join(timeout)
+            if companion.is_alive():  # hung: not left behind (a live child would also block our exit)
+                companion.terminate()
+                companion.join(5)
         self._write(None)
         self.process.join(timeout)
         if self.process.is_alive():

@@ -181,15 +181,15 @@ class EngineLoop:
     # ---- the receiving thread -------------------------------------------------------------
 
     def _receive(self) -> None:
-        live = dict(enumerate(self.inboxes))
+        live = {inbox: front for front, inbox in enumerate(self.inboxes)}
         while True:
-            for inbox in wait(list(live.values())):
-                front = self.inboxes.index(inbox)
+            for inbox in wait(list(live)):
+                front = live[inbox]
                 try:
                     received = inbox.recv()
                 except (EOFError, OSError):  # that HTTP process is gone
                     received = None if front == 0 else [Gone(front)]
-                    del live[front]
+                    del live[inbox]
                 if received is None:  # the first HTTP process stops the engine (or went away)
                     return self._arrivals.put(None)
                 for message in received if isinstance(received, list) else [received]:
