@@ -2,7 +2,8 @@
 # Issue 18's HTTP benchmark on one H200: bench_http.py (the server over loopback against the
 # in-process engine, same workloads, same call) for each of QUANTS (bf16, fp8).
 # CLIENT: bench_http's client flags (default: aiohttp in 4 processes); API_SERVERS: the server's
-# HTTP processes (default: the server's own choice); TAG names the outputs.
+# HTTP processes (default: the server's own choice); REPEATS: measured runs per workload (the one
+# of median TTFT is reported); STEP_LOG=1 keeps the engine's per-step log; TAG names the outputs.
 # Needs the server's, mistral-common's and aiohttp's wheels in .whl (device README), installed by the caller.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks:${PYTHONPATH:-}
@@ -17,8 +18,9 @@ TAG=${TAG:-}
 watcher=$!
 for q in ${QUANTS:-bf16 fp8}; do
   flag=$([ $q = fp8 ] && echo "--quantization fp8")
+  [ -n "${STEP_LOG:-}" ] && export MISTRAL_JAX_STEP_LOG=$OUT/steps_$q$TAG.jsonl
   timeout ${RUN_S:-280} python3 benchmarks/bench_http.py --config mistral-small-2501 $flag --workloads "$WORKLOADS" \
-    $CLIENT ${API_SERVERS:+--api-server-count $API_SERVERS} --out "$OUT/http_$q$TAG.json" > "$OUT/http_$q$TAG.log" 2>&1 || tail -20 "$OUT/http_$q$TAG.log"
-  echo "== $q $CLIENT"; grep -E "^ *[0-9]+x|HTTP process" "$OUT/http_$q$TAG.log"
+    $CLIENT ${API_SERVERS:+--api-server-count $API_SERVERS} --repeats ${REPEATS:-1} --out "$OUT/http_$q$TAG.json" > "$OUT/http_$q$TAG.log" 2>&1 || tail -20 "$OUT/http_$q$TAG.log"
+  echo "== $q $CLIENT"; grep -E "^ *[0-9]+x|HTTP process| runs: " "$OUT/http_$q$TAG.log"
 done
 kill $watcher 2>/dev/null

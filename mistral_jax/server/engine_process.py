@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
+import os
 import queue
 import signal
 import threading
@@ -40,6 +42,9 @@ from ..sampling import SamplingParams
 # tokens/s against 99.7% with 2 ms).
 ARRIVAL_GAP_S = 0.002
 ARRIVAL_WINDOW_S = 0.030
+# MISTRAL_JAX_STEP_LOG=path: one JSON line per step (when its requests arrived and were taken, when
+# the step ran), to see where a request's time before its first token went.
+STEP_LOG_ENV = "MISTRAL_JAX_STEP_LOG"
 
 
 # ---- messages ------------------------------------------------------------------------------
@@ -274,12 +279,18 @@ class EngineLoop:
                 break
 
     def run(self) -> None:
+        log = open(path, "a", buffering=1) if (path := os.environ.get(STEP_LOG_ENV)) else None
         try:
             while not self._stopping:
-                self._take_waiting(block=not self.engine.has_unfinished_requests())
+                idle = not self.engine.has_unfinished_requests()
+                self._take_waiting(block=idle)
                 if self._stopping:
                     break
+                took, t0 = [(a[2], a[3]) for a in self._admitted], time.perf_counter()
                 events = self.engine.step() if self.engine.has_unfinished_requests() else []
+                if log is not None:
+                    log.write(json.dumps({"idle": idle, "took": took, "step": [t0, time.perf_counter()],
+                                          "running": len(self.engine.scheduler.running)}) + "\n")
                 self._send_batches(events)
         except BaseException as e:  # noqa: BLE001  every waiting request hears of it
             for front in range(len(self.outboxes)):
@@ -287,6 +298,8 @@ class EngineLoop:
             raise
         finally:
             self._grammars.shutdown(wait=False, cancel_futures=True)
+            if log is not None:
+                log.close()
 
     def _send_batches(self, events: list[StepEvent]) -> None:
         """One Batch to each HTTP process: its own requests' news, and the engine's gauges."""
