@@ -11,6 +11,15 @@ on an H200 that copy (input_concatenate_fusion, 40 per step) cost 1.34 ms of a 1
 batch-1 decode step. Without the pass: 14.39 -> 13.67 ms at batch 1, 21.38 -> 19.93 ms at
 batch 32 (probe_mesh_trace.py, 2026-12-03). FP8 projections are Pallas kernels, not dots.
 
+--xla_gpu_enable_cub_radix_sort=false: XLA:GPU sorts large arrays (the sampler's top-k / top-p
+sort at 32 rows x 131k entries) with CUB's radix sort, a custom call that a CUDA graph cannot
+hold; the conditional around it (the sampler's "all rows greedy?" branch) then ran as a host
+thunk that waited for the device to reach it in every step, so the host could no longer prepare
+the next step while the device ran this one. On an H200 (Mistral-Small-2501, JAX 0.11.2, same
+call, probes/probe_step_flags.py): batch-32 greedy decode 18.4 -> 14.2 ms per step (bf16) and
+13.4 -> 9.3 ms (FP8), batch 32 with top_p 0.9 19.2 -> 15.0 ms; batch 1 unchanged. XLA's own
+sort kernels run instead (only in steps that sort at all).
+
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.90: JAX's GPU allocator takes 75% of device memory by default,
 so `gpu_memory_utilization` (a fraction of what the allocator may hold) left an H100 serving
 Mistral-Small-2501 with 7.9 GB of KV cache instead of ~17 GB. 0.95 was too much: the CUDA
@@ -20,7 +29,8 @@ setting wins.
 
 import os
 
-DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false", "--xla_disable_hlo_passes": "dot-merger"}
+DEFAULT_FLAGS = {"--xla_gpu_enable_triton_gemm": "false", "--xla_disable_hlo_passes": "dot-merger",
+                 "--xla_gpu_enable_cub_radix_sort": "false"}
 
 
 DEFAULT_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}

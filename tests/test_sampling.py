@@ -305,6 +305,24 @@ def test_logprobs_are_of_the_raw_distribution():
     assert out.top_ids.dtype == np.int32 and out.tokens.dtype == np.int32
 
 
+@pytest.mark.parametrize("vocab,k", [(49152, 20), (32000, 20), (4096, 5), (3000, 20), (2048, 1)])
+def test_top_k_over_vocab_in_chunks_equals_lax_top_k(vocab, k):
+    # Chunked top-k (each chunk's top k, then a merge) against one lax.top_k over the row, with
+    # many ties (values rounded), -inf entries and NumPy's stable argsort as a third opinion.
+    from mistral_jax.sampling import _vocab_chunks, top_k_over_vocab
+
+    rng = np.random.default_rng(vocab + k)
+    x = np.round(rng.normal(size=(3, vocab)), 1).astype(np.float32)
+    x[0, rng.integers(0, vocab, vocab // 3)] = -np.inf
+    values, ids = jax.jit(lambda a: top_k_over_vocab(a, k, chunk=1024))(x)  # GPUs' chunk
+    want_values, want_ids = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+    np.testing.assert_array_equal(np.asarray(ids), np.argsort(-x, axis=-1, kind="stable")[:, :k])
+    assert ids.dtype == jnp.int32
+    assert (_vocab_chunks(vocab, 1, k, 1024) > 1) == (vocab >= 2048)  # the two-round path ran where it can
+
+
 def test_no_top_logprobs_when_not_asked():
     out = run(random_logits(10, (2, 30)), SamplingArrays.from_params([SamplingParams()] * 2))
     assert out.top_ids is None and out.top_logprobs is None

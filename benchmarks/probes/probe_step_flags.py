@@ -1,0 +1,56 @@
+"""Probe (issue 19): a steady decode step's time at batch 1 and 32 under the XLA flags in
+XLA_FLAGS (one process per flag set: run_step_flags_gpu.sh), random Mistral-Small-2501 weights.
+Also the host's time to launch a step (the jitted call returning) against the whole step: when the
+launch takes longer than the device, the device waits (batch 32 on an H200: the layer loop's CUDA
+graph is updated and launched once per layer, ~265 us of host time per layer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--config", default="mistral-small-2501")
+    ap.add_argument("--top-k-chunk", type=int, default=None, help="sampling.TOP_K_CHUNK (0: one lax.top_k per row)")
+    ap.add_argument("--top-p", type=float, default=None, help="sample at temperature 0.7 with this top_p (default greedy)")
+    args = ap.parse_args()
+    import bench_generate as bg
+    from mistral_jax.sampling import SamplingParams
+
+    import mistral_jax.sampling as sampling
+
+    if args.top_k_chunk is not None:
+        sampling.TOP_K_CHUNK = {"gpu": args.top_k_chunk or None}
+    sampled = dict(temperature=0.7, top_p=args.top_p, seed=0) if args.top_p else dict(temperature=0.0)
+    batches = [int(b) for b in args.batches.split(",")]
+    engine, _, _ = bg.random_engine(args.config, "bfloat16", args.quantization, "auto", None,
+                                    max_num_seqs=max(batches), max_num_batched_tokens=max(512, 64 * max(batches)),
+                                    enable_prefix_caching=False)
+    out = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "quantization": args.quantization,
+           "top_k_chunk": sampling.TOP_K_CHUNK, "sampling": sampled}
+    for b in batches:
+        for i in range(b):
+            engine.add_request(list(range(10 + i, 74 + i)), SamplingParams(max_tokens=2 * args.steps + 40,
+                                                                           ignore_eos=True, **sampled))
+        for _ in range(args.steps):  # prefill, compiles, steady
+            engine.step()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        out[f"b{b}_ms"] = round((time.perf_counter() - t) / args.steps * 1e3, 3)
+        for rid in [r.request_id for r in list(engine.scheduler.running)]:
+            engine.abort_request(rid)
+        while engine.has_unfinished_requests():
+            engine.step()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
