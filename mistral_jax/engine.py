@@ -515,6 +515,30 @@ class Engine:
         t = r = 0
         for i, s in enumerate(batch):
             seq = s.seq
+            if s.n == 1 and not s.draft:  # a decode token: scalars (a NumPy call per field costs ~1 us)
+                p = s.start
+                if p < len(seq.token_ids):
+                    tokens[t] = seq.token_ids[p]
+                else:  # still on the device, from the previous step
+                    assert p == len(seq.token_ids) and seq in prev_rows, "a decode token is missing"
+                    prev_index[t] = prev_rows[seq]
+                positions[t] = p
+                slot_mapping[t] = seq.pages[p // self.page_size] * self.page_size + p % self.page_size
+                if seq.params.prompt_logprobs is not None and p + 1 < len(seq.prompt_ids):
+                    next_ids[t] = seq.prompt_ids[p + 1]
+                kv_lens[i] = p + 1
+                page_indices[i, : len(seq.pages)] = seq.pages
+                cu_q_lens[i + 1] = t + 1
+                logits_at[r] = t
+                slots[r] = seq.slot
+                sampled[r] = s.sample
+                step[r] = seq.num_generated - 1 if s.sample else 0
+                params.append(seq.params)
+                if s.sample and seq.matcher is not None:
+                    constrained.append((r, seq.matcher))
+                t += 1
+                r += 1
+                continue
             pos = np.arange(s.start, s.start + s.n)
             own = s.n - len(s.draft)  # the sequence's own tokens, then its drafts
             known = min(s.start + own, len(seq.token_ids)) - s.start
