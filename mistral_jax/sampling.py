@@ -24,8 +24,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from .sharding import constrain, current_mesh, mesh_size
+from .sharding import LOGICAL_RULES, current_mesh, mesh_size
 
 MAX_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax in all but name
@@ -268,32 +269,48 @@ TOP_K_CHUNK = {"gpu": 1024}
 
 def top_k_over_vocab(x, k: int, chunk: int | None = None):
     """lax.top_k over the last axis of x [rows, vocab] -> (values [rows, k], ids [rows, k] i32).
-    On a tp mesh, or with chunk (default TOP_K_CHUNK for this backend), in two rounds: each
-    chunk of the vocabulary takes its own top k, then the candidates are merged. A chunk never
-    straddles two tp shards, so no shard gathers the whole [rows, vocab] (XLA's top_k on a
-    sharded axis would). Same result as lax.top_k, ties included (candidates stay in
-    vocabulary order)."""
+    On a tp mesh each device takes the top k of its own part of the vocabulary (under
+    shard_map: nothing gathers the [rows, vocab] logits), then the tp * k candidates are merged.
+    With chunk (default TOP_K_CHUNK for this backend) a part is taken in chunks the same way.
+    Same result as lax.top_k, ties included (candidates stay in vocabulary order)."""
     rows, vocab = x.shape
     chunk = TOP_K_CHUNK.get(jax.default_backend()) if chunk is None else chunk
-    chunks = _vocab_chunks(vocab, mesh_size(current_mesh(), "tp"), k, chunk)
+    mesh = current_mesh()
+    shards = mesh_size(mesh, "tp")
+    if shards == 1 or vocab % shards:
+        return _top_k_in_chunks(x, k, chunk)
+    size = vocab // shards
+
+    def local(part):  # part [rows or rows / dp, size]: this device's top k, ids made global
+        values, ids = _top_k_in_chunks(part, min(k, size), chunk)
+        return values, ids + jax.lax.axis_index("tp") * size
+
+    batch = LOGICAL_RULES["batch"]
+    row_axis = batch if batch is not None and rows % mesh.shape[batch] == 0 else None
+    values, ids = jax.shard_map(local, mesh=mesh, in_specs=P(row_axis, "tp"), out_specs=(P(row_axis, "tp"),) * 2,
+                                check_vma=False)(x)  # [rows, tp * k] candidates, shard by shard
+    values, pick = jax.lax.top_k(values, k)
+    return values, jnp.take_along_axis(ids, pick, axis=-1)
+
+
+def _top_k_in_chunks(x, k: int, chunk: int | None):
+    """lax.top_k of x [rows, vocab] as the top k of each chunk, then of the candidates."""
+    rows, vocab = x.shape
+    chunks = _vocab_chunks(vocab, k, chunk)
     if chunks == 1:
         values, ids = jax.lax.top_k(x, k)
         return values, ids.astype(jnp.int32)
     size = vocab // chunks
-    local = constrain(x.reshape(rows, chunks, size), ("batch", "vocab", None))
-    values, ids = jax.lax.top_k(local, min(k, size))  # [rows, chunks, k] per chunk
+    values, ids = jax.lax.top_k(x.reshape(rows, chunks, size), k)  # [rows, chunks, k]
     ids = ids + (jnp.arange(chunks, dtype=ids.dtype) * size)[None, :, None]
     values, pick = jax.lax.top_k(values.reshape(rows, -1), k)
     return values, jnp.take_along_axis(ids.reshape(rows, -1), pick, axis=-1).astype(jnp.int32)
 
 
-def _vocab_chunks(vocab: int, shards: int, k: int, chunk: int | None) -> int:
-    """How many equal chunks top_k_over_vocab splits a vocabulary into: the tp shards (1 if
-    they do not divide it), doubled while the chunks stay at least `chunk` (None: no more
-    splitting) and 2k entries long."""
-    if vocab % shards:
-        return 1
-    n = shards
+def _vocab_chunks(vocab: int, k: int, chunk: int | None) -> int:
+    """How many equal chunks _top_k_in_chunks splits a vocabulary into: doubled from 1 while the
+    chunks stay at least `chunk` (None: no splitting) and 2k entries long."""
+    n = 1
     while chunk and vocab % (2 * n) == 0 and vocab // (2 * n) >= max(chunk, 2 * k):
         n *= 2
     return n

@@ -320,7 +320,7 @@ def test_top_k_over_vocab_in_chunks_equals_lax_top_k(vocab, k):
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
     np.testing.assert_array_equal(np.asarray(ids), np.argsort(-x, axis=-1, kind="stable")[:, :k])
     assert ids.dtype == jnp.int32
-    assert (_vocab_chunks(vocab, 1, k, 1024) > 1) == (vocab >= 2048)  # the two-round path ran where it can
+    assert (_vocab_chunks(vocab, k, 1024) > 1) == (vocab >= 2048)  # the two-round path ran where it can
 
 
 def test_no_top_logprobs_when_not_asked():

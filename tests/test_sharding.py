@@ -3,6 +3,8 @@ logical rules placing every parameter and the KV cache, the Pallas attention ker
 shard_map, and the per-shard checkpoint reader. Every mesh must give one device's answer."""
 
 import functools
+import math
+import re
 import shutil
 
 import jax
@@ -357,15 +359,23 @@ def test_sampling_keeps_the_vocabulary_sharded():
         hlo = fn.lower(*args).compile().as_text()
         sharded = fn(*args)
         top_sharded = jax.jit(lambda x: top_k_over_vocab(x, 7))(jax.device_put(logits, split))
-    entry = _hlo_computations(hlo)["ENTRY"]
-    gathers = [ln for ln in entry if "all-gather(" in ln and f",{vocab}]" in ln.split("all-gather(")[0]]
-    assert not gathers, gathers[:2]
+        chunked = jax.jit(lambda x: top_k_over_vocab(x, 7, chunk=1024))  # GPUs' chunks: 4 per shard
+        chunked_hlo = chunked.lower(jax.device_put(logits, split)).compile().as_text()
+        top_chunked = chunked(jax.device_put(logits, split))
+    for text in (hlo, chunked_hlo):  # no gather of rows x vocab elements, whatever its shape
+        entry = _hlo_computations(text)["ENTRY"]
+        gathers = [ln for ln in entry if "all-gather(" in ln
+                   and math.prod(map(int, re.search(r"\[([\d,]+)\]", ln.split("all-gather(")[0]).group(1).split(",")))
+                   >= rows * vocab]
+        assert not gathers, gathers[:2]
     plain = jax.jit(lambda l, a, s, c, m: sample(l, a, s, c, m, num_logprobs=5))(logits, arrays, step, *zeros)
     for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
     top_plain = jax.lax.top_k(logits, 7)
     np.testing.assert_array_equal(np.asarray(top_sharded[0]), np.asarray(top_plain[0]))
     np.testing.assert_array_equal(np.asarray(top_sharded[1]), np.asarray(top_plain[1]))
+    np.testing.assert_array_equal(np.asarray(top_chunked[0]), np.asarray(top_plain[0]))
+    np.testing.assert_array_equal(np.asarray(top_chunked[1]), np.asarray(top_plain[1]))
 
 
 @pytest.mark.parametrize("split", ["out", "in", "group"])
