@@ -515,6 +515,7 @@ class Engine:
         t = r = 0
         for i, s in enumerate(batch):
             seq = s.seq
+            own = s.n - len(s.draft)  # the sequence's own tokens, then its drafts
             if s.n == 1 and not s.draft:  # a decode token: scalars (a NumPy call per field costs ~1 us)
                 p = s.start
                 if p < len(seq.token_ids):
@@ -526,42 +527,29 @@ class Engine:
                 slot_mapping[t] = seq.pages[p // self.page_size] * self.page_size + p % self.page_size
                 if seq.params.prompt_logprobs is not None and p + 1 < len(seq.prompt_ids):
                     next_ids[t] = seq.prompt_ids[p + 1]
-                kv_lens[i] = p + 1
-                page_indices[i, : len(seq.pages)] = seq.pages
-                cu_q_lens[i + 1] = t + 1
-                logits_at[r] = t
-                slots[r] = seq.slot
-                sampled[r] = s.sample
-                step[r] = seq.num_generated - 1 if s.sample else 0
-                params.append(seq.params)
-                if s.sample and seq.matcher is not None:
-                    constrained.append((r, seq.matcher))
-                t += 1
-                r += 1
-                continue
-            pos = np.arange(s.start, s.start + s.n)
-            own = s.n - len(s.draft)  # the sequence's own tokens, then its drafts
-            known = min(s.start + own, len(seq.token_ids)) - s.start
-            tokens[t : t + known] = seq.token_ids[s.start : s.start + known]
-            tokens[t + own : t + s.n] = s.draft
-            if known < own:  # the last token is still on the device, from the previous step
-                assert known == own - 1 and seq in prev_rows, "a decode token is missing"
-                prev_index[t + known] = prev_rows[seq]
-            positions[t : t + s.n] = pos
-            page_of = np.asarray(seq.pages, np.int32)
-            slot_mapping[t : t + s.n] = page_of[pos // self.page_size] * self.page_size + pos % self.page_size
-            if seq.params.prompt_logprobs is not None:
-                nxt = pos + 1
-                ok = nxt < len(seq.prompt_ids)
-                next_ids[t : t + s.n][ok] = np.asarray(seq.prompt_ids)[nxt[ok]]
+            else:
+                pos = np.arange(s.start, s.start + s.n)
+                known = min(s.start + own, len(seq.token_ids)) - s.start
+                tokens[t : t + known] = seq.token_ids[s.start : s.start + known]
+                tokens[t + own : t + s.n] = s.draft
+                if known < own:  # the last token is still on the device, from the previous step
+                    assert known == own - 1 and seq in prev_rows, "a decode token is missing"
+                    prev_index[t + known] = prev_rows[seq]
+                positions[t : t + s.n] = pos
+                page_of = np.asarray(seq.pages, np.int32)
+                slot_mapping[t : t + s.n] = page_of[pos // self.page_size] * self.page_size + pos % self.page_size
+                if seq.params.prompt_logprobs is not None:
+                    nxt = pos + 1
+                    ok = nxt < len(seq.prompt_ids)
+                    next_ids[t : t + s.n][ok] = np.asarray(seq.prompt_ids)[nxt[ok]]
             kv_lens[i] = s.start + s.n
             page_indices[i, : len(seq.pages)] = seq.pages
             cu_q_lens[i + 1] = t + s.n
-            rows = slice(r, r + s.rows)  # the last own token's logits, then each draft's
-            logits_at[rows] = t + own - 1 + np.arange(s.rows)
-            slots[rows] = seq.slot
-            sampled[rows] = s.sample
-            step[rows] = seq.num_generated - 1 + np.arange(s.rows) if s.sample else 0
+            for j in range(s.rows):  # the last own token's logits, then each draft's
+                logits_at[r + j] = t + own - 1 + j
+                slots[r + j] = seq.slot
+                sampled[r + j] = s.sample
+                step[r + j] = seq.num_generated - 1 + j if s.sample else 0
             params += [seq.params] * s.rows
             if s.sample and seq.matcher is not None:
                 constrained.append((r, seq.matcher))

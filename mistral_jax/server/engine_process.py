@@ -286,10 +286,11 @@ class EngineLoop:
                 self._take_waiting(block=idle)
                 if self._stopping:
                     break
-                took, t0 = [(a[2], a[3]) for a in self._admitted], time.perf_counter()
+                t0 = time.perf_counter()
                 events = self.engine.step() if self.engine.has_unfinished_requests() else []
-                if log is not None:
-                    log.write(json.dumps({"idle": idle, "took": took, "step": [t0, time.perf_counter()],
+                if log is not None:  # _admitted: this turn's requests (arrived, taken), until sent
+                    log.write(json.dumps({"idle": idle, "took": [(a[2], a[3]) for a in self._admitted],
+                                          "step": [t0, time.perf_counter()],
                                           "running": len(self.engine.scheduler.running)}) + "\n")
                 self._send_batches(events)
         except BaseException as e:  # noqa: BLE001  every waiting request hears of it
