@@ -71,15 +71,22 @@ def _fp8_projection(path, variable) -> bool:
     return variable[...].dtype == jnp.float8_e4m3fn or str(path[-1]).endswith("_scale")
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by position * theta^(-2i/head_dim).
+def rotary_phases(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) of position * theta^(-2i/head_dim), each [batch, seq, 1, head_dim/2] f32.
 
-    x: [batch, seq, heads, head_dim]; positions: [batch, seq].
-    """
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [head_dim/2]
+    Computed once per forward pass and shared by every layer's q and k (inside the layer loop
+    they were one more kernel per layer)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [head_dim/2]
     angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq  # [b, s, d/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def rotary(x: jax.Array, phases: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by rotary_phases' angles.
+
+    x: [batch, seq, heads, head_dim]."""
+    cos, sin = phases
+    d = x.shape[-1]
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], d // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
@@ -100,19 +107,9 @@ class RMSNorm(nnx.Module):
         return quantized_rows(x, impl, norm=self.scale[...], eps=self.eps)
 
 
-class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (),
-                 quantization: str | None = None, fp8_impl: str = "auto"):
-        L = ("layers",) * len(stack)
-        h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
-        q = quantization
-        self.wq, self.wq_scale = _linear_params(rngs, (*stack, h, d, e), (*L, "q_heads", "head_dim", "embed"), dtype, q)
-        self.wk, self.wk_scale = _linear_params(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype, q)
-        self.wv, self.wv_scale = _linear_params(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype, q)
-        self.wo, self.wo_scale = _linear_params(rngs, (*stack, e, h, d), (*L, "embed", "q_heads", "head_dim"), dtype, q,
-                                                n_in=2)
-        self.rope_theta = cfg.rope_theta
-        self.fp8_impl = fp8_impl
+class _Projections(nnx.Module):
+    """What Attention and MLP share: running their named projections (weight `name`, scale
+    `name + "_scale"`, None for a 16-bit weight)."""
 
     def _linears(self, eq, x, names, layer):
         """linear() of one x with the projections `names`: 16-bit weights as einsums, FP8 ones
@@ -136,16 +133,30 @@ class Attention(nnx.Module):
         scale = getattr(self, name + "_scale")
         return getattr(self, name)[...], None if scale is None else scale[...]
 
-    def __call__(self, x, positions, cache, layer):
+
+class Attention(_Projections):
+    def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (),
+                 quantization: str | None = None, fp8_impl: str = "auto"):
+        L = ("layers",) * len(stack)
+        h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+        q = quantization
+        self.wq, self.wq_scale = _linear_params(rngs, (*stack, h, d, e), (*L, "q_heads", "head_dim", "embed"), dtype, q)
+        self.wk, self.wk_scale = _linear_params(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype, q)
+        self.wv, self.wv_scale = _linear_params(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype, q)
+        self.wo, self.wo_scale = _linear_params(rngs, (*stack, e, h, d), (*L, "embed", "q_heads", "head_dim"), dtype, q,
+                                                n_in=2)
+        self.fp8_impl = fp8_impl
+
+    def __call__(self, x, positions, phases, cache, layer):
         # x: [batch, seq, embed] -> q: [batch, seq, q_heads, head_dim], k/v: [.., kv_heads, ..]
         q, k, v = self._linears("bse,hde->bshd", x, ("wq", "wk", "wv"), layer)
-        q = constrain(rotary(q, positions, self.rope_theta), ("batch", "seq", "q_heads", "head_dim"))
-        k = constrain(rotary(k, positions, self.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+        q = constrain(rotary(q, phases), ("batch", "seq", "q_heads", "head_dim"))
+        k = constrain(rotary(k, phases), ("batch", "seq", "kv_heads", "head_dim"))
         out, cache = cache.attend(layer, q, k, v, positions)
         return self._linear("bshd,ehd->bse", out, "wo", layer), cache
 
 
-class MLP(nnx.Module):
+class MLP(_Projections):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (),
@@ -156,8 +167,6 @@ class MLP(nnx.Module):
         self.w3, self.w3_scale = _linear_params(rngs, (*stack, cfg.hidden_dim, cfg.dim), (*L, "mlp", "embed"), dtype, q)
         self.w2, self.w2_scale = _linear_params(rngs, (*stack, cfg.dim, cfg.hidden_dim), (*L, "embed", "mlp"), dtype, q)
         self.fp8_impl = fp8_impl
-
-    _linear, _linears, _fp8 = Attention._linear, Attention._linears, Attention._fp8
 
     def __call__(self, x, layer=None):
         gate, up = self._linears("bse,fe->bsf", x, ("w1", "w3"), layer)
@@ -176,13 +185,13 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(cfg, dtype, stack)
         self.feed_forward = MLP(cfg, dtype, rngs, stack, **quant)
 
-    def __call__(self, x, positions, cache, layer):
+    def __call__(self, x, positions, phases, cache, layer):
         att, ffn = self.attention, self.feed_forward
         if fuses_quantization(x, att.fp8_impl, *map(att._fp8, ("wq", "wk", "wv"))):  # FP8: norm and quantize at once
             h = self.attention_norm.quantized(x, att.fp8_impl)
         else:
             h = self.attention_norm(x)
-        h, cache = att(h, positions, cache, layer)
+        h, cache = att(h, positions, phases, cache, layer)
         x = x + h
         if fuses_quantization(x, ffn.fp8_impl, *map(ffn._fp8, ("w1", "w3"))):
             h = self.ffn_norm.quantized(x, ffn.fp8_impl)
@@ -230,10 +239,11 @@ class Transformer(nnx.Module):
         # so XLA would copy every layer's weight first (16-bit weights go to XLA's own dot,
         # which reads the slice in place).
         graphdef, whole, stacked = nnx.split(self.layers, _fp8_projection, ...)
+        phases = rotary_phases(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
         def one_layer(carry, layer_params):
             x, cache, i = carry
-            x, cache = nnx.merge(graphdef, whole, layer_params)(x, positions, cache, i)
+            x, cache = nnx.merge(graphdef, whole, layer_params)(x, positions, phases, cache, i)
             return (x, cache, i + 1), None
 
         (x, cache, _), _ = jax.lax.scan(one_layer, (x, cache, jnp.int32(0)), stacked)
