@@ -93,7 +93,10 @@ def ragged_paged_attention_reference(
     page_size, n_kv = k_pages.shape[-3], k_pages.shape[-2]
     # Gather a sequence's pages straight from the (stacked) pool: slicing the layer out first
     # would copy the whole layer's pool every call.
-    gather = (lambda pool, pages: pool[pages]) if layer is None else (lambda pool, pages: pool[layer, pages])
+    def gather(pool, pages):  # -> [*pages.shape, page_size, n_kv, head_dim]
+        rows = pool.reshape(-1, page_size * n_kv * head_dim)  # one row per page (a bitcast)
+        idx = pages if layer is None else layer * pool.shape[-4] + pages
+        return jnp.take(rows, idx, axis=0, mode="clip").reshape(*pages.shape, page_size, n_kv, head_dim)
     if n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
     group = n_heads // n_kv
@@ -148,18 +151,20 @@ def ragged_paged_attention_reference(
                             ("nkgd,nskd->nkgs", "nkgs,nskd->nkgd"), scale)
         return out.at[jnp.where(is_decode, row, num_tokens)].set(o.reshape(n, n_heads, head_dim), mode="drop")
 
-    def body(s, out):  # a prefill chunk: every packed row, keeping this sequence's
+    def prefill_rows(i, out):  # the i-th prefill chunk: every packed row, keeping its sequence's
+        s = prefill_seqs[i]
         q_start = cu_q_lens[s]
         q_len = cu_q_lens[s + 1] - q_start
+        q_pos = kv_lens[s] - q_len + (rows - q_start)  # [T] absolute position of each row (if mine)
+        return jnp.where((seq_of_row == s)[:, None, None], attend(s, qg, q_pos), out)
 
-        def all_rows(out):
-            q_pos = kv_lens[s] - q_len + (rows - q_start)  # [T] absolute position of each row (if mine)
-            return jnp.where((seq_of_row == s)[:, None, None], attend(s, qg, q_pos), out)
-
-        return jax.lax.cond(q_len == 1, lambda out: out, all_rows, out)  # decode rows: decode_rows()
-
+    # Only the sequences with several rows go through the loop (a pure decode step: no trip at
+    # all; on XLA:CPU each trip costs tens of microseconds, even one that does nothing).
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    is_prefill = (q_lens > 1) & (jnp.arange(q_lens.shape[0]) < num_seqs)
+    prefill_seqs = jnp.nonzero(is_prefill, size=q_lens.shape[0], fill_value=0)[0]
     out = decode_rows(jnp.zeros((num_tokens, n_heads, head_dim), jnp.float32))
-    out = jax.lax.fori_loop(0, num_seqs, body, out)
+    out = jax.lax.fori_loop(0, is_prefill.sum(), prefill_rows, out)
     return out.astype(q.dtype)
 
 
