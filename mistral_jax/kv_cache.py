@@ -61,6 +61,10 @@ class DenseKVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def prepare(self, num_tokens: int, n_heads: int) -> "DenseKVCache":
+        """Per-forward work shared by the layers (PagedKVCache.prepare): none here."""
+        return self
+
     def attend(
         self, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
     ) -> tuple[jax.Array, "DenseKVCache"]:

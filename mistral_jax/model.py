@@ -240,6 +240,7 @@ class Transformer(nnx.Module):
         # which reads the slice in place).
         graphdef, whole, stacked = nnx.split(self.layers, _fp8_projection, ...)
         phases = rotary_phases(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cache = cache.prepare(tokens.shape[1], self.cfg.n_heads)  # the same for every layer: once, here
 
         def one_layer(carry, layer_params):
             x, cache, i = carry

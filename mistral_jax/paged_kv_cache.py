@@ -22,7 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages
+from pallas_kernels.ragged_paged_attention import attention_schedule, ragged_paged_attention, write_kv_pages
 
 from .config import ModelConfig
 from .sharding import constrain, current_mesh
@@ -51,6 +51,13 @@ class PagedKVCache:
     cu_q_lens: jax.Array
     num_seqs: jax.Array
     impl: str = flax.struct.field(pytree_node=False, default="auto")
+    schedule: object = None  # the attention kernel's tables for this step's layout (prepare)
+
+    def prepare(self, num_tokens: int, n_heads: int) -> "PagedKVCache":
+        """Before the layer loop: what the attention kernel derives from the step's layout (not
+        from the layer) is computed here once, not inside every layer."""
+        return self.replace(schedule=attention_schedule(self.impl, num_tokens, n_heads, self.k, self.kv_lens,
+                                                        self.page_indices, self.cu_q_lens, self.num_seqs))
 
     def attend(
         self, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
@@ -61,5 +68,6 @@ class PagedKVCache:
         out = ragged_paged_attention(
             q[0], ck, cv, self.kv_lens, self.page_indices, self.cu_q_lens, self.num_seqs,
             layer=layer, impl=self.impl, mesh=current_mesh(),  # Pallas kernels: one call per tp shard
+            schedule=self.schedule,
         )
         return out[None], self.replace(k=ck, v=cv)

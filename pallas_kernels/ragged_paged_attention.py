@@ -93,10 +93,7 @@ def ragged_paged_attention_reference(
     page_size, n_kv = k_pages.shape[-3], k_pages.shape[-2]
     # Gather a sequence's pages straight from the (stacked) pool: slicing the layer out first
     # would copy the whole layer's pool every call.
-    def gather(pool, pages):  # -> [*pages.shape, page_size, n_kv, head_dim]
-        rows = pool.reshape(-1, page_size * n_kv * head_dim)  # one row per page (a bitcast)
-        idx = pages if layer is None else layer * pool.shape[-4] + pages
-        return jnp.take(rows, idx, axis=0, mode="clip").reshape(*pages.shape, page_size, n_kv, head_dim)
+    gather = (lambda pool, pages: pool[pages]) if layer is None else (lambda pool, pages: pool[layer, pages])
     if n_heads % n_kv:
         raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
     group = n_heads // n_kv
@@ -236,6 +233,19 @@ def default_impl(platform: str | None = None) -> str:
     return {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform, "reference")
 
 
+def attention_schedule(impl: str, num_tokens: int, n_heads: int, k_pages: jax.Array, kv_lens: jax.Array,
+                       page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array):
+    """What `impl`'s kernel derives from a step's layout alone (kv_lens, page_indices, cu_q_lens,
+    num_seqs), the same for every layer: build it once before the layer loop and pass it to each
+    ragged_paged_attention call as `schedule`. None where the implementation needs nothing."""
+    if (default_impl() if impl == "auto" else impl) != "triton":
+        return None
+    from .ragged_paged_attention_triton import schedule
+
+    return schedule(kv_lens, page_indices, cu_q_lens, num_seqs, num_tokens=num_tokens, n_heads=n_heads,
+                    n_kv_heads=k_pages.shape[-2], head_dim=k_pages.shape[-1])
+
+
 def ragged_paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -251,6 +261,7 @@ def ragged_paged_attention(
     interpret: bool = False,
     mesh=None,
     head_axis: str = "tp",
+    schedule=None,
 ) -> jax.Array:
     """Ragged paged attention (see the module docstring) by the implementation `impl`:
     "reference" (plain jnp), "triton" (Pallas GPU), "tpu" (Pallas TPU) or "auto" (the one for
@@ -259,7 +270,9 @@ def ragged_paged_attention(
     mesh: a jax Mesh whose axis `head_axis` splits q's heads and the pools' kv heads. XLA cannot
     partition a Pallas call, so a kernel then runs under `shard_map`, once per head shard on its
     own heads (whole GQA groups: the axis must divide n_kv_heads), everything else replicated.
-    The reference is plain jnp, which XLA partitions by itself."""
+    The reference is plain jnp, which XLA partitions by itself.
+
+    schedule: attention_schedule() of this step (the same impl), or None to derive it here."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
     if impl == "auto":
@@ -269,11 +282,13 @@ def ragged_paged_attention(
         return ragged_paged_attention_reference(*args, layer=layer, sm_scale=sm_scale)
     if impl == "triton":
         from .ragged_paged_attention_triton import ragged_paged_attention_triton as kernel
-    else:
-        from .ragged_paged_attention_tpu import ragged_paged_attention_tpu as kernel
+    else:  # the TPU kernel takes no schedule
+        from .ragged_paged_attention_tpu import ragged_paged_attention_tpu
+
+        kernel = lambda *a, schedule, **kw: ragged_paged_attention_tpu(*a, **kw)  # noqa: E731
     shards = 1 if mesh is None else mesh.shape.get(head_axis, 1)
     if shards == 1:
-        return kernel(*args, layer=layer, sm_scale=sm_scale, interpret=interpret)
+        return kernel(*args, layer=layer, sm_scale=sm_scale, interpret=interpret, schedule=schedule)
     if k_pages.shape[-2] % shards:
         raise ValueError(f"{head_axis}={shards} does not divide n_kv_heads={k_pages.shape[-2]}")
     from jax.sharding import PartitionSpec as P
@@ -283,9 +298,9 @@ def ragged_paged_attention(
     pools = P(*(None,) * (k_pages.ndim - 2), head_axis, None)  # [(L,) P, page_size, kv_heads, D]
     stacked = k_pages.ndim == 5
 
-    def local(q, k, v, lens, pages, cu, n, layer):
+    def local(q, k, v, lens, pages, cu, n, layer, schedule):  # the schedule holds no head: the same on every shard
         return kernel(q, k, v, lens, pages, cu, n, layer=layer if stacked else None, sm_scale=sm_scale,
-                      interpret=interpret)
+                      interpret=interpret, schedule=schedule)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(heads, pools, pools, P(), P(), P(), P(), P()),
-                         out_specs=heads, check_vma=False)(*args, layer)
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads, pools, pools, P(), P(), P(), P(), P(), P()),
+                         out_specs=heads, check_vma=False)(*args, layer, schedule)

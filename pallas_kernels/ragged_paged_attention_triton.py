@@ -27,7 +27,8 @@ Design
       (M = 64..128 rows), one program per (tile, kv head), online softmax over KV blocks up to
       the tile's causal limit. The tile -> (sequence, first row) table is built in XLA from
       cu_q_lens (a static upper bound on the tile count), unused tiles exit at once.
-  Rows are then merged with `where` (rows of no live sequence -> exact 0).
+  Rows are then merged with `where` (rows of no live sequence -> exact 0). These tables depend
+  on the batch's layout only: `schedule()` builds them once per step for every layer.
 * Positions >= kv_len are masked in the loads (other=0), so stale pages / NaN garbage never
   enter; unused block-table entries are clamped to page 0 before the address computation.
 * Scores and softmax in f32 (f32 inputs use full-precision dots), probabilities cast to v's
@@ -49,7 +50,7 @@ from pallas_kernels.ragged_paged_attention import MASK_VALUE
 
 from .gpu_info import DEFAULT_SMS, next_pow2, num_sms
 
-__all__ = ["ragged_paged_attention_triton", "plan"]
+__all__ = ["ragged_paged_attention_triton", "plan", "schedule"]
 
 _LOG2E = math.log2(math.e)
 
@@ -218,11 +219,48 @@ def _launch(q4, k5, v5, layer, tile_seq, tile_q0, kv_lens, cu, pages, *, BQ, BK,
     )(layer, tile_seq, tile_q0, kv_lens, cu, pages, q4, k5, v5)
 
 
+def schedule(kv_lens, page_indices, cu_q_lens, num_seqs, *, num_tokens: int, n_heads: int, n_kv_heads: int,
+             head_dim: int, interpret: bool = False, **tuning) -> dict:
+    """The two launches' tables, from the batch's layout alone (no layer, no q, no pages): which
+    sequence each decode and prefill tile serves, and which launch each packed row takes its
+    output from. The same for every layer of a step, so the model computes it once per step
+    (`PagedKVCache.prepare`); inside the layer loop it was 3 more small kernels per layer
+    (benchmarks/NOTES.md, session 17). `tuning`: plan()'s overrides, as the kernel's."""
+    T, S = num_tokens, page_indices.shape[0]
+    cfg = plan(T, S, n_heads, n_kv_heads, head_dim, interpret=interpret, **tuning)
+    cu = jnp.asarray(cu_q_lens, jnp.int32).reshape(S + 1)
+    num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
+    live = jnp.arange(S, dtype=jnp.int32) < num_seqs
+    q_lens = jnp.where(live, cu[1:] - cu[:-1], 0)
+    bq_dec = cfg["bq_dec"]
+    # Decode launch: one tile per short sequence.
+    is_dec = (q_lens >= 1) & (q_lens <= bq_dec)
+    out = dict(dec_seq=jnp.where(is_dec, jnp.arange(S, dtype=jnp.int32), -1), dec_q0=jnp.zeros((S,), jnp.int32))
+    # Each packed row's sequence, and its token within the decode tile's output.
+    seq_of_row = _row_seq(cu, num_seqs, T)
+    row_live = seq_of_row >= 0
+    seq_c = jnp.maximum(seq_of_row, 0)
+    row_qlen = jnp.where(row_live, q_lens[seq_c], 0)
+    out.update(seq_c=seq_c, tok=jnp.clip(jnp.arange(T, dtype=jnp.int32) - cu[seq_c], 0, bq_dec - 1),
+               row_dec=row_live & (row_qlen <= bq_dec), row_pre=row_live & (row_qlen > bq_dec))
+    n_pre = cfg["n_pre_tiles"]
+    if n_pre:
+        bq_pre = cfg["bq_pre"]
+        n_t = jnp.where(q_lens > bq_dec, pl.cdiv(q_lens, bq_pre), 0)
+        cum = jnp.cumsum(n_t)
+        t_ids = jnp.arange(n_pre, dtype=jnp.int32)
+        t_seq_c = jnp.minimum(_count_le(cum, t_ids), S - 1)  # searchsorted(side="right") without a while loop
+        # Within a sequence, tiles go last-first: the long (late, causal) tiles start first,
+        # the short ones fill the tail of the launch.
+        out.update(pre_seq=jnp.where(t_ids < cum[-1], t_seq_c, -1), pre_q0=(cum[t_seq_c] - 1 - t_ids) * bq_pre)
+    return out
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "interpret", "num_splits", "block_k_dec", "block_k_pre",
                      "rows_pre", "warps_dec", "warps_pre", "stages"))
-def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer, *, sm_scale,
+def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer, sched, *, sm_scale,
          interpret, num_splits=None, block_k_dec=None, block_k_pre=None, rows_pre=None,
          warps_dec=4, warps_pre=4, stages=3):
     T, Hq, D = q.shape
@@ -231,27 +269,23 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer,
     _, P, page_size, Hkv, Dk = k_pages.shape
     S = page_indices.shape[0]
     G = Hq // Hkv
-    cfg = plan(T, S, Hq, Hkv, D, num_splits=num_splits, block_k_dec=block_k_dec,
-               block_k_pre=block_k_pre, rows_pre=rows_pre, interpret=interpret)
+    tuning = dict(num_splits=num_splits, block_k_dec=block_k_dec, block_k_pre=block_k_pre, rows_pre=rows_pre)
+    cfg = plan(T, S, Hq, Hkv, D, interpret=interpret, **tuning)
+    if sched is None:
+        sched = schedule(kv_lens, page_indices, cu_q_lens, num_seqs, num_tokens=T, n_heads=Hq, n_kv_heads=Hkv,
+                         head_dim=D, interpret=interpret, **tuning)
     scale = float(D**-0.5 if sm_scale is None else sm_scale)
 
     kv_lens = jnp.asarray(kv_lens, jnp.int32).reshape(S)
     cu = jnp.asarray(cu_q_lens, jnp.int32).reshape(S + 1)
     pages = jnp.asarray(page_indices, jnp.int32)
-    num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    live = jnp.arange(S, dtype=jnp.int32) < num_seqs
-    q_lens = jnp.where(live, cu[1:] - cu[:-1], 0)
     q4 = q.reshape(T, Hkv, G, D)
 
-    # Decode launch: one tile per short sequence.
     bq_dec = cfg["bq_dec"]
-    is_dec = (q_lens >= 1) & (q_lens <= bq_dec)
-    dec_seq = jnp.where(is_dec, jnp.arange(S, dtype=jnp.int32), -1)
-    dec_q0 = jnp.zeros((S,), jnp.int32)
     common = dict(scale=scale, interpret=interpret, num_stages=stages)
     ns = cfg["num_splits"]
-    o_part, lse = _launch(q4, k_pages, v_pages, layer, dec_seq, dec_q0, kv_lens, cu, pages,
+    o_part, lse = _launch(q4, k_pages, v_pages, layer, sched["dec_seq"], sched["dec_q0"], kv_lens, cu, pages,
                           BQ=bq_dec, BK=cfg["bk_dec"], num_splits=ns, partial=True,
                           num_warps=warps_dec, name="rpa_decode", **common)
     o_part, lse = o_part[:, :, :bq_dec], lse[:, :, :bq_dec]  # drop the trash slot
@@ -261,33 +295,14 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer,
         m = jnp.max(lse, axis=0)
         w = jnp.exp2(lse - m[None])
         o_dec = jnp.sum(o_part * w[..., None], axis=0) / jnp.sum(w, axis=0)[..., None]
-    # o_dec: [S, bq_dec, Hkv, G, D] -> packed rows.
-    seq_of_row = _row_seq(cu, num_seqs, T)
-    row_live = seq_of_row >= 0
-    seq_c = jnp.maximum(seq_of_row, 0)
-    row_qlen = jnp.where(row_live, q_lens[seq_c], 0)
-    row_dec = row_live & (row_qlen <= bq_dec)
-    tok = jnp.clip(jnp.arange(T, dtype=jnp.int32) - cu[seq_c], 0, bq_dec - 1)
-    o_dec = o_dec[seq_c, tok]  # [T, Hkv, G, D] (small gather)
-    out = jnp.where(row_dec[:, None, None, None], o_dec, 0.0).astype(q.dtype)
-
-    n_pre = cfg["n_pre_tiles"]
-    if n_pre:
-        bq_pre = cfg["bq_pre"]
-        n_t = jnp.where(q_lens > bq_dec, pl.cdiv(q_lens, bq_pre), 0)
-        cum = jnp.cumsum(n_t)
-        t_ids = jnp.arange(n_pre, dtype=jnp.int32)
-        t_seq = _count_le(cum, t_ids)  # searchsorted(side="right") without a while loop
-        t_seq_c = jnp.minimum(t_seq, S - 1)
-        # Within a sequence, tiles go last-first: the long (late, causal) tiles start first,
-        # the short ones fill the tail of the launch.
-        t_q0 = (cum[t_seq_c] - 1 - t_ids) * bq_pre
-        t_seq = jnp.where(t_ids < cum[-1], t_seq_c, -1)
-        o_pre = _launch(q4, k_pages, v_pages, layer, t_seq, t_q0, kv_lens, cu, pages,
-                        BQ=bq_pre, BK=cfg["bk_pre"], num_splits=1, partial=False,
+    # o_dec: [S, bq_dec, Hkv, G, D] -> packed rows (a small gather).
+    o_dec = o_dec[sched["seq_c"], sched["tok"]]  # [T, Hkv, G, D]
+    out = jnp.where(sched["row_dec"][:, None, None, None], o_dec, 0.0).astype(q.dtype)
+    if cfg["n_pre_tiles"]:
+        o_pre = _launch(q4, k_pages, v_pages, layer, sched["pre_seq"], sched["pre_q0"], kv_lens, cu, pages,
+                        BQ=cfg["bq_pre"], BK=cfg["bk_pre"], num_splits=1, partial=False,
                         num_warps=warps_pre, name="rpa_prefill", **common)
-        row_pre = row_live & (row_qlen > bq_dec)
-        out = jnp.where(row_pre[:, None, None, None], o_pre[:T], out)
+        out = jnp.where(sched["row_pre"][:, None, None, None], o_pre[:T], out)
     return out.reshape(T, Hq, D)
 
 
@@ -315,12 +330,14 @@ def ragged_paged_attention_triton(
     layer: jax.Array | None = None,
     sm_scale: float | None = None,
     interpret: bool = False,
+    schedule: dict | None = None,
     **tuning,
 ) -> jax.Array:
     """Ragged paged attention on the GPU through Pallas/Triton; the contract of
     `ragged_paged_attention_reference`. `interpret=True` runs the kernel in Pallas interpret
-    mode (CPU). `tuning` (benchmarks only): num_splits, block_k_dec, block_k_pre, rows_pre,
-    warps_dec, warps_pre, stages."""
+    mode (CPU). `schedule`: `schedule()` of this call's layout, computed once for all layers
+    (None: computed here). `tuning` (benchmarks only): num_splits, block_k_dec, block_k_pre,
+    rows_pre, warps_dec, warps_pre, stages."""
     if q.ndim != 3:
         raise ValueError(f"q must be [T, Hq, D], got {q.shape}")
     if k_pages.ndim not in (4, 5) or k_pages.shape != v_pages.shape:
@@ -344,6 +361,6 @@ def ragged_paged_attention_triton(
         return jnp.zeros_like(q)
     if layer is None:
         layer = jnp.int32(0)
-    return _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer,
+    return _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer, schedule,
                 sm_scale=None if sm_scale is None else float(sm_scale), interpret=interpret,
                 **tuning)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.ragged_paged_attention import (
+    attention_schedule,
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
@@ -130,6 +131,29 @@ def test_dispatcher_and_one_compile():
         ref = ragged_paged_attention_reference(*a)
         assert rel_err(out, np.asarray(ref, np.float64)) < 1e-5
     assert len(calls) == 1
+
+
+def test_schedule_built_once_for_every_layer():
+    """The layer loop passes one attention_schedule() to every layer's call (PagedKVCache.prepare):
+    over a stacked pool, each layer's output with it equals the reference's for that layer."""
+    rng = np.random.default_rng(8)
+    seqs = [(1, 7), (6, 6), (1, 13), (9, 14)]  # decode rows and prefill chunks in one batch
+    q, kp, vp, kvl, pi, cu, ns = make_batch(rng, seqs, page_size=4, n_heads=8, n_kv=2, head_dim=24, max_seqs=5)
+    layers = 3
+    ks = np.stack([kp] + [rng.standard_normal(kp.shape).astype(np.float32) for _ in range(layers - 1)])
+    vs = np.stack([vp] + [rng.standard_normal(vp.shape).astype(np.float32) for _ in range(layers - 1)])
+    q, ks, vs, kvl, pi, cu, ns = (jnp.asarray(a) for a in (q, ks, vs, kvl, pi, cu, ns))
+
+    @jax.jit
+    def all_layers(q, ks, vs):
+        sched = attention_schedule("triton", q.shape[0], q.shape[1], ks, kvl, pi, cu, ns)
+        return [ragged_paged_attention(q, ks, vs, kvl, pi, cu, ns, layer=jnp.int32(i), impl="triton",
+                                       interpret=True, schedule=sched) for i in range(layers)]
+
+    assert attention_schedule("reference", q.shape[0], q.shape[1], ks, kvl, pi, cu, ns) is None
+    for i, out in enumerate(all_layers(q, ks, vs)):
+        ref = ragged_paged_attention_reference(q, ks, vs, kvl, pi, cu, ns, layer=jnp.int32(i))
+        assert rel_err(out, np.asarray(ref, np.float64)) < 1e-5
 
 
 def test_unsupported_group_raises():

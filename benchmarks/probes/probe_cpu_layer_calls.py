@@ -1,5 +1,7 @@
 """Batch-1/8 CPU decode of the demo model: the engine's scanned layer stack (one program) against
-one jitted layer program called per layer from Python, over per-layer weight buffers.
+one jitted layer program called per layer from Python, and against one program whose layers are
+unrolled over per-layer weight buffers (arguments of their own, so XLA:CPU need not copy them
+out of the stacks), each with its compile time.
 
     python benchmarks/probes/probe_cpu_layer_calls.py
 Times the model's hidden states for T decode tokens (T = 1 and 8) over a paged cache of 128
@@ -13,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mistral_jax import LLM
+from mistral_jax.model import rotary_phases
 from mistral_jax.paged_kv_cache import PagedKVCache
 
 llm = LLM(dtype="float32", max_model_len=512, max_num_seqs=8, progress=False)
@@ -47,7 +50,18 @@ per_layer = [jax.tree.map(lambda a, i=i: jnp.array(a[i]), stacked) for i in rang
 @functools.partial(jax.jit, donate_argnums=(3, 4))
 def one_layer(whole, layer_state, x, k, v, positions, m, i):
     cache = PagedKVCache(k, v, **m, impl="reference")
-    x, cache = nnx.merge(graphdef, whole, layer_state)(x, positions, cache, i)
+    phases = rotary_phases(positions, llm.config.head_dim, llm.config.rope_theta)
+    x, cache = nnx.merge(graphdef, whole, layer_state)(x, positions, phases, cache, i)
+    return x, cache.k, cache.v
+
+
+@functools.partial(jax.jit, donate_argnums=(2, 3))
+def unrolled(emb, per_layer, k, v, tokens, positions, m):
+    cache = PagedKVCache(k, v, **m, impl="reference")
+    phases = rotary_phases(positions, llm.config.head_dim, llm.config.rope_theta)
+    x = emb[tokens]
+    for i, st in enumerate(per_layer):
+        x, cache = nnx.merge(graphdef, whole, st)(x, positions, phases, cache, i)
     return x, cache.k, cache.v
 
 
@@ -68,7 +82,8 @@ for T in (1, 8):
     tokens = jnp.asarray(np.random.default_rng(0).integers(100, 40000, (1, T)), jnp.int32)
     positions = jnp.full((1, T), 128, jnp.int32)
     for name, f in (("scan", lambda k, v: scanned(eng.state, k, v, tokens, positions, m)),
-                    ("per-layer calls", lambda k, v: per_layer_calls(k, v, tokens, positions, m))):
+                    ("per-layer calls", lambda k, v: per_layer_calls(k, v, tokens, positions, m)),
+                    ("unrolled", lambda k, v: unrolled(model.tok_embeddings[...], per_layer, k, v, tokens, positions, m))):
         t = time.perf_counter()
         x, k_pages, v_pages = f(k_pages, v_pages)
         jax.block_until_ready(x)
