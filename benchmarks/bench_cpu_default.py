@@ -1,6 +1,7 @@
 """The embedded default model (SmolLM2-135M-Instruct GGUF) on the CPU: ours against transformers
-reading the same file, f32, greedy, batch 1 and 8 (128-token prompts, 64 new tokens), and the
-README's first command's wall time with a cold and a warm compilation cache (issue 20).
+reading the same file, f32, greedy, batch 1 and 8 (128-token prompts, 64 new tokens), each
+engine in its own process, in alternating rounds (the ratio is the median of each round's), and
+the README's first command's wall time with a cold and a warm compilation cache (issue 20).
 
     python benchmarks/bench_cpu_default.py --out result.json
 """
@@ -19,31 +20,29 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64
+BATCHES = (1, 8)
 
 
-def bench_ours(batches: list[list[list[int]]]) -> dict:
+def ours() -> callable:
+    """Our engine on the default model -> run(prompts): (seconds to the first token, decode
+    tokens/s over all rows after every row's first)."""
     from mistral_jax import LLM, SamplingParams
 
     llm = LLM(dtype="float32", progress=False)
     sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
     def run(prompts):
-        """(time to the first token, decode tokens/s over all rows after every row's first)"""
         t0 = time.perf_counter()
         stamps = [time.perf_counter() for _ in llm.stream([{"prompt_token_ids": p} for p in prompts], sp)]
         start = stamps[len(prompts) - 1]
         return stamps[0] - t0, (len(stamps) - len(prompts)) / (stamps[-1] - start)
 
-    out = {}
-    for prompts in batches:
-        run(prompts)  # compile
-        runs = [run(prompts) for _ in range(3)]
-        out[f"batch{len(prompts)}"] = {"ttft_s": statistics.median(r[0] for r in runs),
-                                      "decode_tokens_per_s": statistics.median(r[1] for r in runs)}
-    return out
+    return run
 
 
-def bench_hf(batches: list[list[list[int]]]) -> dict:
+def transformers_run() -> callable:
+    """transformers on the same GGUF (f32) -> run(prompts), as ours(): the first token from one
+    forward pass; decode from generate(64 new) minus generate(8 new)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -57,16 +56,69 @@ def bench_hf(batches: list[list[list[int]]]) -> dict:
         f()
         return time.perf_counter() - t0
 
-    out = {"torch_threads": torch.get_num_threads()}
-    for prompts in batches:  # equal lengths: no padding
+    def run(prompts):  # equal lengths: no padding
         x = torch.tensor(prompts)
         with torch.inference_mode():
             gen = lambda n: model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)  # noqa: E731
-            gen(4)
-            ttft = statistics.median(timed(lambda: model(x, logits_to_keep=1)) for _ in range(3))
-            step = statistics.median((timed(lambda: gen(NEW_TOKENS)) - timed(lambda: gen(8))) / (NEW_TOKENS - 8)
-                                     for _ in range(3))
-        out[f"batch{len(prompts)}"] = {"ttft_s": ttft, "decode_tokens_per_s": len(prompts) / step}
+            ttft = timed(lambda: model(x, logits_to_keep=1))
+            step = (timed(lambda: gen(NEW_TOKENS)) - timed(lambda: gen(8))) / (NEW_TOKENS - 8)
+        return ttft, len(prompts) / step
+
+    return run
+
+
+ENGINES = {"mistral_jax": ours, "transformers": transformers_run}
+
+
+def worker(engine: str) -> int:
+    """One engine in its own process: for each line "b" on stdin, run batch b's prompts and print
+    one JSON line [ttft_s, decode tokens/s]. A process per engine: in one process, XLA's
+    thread pool kept spinning while torch ran (both slowed, torch more)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(100, 49000, size=(b, PROMPT_TOKENS)).tolist() for b in BATCHES}
+    run = ENGINES[engine]()
+    for b in BATCHES:  # compile, warm up
+        run(prompts[b])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(run(prompts[int(line)])), flush=True)
+    return 0
+
+
+def compare(rounds: int) -> dict:
+    """Both engines, each in its own process, rounds alternating between them (this machine's
+    speed drifts by 15% and more over minutes: measured back to back, each engine would meet a
+    different machine); one engine runs while the other waits."""
+    import subprocess
+
+    procs = {name: subprocess.Popen([sys.executable, __file__, "--worker", name], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for name in ENGINES}
+    for name, proc in procs.items():  # loaded and warmed up one after the other
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the {name} worker failed to start")
+    samples = {name: {b: [] for b in BATCHES} for name in procs}
+    for _ in range(rounds):
+        for b in BATCHES:
+            for name, proc in procs.items():
+                proc.stdin.write(f"{b}\n")
+                proc.stdin.flush()
+                samples[name][b].append(json.loads(proc.stdout.readline()))
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    out = {}
+    for name, by_batch in samples.items():
+        out[name] = {f"batch{b}": {"ttft_s": statistics.median(r[0] for r in rs),
+                                   "decode_tokens_per_s": statistics.median(r[1] for r in rs),
+                                   "decode_tokens_per_s_each_round": [round(r[1], 1) for r in rs]}
+                     for b, rs in by_batch.items()}
+    for b in BATCHES:
+        ratios = [o[1] / t[1] for o, t in zip(samples["mistral_jax"][b], samples["transformers"][b])]
+        out[f"batch{b}_decode_vs_transformers"] = statistics.median(ratios)
+        out[f"batch{b}_decode_vs_transformers_each_round"] = [round(r, 2) for r in ratios]
     return out
 
 
@@ -83,26 +135,23 @@ def readme_command(cache_dir: str) -> float:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--worker", choices=tuple(ENGINES), help=argparse.SUPPRESS)
     args = p.parse_args()
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(100, 49000, size=(b, PROMPT_TOKENS)).tolist() for b in (1, 8)]
+    if args.worker:
+        return worker(args.worker)
     import jax
     import torch
     import transformers
 
     result = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "jax": jax.__version__,
               "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-              "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
-              "mistral_jax": bench_ours(batches), "transformers": bench_hf(batches)}
+              "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": args.rounds,
+              **compare(args.rounds)}
     import tempfile
 
     cache = tempfile.mkdtemp(prefix="mj_cold_")
     result["readme_command_s"] = {"cold_cache": readme_command(cache), "warm_cache": readme_command(cache)}
-    for b in ("batch1", "batch8"):
-        result[f"{b}_decode_vs_transformers"] = (result["mistral_jax"][b]["decode_tokens_per_s"]
-                                                 / result["transformers"][b]["decode_tokens_per_s"])
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
