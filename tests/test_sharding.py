@@ -254,11 +254,12 @@ def test_fp8_kernels_run_per_tp_shard(ckpts, monkeypatch, kernel, mesh_spec):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_triton_kernel_under_shard_map_matches_reference(stacked):
+@pytest.mark.parametrize("stacked,scheduled", [(False, False), (True, False), (True, True)])
+def test_triton_kernel_under_shard_map_matches_reference(stacked, scheduled):
     """The Pallas Triton kernel (interpret mode) per tp=2 shard of the heads equals the
-    unsharded reference; the call sits inside jit as in the engine."""
-    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+    unsharded reference; the call sits inside jit as in the engine. `scheduled`: the launch
+    tables built once outside the shards (PagedKVCache.prepare) and handed to every shard."""
+    from pallas_kernels.ragged_paged_attention import attention_schedule, ragged_paged_attention
     from tests.test_ragged_paged_attention import make_batch
 
     rng = np.random.default_rng(5)
@@ -269,8 +270,13 @@ def test_triton_kernel_under_shard_map_matches_reference(stacked):
         kp, vp, layer = jnp.stack([vp, kp]), jnp.stack([kp, vp]), jnp.int32(1)
     mesh = parse_mesh("tp=2")
     ref = ragged_paged_attention(q, kp, vp, *rest, layer=layer, impl="reference")
-    fn = jax.jit(lambda *a: ragged_paged_attention(*a, layer=layer, impl="triton", interpret=True, mesh=mesh))
-    out = fn(q, kp, vp, *rest)
+
+    def fn(q, kp, vp, *rest):
+        schedule = attention_schedule("triton", q.shape[0], q.shape[1], kp, *rest) if scheduled else None
+        return ragged_paged_attention(q, kp, vp, *rest, layer=layer, impl="triton", interpret=True, mesh=mesh,
+                                      schedule=schedule)
+
+    out = jax.jit(fn)(q, kp, vp, *rest)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
