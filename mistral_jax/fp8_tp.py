@@ -3,9 +3,9 @@
 XLA cannot partition a Pallas call, and its own fp8 dot is the slow path at decode sizes
 (benchmarks/NOTES.md), so each device runs the kernel on its own part of the weight:
 
-- column-parallel (wq, wk, wv, w1, w3: the output axis split over tp): every device multiplies
-  the whole x by its rows of w; y comes out split like those rows. A layer's q, k, v (and w1,
-  w3) share one launch per shard, as on one device.
+- column-parallel (wqkv, w1, w3: the output axis split over tp): every device multiplies
+  the whole x by its rows of w; y comes out split like those rows. A layer's w1 and w3 share
+  one launch per shard, as on one device (q, k, v are one weight already).
 - row-parallel (wo, w2: the input axis split): x arrives split the same way. A token's scale
   needs the max over its whole row, so each device takes its part's max and a pmax over tp
   gives all of them the row's scale; each quantizes its part with it (exactly what one device

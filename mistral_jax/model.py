@@ -7,6 +7,8 @@ Layout choices (why):
 - Linear weights keep the checkpoints' [out, in] layout (split per head where it helps the
   einsums), so loading is a reshape, never a transpose, and FP8 kernels get the [N, K]
   operand they want.
+- q, k and v are one weight, grouped by kv head (Attention): loading writes each checkpoint
+  tensor into its part (weights.py).
 - q/k rows are in Mistral's original order: rotary acts on interleaved pairs (2i, 2i+1).
 - The layers' parameters are stacked on a leading `layers` axis and applied with `lax.scan`,
   so a 56-layer model compiles as fast as a 1-layer one.
@@ -67,7 +69,7 @@ def _linear_params(rngs, shape, axes, dtype, quantization: str | None, n_in: int
 
 
 def _fp8_projection(path, variable) -> bool:
-    """nnx filter: an FP8 projection weight or its scale (`wq`, `wq_scale`, ...)."""
+    """nnx filter: an FP8 projection weight or its scale (`wqkv`, `wqkv_scale`, ...)."""
     return variable[...].dtype == jnp.float8_e4m3fn or str(path[-1]).endswith("_scale")
 
 
@@ -140,16 +142,23 @@ class Attention(_Projections):
         L = ("layers",) * len(stack)
         h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
         q = quantization
-        self.wq, self.wq_scale = _linear_params(rngs, (*stack, h, d, e), (*L, "q_heads", "head_dim", "embed"), dtype, q)
-        self.wk, self.wk_scale = _linear_params(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype, q)
-        self.wv, self.wv_scale = _linear_params(rngs, (*stack, kv, d, e), (*L, "kv_heads", "head_dim", "embed"), dtype, q)
+        # q, k and v are one weight: per kv head, its group of g = h // kv query heads, then its
+        # k and its v ([kv_heads, g + 2, head_dim, embed]). One product at decode where three were
+        # launch-bound (on an H200 k's and v's cuBLAS calls read 1.1 TB/s: 32.7 -> 18.8 us a layer),
+        # and tp splits it by kv head, as it splits the cache.
+        self.wqkv, self.wqkv_scale = _linear_params(rngs, (*stack, kv, h // kv + 2, d, e),
+                                                    (*L, "kv_heads", "qkv", "head_dim", "embed"), dtype, q)
         self.wo, self.wo_scale = _linear_params(rngs, (*stack, e, h, d), (*L, "embed", "q_heads", "head_dim"), dtype, q,
                                                 n_in=2)
         self.fp8_impl = fp8_impl
 
     def __call__(self, x, positions, phases, cache, layer):
-        # x: [batch, seq, embed] -> q: [batch, seq, q_heads, head_dim], k/v: [.., kv_heads, ..]
-        q, k, v = self._linears("bse,hde->bshd", x, ("wq", "wk", "wv"), layer)
+        # x: [batch, seq, embed] -> qkv: [batch, seq, kv_heads, g + 2, head_dim] -> q: [batch, seq,
+        # q_heads, head_dim] (query head i uses kv head i // g), k/v: [batch, seq, kv_heads, head_dim]
+        qkv = self._linear("bse,kgde->bskgd", x, "wqkv", layer)
+        g = qkv.shape[3] - 2
+        q = qkv[:, :, :, :g].reshape(*qkv.shape[:2], -1, qkv.shape[-1])
+        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         q = constrain(rotary(q, phases), ("batch", "seq", "q_heads", "head_dim"))
         k = constrain(rotary(k, phases), ("batch", "seq", "kv_heads", "head_dim"))
         out, cache = cache.attend(layer, q, k, v, positions)
@@ -187,7 +196,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, phases, cache, layer):
         att, ffn = self.attention, self.feed_forward
-        if fuses_quantization(x, att.fp8_impl, *map(att._fp8, ("wq", "wk", "wv"))):  # FP8: norm and quantize at once
+        if fuses_quantization(x, att.fp8_impl, att._fp8("wqkv")):  # FP8: norm and quantize at once
             h = self.attention_norm.quantized(x, att.fp8_impl)
         else:
             h = self.attention_norm(x)

@@ -43,6 +43,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "vocab": "tp",
     "q_heads": "tp",
     "kv_heads": "tp",
+    "qkv": None,  # Attention.wqkv's [q heads of a group..., k, v] axis: whole on every device
     "head_dim": None,
     "mlp": "tp",
     "layers": None,

@@ -1,8 +1,10 @@
 """Model parameters on devices: streamed from a checkpoint, or random for tests and benchmarks.
 
 The canonical checkpoint names (checkpoint.py) mirror the model's attribute paths:
-`layers.7.attention.wq.weight` is layer 7 of `model.layers.attention.wq`, `*norm.weight` is the
-norm's `scale`, an FP8 projection's `*.weight_scale` [out, 1] is its `wq_scale` [out...].
+`layers.7.attention.wo.weight` is layer 7 of `model.layers.attention.wo`, `*norm.weight` is the
+norm's `scale`, an FP8 projection's `*.weight_scale` [out, 1] is its `wo_scale` [out...]. The
+one exception: the checkpoints' q, k and v projections are parts of one parameter,
+`attention.wqkv` (model.Attention), each written into its part as it streams in.
 A model built with quantization="fp8" takes FP8 weights as they are, and quantizes 16/32-bit
 projection weights per output channel as they stream in.
 Each tensor goes from the file to its device buffer on its own, so host memory
@@ -39,14 +41,32 @@ def _path(model_name: str, suffix: str = "") -> tuple[str, ...]:
     return (*parts[:-1], parts[-1] + suffix)  # "wq" + "_scale": the projection's scale
 
 
-def param_target(name: str) -> tuple[tuple[str, ...], int | None]:
-    """Canonical tensor name -> (attribute path in Transformer, layer index or None)."""
+# Checkpoint projections held as parts of one parameter: Attention.wqkv [kv_heads, g + 2,
+# head_dim, embed] holds q's heads grouped by kv head at [:, :g], k at [:, g], v at [:, g + 1].
+_QKV_PARTS = {"wq": "q", "wk": "k", "wv": "v"}
+
+
+def param_target(name: str) -> tuple[tuple[str, ...], int | None, str | None]:
+    """Canonical tensor name -> (attribute path in Transformer, layer index or None, the part of
+    the parameter it is: "q", "k", "v" of wqkv, or None for the whole)."""
     m = _LAYER_NAME.match(name)
     if m:
-        return ("layers", *_path(m.group(2), m.group(3) or "")), int(m.group(1))
+        *module, proj = m.group(2).split(".")
+        part = _QKV_PARTS.get(proj) if module == ["attention"] else None
+        target = "attention.wqkv" if part else m.group(2)
+        return ("layers", *_path(target, m.group(3) or "")), int(m.group(1)), part
     if not name.endswith(".weight"):
         raise KeyError(name)
-    return _path(name[: -len(".weight")]), None
+    return _path(name[: -len(".weight")]), None, None
+
+
+def _part(shape: tuple[int, ...], part: str | None) -> tuple[tuple[int, ...], int]:
+    """A wqkv part's view of one layer's wqkv (or its scale) `shape` [kv_heads, g + 2, ...]:
+    (the part's shape, where it starts on the group axis). None: the whole, at 0."""
+    if part is None:
+        return shape, 0
+    g = shape[1] - 2
+    return (shape[0], g if part == "q" else 1, *shape[2:]), {"q": 0, "k": g, "v": g + 1}[part]
 
 
 def _variable(model: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:
@@ -73,9 +93,13 @@ def _zeros(shape, dtype, sharding):
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stack: jax.Array, value: jax.Array, layer: jax.Array) -> jax.Array:
-    # stack: [layers, ...]; writes one layer in place (the buffer is donated).
-    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), layer, 0)
+def _set_layer(stack: jax.Array, value: jax.Array, layer: jax.Array, start: jax.Array) -> jax.Array:
+    # stack: [layers, ...]; writes one layer in place (the buffer is donated), or, with value
+    # smaller than a layer, a part of it from `start` on axis 1 of the layer (a wqkv part).
+    index = [layer] + [jnp.int32(0)] * (stack.ndim - 1)
+    if value.ndim > 1:
+        index[2] = start
+    return jax.lax.dynamic_update_slice(stack, value[None].astype(stack.dtype), index)
 
 
 def _file_index(index: tuple[slice, ...], shape: tuple[int, ...], file_shape: tuple[int, ...]):
@@ -129,12 +153,12 @@ def _quantize(w: jax.Array, scale_shape: tuple[int, ...]) -> tuple[jax.Array, ja
     return w_q.reshape(w.shape), scale.reshape(scale_shape)
 
 
-def _put(model, path, layer, value: jax.Array) -> None:
+def _put(model, path, layer, value: jax.Array, start: int = 0) -> None:
     var = _variable(model, path)
     if layer is None:
         var.set_value(value)
     else:
-        var.set_value(_set_layer(var[...], value, jnp.int32(layer)))
+        var.set_value(_set_layer(var[...], value, jnp.int32(layer), jnp.int32(start)))
 
 
 def load_weights(
@@ -153,17 +177,18 @@ def load_weights(
         if isinstance(var, nnx.Param) and path and path[0] == "layers":
             var.set_value(_zeros(var.shape, var.dtype, _sharding(mesh, var)))
     for entry in checkpoint.entries(progress=progress):
-        path, layer = param_target(entry.name)
+        path, layer, part = param_target(entry.name)
         var = _variable(model, path)
         if layer is None:
             var.set_value(_to_device(entry, var.shape, var.dtype, _sharding(mesh, var)))
             continue
-        value = _to_device(entry, var.shape[1:], None, _sharding(mesh, var, True))  # the file's dtype
+        shape, start = _part(var.shape[1:], part)
+        value = _to_device(entry, shape, None, _sharding(mesh, var, True))  # the file's dtype
         if var.dtype == jnp.float8_e4m3fn and value.dtype != var.dtype:  # quantize at load
             scale_path = (*path[:-1], path[-1] + "_scale")
-            value, scale = _quantize(value, _variable(model, scale_path).shape[1:])
-            _put(model, scale_path, layer, scale)
-        _put(model, path, layer, value)
+            value, scale = _quantize(value, _part(_variable(model, scale_path).shape[1:], part)[0])
+            _put(model, scale_path, layer, scale, start)
+        _put(model, path, layer, value, start)
     return model
 
 

@@ -99,3 +99,12 @@ def dense_logits(model, tokens, to_numpy=True):
     cache = DenseKVCache.init(model.cfg, b, max(64, t), model.dtype)
     logits, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(t), (b, t)), cache)
     return np.asarray(logits) if to_numpy else logits
+
+
+def qkv_part(attention, name: str, layer: int):
+    """The checkpoint's wq, wk or wv (or its `_scale`) of one layer out of the model's joint
+    attention.wqkv [layers, kv_heads, g + 2, head_dim, ...]: [heads, head_dim, ...]."""
+    w = (attention.wqkv_scale if name.endswith("_scale") else attention.wqkv)[...][layer]
+    g = w.shape[1] - 2
+    part = {"wq": w[:, :g], "wk": w[:, g], "wv": w[:, g + 1]}[name.removesuffix("_scale")]
+    return part.reshape(-1, *w.shape[2:])

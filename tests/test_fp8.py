@@ -24,7 +24,7 @@ from flax import nnx
 from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 from checkpoint_fixtures import hf_fp8_model_dequantized, make_tiny_fp8_hf_checkpoint
-from conftest import V3_TOKENIZER, dense_logits
+from conftest import V3_TOKENIZER, dense_logits, qkv_part
 from mistral_jax.checkpoint import CheckpointError, open_checkpoint
 from mistral_jax.checkpoint.hf import unpermute_rotary
 from mistral_jax.weights import load_weights
@@ -70,7 +70,10 @@ def test_fp8_hf_weights_equal_package_dequantization(fp8_hf, fp8_model, tiny_cfg
         want_mlp = {"w1": layer.mlp.gate_proj, "w2": layer.mlp.down_proj, "w3": layer.mlp.up_proj}
         for module, names in ((attn, want), (mlp, {k: v.weight.detach().numpy() for k, v in want_mlp.items()})):
             for name, w in names.items():
-                q, scale = getattr(module, name)[...][i], getattr(module, name + "_scale")[...][i]
+                if module is attn and name != "wo":  # q, k and v are parts of one weight, wqkv
+                    q, scale = qkv_part(attn, name, i), qkv_part(attn, name + "_scale", i)
+                else:
+                    q, scale = getattr(module, name)[...][i], getattr(module, name + "_scale")[...][i]
                 assert q.dtype == jnp.float8_e4m3fn, name
                 n = scale.size
                 ours = np.asarray(q.reshape(n, -1), np.float32) * np.asarray(scale, np.float32).reshape(n, 1)
@@ -204,8 +207,8 @@ def test_fused_quantization_only_where_no_kernel_pads_rows():
 def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatch, kernel):
     # The layer scan hands each FP8 projection's whole [layers, n, k] stack and the layer index
     # to the kernel (no per-layer slice to copy); the kernel, run in interpret mode here, must
-    # give the logits of the jnp reference, which slices the layer itself. The Triton kernel
-    # takes q, k, v in one launch and w1, w3 in another; the TPU kernel one weight at a time.
+    # give the logits of the jnp reference, which slices the layer itself. q, k, v are one
+    # weight (wqkv); the Triton kernel takes w1, w3 in one launch, the TPU kernel one at a time.
     import pallas_kernels.fp8_matmul as fm
 
     model = load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, progress=False,
@@ -237,11 +240,11 @@ def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatc
         if hasattr(module, "fp8_impl"):
             module.fp8_impl = kernel
     out = dense_logits(model, tokens)
-    # Per layer: the norm fused into q/k/v's quantization, then q, k, v grouped (Triton) or one
-    # by one (TPU); o alone, quantizing its own x; the norm fused again for w1, w3 (grouped or
-    # not); silu(w1 x) * w3 x fused into w2's quantization, then w2.
-    products = [3, 1, 2, 1] if kernel == "triton" else [1, 1, 1, 1, 1, 1, 1]
-    quantized = [True, False, True, True] if kernel == "triton" else [True] * 3 + [False] + [True] * 3
+    # Per layer: the norm fused into qkv's quantization, then the qkv product; o alone,
+    # quantizing its own x; the norm fused again for w1, w3 (grouped or not); silu(w1 x) * w3 x
+    # fused into w2's quantization, then w2.
+    products = [1, 1, 2, 1] if kernel == "triton" else [1, 1, 1, 1, 1]
+    quantized = [True, False, True, True] if kernel == "triton" else [True, False, True, True, True]
     fused = {"norm": 2, "gate": 1}
     layers = len([s for s in seen if s[:2] == ("quantize", "gate")])
     assert layers >= 1

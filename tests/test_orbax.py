@@ -1,6 +1,7 @@
 """Orbax checkpoints (python -m mistral_jax.convert): converted, restored into a mesh, the same
 model as the source, bit for bit; FP8 stays FP8; any mesh; clear errors."""
 
+import dataclasses
 import json
 import shutil
 
@@ -60,7 +61,7 @@ def test_restore_onto_another_mesh(orbax_dir, tiny_checkpoints, source_logits, t
     state = nnx.state(model, nnx.Param)
     for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         assert var[...].sharding == _sharding(mesh, var)
-    assert model.layers.attention.wq[...].sharding.spec[1] == "tp"  # heads really split
+    assert model.layers.attention.wqkv[...].sharding.spec[1] == "tp"  # heads really split
     logits = dense_logits(model, tokens)
     on_mesh = load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, mesh, progress=False)
     np.testing.assert_array_equal(logits, dense_logits(on_mesh, tokens))
@@ -77,7 +78,7 @@ def test_fp8_checkpoint_stays_fp8(tiny_checkpoints, tmp_path, tokens):
     assert ckpt.quantization == "fp8"
     model = ckpt.restore(jnp.float32, make_mesh())
     ref = load_weights(open_checkpoint(src), jnp.float32, progress=False)
-    assert model.layers.attention.wq[...].dtype == jnp.float8_e4m3fn
+    assert model.layers.attention.wqkv[...].dtype == jnp.float8_e4m3fn
     assert model.layers.feed_forward.w2_scale[...].shape == ref.layers.feed_forward.w2_scale[...].shape
     for a, b in zip(_params(model), _params(ref), strict=True):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
@@ -131,3 +132,44 @@ def test_unfinished_or_foreign_orbax_dir(tmp_path, orbax_dir):
     (broken / "mistral_jax.json").write_text(json.dumps(meta | {"format": "something-else"}))
     with pytest.raises(CheckpointError, match="expected 'mistral_jax-orbax'"):
         open_checkpoint(broken)
+    (broken / "mistral_jax.json").write_text(json.dumps(meta | {"version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99, newer"):
+        open_checkpoint(broken)
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_version_1_checkpoints_still_restore(tiny_checkpoints, tmp_path, tokens, tiny_cfg, quantization):
+    """A conversion by an earlier mistral_jax (format version 1) held q, k, v as three arrays
+    wq, wk, wv [layers, heads, ...]. Written here as such from the checkpoint's own tensors, it
+    restores (on one device and on tp=2) to the model the source loads to."""
+    import orbax.checkpoint as ocp
+
+    src = tiny_checkpoints[0]
+    ref = load_weights(open_checkpoint(src), jnp.float32, quantization=quantization, progress=False)
+    state = nnx.to_pure_dict(nnx.state(ref, nnx.Param))
+    attention, weights = state["layers"]["attention"], tiny_checkpoints[2]
+    for name in ("wqkv", "wqkv_scale"):
+        attention.pop(name, None)
+    for part, heads in (("wq", tiny_cfg.n_heads), ("wk", tiny_cfg.n_kv_heads), ("wv", tiny_cfg.n_kv_heads)):
+        w = np.stack([weights[f"layers.{i}.attention.{part}.weight"] for i in range(tiny_cfg.n_layers)])
+        w = w.reshape(tiny_cfg.n_layers, heads, tiny_cfg.head_dim, tiny_cfg.dim)  # [layers, heads, head_dim, embed]
+        if quantization:
+            from pallas_kernels.fp8_matmul import quantize_weight
+
+            q, scale = quantize_weight(jnp.asarray(w.reshape(-1, tiny_cfg.dim)))
+            attention[part] = q.reshape(w.shape)
+            attention[part + "_scale"] = scale.reshape(w.shape[:-1])
+        else:
+            attention[part] = jnp.asarray(w)
+    dst = tmp_path / "v1"
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save((dst / "weights").absolute(), state)
+    (dst / "mistral_jax.json").write_text(json.dumps({
+        "format": "mistral_jax-orbax", "version": 1, "config": dataclasses.asdict(tiny_cfg), "dtype": "float32",
+        "quantization": quantization}))
+    want = dense_logits(ref, tokens)
+    for mesh in (make_mesh(), make_mesh(tp=2)):
+        model = open_checkpoint(dst).restore(jnp.float32, mesh)
+        for a, b in zip(_params(model), _params(ref), strict=True):
+            np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+        np.testing.assert_allclose(dense_logits(model, tokens), want, rtol=1e-5, atol=1e-5)

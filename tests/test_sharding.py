@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from checkpoint_fixtures import make_tiny_fp8_hf_checkpoint, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
+from conftest import qkv_part
 from mistral_jax import LLM, SamplingParams
 from mistral_jax.checkpoint import base, open_checkpoint
 from mistral_jax.config import ModelConfig
@@ -75,9 +76,9 @@ def test_mesh_gives_one_devices_tokens_and_logits(ckpts, one_device, mesh):
     # The parameters and the cache really are split: tp devices each hold 1/tp of the heads.
     tp = llm.mesh.shape["tp"]
     state = llm.engine.state
-    wq = state["layers"]["attention"]["wq"][...]  # [layers, heads, head_dim, embed]
-    assert tuple(wq.sharding.spec)[:2] == (None, "tp")
-    assert {s.data.shape for s in wq.addressable_shards} == {(2, 16 // tp, 8, 64)}
+    wqkv = state["layers"]["attention"]["wqkv"][...]  # [layers, kv_heads, g + 2, head_dim, embed]
+    assert tuple(wqkv.sharding.spec)[:2] == (None, "tp")
+    assert {s.data.shape for s in wqkv.addressable_shards} == {(2, 8 // tp, 4, 8, 64)}
     w2 = state["layers"]["feed_forward"]["w2"][...]  # [layers, embed, mlp]
     assert {s.data.shape for s in w2.addressable_shards} == {(2, 64, 128 // tp)}
     emb = state["tok_embeddings"][...]
@@ -150,10 +151,9 @@ def test_sliced_loader_reads_only_the_shards(ckpts, monkeypatch, layout):
     assert wq_reads == [weights["layers.1.attention.wq.weight"].nbytes // 4] * 4
     emb_name = "tok_embeddings.weight" if layout == 0 else "model.embed_tokens.weight"
     assert [n for s, n in reads if s == emb_name] == [weights["tok_embeddings.weight"].nbytes // 4] * 4
-    np.testing.assert_array_equal(np.asarray(model.layers.attention.wq[...][1]).reshape(128, 64),
-                                  weights["layers.1.attention.wq.weight"])
-    np.testing.assert_array_equal(np.asarray(model.layers.attention.wk[...][0]).reshape(64, 64),
-                                  weights["layers.0.attention.wk.weight"])
+    for layer, name in ((1, "wq"), (0, "wk"), (1, "wv")):
+        np.testing.assert_array_equal(np.asarray(qkv_part(model.layers.attention, name, layer)).reshape(-1, 64),
+                                      weights[f"layers.{layer}.attention.{name}.weight"])
     np.testing.assert_array_equal(np.asarray(model.layers.feed_forward.w2[...][0]),
                                   weights["layers.0.feed_forward.w2.weight"])
     np.testing.assert_array_equal(np.asarray(model.output[...]), weights["output.weight"])
@@ -196,8 +196,9 @@ def test_fp8_checkpoint_sliced_on_a_mesh(ckpts, tmp_path):
     sharded = load_weights(open_checkpoint(tmp_path / "fp8"), jnp.float32, mesh, progress=False)
     for a, b in zip(jax.tree.leaves(nnx.state(one)), jax.tree.leaves(nnx.state(sharded))):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
-    assert sharded.layers.attention.wq[...].dtype == jnp.float8_e4m3fn
-    assert {s.data.shape for s in sharded.layers.attention.wq_scale[...].addressable_shards} == {(2, 4, 8)}
+    assert sharded.layers.attention.wqkv[...].dtype == jnp.float8_e4m3fn
+    # [layers, kv_heads, g + 2, head_dim]: 2 of the 8 kv heads on each device, with their q heads
+    assert {s.data.shape for s in sharded.layers.attention.wqkv_scale[...].addressable_shards} == {(2, 2, 4, 8)}
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, 9)).astype(np.int32)
     from mistral_jax.sharding import use_mesh
 
@@ -217,7 +218,7 @@ def test_quantize_at_load_on_a_mesh(ckpts):
 @pytest.mark.parametrize("kernel,mesh_spec", [("triton", "tp=4"), ("tpu", "dp=2,tp=4")])
 def test_fp8_kernels_run_per_tp_shard(ckpts, monkeypatch, kernel, mesh_spec):
     """FP8 on a mesh: the Pallas kernel (interpret mode) runs once per tp shard on that shard's
-    rows (wq, wk, wv, w1, w3) or columns (wo, w2, which take the row max across shards and add
+    rows (wqkv, w1, w3) or columns (wo, w2, which take the row max across shards and add
     the partial products), reading the layer from the stack; logits match one device's
     reference."""
     import mistral_jax.fp8_tp as fp8_tp
@@ -244,11 +245,11 @@ def test_fp8_kernels_run_per_tp_shard(ckpts, monkeypatch, kernel, mesh_spec):
     monkeypatch.setattr(fp8_tp, "fp8_matmul_group", interpreted_group)
     with use_mesh(mesh):
         got = dense_logits(sharded, tokens)
-    # [layers, n, k] per device: wq, w1, w3 128 rows / 4; wk, wv 64 rows / 4; wo, w2 128 columns / 4.
-    # Column-parallel q, k, v go to the kernel together, and w1, w3; row-parallel wo, w2 alone,
-    # with x quantized by the row max across shards.
-    q, kv, row = (2, 32, 64), (2, 16, 64), (2, 64, 32)
-    assert sorted(shapes for _, shapes, _ in calls) == sorted([(q, kv, kv), (q, q), (row,), (row,)])
+    # [layers, n, k] per device: wqkv 8 kv heads x (2 + 2) x 8 = 256 rows / 4; w1, w3 128 rows / 4;
+    # wo, w2 128 columns / 4. Column-parallel w1, w3 go to the kernel together; qkv alone; row-
+    # parallel wo, w2 alone, with x quantized by the row max across shards.
+    qkv, mlp, row = (2, 64, 64), (2, 32, 64), (2, 64, 32)
+    assert sorted(shapes for _, shapes, _ in calls) == sorted([(qkv,), (mlp, mlp), (row,), (row,)])
     assert {impl for impl, _, _ in calls} == {kernel}
     assert all(pre == (shapes == (row,)) for _, shapes, pre in calls)  # only row-parallel ones
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import ModelConfig
 from .base import Checkpoint, CheckpointError
@@ -24,6 +25,9 @@ from .base import Checkpoint, CheckpointError
 MARKER = "mistral_jax.json"
 WEIGHTS = "weights"
 FORMAT = "mistral_jax-orbax"
+# 2: q, k and v as one parameter, attention.wqkv (model.Attention). 1 (before 2026-12-04): three,
+# wq / wk / wv; still restored, joined on the devices after the read.
+VERSION = 2
 
 
 def is_orbax_dir(path: Path) -> bool:
@@ -37,6 +41,10 @@ class OrbaxCheckpoint(Checkpoint):
         meta = json.loads((path / MARKER).read_text())
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path / MARKER}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        self.version = meta.get("version", 1)
+        if self.version > VERSION:
+            raise CheckpointError(f"{path / MARKER}: format version {self.version}, newer than this mistral_jax "
+                                  f"reads ({VERSION}): upgrade mistral_jax, or convert the source again with this one")
         if not (path / WEIGHTS).is_dir():
             raise CheckpointError(f"{path}: {MARKER} but no {WEIGHTS}/ directory: an unfinished conversion? "
                                   "Run python -m mistral_jax.convert SRC DST again")
@@ -61,8 +69,11 @@ class OrbaxCheckpoint(Checkpoint):
         graphdef, state = nnx.split(model)
         target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_sharding(mesh, v)),
                               state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        target = nnx.to_pure_dict(target)
+        fused = _separate_qkv(target["layers"]["attention"], self.config) if self.version == 1 else {}
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore((self.path / WEIGHTS).absolute(), nnx.to_pure_dict(target))
+            restored = ckptr.restore((self.path / WEIGHTS).absolute(), target)
+        _join_qkv(restored["layers"]["attention"], fused)
         nnx.replace_by_pure_dict(state, restored)
         return nnx.merge(graphdef, state)
 
@@ -77,6 +88,36 @@ def save(model, dst: Path, saved_dtype) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((dst / WEIGHTS).absolute(), state, force=True)
     # Written last: a directory with the marker is a finished checkpoint.
-    meta = dict(format=FORMAT, version=1, config=dataclasses.asdict(model.cfg),
+    meta = dict(format=FORMAT, version=VERSION, config=dataclasses.asdict(model.cfg),
                 dtype=jnp.dtype(saved_dtype).name, quantization=model.quantization)
     (dst / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+
+def _separate_qkv(attention: dict, cfg: ModelConfig) -> dict:
+    """Version 1: replaces the attention's wqkv (and wqkv_scale) restore targets in place by
+    wq, wk, wv ones ([layers, heads, ...], split by head as wqkv is); returns the replaced."""
+    fused = {}
+    for name in ("wqkv", "wqkv_scale"):
+        if name not in attention:
+            continue
+        t = fused[name] = attention.pop(name)  # [layers, kv_heads, g + 2, ...]
+        spec = tuple(t.sharding.spec) + (None,) * (t.ndim - len(t.sharding.spec))
+        sharding = NamedSharding(t.sharding.mesh, PartitionSpec(*spec[:2], *spec[3:]))
+        for part, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads), ("wv", cfg.n_kv_heads)):
+            attention[name.replace("wqkv", part)] = jax.ShapeDtypeStruct((t.shape[0], heads, *t.shape[3:]), t.dtype,
+                                                                         sharding=sharding)
+    return fused
+
+
+def _join_qkv(attention: dict, fused: dict) -> None:
+    """Version 1: the restored wq, wk, wv of `attention` joined into wqkv in place (on the
+    devices, into the sharding of `fused`'s targets)."""
+
+    def join(wq, wk, wv):  # [layers, heads, ...] -> [layers, kv_heads, g + 2, ...]
+        layers, kv = wk.shape[:2]
+        return jnp.concatenate([wq.reshape(layers, kv, -1, *wq.shape[2:]), wk[:, :, None], wv[:, :, None]], axis=2)
+
+    for name, t in fused.items():
+        parts = [attention.pop(name.replace("wqkv", p)) for p in ("wq", "wk", "wv")]
+        attention[name] = jax.jit(join, out_shardings=t.sharding)(*parts)
