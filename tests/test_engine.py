@@ -140,6 +140,24 @@ def test_no_recompilation_after_warmup(llm):
     assert LOWERINGS.count == before
 
 
+def test_one_token_program_beside_the_minimum_bucket(llm, tiny_checkpoints, monkeypatch):
+    """On an accelerator steps start at 16 tokens, and one sequence's decode (1 token) has a
+    program of its own. Simulated on the CPU (its minimum raised to 16): buckets 1, 16, 32, ...;
+    warm-up compiles them all, after which one-row decode (bucket 1) and batched steps (16)
+    lower nothing new, and give the tokens of the CPU's own buckets."""
+    import mistral_jax.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MIN_TOKEN_BUCKET_CPU", 16)
+    accel = LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=256, progress=False)
+    assert accel.engine.token_buckets()[:3] == [1, 16, 32]
+    ps = prompts(3, seed=5)
+    want = [[o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)] for batch in (ps[:1], ps)]
+    accel.engine.warmup()
+    before = LOWERINGS.count
+    got = [[o.outputs[0].token_ids for o in accel.generate(batch, GREEDY)] for batch in (ps[:1], ps)]
+    assert got == want and LOWERINGS.count == before
+
+
 @pytest.mark.parametrize("prompt, params, match", [
     ({"prompt_token_ids": []}, SamplingParams(), "empty"),
     ({"prompt_token_ids": [1, 40000]}, SamplingParams(), "outside"),

@@ -24,6 +24,8 @@ def main():
                     help="fp8_matmul.GPU_TRITON_MAX_M: rows up to which FP8 products run the Triton kernel")
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="the engine's max_num_seqs (default the largest batch); it sets the sampling rows' bucket")
+    ap.add_argument("--min-token-bucket", type=int, default=None,
+                    help="engine.MIN_TOKEN_BUCKET: the smallest step (tokens) on an accelerator (default 16)")
     ap.add_argument("--top-p", type=float, default=None, help="sample at temperature 0.7 with this top_p (default greedy)")
     args = ap.parse_args()
     import bench_generate as bg
@@ -37,6 +39,10 @@ def main():
         import pallas_kernels.fp8_matmul as fp8
 
         fp8.GPU_TRITON_MAX_M = args.fp8_triton_max_m
+    if args.min_token_bucket is not None:
+        import mistral_jax.engine as engine_module
+
+        engine_module.MIN_TOKEN_BUCKET = args.min_token_bucket
     sampled = dict(temperature=0.7, top_p=args.top_p, seed=0) if args.top_p else dict(temperature=0.0)
     batches = [int(b) for b in args.batches.split(",")]
     engine, _, _ = bg.random_engine(args.config, "bfloat16", args.quantization, "auto", None,
@@ -44,7 +50,8 @@ def main():
                                     enable_prefix_caching=False)
     out = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "quantization": args.quantization,
            "top_k_chunk": sampling.TOP_K_CHUNK, "sampling": sampled, "fp8_triton_max_m": args.fp8_triton_max_m,
-           "max_num_seqs": args.max_num_seqs or max(batches)}
+           "max_num_seqs": args.max_num_seqs or max(batches),
+           "min_token_bucket": args.min_token_bucket}
     for b in batches:
         for i in range(b):
             engine.add_request(list(range(10 + i, 74 + i)), SamplingParams(max_tokens=2 * args.steps + 40,
