@@ -88,3 +88,34 @@ def test_not_a_gguf(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"NOPE" + bytes(100))
     with pytest.raises(ValueError, match="not a GGUF file"):
         GGUFFile(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("shape", [(1, 32), (3, 160), (7, 2, 96)])
+def test_dequantize_matches_the_package(kind, shape):
+    """Our XLA dequantization of the simple block formats gives the package's f32 values, bit for
+    bit, on blocks its own quantizer wrote from random values (ragged row counts, 1-5 blocks)."""
+    from mistral_jax.checkpoint.gguf_dequant import dequantize
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    values = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32) * 3 + 0.5
+    raw = gguf.quants.quantize(values, qtype)  # [..., n_blocks * block_bytes] uint8
+    want = gguf.quants.dequantize(raw, qtype)
+    got = dequantize(raw, qtype)
+    assert got.dtype == np.float32 and got.shape == values.shape
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - values).max() <= np.abs(values).max() / 7  # and they are the values, to a 4-bit step
+
+
+def test_dequantize_demo_model_matches_the_package():
+    """Every quantized tensor of the default model (Q4_1, and the Q8_0 embedding)."""
+    from mistral_jax.checkpoint.gguf_dequant import dequantize
+
+    ours = GGUFFile(SMOLLM2)
+    checked = 0
+    for t in ours.tensors:
+        if t.tensor_type.name in ("Q4_1", "Q8_0"):
+            np.testing.assert_array_equal(dequantize(t.data, t.tensor_type), gguf.quants.dequantize(t.data, t.tensor_type),
+                                          err_msg=t.name)
+            checked += 1
+    assert checked == 211

@@ -56,7 +56,8 @@ def read_tensor(tensor, shape: tuple[int, ...], index: tuple[slice, ...] = ()) -
     the innermost axis), so a part is read by itself: its rows, and within them the bytes of the
     blocks its columns cover (a tp shard's columns are whole blocks; others are cut after)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-    from gguf.quants import dequantize
+
+    from .gguf_dequant import dequantize
 
     if tensor.tensor_type in (Q.F32, Q.F16, Q.F64):
         return np.array(tensor.data.reshape(shape)[index]) if index else tensor.data.reshape(shape)
