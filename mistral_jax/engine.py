@@ -62,7 +62,12 @@ MIN_TOKEN_BUCKET_CPU = 1
 # token has its own program too (no empty prefill-attention launch, products of one row). H200,
 # Mistral-Small-2501, batch 1: 12.72 against 12.81 ms a step in bf16, 7.91 against 8.13 in FP8.
 ONE_TOKEN_PROGRAM = True
+# A step's sequence axis (sampling rows, the head's rows) starts at 8 on an accelerator, where a
+# padded row costs next to nothing, and at 1 on a CPU, where each row costs its share of the
+# head (49k x 576 for the default model) and of the attention: the default model's batch-1 step
+# ran 38-39 ms with one row against 52-64 ms with 8 (2-core CPU, JAX 0.10.2).
 MIN_SEQS_BUCKET = 8
+MIN_SEQS_BUCKET_CPU = 1
 MIN_PAGES_BUCKET = 4
 CPU_CACHE_BYTES = 1 << 30  # KV cache on a CPU host when neither num_pages nor a device limit says
 
@@ -232,8 +237,9 @@ class Engine:
         # One full-width block table for every step: the kernels and the reference read only as
         # far as each kv_len, so its width costs nothing and adds no program.
         self.page_table_width = bucket(self.max_pages_per_seq, MIN_PAGES_BUCKET)
-        self.max_seqs_bucket = bucket(config.max_num_seqs, MIN_SEQS_BUCKET)
         on_cpu = mesh.devices.flat[0].platform == "cpu"
+        self.min_seqs_bucket = MIN_SEQS_BUCKET_CPU if on_cpu else MIN_SEQS_BUCKET
+        self.max_seqs_bucket = bucket(config.max_num_seqs, self.min_seqs_bucket)
         self.min_token_bucket = MIN_TOKEN_BUCKET_CPU if on_cpu else MIN_TOKEN_BUCKET
         self._token_buckets = powers_of_two(self.min_token_bucket,
                                             bucket(config.max_num_batched_tokens, self.min_token_bucket))
@@ -442,6 +448,7 @@ class Engine:
         return batch
 
     def draft_rows_bucket(self, n: int) -> int:
+        # From 8 rows on every backend: the draft model's proposal programs stay few.
         return bucket(n, MIN_SEQS_BUCKET, self.max_seqs_bucket)
 
     # ---- the program set ------------------------------------------------------------------
@@ -454,9 +461,8 @@ class Engine:
     def seqs_bucket(self, tokens: int) -> int:
         """The sequence axis of a step of `tokens` (a bucket): a step holds at most that many
         sequences, and at most max_num_seqs; tied to the token bucket, so it adds no programs.
-        At least MIN_SEQS_BUCKET: on the CPU a one-row step ran 116 ms against 7.7 with 8 rows
-        (tiny model), some XLA:CPU path for size-1 sampling arrays."""
-        return min(max(tokens, MIN_SEQS_BUCKET), self.max_seqs_bucket)
+        At least min_seqs_bucket (MIN_SEQS_BUCKET, or MIN_SEQS_BUCKET_CPU on a CPU)."""
+        return min(max(tokens, self.min_seqs_bucket), self.max_seqs_bucket)
 
     def programs(self) -> int:
         """Programs a warm engine has compiled: a step and a prompt-logprobs program per token
