@@ -93,7 +93,6 @@ def save(model, dst: Path, saved_dtype) -> None:
     (dst / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-
 def _separate_qkv(attention: dict, cfg: ModelConfig) -> dict:
     """Version 1: replaces the attention's wqkv (and wqkv_scale) restore targets in place by
     wq, wk, wv ones ([layers, heads, ...], split by head as wqkv is); returns the replaced."""
