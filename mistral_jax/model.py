@@ -136,6 +136,12 @@ class _Projections(nnx.Module):
         return getattr(self, name)[...], None if scale is None else scale[...]
 
 
+def qkv_slots(group: int) -> dict[str, slice]:
+    """Where Attention.wqkv [kv_heads, group + 2, ...] holds each projection on its group axis:
+    a kv head's `group` query heads, then its k, then its v (loaders and converters use this too)."""
+    return {"q": slice(0, group), "k": slice(group, group + 1), "v": slice(group + 1, group + 2)}
+
+
 class Attention(_Projections):
     def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (),
                  quantization: str | None = None, fp8_impl: str = "auto"):
@@ -156,9 +162,10 @@ class Attention(_Projections):
         # x: [batch, seq, embed] -> qkv: [batch, seq, kv_heads, g + 2, head_dim] -> q: [batch, seq,
         # q_heads, head_dim] (query head i uses kv head i // g), k/v: [batch, seq, kv_heads, head_dim]
         qkv = self._linear("bse,kgde->bskgd", x, "wqkv", layer)
-        g = qkv.shape[3] - 2
-        q = qkv[:, :, :, :g].reshape(*qkv.shape[:2], -1, qkv.shape[-1])
-        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
+        slots = qkv_slots(qkv.shape[3] - 2)
+        q, k, v = (qkv[:, :, :, slots[p]] for p in "qkv")
+        q = q.reshape(*qkv.shape[:2], -1, qkv.shape[-1])
+        k, v = k[:, :, :, 0], v[:, :, :, 0]
         q = constrain(rotary(q, phases), ("batch", "seq", "q_heads", "head_dim"))
         k = constrain(rotary(k, phases), ("batch", "seq", "kv_heads", "head_dim"))
         out, cache = cache.attend(layer, q, k, v, positions)

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from .config import ModelConfig
-from .model import Transformer
+from .model import Transformer, qkv_slots
 from .checkpoint.base import Entry
 from .sharding import check_mesh, logical_spec, make_mesh, use_mesh
 
@@ -41,8 +41,7 @@ def _path(model_name: str, suffix: str = "") -> tuple[str, ...]:
     return (*parts[:-1], parts[-1] + suffix)  # "wq" + "_scale": the projection's scale
 
 
-# Checkpoint projections held as parts of one parameter: Attention.wqkv [kv_heads, g + 2,
-# head_dim, embed] holds q's heads grouped by kv head at [:, :g], k at [:, g], v at [:, g + 1].
+# Checkpoint projections held as parts of one parameter, Attention.wqkv (model.qkv_slots).
 _QKV_PARTS = {"wq": "q", "wk": "k", "wv": "v"}
 
 
@@ -65,8 +64,8 @@ def _part(shape: tuple[int, ...], part: str | None) -> tuple[tuple[int, ...], in
     (the part's shape, where it starts on the group axis). None: the whole, at 0."""
     if part is None:
         return shape, 0
-    g = shape[1] - 2
-    return (shape[0], g if part == "q" else 1, *shape[2:]), {"q": 0, "k": g, "v": g + 1}[part]
+    slot = qkv_slots(shape[1] - 2)[part]
+    return (shape[0], slot.stop - slot.start, *shape[2:]), slot.start
 
 
 def _variable(model: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:

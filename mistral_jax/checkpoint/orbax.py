@@ -113,9 +113,13 @@ def _join_qkv(attention: dict, fused: dict) -> None:
     """Version 1: the restored wq, wk, wv of `attention` joined into wqkv in place (on the
     devices, into the sharding of `fused`'s targets)."""
 
-    def join(wq, wk, wv):  # [layers, heads, ...] -> [layers, kv_heads, g + 2, ...]
+    from ..model import qkv_slots
+
+    def join(wq, wk, wv):  # [layers, heads, ...] -> [layers, kv_heads, g + 2, ...] (model.qkv_slots)
         layers, kv = wk.shape[:2]
-        return jnp.concatenate([wq.reshape(layers, kv, -1, *wq.shape[2:]), wk[:, :, None], wv[:, :, None]], axis=2)
+        parts = {p: w.reshape(layers, kv, -1, *w.shape[2:]) for p, w in zip("qkv", (wq, wk, wv))}
+        slots = qkv_slots(parts["q"].shape[2])
+        return jnp.concatenate([parts[p] for p in sorted("qkv", key=lambda p: slots[p].start)], axis=2)
 
     for name, t in fused.items():
         parts = [attention.pop(name.replace("wqkv", p)) for p in ("wq", "wk", "wv")]
