@@ -43,7 +43,8 @@ MAX_SETS = 6  # each set is one more kernel to compile in the timing program
 
 def projections(dim, n_heads, n_kv, head_dim, hidden):
     """[(name, n, k)]: the Linear weights of one layer as stored, [out, in]."""
-    return [("q", n_heads * head_dim, dim), ("kv", n_kv * head_dim, dim),
+    return [("qkv", (n_heads + 2 * n_kv) * head_dim, dim),  # the model's joint q/k/v weight (wqkv)
+            ("q", n_heads * head_dim, dim), ("kv", n_kv * head_dim, dim),
             ("o", dim, n_heads * head_dim), ("w1/w3", hidden, dim), ("w2", dim, hidden)]
 
 
@@ -338,7 +339,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_fp8_matmul.json", help="JSON results file")
     ap.add_argument("--models", default="2501,2409", help="comma list of " + ",".join(MODELS))
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma list of m (tokens)")
-    ap.add_argument("--projs", default=None, help="comma list of projections (q,kv,o,w1/w3,w2); default all")
+    ap.add_argument("--projs", default=None, help="comma list of projections (qkv,q,kv,o,w1/w3,w2); default all")
     ap.add_argument("--quick", action="store_true", help="2501 only, m in 1, 64, 4096")
     ap.add_argument("--sweep", action="store_true", help="also time several plan variants")
     ap.add_argument("--mgpu-sweep", action="store_true", help="time Tiles variants of the Mosaic GPU kernel")

@@ -57,8 +57,8 @@ def fuses_quantization(x: jax.Array, impl: str, *projections) -> bool:
 
     if any(sc is None for _, sc in projections) or mesh_size(current_mesh(), "tp") > 1:
         return False
-    m, group = x.shape[0] * x.shape[1], len(projections) > 1
-    return not any(pads_rows(m, sc.size // sc.shape[0], w.size // sc.size, impl, group=group)
+    m = x.shape[0] * x.shape[1]
+    return not any(pads_rows(m, sc.size // sc.shape[0], w.size // sc.size, impl)
                    for w, sc in projections)
 
 

@@ -124,22 +124,21 @@ IMPLS = ("auto", "reference", "xla", "triton", "mgpu", "tpu")
 # it the Mosaic GPU wgmma kernel runs the product: from 33 to 64 rows with 64-row tiles (at 64
 # rows 1.05-1.39x the Triton kernel's device time), for prefill at ~1,000 TFLOP/s on an H100
 # against the Triton kernel's ~490; XLA's fp8 dot for a shape that kernel does not tile
-# (benchmarks/NOTES.md, 2026-11-23 and 2026-11-24). Grouped products (q, k, v; w1, w3 in one
-# launch) stay on the Triton kernel up to 64 rows: at 64 rows one grouped launch for q, k, v
-# took 25 µs of device time against 35 µs for three wgmma launches (k and v are narrow).
+# (benchmarks/NOTES.md, 2026-11-23 and 2026-11-24). Grouped launches (w1 and w3) follow the same
+# rule: grouping paid off at 64 rows only for q, k and v (narrow), which are one weight now; at
+# 64 rows on an H200, w1 + w3 took 118 µs of device time in one Triton launch against 88 µs as
+# two wgmma launches (benchmarks/results/2026-12-04_h200_s19_fp8_rows/).
 GPU_TRITON_MAX_M = 32
-GPU_TRITON_GROUP_MAX_M = 64
 
 
 def default_impl(platform: str | None = None, m: int | None = None, n: int | None = None,
-                 k: int | None = None, *, group: bool = False) -> str:
-    """The implementation for a backend and an [m, k] @ [k, n] product (`group`: several weights
-    of one x in one launch): on GPU the Triton kernel for decode (m <= GPU_TRITON_MAX_M, or
-    GPU_TRITON_GROUP_MAX_M for a group) and the Mosaic GPU kernel above (XLA's fp8 dot where n or
+                 k: int | None = None) -> str:
+    """The implementation for a backend and an [m, k] @ [k, n] product: on GPU the Triton kernel
+    for decode (m <= GPU_TRITON_MAX_M) and the Mosaic GPU kernel above (XLA's fp8 dot where n or
     k does not fit its tiles); Pallas TPU on TPU; XLA's dot elsewhere."""
     platform = platform or jax.default_backend()
     if platform in ("gpu", "cuda"):
-        if m is None or m <= (GPU_TRITON_GROUP_MAX_M if group else GPU_TRITON_MAX_M):
+        if m is None or m <= GPU_TRITON_MAX_M:
             return "triton"
         from .fp8_matmul_mgpu import supports
 
@@ -147,12 +146,12 @@ def default_impl(platform: str | None = None, m: int | None = None, n: int | Non
     return {"tpu": "tpu"}.get(platform, "xla")
 
 
-def pads_rows(m: int, n: int, k: int, impl: str = "auto", *, group: bool = False) -> bool:
+def pads_rows(m: int, n: int, k: int, impl: str = "auto") -> bool:
     """Whether `impl` copies x into more rows than m for an [m, k] @ [k, n] product: the wgmma
     kernel pads m to its tile's rows. Quantizing x inside the product then pads in the same
     launch; an x quantized before (quantize_input) costs one more copy of it (at 4,096 tokens
     ~5% of a prefill: benchmarks/results/2026-11-24_h100_fp8_fused/)."""
-    if (default_impl(m=m, n=n, k=k, group=group) if impl == "auto" else impl) != "mgpu":
+    if (default_impl(m=m, n=n, k=k) if impl == "auto" else impl) != "mgpu":
         return False
     from .fp8_matmul_mgpu import choose_tiles
 
@@ -163,11 +162,10 @@ def describe_impl(impl: str = "auto", platform: str | None = None) -> str:
     """What `impl` runs on a backend, for logs: "auto" on GPU names both regimes."""
     if impl != "auto":
         return impl
-    small, large = default_impl(platform, 1), default_impl(platform, GPU_TRITON_GROUP_MAX_M + 1)
+    small, large = default_impl(platform, 1), default_impl(platform, GPU_TRITON_MAX_M + 1)
     if small == large:
         return small
-    return (f"{small} up to {GPU_TRITON_MAX_M} tokens ({GPU_TRITON_GROUP_MAX_M} for grouped q/k/v and "
-            f"w1/w3), {large} above")
+    return f"{small} up to {GPU_TRITON_MAX_M} tokens, {large} above"
 
 
 def _check_args(impl: str, w: jax.Array, layer) -> None:
@@ -218,7 +216,7 @@ def fp8_matmul_group(x: jax.Array, ws, w_scales, *, layer: jax.Array | int | Non
     implementations run one product per weight ("auto" picks per weight), x quantized once."""
     for w in ws:
         _check_args(impl, w, layer)
-    if (default_impl(m=x.shape[0], group=True) if impl == "auto" else impl) == "triton":
+    if (default_impl(m=x.shape[0]) if impl == "auto" else impl) == "triton":
         from .fp8_matmul_triton import fp8_matmul_group_triton
 
         return fp8_matmul_group_triton(x, tuple(ws), tuple(w_scales), layer=layer, x_scale=x_scale,

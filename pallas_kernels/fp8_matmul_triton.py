@@ -67,16 +67,27 @@ def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | N
     """Static tiling for one (m, n, k); any explicit argument overrides the heuristic (sweeps).
 
     Decode (m <= 256): a small BM (tensor-core dots need >= 16 rows), wide BK to stream long
-    contiguous weight rows, split-K when the (m, n) tiles alone cannot fill the SMs.
+    contiguous weight rows (narrower at 17-32 rows of a wide n), split-K when the (m, n) tiles
+    alone cannot fill the SMs.
     Prefill (m > 256): 128 x 128 x 128 tiles, 8 warps, no split.
     """
     if m <= 256:
         bm = block_m or min(64, max(16, next_pow2(m)))
         bn = block_n or (64 if m <= 64 else 128)
+        if m <= 16 and not block_n and -(-n // bn) < 2 * (sms or num_sms()):
+            # A narrow product at decode (q/k/v, o, w2 of 2501), which splits K anyway: 32-wide
+            # n tiles, so that more of them and fewer K splits fill the SMs (on an H200, device
+            # time at one row: qkv 11.0 -> 9.9 µs, o 8.5 -> 8.1, w2 43.7 -> 43.2).
+            bn = 32
         bk = block_k or 256
         warps = num_warps or 4
         # SMEM per stage is (BM + BN) * BK bytes: 4 stages of 64 + 128 rows would be 192 KiB.
         stages = num_stages or (4 if m <= 64 else 3)
+        if 16 < m <= 32 and -(-n // bn) >= 4 * (sms or num_sms()):
+            # 32-row tiles of a wide product (w1 + w3: 1,024 n tiles, no split): 128 x 128
+            # blocks, 5 stages: 85 against 92 µs on an H200; every other shape measured was as
+            # fast or faster with the 64 x 256 blocks (results/2026-12-04_h200_s19_fp8_rows/).
+            bn, bk, stages = block_n or 128, block_k or 128, num_stages or 5
     else:
         bm, bn, bk = block_m or 128, block_n or 128, block_k or 128
         warps = num_warps or 8

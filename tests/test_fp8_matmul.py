@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels.fp8_matmul import (
-    GPU_TRITON_GROUP_MAX_M,
     GPU_TRITON_MAX_M,
     default_impl,
     describe_impl,
@@ -397,8 +396,17 @@ def test_prequantized_x(impl):
 def test_plan_regimes():
     dec = plan(1, 1024, 5120, sms=132)
     assert dec["block_m"] == 16 and dec["split_k"] > 1
+    # decode products that need split-K take 32-wide n tiles; a wide one (w1 + w3) keeps 64
+    assert plan(1, 5120, 32768, sms=132)["block_n"] == plan(16, 6144, 5120, sms=132)["block_n"] == 32
+    assert plan(1, 65536, 5120, sms=132)["block_n"] == 64 and plan(1, 65536, 5120, sms=132)["split_k"] == 1
     pre = plan(4096, 6144, 5120, sms=132)
     assert (pre["block_m"], pre["block_n"], pre["block_k"], pre["split_k"]) == (128, 128, 128, 1)
+    # 17-32 rows of a wide product (w1 + w3 of 2501: 1,024 n tiles) take narrower K blocks and
+    # one more stage; a product that needs split-K (w2) keeps the 64 x 256 blocks.
+    wide = plan(32, 65536, 5120, sms=132)
+    assert (wide["block_n"], wide["block_k"], wide["num_stages"], wide["split_k"]) == (128, 128, 5, 1)
+    narrow = plan(32, 5120, 32768, sms=132)
+    assert (narrow["block_n"], narrow["block_k"], narrow["num_stages"]) == (64, 256, 4) and narrow["split_k"] > 1
     tiny = plan(1, 8, 10)
     assert tiny["block_k"] >= 32 and tiny["block_n"] >= 16 and tiny["split_k"] == 1
 
@@ -421,13 +429,10 @@ def test_dispatch():
 
 
 def test_default_impl_by_backend_and_rows():
-    # GPU: the Triton kernel for decode-sized m (a little further for grouped launches), the
-    # Mosaic GPU kernel above, or XLA's fp8 dot (cuBLASLt) where n or k does not fit its tiles.
-    assert GPU_TRITON_MAX_M < GPU_TRITON_GROUP_MAX_M
+    # GPU: the Triton kernel for decode-sized m, the Mosaic GPU kernel above, or XLA's fp8 dot
+    # (cuBLASLt) where n or k does not fit its tiles.
     assert default_impl("gpu", 1) == default_impl("gpu", GPU_TRITON_MAX_M) == "triton"
-    assert default_impl("gpu", GPU_TRITON_GROUP_MAX_M, group=True) == "triton"
     assert default_impl("gpu", GPU_TRITON_MAX_M + 1) == default_impl("gpu", 4096, 32768, 5120) == "mgpu"
-    assert default_impl("gpu", GPU_TRITON_GROUP_MAX_M + 1, group=True) == "mgpu"
     assert default_impl("gpu", 4096, 1000, 5120) == default_impl("gpu", 4096, 1024, 5000) == "xla"
     assert default_impl("tpu", 1) == default_impl("tpu", 4096) == "tpu"
     assert default_impl("cpu", 1) == "xla"
