@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -90,7 +91,10 @@ def worker(engine: str) -> int:
 def compare(rounds: int) -> dict:
     """Both engines, each in its own process, rounds alternating between them (this machine's
     speed drifts by 15% and more over minutes: measured back to back, each engine would meet a
-    different machine); one engine runs while the other waits."""
+    different machine); one engine runs while the other is stopped (SIGSTOP). Merely waiting
+    on its stdin, the torch worker's idle threads took CPU from ours: our batch-1 rounds came
+    out bimodal, 13 or 37 tok/s (benchmarks/NOTES.md, session 19), as no user running one
+    engine would see."""
     import subprocess
 
     procs = {name: subprocess.Popen([sys.executable, __file__, "--worker", name], stdin=subprocess.PIPE,
@@ -103,10 +107,13 @@ def compare(rounds: int) -> dict:
     for _ in range(rounds):
         for b in BATCHES:
             for name, proc in procs.items():
+                for other in procs.values():  # the idle engine is stopped, not just waiting (below)
+                    os.kill(other.pid, signal.SIGCONT if other is proc else signal.SIGSTOP)
                 proc.stdin.write(f"{b}\n")
                 proc.stdin.flush()
                 samples[name][b].append(json.loads(proc.stdout.readline()))
     for proc in procs.values():
+        os.kill(proc.pid, signal.SIGCONT)
         proc.stdin.close()
         proc.wait()
     out = {}
