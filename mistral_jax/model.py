@@ -73,6 +73,15 @@ def _fp8_projection(path, variable) -> bool:
     return variable[...].dtype == jnp.float8_e4m3fn or str(path[-1]).endswith("_scale")
 
 
+def _read_in_place(quantized: bool):
+    """nnx filter: what the layer loop hands every layer whole, with the layer index, instead of
+    a slice: FP8 projections (see Transformer.hidden) and, in an FP8 model, the layer norms'
+    scales, which the FP8 quantizing kernel reads in place (RMSNorm.quantized)."""
+    def keep(path, variable) -> bool:
+        return _fp8_projection(path, variable) or (quantized and len(path) > 1 and str(path[-2]).endswith("_norm"))
+    return keep
+
+
 def rotary_phases(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """(cos, sin) of position * theta^(-2i/head_dim), each [batch, seq, 1, head_dim/2] f32.
 
@@ -101,12 +110,16 @@ class RMSNorm(nnx.Module):
         self.scale = _param(None, (*stack, cfg.dim), axes, dtype, init="ones")
         self.eps = cfg.norm_eps
 
-    def __call__(self, x):
-        return rms_norm(x, self.scale[...], self.eps)
+    def __call__(self, x, layer=None):
+        scale = self.scale[...]  # [dim], or every layer's [layers, dim] (_read_in_place): `layer` picks
+        return rms_norm(x, scale if scale.ndim == 1 else jax.lax.dynamic_index_in_dim(scale, layer, keepdims=False),
+                        self.eps)
 
-    def quantized(self, x, impl: str) -> QuantizedRows:
-        """rms_norm(x) quantized per token for FP8 projections, in one kernel on the GPU."""
-        return quantized_rows(x, impl, norm=self.scale[...], eps=self.eps)
+    def quantized(self, x, impl: str, layer=None) -> QuantizedRows:
+        """rms_norm(x) quantized per token for FP8 projections, in one kernel on the GPU (which
+        reads a stacked scale at `layer` in place)."""
+        scale = self.scale[...]
+        return quantized_rows(x, impl, norm=scale, eps=self.eps, layer=None if scale.ndim == 1 else layer)
 
 
 class _Projections(nnx.Module):
@@ -204,15 +217,15 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, positions, phases, cache, layer):
         att, ffn = self.attention, self.feed_forward
         if fuses_quantization(x, att.fp8_impl, att._fp8("wqkv")):  # FP8: norm and quantize at once
-            h = self.attention_norm.quantized(x, att.fp8_impl)
+            h = self.attention_norm.quantized(x, att.fp8_impl, layer)
         else:
-            h = self.attention_norm(x)
+            h = self.attention_norm(x, layer)
         h, cache = att(h, positions, phases, cache, layer)
         x = x + h
         if fuses_quantization(x, ffn.fp8_impl, *map(ffn._fp8, ("w1", "w3"))):
-            h = self.ffn_norm.quantized(x, ffn.fp8_impl)
+            h = self.ffn_norm.quantized(x, ffn.fp8_impl, layer)
         else:
-            h = self.ffn_norm(x)
+            h = self.ffn_norm(x, layer)
         x = x + ffn(h, layer)
         return constrain(x, ("batch", "seq", "embed")), cache
 
@@ -254,7 +267,7 @@ class Transformer(nnx.Module):
         # and their kernel reads layer i in place: a Pallas call cannot take a slice as a view,
         # so XLA would copy every layer's weight first (16-bit weights go to XLA's own dot,
         # which reads the slice in place).
-        graphdef, whole, stacked = nnx.split(self.layers, _fp8_projection, ...)
+        graphdef, whole, stacked = nnx.split(self.layers, _read_in_place(self.quantization is not None), ...)
         phases = rotary_phases(positions, self.cfg.head_dim, self.cfg.rope_theta)
         cache = cache.prepare(tokens.shape[1], self.cfg.n_heads)  # the same for every layer: once, here
 
@@ -263,7 +276,7 @@ class Transformer(nnx.Module):
             x, cache = nnx.merge(graphdef, whole, layer_params)(x, positions, phases, cache, i)
             return (x, cache, i + 1), None
 
-        (x, cache, _), _ = jax.lax.scan(one_layer, (x, cache, jnp.int32(0)), stacked)
+        (x, cache, _), _ = jax.lax.scan(one_layer, (x, cache, jnp.int32(0)), stacked, length=self.cfg.n_layers)
         return x, cache
 
     def logits(self, x):

@@ -37,13 +37,14 @@ class QuantizedRows:
 
 
 def quantized_rows(x: jax.Array, impl: str, *, norm: jax.Array | None = None, eps: float = 0.0,
-                   gate: jax.Array | None = None) -> QuantizedRows:
-    """x [batch, seq, in] -> QuantizedRows of x, rms_norm(x, norm, eps) or silu_mul(gate, x)."""
+                   gate: jax.Array | None = None, layer: jax.Array | None = None) -> QuantizedRows:
+    """x [batch, seq, in] -> QuantizedRows of x, rms_norm(x, norm, eps) or silu_mul(gate, x);
+    with `layer`, norm is every layer's [layers, in] and layer `layer` applies."""
     from pallas_kernels.fp8_matmul import quantize_input
 
     b, s, k = x.shape
     q, scale = quantize_input(x.reshape(b * s, k), norm=norm, eps=eps,
-                              gate=None if gate is None else gate.reshape(b * s, k), impl=impl)
+                              gate=None if gate is None else gate.reshape(b * s, k), layer=layer, impl=impl)
     return QuantizedRows(q.reshape(b, s, k), scale.reshape(b, s, 1), x.dtype)
 
 

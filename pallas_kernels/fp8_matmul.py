@@ -229,10 +229,12 @@ def fp8_matmul_group(x: jax.Array, ws, w_scales, *, layer: jax.Array | int | Non
 
 
 def quantize_input(x: jax.Array, *, norm: jax.Array | None = None, eps: float = 0.0, gate: jax.Array | None = None,
-                   rows: int | None = None, impl: str = "auto", interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                   layer: jax.Array | None = None, rows: int | None = None, impl: str = "auto",
+                   interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """A W8A8 product's activation step, with the op that produces x fused in: (x_q [m, k] e4m3,
     x_scale [m, 1] f32) = quantize_rows(h), h = x, or rms_norm(x, norm, eps) (norm [k]), or
     silu_mul(gate, x) (gate [m, k]); fp8_matmul takes the pair as x=x_q, x_scale=x_scale.
+    layer: norm is a stack [layers, k] and layer `layer` applies (the kernel reads it in place).
     rows: pad the result to that many rows, as pad_rows does (a kernel's row tiles).
     Where `impl` runs on the GPU ("auto" there, "triton", "mgpu") this is one Triton kernel
     (quantize_rows_triton; rows up to its MAX_K), instead of XLA's 3-5 small kernels; elsewhere
@@ -242,8 +244,11 @@ def quantize_input(x: jax.Array, *, norm: jax.Array | None = None, eps: float = 
     from .quantize_rows_triton import MAX_K, quantize_rows_triton
 
     if (default_impl() if impl == "auto" else impl) in ("triton", "mgpu") and x.shape[-1] <= MAX_K:
-        return quantize_rows_triton(x, norm=norm, eps=eps, gate=gate, rows=rows, interpret=interpret)
+        return quantize_rows_triton(x, norm=norm, eps=eps, gate=gate, layer=layer, rows=rows, interpret=interpret)
     from .activations import rms_norm, silu_mul
+
+    if layer is not None and norm is not None:
+        norm = jax.lax.dynamic_index_in_dim(norm, layer, keepdims=False)
 
     h = rms_norm(x, norm, eps) if norm is not None else silu_mul(gate, x) if gate is not None else x
     return pad_rows(*quantize_rows(h), rows or x.shape[0])

@@ -63,8 +63,9 @@ def _divide_rows(x: jax.Array, scale: jax.Array, interpret: bool) -> jax.Array:
                 "fma.rn.f32 $0, e, $3, q; }", x, s, r)
 
 
-def _kernel(x_ref, *refs, m: int, k: int, kp: int, fused: str | None, eps: float, interpret: bool):
-    # One row: x_ref [m, k]; refs: the fused op's input (norm scale [k] or gate [m, k]), then
+def _kernel(x_ref, *refs, m: int, k: int, kp: int, fused: str | None, stacked: bool, eps: float, interpret: bool):
+    # One row: x_ref [m, k]; refs: the fused op's input (norm scale [k], or with `stacked` the
+    # scales of every layer [layers, k] then the layer [1] i32; or gate [m, k]), then
     # q_ref [rows, k] e4m3 and s_ref [rows] f32 (rows >= m). This program's row: program_id(0).
     *extra, q_ref, s_ref = refs
     r = pl.program_id(0)
@@ -79,7 +80,8 @@ def _kernel(x_ref, *refs, m: int, k: int, kp: int, fused: str | None, eps: float
 
     x = load(x_ref.at[r, pl.ds(0, kp)], row_ok)
     if fused == "norm":
-        x = rms_norm(x, load(extra[0].at[pl.ds(0, kp)], col_ok), eps, k=k)
+        norm_row = extra[0].at[extra[1][0], pl.ds(0, kp)] if stacked else extra[0].at[pl.ds(0, kp)]
+        x = rms_norm(x, load(norm_row, col_ok), eps, k=k)
     elif fused == "gate":
         x = silu_mul(load(extra[0].at[r, pl.ds(0, kp)], row_ok), x)
     x = x.astype(jnp.float32)
@@ -92,10 +94,14 @@ def _kernel(x_ref, *refs, m: int, k: int, kp: int, fused: str | None, eps: float
 
 @functools.partial(jax.jit, static_argnames=("rows", "eps", "interpret"))
 def quantize_rows_triton(x: jax.Array, *, rows: int | None = None, norm: jax.Array | None = None, eps: float = 0.0,
-                         gate: jax.Array | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                         gate: jax.Array | None = None, layer: jax.Array | None = None,
+                         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """x [m, k] -> (x_q [rows, k] float8_e4m3fn, x_scale [rows, 1] f32): `quantize_rows` of x, or
     of rms_norm(x, norm, eps) (norm [k]), or of silu_mul(gate, x) (gate [m, k]), in one launch
     (one program per row), padded to `rows` (default m) as `pad_rows` would.
+    layer: norm holds every layer's scales [layers, k] and the kernel reads row `layer` in place
+    (a model's stacked norms: a slice handed to a custom call is copied first, one more
+    memcpy per norm in every layer of every step: ~1.6 µs each on an H200).
     `interpret=True` runs in Pallas interpret mode (CPU)."""
     if x.ndim != 2:
         raise ValueError(f"quantize_rows_triton wants x [m, k]; got shape {x.shape}")
@@ -105,16 +111,24 @@ def quantize_rows_triton(x: jax.Array, *, rows: int | None = None, norm: jax.Arr
         raise ValueError(f"quantize_rows_triton: rows={rows} is fewer than x's {m}")
     if norm is not None and gate is not None:
         raise ValueError("quantize_rows_triton fuses one op: norm= or gate=, not both")
-    if (norm is not None and norm.shape != (k,)) or (gate is not None and gate.shape != x.shape):
-        raise ValueError(f"quantize_rows_triton: x {x.shape} wants norm [{k}] or gate {x.shape}; got "
-                         f"{None if norm is None else norm.shape}, {None if gate is None else gate.shape}")
+    norm_shape = (k,) if layer is None else (None, k)
+    if (norm is not None and (norm.ndim != len(norm_shape) or norm.shape[-1] != k)) or (
+            gate is not None and gate.shape != x.shape):
+        raise ValueError(f"quantize_rows_triton: x {x.shape} wants norm [{k}] (with layer=, [layers, {k}]) or "
+                         f"gate {x.shape}; got {None if norm is None else norm.shape}, "
+                         f"{None if gate is None else gate.shape}")
+    if layer is not None and norm is None:
+        raise ValueError("quantize_rows_triton: layer= picks a row of a stacked norm=; no norm was given")
     kp = next_pow2(k)
     if kp > MAX_K:
         raise ValueError(f"quantize_rows_triton holds a row in registers: k={k} is over {MAX_K}; "
                          f"use fp8_matmul.quantize_rows")
     fused, extra = ("norm", (norm,)) if norm is not None else ("gate", (gate,)) if gate is not None else (None, ())
+    if layer is not None:
+        extra += (jnp.reshape(layer, (1,)).astype(jnp.int32),)
     x_q, x_scale = pl.pallas_call(
-        functools.partial(_kernel, m=m, k=k, kp=kp, fused=fused, eps=float(eps), interpret=interpret),
+        functools.partial(_kernel, m=m, k=k, kp=kp, fused=fused, stacked=layer is not None, eps=float(eps),
+                          interpret=interpret),
         grid=(rows,),
         out_shape=(jax.ShapeDtypeStruct((rows, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((rows,), jnp.float32)),
         compiler_params=plgpu.CompilerParams(num_warps=max(4, min(MAX_WARPS, kp // (32 * VALUES_PER_THREAD))),

@@ -229,9 +229,11 @@ def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatc
         return tuple(interpreted(x, w, s, layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype)
                      for w, s in zip(ws, w_scales))
 
-    def interpreted_quantize(x, *, norm=None, eps=0.0, gate=None, impl="auto", interpret=False):
+    def interpreted_quantize(x, *, norm=None, eps=0.0, gate=None, layer=None, impl="auto", interpret=False):
         seen.append(("quantize", "norm" if norm is not None else "gate" if gate is not None else None))
-        return plain_quantize(x, norm=norm, eps=eps, gate=gate, impl=impl, interpret=True)
+        if norm is not None:  # the layer norms come whole, the kernel reading the layer's row
+            assert norm.ndim == 2 and layer is not None, (norm.shape, layer)
+        return plain_quantize(x, norm=norm, eps=eps, gate=gate, layer=layer, impl=impl, interpret=True)
 
     monkeypatch.setattr(fm, "fp8_matmul", interpreted)
     monkeypatch.setattr(fm, "fp8_matmul_group", interpreted_group)

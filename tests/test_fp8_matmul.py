@@ -196,14 +196,33 @@ def test_quantize_rows_triton_fused_interpret(m, k, fused):
     assert same_bits(q2, x_q) and same_bits(s2, x_scale)
 
 
-@pytest.mark.parametrize("m,k,fused", [(1, 5120, None), (7, 5120, "norm"), (64, 32768, "gate")])
+@pytest.mark.parametrize("m,k", [(1, 200), (5, 130)])
+def test_quantize_rows_triton_stacked_norm_interpret(m, k):
+    # A model's norms are one stack [layers, k]: with layer=, the kernel reads that layer's row in
+    # place; the same bits as handing it the row, and as the jnp twin given the stack and layer.
+    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+
+    x = quantize_inputs(m, k, BF16, seed=k + 1)
+    norms = jnp.asarray(np.random.default_rng(m).uniform(0.5, 2.0, size=(4, k)), BF16)
+    for layer in (0, 3):
+        q, s = quantize_rows_triton(x, norm=norms, eps=1e-5, layer=jnp.int32(layer), interpret=True)
+        q_row, s_row = quantize_rows_triton(x, norm=norms[layer], eps=1e-5, interpret=True)
+        assert same_bits(q, q_row) and same_bits(s, s_row)
+        ref_q, ref_s = quantize_input(x, norm=norms, eps=1e-5, layer=jnp.int32(layer), impl="xla")
+        assert_close_codes(q, s, ref_q, ref_s)
+    with pytest.raises(ValueError, match="wants norm"):
+        quantize_rows_triton(x, norm=norms[0], layer=jnp.int32(0), interpret=True)  # a row where a stack is due
+
+
+@pytest.mark.parametrize("m,k,fused", [(1, 5120, None), (7, 5120, "norm"), (64, 32768, "gate"), (1, 5120, "stacked")])
 def test_quantize_rows_triton_lowers_for_cuda(m, k, fused):
     # Interpret mode runs the kernel's jnp in XLA, which takes what Triton may not (a bf16
     # division did not lower): lowering it for CUDA here catches that in CI.
     from pallas_kernels.quantize_rows_triton import quantize_rows_triton
 
     x = jax.ShapeDtypeStruct((m, k), BF16)
-    extra = {"norm": dict(norm=jax.ShapeDtypeStruct((k,), BF16)), "gate": dict(gate=x), None: {}}[fused]
+    extra = {"norm": dict(norm=jax.ShapeDtypeStruct((k,), BF16)), "gate": dict(gate=x), None: {},
+             "stacked": dict(norm=jax.ShapeDtypeStruct((40, k), BF16), layer=jax.ShapeDtypeStruct((), jnp.int32))}[fused]
     fn = jax.jit(lambda x, extra: quantize_rows_triton(x, eps=1e-5, **extra))
     text = fn.trace(x, extra).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
