@@ -17,6 +17,7 @@ from .checkpoint import OrbaxCheckpoint, open_checkpoint
 from .default_model import default_model_path
 from .engine import Engine, EngineConfig
 from .outputs import StepEvent
+from .projections import prefers_input_major
 from .sampling import SamplingParams
 from .sharding import check_mesh, parse_mesh
 from .tokenizer import ToolCall, load_tokenizer
@@ -202,13 +203,16 @@ class LLM:
 
     def _load(self, checkpoint, config, progress: bool, quantization, fp8_impl):
         """Weights into the mesh: random ones (checkpoint None: load_format dummy), an Orbax
-        checkpoint read straight into its shardings, or any other format streamed."""
+        checkpoint read straight into its shardings, or any other format streamed; then in the
+        layout the backend's products prefer (projections.prefers_input_major)."""
         if checkpoint is None:
-            return random_weights(config, self.dtype, self.mesh, quantization=quantization, fp8_impl=fp8_impl)
-        if isinstance(checkpoint, OrbaxCheckpoint):
-            return checkpoint.restore(self.dtype, self.mesh, quantization, fp8_impl)
-        return load_weights(checkpoint, self.dtype, self.mesh, progress=progress, quantization=quantization,
-                            fp8_impl=fp8_impl)
+            model = random_weights(config, self.dtype, self.mesh, quantization=quantization, fp8_impl=fp8_impl)
+        elif isinstance(checkpoint, OrbaxCheckpoint):
+            model = checkpoint.restore(self.dtype, self.mesh, quantization, fp8_impl)
+        else:
+            model = load_weights(checkpoint, self.dtype, self.mesh, progress=progress, quantization=quantization,
+                                 fp8_impl=fp8_impl)
+        return model.to_input_major() if prefers_input_major() else model
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -126,6 +126,25 @@ class _Projections(nnx.Module):
     """What Attention and MLP share: running their named projections (weight `name`, scale
     `name + "_scale"`, None for a 16-bit weight)."""
 
+    N_IN: dict[str, int] = {}  # each projection's input dims (its weight's last ones)
+    input_major = False  # 16-bit weights stored [(layers,) in..., out...] (to_input_major)
+
+    def to_input_major(self) -> None:
+        """Store the 16-bit weights [(layers,) in..., out...] instead of the checkpoints' [(layers,)
+        out..., in...], where the backend's product runs faster so (projections.prefers_input_major).
+        Their logical axes move with them, so that a mesh shards the same dims. FP8 weights stay
+        as their kernel reads them."""
+        if self.input_major or any(getattr(self, n + "_scale") is not None for n in self.N_IN):
+            return
+        for name, n_in in self.N_IN.items():
+            param = getattr(self, name)
+            w, axes = param[...], tuple(param.get_metadata()["logical_axes"])
+            lead = sum(a == "layers" for a in axes)  # the stacks' layer axis stays first
+            order = (*range(lead), *range(w.ndim - n_in, w.ndim), *range(lead, w.ndim - n_in))
+            param.value = jnp.transpose(w, order)
+            param.set_metadata(logical_axes=tuple(axes[i] for i in order))
+        self.input_major = True
+
     def _linears(self, eq, x, names, layer):
         """linear() of one x with the projections `names`: 16-bit weights as einsums, FP8 ones
         through the kernel, together where it can (linear_group). An FP8 weight may hold every
@@ -135,7 +154,7 @@ class _Projections(nnx.Module):
         if len(names) > 1 and any(sc is None for sc in scales):  # 16-bit (or a mix): one at a time
             return [self._linear(eq, x, n, layer) for n in names]
         if scales[0] is None:
-            return [linear(eq, x, params[0][...], None)]
+            return [linear(eq, x, params[0][...], None, input_major=self.input_major)]
         stacked = params[0][...].ndim == len(eq.split(",")[1].split("->")[0]) + 1
         return linear_group(eq, x, [p[...] for p in params], [sc[...] for sc in scales], self.fp8_impl,
                             layer if stacked else None, [tuple(p.logical_axes) for p in params])
@@ -156,6 +175,8 @@ def qkv_slots(group: int) -> dict[str, slice]:
 
 
 class Attention(_Projections):
+    N_IN = {"wqkv": 1, "wo": 2}
+
     def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (),
                  quantization: str | None = None, fp8_impl: str = "auto"):
         L = ("layers",) * len(stack)
@@ -187,6 +208,8 @@ class Attention(_Projections):
 
 class MLP(_Projections):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    N_IN = {"w1": 1, "w3": 1, "w2": 1}
 
     def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (),
                  quantization: str | None = None, fp8_impl: str = "auto"):
@@ -247,6 +270,13 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(cfg, dtype)
         if not cfg.tied_embeddings:
             self.output = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype)
+
+    def to_input_major(self) -> "Transformer":
+        """The layers' 16-bit projections stored [in..., out...] (_Projections.to_input_major);
+        for serving on a backend that prefers it, not for saving (checkpoints keep [out, in])."""
+        self.layers.attention.to_input_major()
+        self.layers.feed_forward.to_input_major()
+        return self
 
     def __call__(self, tokens, positions, cache, logits_at=None):
         """tokens, positions: [batch, seq] (position -1 = padding); cache: a KV cache.

@@ -72,9 +72,20 @@ def _tokens(x) -> tuple[jax.Array, jax.Array | None, tuple[int, int], jnp.dtype]
     return x.reshape(b * s, -1), None, (b, s), x.dtype
 
 
+def prefers_input_major(platform: str | None = None) -> bool:
+    """Whether 16-bit projections run faster stored [in..., out...] (x @ w) than as checkpoints
+    store them, [out..., in...] (x @ w.T): on XLA:CPU. Its product at 8 rows with [out, in]
+    weights ran ~50 GFLOP/s; stored [in, out] the default model's batch-8 decode went 109 -> 128
+    tok/s (engine against engine, 12 alternating rounds, each round 1.14-1.23x in the machine's
+    quiet stretches), batch 1 within 2% (probes/probe_cpu_io_layout.py, benchmarks/NOTES.md).
+    GPUs and TPUs run the checkpoints' layout (cuBLAS and the TPU take either)."""
+    return (platform or jax.default_backend()) == "cpu"
+
+
 def linear(eq: str, x: jax.Array | QuantizedRows, weight: jax.Array, scale: jax.Array | None, impl: str = "auto",
-           layer: jax.Array | None = None, axes: tuple[str | None, ...] = ()) -> jax.Array:
-    """Every projection: x [batch, seq, in...] times weight [out..., in...] -> [batch, seq, out...].
+           layer: jax.Array | None = None, axes: tuple[str | None, ...] = (), input_major: bool = False) -> jax.Array:
+    """Every projection: x [batch, seq, in...] times weight [out..., in...] -> [batch, seq, out...]
+    (16-bit weights stored `input_major`: weight [in..., out...], the same product).
 
     16-bit weights: the einsum `eq`. FP8 weights (scale [out...] given): the W8A8 kernel on the
     2-D view [tokens, in] x [out, in], activations quantized per token inside it (or before it:
@@ -85,7 +96,7 @@ def linear(eq: str, x: jax.Array | QuantizedRows, weight: jax.Array, scale: jax.
     splits comes from the weight's logical `axes`. The jnp twins ("reference", "xla") are left
     to XLA's partitioner."""
     if scale is None:
-        return _dense(eq, x, weight)
+        return _dense(eq, x, weight, input_major)
     from pallas_kernels.fp8_matmul import fp8_matmul
 
     x2, x_scale, (b, s), dtype = _tokens(x)
@@ -102,19 +113,24 @@ def linear(eq: str, x: jax.Array | QuantizedRows, weight: jax.Array, scale: jax.
     return y.reshape(b, s, *out_shape)
 
 
-def _dense(eq: str, x: jax.Array, weight: jax.Array) -> jax.Array:
+def _dense(eq: str, x: jax.Array, weight: jax.Array, input_major: bool = False) -> jax.Array:
     """A 16-bit projection. On XLA:CPU a dot with two output dims (q: [heads, head_dim]) or two
-    contracted ones (o) ran 5-9x slower than the same product on the 2-D view [out, in] (demo
-    model, one token: q 0.43 -> 0.09 ms, o 0.51 -> 0.06 ms per layer), so there it takes that
-    view. Other backends keep the einsum (cuBLAS and the TPU handle it; measured as it is)."""
+    contracted ones (o) ran 5-9x slower than the same product on a 2-D view (demo model, one
+    token: q 0.43 -> 0.09 ms, o 0.51 -> 0.06 ms per layer), so there it takes the 2-D view,
+    [in, out] for an input-major weight (prefers_input_major), else [out, in]. Other backends
+    keep the einsum (cuBLAS and the TPU handle it; measured as it is)."""
+    ins, w_sub = eq.split("->")[0].split(",")
+    n_in = len(ins) - 2  # x: [batch, seq, in...]; weight: [out..., in...] (or [in..., out...])
+    k = math.prod(x.shape[2:])
+    x2 = x.reshape(*x.shape[:2], k)
+    if input_major:
+        y = jnp.einsum("bsi,io->bso", x2, weight.reshape(k, -1))
+        return y.reshape(*x.shape[:2], *weight.shape[n_in:])
     if jax.default_backend() != "cpu":
         return jnp.einsum(eq, x, weight)
-    ins, w_sub = eq.split("->")[0].split(",")
-    n_in = len(ins) - 2  # x: [batch, seq, in...]; weight: [out..., in...]
     assert w_sub.endswith(ins[2:]), f"{eq}: the weight's last dims must be x's input dims"
-    out = weight.shape[: weight.ndim - n_in]
-    y = jnp.einsum("bsi,oi->bso", x.reshape(*x.shape[:2], -1), weight.reshape(-1, math.prod(x.shape[2:])))
-    return y.reshape(*x.shape[:2], *out)
+    y = jnp.einsum("bsi,oi->bso", x2, weight.reshape(-1, k))
+    return y.reshape(*x.shape[:2], *weight.shape[: weight.ndim - n_in])
 
 
 def linear_group(eq: str, x: jax.Array, weights, scales, impl: str = "auto", layer: jax.Array | None = None,

@@ -44,6 +44,22 @@ def test_logits_bf16_match_transformers(tiny_checkpoints, tokens, fmt):
     assert rel_err(our_logits(path, tokens, jnp.bfloat16), ref) <= 2e-2
 
 
+def test_input_major_layout_matches_transformers(tiny_checkpoints, tokens, hf_reference):
+    """The layout the CPU serves from (projections.prefers_input_major): every 16-bit projection
+    stored [layers, in..., out...], logical axes moved along; the same logits as transformers."""
+    model = load_weights(open_checkpoint(str(tiny_checkpoints[1])), jnp.float32, progress=False)
+    att = model.layers.attention
+    axes_of = lambda p: tuple(p.get_metadata()["logical_axes"])  # noqa: E731
+    wo, axes = att.wo[...], axes_of(att.wo)  # [layers, embed, heads, head_dim]
+    assert model.to_input_major() is model and att.input_major and model.layers.feed_forward.input_major
+    np.testing.assert_array_equal(att.wo[...], jnp.transpose(wo, (0, 2, 3, 1)))
+    assert axes_of(att.wo) == (axes[0], axes[2], axes[3], axes[1])
+    assert att.wqkv[...].shape[1] == model.cfg.dim and model.layers.feed_forward.w2[...].shape[1] == model.cfg.hidden_dim
+    model.to_input_major()  # a second call changes nothing
+    np.testing.assert_array_equal(att.wo[...], jnp.transpose(wo, (0, 2, 3, 1)))
+    assert rel_err(dense_logits(model, tokens), hf_reference) <= 1e-5
+
+
 def test_incremental_decode_equals_full_forward(tiny_checkpoints, tokens):
     """Prefill in two chunks through the cache gives the logits of one full pass."""
     model = load_weights(open_checkpoint(str(tiny_checkpoints[0])), jnp.float32, progress=False)
