@@ -82,6 +82,20 @@ def _read_in_place(quantized: bool):
     return keep
 
 
+def _transposed(arrays: tuple[jax.Array, ...], orders: tuple[tuple[int, ...], ...]) -> tuple[jax.Array, ...]:
+    """Each array transposed by its order, in one program; a NamedSharding's spec moves along."""
+    def moved(a, order):
+        sharding = a.sharding
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            return sharding
+        spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*(spec[i] for i in order)))
+
+    fn = jax.jit(lambda xs: tuple(jnp.transpose(x, o) for x, o in zip(xs, orders)),
+                 out_shardings=tuple(moved(a, o) for a, o in zip(arrays, orders)))
+    return fn(arrays)
+
+
 def rotary_phases(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """(cos, sin) of position * theta^(-2i/head_dim), each [batch, seq, 1, head_dim/2] f32.
 
@@ -129,21 +143,19 @@ class _Projections(nnx.Module):
     N_IN: dict[str, int] = {}  # each projection's input dims (its weight's last ones)
     input_major = False  # 16-bit weights stored [(layers,) in..., out...] (to_input_major)
 
-    def to_input_major(self) -> None:
-        """Store the 16-bit weights [(layers,) in..., out...] instead of the checkpoints' [(layers,)
-        out..., in...], where the backend's product runs faster so (projections.prefers_input_major).
-        Their logical axes move with them, so that a mesh shards the same dims. FP8 weights stay
-        as their kernel reads them."""
+    def input_major_moves(self) -> list[tuple[nnx.Param, tuple[int, ...]]]:
+        """(param, axis order) for each 16-bit weight [(layers,) out..., in...] to be stored
+        [(layers,) in..., out...] (Transformer.to_input_major); none for FP8 weights, which stay
+        as their kernel reads them, nor once done."""
         if self.input_major or any(getattr(self, n + "_scale") is not None for n in self.N_IN):
-            return
+            return []
+        moves = []
         for name, n_in in self.N_IN.items():
             param = getattr(self, name)
-            w, axes = param[...], tuple(param.get_metadata()["logical_axes"])
-            lead = sum(a == "layers" for a in axes)  # the stacks' layer axis stays first
-            order = (*range(lead), *range(w.ndim - n_in, w.ndim), *range(lead, w.ndim - n_in))
-            param.value = jnp.transpose(w, order)
-            param.set_metadata(logical_axes=tuple(axes[i] for i in order))
-        self.input_major = True
+            ndim = param[...].ndim
+            lead = sum(a == "layers" for a in param.get_metadata()["logical_axes"])  # the layer axis stays first
+            moves.append((param, (*range(lead), *range(ndim - n_in, ndim), *range(lead, ndim - n_in))))
+        return moves
 
     def _linears(self, eq, x, names, layer):
         """linear() of one x with the projections `names`: 16-bit weights as einsums, FP8 ones
@@ -272,10 +284,21 @@ class Transformer(nnx.Module):
             self.output = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype)
 
     def to_input_major(self) -> "Transformer":
-        """The layers' 16-bit projections stored [in..., out...] (_Projections.to_input_major);
-        for serving on a backend that prefers it, not for saving (checkpoints keep [out, in])."""
-        self.layers.attention.to_input_major()
-        self.layers.feed_forward.to_input_major()
+        """The layers' 16-bit projections stored [(layers,) in..., out...] instead of the
+        checkpoints' [(layers,) out..., in...], where the backend's product runs faster so
+        (projections.prefers_input_major): for serving, not for saving. Each weight keeps its
+        sharding and logical axes, moved with its dims; one program transposes them all (so
+        for a moment the layers' 16-bit weights are held twice: the default model's 425 MB)."""
+        modules = (self.layers.attention, self.layers.feed_forward)
+        moves = [move for m in modules for move in m.input_major_moves()]
+        if moves:
+            new = _transposed(tuple(p[...] for p, _ in moves), tuple(order for _, order in moves))
+            for (param, order), value in zip(moves, new):
+                axes = param.get_metadata()["logical_axes"]
+                param.value = value
+                param.set_metadata(logical_axes=tuple(axes[i] for i in order))
+            for m in modules:
+                m.input_major = True
         return self
 
     def __call__(self, tokens, positions, cache, logits_at=None):

@@ -58,6 +58,10 @@ def test_input_major_layout_matches_transformers(tiny_checkpoints, tokens, hf_re
     model.to_input_major()  # a second call changes nothing
     np.testing.assert_array_equal(att.wo[...], jnp.transpose(wo, (0, 2, 3, 1)))
     assert rel_err(dense_logits(model, tokens), hf_reference) <= 1e-5
+    from mistral_jax.checkpoint.orbax import save
+
+    with pytest.raises(ValueError, match="to_input_major"):  # checkpoints keep [out, in]
+        save(model, tiny_checkpoints[1].parent / "never_written", jnp.float32)
 
 
 def test_incremental_decode_equals_full_forward(tiny_checkpoints, tokens):

@@ -74,13 +74,15 @@ def test_mesh_gives_one_devices_tokens_and_logits(ckpts, one_device, mesh):
         for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
             _lp_close(a, b)
     # The parameters and the cache really are split: tp devices each hold 1/tp of the heads.
+    # On a CPU the engine serves the 16-bit projections stored [layers, in..., out...]
+    # (projections.prefers_input_major): their shardings moved with their dims.
     tp = llm.mesh.shape["tp"]
     state = llm.engine.state
-    wqkv = state["layers"]["attention"]["wqkv"][...]  # [layers, kv_heads, g + 2, head_dim, embed]
-    assert tuple(wqkv.sharding.spec)[:2] == (None, "tp")
-    assert {s.data.shape for s in wqkv.addressable_shards} == {(2, 8 // tp, 4, 8, 64)}
-    w2 = state["layers"]["feed_forward"]["w2"][...]  # [layers, embed, mlp]
-    assert {s.data.shape for s in w2.addressable_shards} == {(2, 64, 128 // tp)}
+    wqkv = state["layers"]["attention"]["wqkv"][...]  # [layers, embed, kv_heads, g + 2, head_dim]
+    assert tuple(wqkv.sharding.spec)[:3] == (None, None, "tp")
+    assert {s.data.shape for s in wqkv.addressable_shards} == {(2, 64, 8 // tp, 4, 8)}
+    w2 = state["layers"]["feed_forward"]["w2"][...]  # [layers, mlp, embed]
+    assert {s.data.shape for s in w2.addressable_shards} == {(2, 128 // tp, 64)}
     emb = state["tok_embeddings"][...]
     assert {s.data.shape for s in emb.addressable_shards} == {(32768 // tp, 64)}
     assert {s.data.shape[3] for s in llm.engine.k_pages.addressable_shards} == {8 // tp}  # kv heads

@@ -83,6 +83,11 @@ def save(model, dst: Path, saved_dtype) -> None:
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    if model.layers.attention.input_major or model.layers.feed_forward.input_major:
+        raise ValueError("this model's projections are stored [in, out] for serving on this backend "
+                         "(Transformer.to_input_major); save the model as loaded from its checkpoint "
+                         "(mistral_jax.convert does)")
+
     dst.mkdir(parents=True, exist_ok=True)
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
