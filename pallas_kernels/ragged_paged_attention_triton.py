@@ -21,8 +21,9 @@ Design
 * Two launches per call, each over a static grid (one compilation per (T, S, pages_per_seq)):
     - "decode": sequences with 1 <= q_len <= BLOCK_Q_DEC (= 16 / G tokens: a 16-row tile),
       grid (S, Hkv, num_splits). The visible KV range is cut into num_splits contiguous pieces
-      (flash-decoding); each writes an f32 partial output and its log-sum-exp, and XLA combines
-      them. num_splits is chosen from S and Hkv so that batch 1 still fills the SMs.
+      (flash-decoding); each writes an f32 partial output and its log-sum-exp, and a small third
+      launch (`_combine`, one program per packed row and kv head) merges them into the rows.
+      num_splits is chosen from S and Hkv so that batch 1 still fills the SMs.
     - "prefill": sequences with q_len > BLOCK_Q_DEC, tiled into BLOCK_Q_PRE-token query tiles
       (M = 64..128 rows), one program per (tile, kv head), online softmax over KV blocks up to
       the tile's causal limit. The tile -> (sequence, first row) table is built in XLA from
@@ -84,7 +85,7 @@ def _attn_kernel(
     # outputs
     o_ref, *lse_refs,
     G: int, GP: int, D: int, BD: int, BQ: int, BK: int, page_size: int, num_pages: int,
-    num_splits: int, scale: float, exact_f32: bool,
+    num_splits: int, scale: float, exact_f32: bool, q0_zero: bool,
 ):
     tile = pl.program_id(0)
     kvh = pl.program_id(1)
@@ -100,7 +101,7 @@ def _attn_kernel(
         kv_len = kv_lens_ref[seq]
         q_start = cu_ref[seq]
         q_len = cu_ref[seq + 1] - q_start
-        q0 = tile_q0_ref[tile]  # first query of this tile, within the sequence
+        q0 = 0 if q0_zero else tile_q0_ref[tile]  # first query of this tile, within the sequence
 
         r = lax.broadcasted_iota(jnp.int32, (M, 1), 0)
         tok_in_tile = r // GP
@@ -203,7 +204,7 @@ def _launch(q4, k5, v5, layer, tile_seq, tile_q0, kv_lens, cu, pages, *, BQ, BK,
     kernel = functools.partial(
         _attn_kernel, G=G, GP=GP, D=D, BD=BD, BQ=BQ, BK=BK, page_size=page_size,
         num_pages=num_pages, num_splits=num_splits, scale=scale,
-        exact_f32=(q4.dtype == jnp.float32 or k5.dtype == jnp.float32))
+        exact_f32=(q4.dtype == jnp.float32 or k5.dtype == jnp.float32), q0_zero=tile_q0 is None)
     if partial:
         out_shape = (jax.ShapeDtypeStruct((num_splits, n_tiles, BQ + 1, Hkv, G, D), jnp.float32),
                      jax.ShapeDtypeStruct((num_splits, n_tiles, BQ + 1, Hkv, G), jnp.float32))
@@ -216,7 +217,44 @@ def _launch(q4, k5, v5, layer, tile_seq, tile_q0, kv_lens, cu, pages, *, BQ, BK,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
-    )(layer, tile_seq, tile_q0, kv_lens, cu, pages, q4, k5, v5)
+    )(layer, tile_seq, tile_seq if tile_q0 is None else tile_q0, kv_lens, cu, pages, q4, k5, v5)
+
+
+def _combine_kernel(seq_ref, tok_ref, dec_ref, o_ref, lse_ref, out_ref, *, NS: int, G: int, D: int):
+    # One packed row t and kv head h: the decode launch's num_splits partials of the row's
+    # G query heads (o_ref [NS, tiles, BQ + 1, Hkv, G, D] f32, lse_ref [NS, tiles, BQ + 1, Hkv, G]
+    # base-2 log-sum-exps) merged by their softmax weights; out_ref [T, Hkv, GP, BD] (padded).
+    t, h = pl.program_id(0), pl.program_id(1)
+    GP, BD = out_ref.shape[2:]
+    s, tok, dec = seq_ref[t], tok_ref[t], dec_ref[t]
+    sp = lax.broadcasted_iota(jnp.int32, (next_pow2(NS), 1), 0)  # [NSP, 1]
+    g = jnp.minimum(lax.broadcasted_iota(jnp.int32, (1, GP), 1), G - 1)  # [1, GP] (pads repeat G - 1)
+    lse = plgpu.load(lse_ref.at[jnp.minimum(sp, NS - 1), s, tok, h, g], mask=sp < NS, other=-jnp.inf)  # [NSP, GP]
+    m = jnp.max(lse, axis=0, keepdims=True)  # [1, GP]
+    w = jnp.exp2(lse - m)  # [NSP, GP]; 0 for the split padding
+    d = jnp.minimum(lax.broadcasted_iota(jnp.int32, (1, 1, BD), 2), D - 1)
+    o = plgpu.load(o_ref.at[jnp.minimum(sp, NS - 1)[:, :, None], s, tok, h, g[:, :, None], d],
+                   mask=(sp < NS)[:, :, None], other=0.0)  # [NSP, GP, BD]
+    out = jnp.sum(o * w[:, :, None], axis=0) / jnp.sum(w, axis=0)[:, None]  # [GP, BD]
+    plgpu.store(out_ref.at[t, h], jnp.where(dec > 0, out, 0.0).astype(out_ref.dtype))
+
+
+def _combine(o_part, lse, seq_c, tok, row_dec, dtype, *, interpret: bool):
+    """The decode launch's partials -> its packed rows' output [T, Hkv, G, D] in `dtype` (rows
+    not decoded by it: 0), in one launch (as XLA ops: max, exp, sum and a gather, three small
+    kernels in every layer)."""
+    NS, _, _, Hkv, G, D = o_part.shape
+    T = seq_c.shape[0]
+    GP, BD = next_pow2(G), max(16, next_pow2(D))
+    out = pl.pallas_call(
+        functools.partial(_combine_kernel, NS=NS, G=G, D=D),
+        grid=(T, Hkv),
+        out_shape=jax.ShapeDtypeStruct((T, Hkv, GP, BD), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="rpa_combine",
+    )(seq_c, tok, row_dec, o_part, lse)
+    return out if (GP, BD) == (G, D) else out[:, :, :G, :D]
 
 
 def schedule(kv_lens, page_indices, cu_q_lens, num_seqs, *, num_tokens: int, n_heads: int, n_kv_heads: int,
@@ -235,14 +273,14 @@ def schedule(kv_lens, page_indices, cu_q_lens, num_seqs, *, num_tokens: int, n_h
     bq_dec = cfg["bq_dec"]
     # Decode launch: one tile per short sequence.
     is_dec = (q_lens >= 1) & (q_lens <= bq_dec)
-    out = dict(dec_seq=jnp.where(is_dec, jnp.arange(S, dtype=jnp.int32), -1), dec_q0=jnp.zeros((S,), jnp.int32))
+    out = dict(dec_seq=jnp.where(is_dec, jnp.arange(S, dtype=jnp.int32), -1))
     # Each packed row's sequence, and its token within the decode tile's output.
     seq_of_row = _row_seq(cu, num_seqs, T)
     row_live = seq_of_row >= 0
     seq_c = jnp.maximum(seq_of_row, 0)
     row_qlen = jnp.where(row_live, q_lens[seq_c], 0)
     out.update(seq_c=seq_c, tok=jnp.clip(jnp.arange(T, dtype=jnp.int32) - cu[seq_c], 0, bq_dec - 1),
-               row_dec=row_live & (row_qlen <= bq_dec), row_pre=row_live & (row_qlen > bq_dec))
+               row_dec=(row_live & (row_qlen <= bq_dec)).astype(jnp.int32), row_pre=row_live & (row_qlen > bq_dec))
     n_pre = cfg["n_pre_tiles"]
     if n_pre:
         bq_pre = cfg["bq_pre"]
@@ -285,19 +323,12 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer,
     bq_dec = cfg["bq_dec"]
     common = dict(scale=scale, interpret=interpret, num_stages=stages)
     ns = cfg["num_splits"]
-    o_part, lse = _launch(q4, k_pages, v_pages, layer, sched["dec_seq"], sched["dec_q0"], kv_lens, cu, pages,
+    # Decode tiles start at their sequence's first query: the kernel takes q0 = 0 statically (a
+    # zeros table here would be one more small kernel in every layer).
+    o_part, lse = _launch(q4, k_pages, v_pages, layer, sched["dec_seq"], None, kv_lens, cu, pages,
                           BQ=bq_dec, BK=cfg["bk_dec"], num_splits=ns, partial=True,
                           num_warps=warps_dec, name="rpa_decode", **common)
-    o_part, lse = o_part[:, :, :bq_dec], lse[:, :, :bq_dec]  # drop the trash slot
-    if ns == 1:
-        o_dec = o_part[0]
-    else:
-        m = jnp.max(lse, axis=0)
-        w = jnp.exp2(lse - m[None])
-        o_dec = jnp.sum(o_part * w[..., None], axis=0) / jnp.sum(w, axis=0)[..., None]
-    # o_dec: [S, bq_dec, Hkv, G, D] -> packed rows (a small gather).
-    o_dec = o_dec[sched["seq_c"], sched["tok"]]  # [T, Hkv, G, D]
-    out = jnp.where(sched["row_dec"][:, None, None, None], o_dec, 0.0).astype(q.dtype)
+    out = _combine(o_part, lse, sched["seq_c"], sched["tok"], sched["row_dec"], q.dtype, interpret=interpret)
     if cfg["n_pre_tiles"]:
         o_pre = _launch(q4, k_pages, v_pages, layer, sched["pre_seq"], sched["pre_q0"], kv_lens, cu, pages,
                         BQ=cfg["bq_pre"], BK=cfg["bk_pre"], num_splits=1, partial=False,
