@@ -27,7 +27,7 @@ from flax import nnx
 from pallas_kernels.activations import rms_norm, silu_mul
 
 from .config import ModelConfig
-from .projections import QuantizedRows, fuses_quantization, linear, linear_group, quantized_rows
+from .projections import QuantizedRows, fuses_quantization, linear, linear_group, quantized_rows, swiglu_rows
 from .sharding import constrain
 
 QUANTIZATIONS = (None, "fp8")  # fp8: e4m3 projection weights + per-output-channel scales (W8A8)
@@ -233,10 +233,15 @@ class MLP(_Projections):
         self.fp8_impl = fp8_impl
 
     def __call__(self, x, layer=None):
-        gate, up = self._linears("bse,fe->bsf", x, ("w1", "w3"), layer)
-        if fuses_quantization(up, self.fp8_impl, self._fp8("w2")):  # silu(gate) * up inside the quantizing kernel
-            return self._linear("bsf,ef->bse", quantized_rows(up, self.fp8_impl, gate=gate), "w2", layer)
-        h = constrain(silu_mul(gate, up), ("batch", "seq", "mlp"))
+        if fuses_quantization(x, self.fp8_impl, *map(self._fp8, ("w1", "w3", "w2"))):
+            # FP8: silu(gate) * up comes quantized for w2 (with the products, one kernel at decode)
+            h = swiglu_rows(x, self._fp8("w1"), self._fp8("w3"), self.fp8_impl, layer)
+        else:
+            gate, up = self._linears("bse,fe->bsf", x, ("w1", "w3"), layer)
+            if fuses_quantization(up, self.fp8_impl, self._fp8("w2")):  # silu(gate) * up inside the quantizer
+                h = quantized_rows(up, self.fp8_impl, gate=gate)
+            else:
+                h = constrain(silu_mul(gate, up), ("batch", "seq", "mlp"))
         return self._linear("bsf,ef->bse", h, "w2", layer)
 
 

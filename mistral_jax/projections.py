@@ -48,6 +48,20 @@ def quantized_rows(x: jax.Array, impl: str, *, norm: jax.Array | None = None, ep
     return QuantizedRows(q.reshape(b, s, k), scale.reshape(b, s, 1), x.dtype)
 
 
+def swiglu_rows(x: jax.Array | QuantizedRows, w1: tuple[jax.Array, jax.Array], w3: tuple[jax.Array, jax.Array],
+                impl: str, layer: jax.Array | None = None) -> QuantizedRows:
+    """SwiGLU's silu(x @ w1) * (x @ w3), quantized per token for an FP8 w2: x [batch, seq, in] (or
+    QuantizedRows), w1, w3 FP8 (weight [(layers,) hidden, in], scale [(layers,) hidden]); with
+    `layer`, stacks read in place. On the GPU's decode path one kernel runs both products and
+    silu_mul (fp8_matmul.fp8_swiglu). One tp shard only (see fuses_quantization)."""
+    from pallas_kernels.fp8_matmul import fp8_swiglu
+
+    x2, x_scale, (b, s), dtype = _tokens(x)
+    (w1, s1, _), (w3, s3, _) = _kernel_view(*w1, layer), _kernel_view(*w3, layer)
+    q, scale = fp8_swiglu(x2, w1, w3, s1, s3, layer=layer, x_scale=x_scale, impl=impl, out_dtype=dtype)
+    return QuantizedRows(q.reshape(b, s, -1), scale.reshape(b, s, 1), dtype)
+
+
 def fuses_quantization(x: jax.Array, impl: str, *projections) -> bool:
     """Whether stacked projections (weight [layers, out..., in...], scale [layers, out...] or
     None) of x [batch, seq, in] take QuantizedRows: all FP8, on one tp shard (with tp > 1,

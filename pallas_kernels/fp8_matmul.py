@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["E4M3_MAX", "quantize_rows", "quantize_input", "quantize_unless", "quantize_weight", "fp8_matmul_reference",
-           "fp8_matmul_xla", "fp8_matmul", "fp8_matmul_group", "check_stacked", "scale_output", "pad_rows",
+           "fp8_matmul_xla", "fp8_matmul", "fp8_matmul_group", "fp8_swiglu", "check_stacked", "scale_output", "pad_rows",
            "pads_rows"]
 
 E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448.0
@@ -226,6 +226,30 @@ def fp8_matmul_group(x: jax.Array, ws, w_scales, *, layer: jax.Array | int | Non
         x, x_scale = quantize_input(x, impl=impl, interpret=interpret)  # once for all (no padding copy)
     return tuple(fp8_matmul(x, w, s, layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype,
                             interpret=interpret) for w, s in zip(ws, w_scales))
+
+
+def fp8_swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, s1: jax.Array, s3: jax.Array, *,
+               layer: jax.Array | int | None = None, x_scale: jax.Array | None = None, impl: str = "auto",
+               out_dtype=jnp.bfloat16, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """SwiGLU's hidden activation, quantized per token for w2: (h_q [m, n] e4m3, h_scale [m, 1]
+    f32) = quantize_rows(silu_mul(g, u)), where g = fp8_matmul(x, w1, s1) and u = fp8_matmul(x,
+    w3, s3) in out_dtype (w1, w3 [(layers,) n, k]; layer, x_scale as fp8_matmul's).
+    Where `impl` is the Triton kernel (GPU decode), the products and silu_mul are one launch and
+    the quantization spreads over each row (fp8_swiglu_triton); elsewhere, or where that kernel
+    would split K, the products (fp8_matmul_group) then the quantizer fused with silu_mul
+    (quantize_input's gate=): the twin, the same function."""
+    for w in (w1, w3):
+        _check_args(impl, w, layer)
+    if (default_impl(m=x.shape[0]) if impl == "auto" else impl) == "triton":
+        from .fp8_matmul_triton import fp8_swiglu_triton
+
+        out = fp8_swiglu_triton(x, w1, w3, s1, s3, layer=layer, x_scale=x_scale, out_dtype=out_dtype,
+                                interpret=interpret)
+        if out is not None:
+            return out
+    gate, up = fp8_matmul_group(x, (w1, w3), (s1, s3), layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype,
+                                interpret=interpret)
+    return quantize_input(up, gate=gate, impl=impl, interpret=interpret)
 
 
 def quantize_input(x: jax.Array, *, norm: jax.Array | None = None, eps: float = 0.0, gate: jax.Array | None = None,

@@ -55,10 +55,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .activations import silu_mul
 from .fp8_matmul import check_stacked, quantize_input, quantize_unless, scale_output
 from .gpu_info import DEFAULT_SMS, next_pow2, num_sms, triton_offsets_overflow
+from .quantize_rows_triton import quantize_rows_triton
 
-__all__ = ["fp8_matmul_triton", "fp8_matmul_group_triton", "plan"]
+__all__ = ["fp8_matmul_triton", "fp8_matmul_group_triton", "fp8_swiglu_triton", "plan"]
 
 
 def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | None = None,
@@ -147,14 +149,12 @@ def _load_w(w_ref, w_row, b, rows_ok, *, k_tail: bool, k: int, bn: int, bk: int,
     return lax.bitcast_convert_type(jnp.stack([lo, hi], axis=-1).reshape(bn, bk), jnp.float8_e4m3fn)
 
 
-def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n: int, m: int, bm: int,
-          bn: int, bk: int, split_k: int, pairs: bool):
-    # One program's tile (m tile i, n tile j, k split s) of one weight.
-    # layer_ref: [1] i32, x_ref: [m, k] e4m3, xs_ref: [m] f32,
-    # w_ref: [layers * n, k] e4m3 (the stack, rows of layer l at l * n), or with `pairs`
-    # [layers * n, k / 2] uint16 (as_pairs), ws_ref: [layers * n] f32
-    # (the scales' stack, likewise), o_ref: [m, n] out_dtype, or [split_k, m, n] f32 partials.
-    w_row = layer_ref[0] * n + j * bn  # this program's first weight row (and scale) in the stack
+def _accumulate(layer_ref, x_ref, w_refs, i, j, s, *, k: int, n: int, m: int, bm: int, bn: int, bk: int,
+                split_k: int, pairs: tuple[bool, ...]) -> tuple[jax.Array, ...]:
+    # One program's f32 sums [BM, BN] (m tile i, n tile j, k split s), one per weight in w_refs
+    # (each [layers * n, k] e4m3, or with its `pairs` [layers * n, k / 2] uint16 (as_pairs): the
+    # stack, rows of layer l at l * n); x_ref: [m, k] e4m3, each x block loaded once for all.
+    w_row = layer_ref[0] * n + j * bn  # this program's first weight row in the stack
     rows = i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0)  # [BM]
     cols = j * bn + lax.broadcasted_iota(jnp.int32, (bn,), 0)  # [BN]
     n_ragged, m_ragged = n % bn != 0, m % bm != 0
@@ -167,31 +167,68 @@ def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, k: int, n:
     b_mid = jnp.clip(k // bk, b_lo, b_hi)  # blocks before b_mid lie wholly inside k
 
     def make_body(k_tail: bool):
-        def body(b, acc):
+        def body(b, accs):
             ks = pl.ds(pl.multiple_of(b * bk, bk), bk)
             k_ok = (b * bk + lax.broadcasted_iota(jnp.int32, (bk,), 0)) < k if k_tail else None  # [BK]
             x = plgpu.load(x_ref.at[pl.ds(i * bm, bm), ks], **_block_mask(row_ok if m_ragged else None, k_ok))
-            w = _load_w(w_ref, w_row, b, col_ok if n_ragged else None, k_tail=k_tail, k=k, bn=bn, bk=bk,
-                        pairs=pairs)
-            return acc + plgpu.dot(x, w, trans_b=True)  # fp8 x fp8 -> f32 [BM, BN]
+            return tuple(acc + plgpu.dot(x, _load_w(w_ref, w_row, b, col_ok if n_ragged else None, k_tail=k_tail,
+                                                    k=k, bn=bn, bk=bk, pairs=paired), trans_b=True)
+                         for acc, w_ref, paired in zip(accs, w_refs, pairs))  # fp8 x fp8 -> f32 [BM, BN]
         return body
 
-    acc = jnp.zeros((bm, bn), jnp.float32)
-    acc = lax.fori_loop(b_lo, b_mid, make_body(False), acc)
+    accs = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in w_refs)
+    accs = lax.fori_loop(b_lo, b_mid, make_body(False), accs)
     if k % bk:
-        acc = lax.fori_loop(b_mid, b_hi, make_body(True), acc)
+        accs = lax.fori_loop(b_mid, b_hi, make_body(True), accs)
+    return accs
 
-    st_mask = row_ok[:, None]
-    if n_ragged:
-        st_mask = st_mask & col_ok[None, :]
+
+def _tile_masks(i, j, *, n: int, m: int, bm: int, bn: int):
+    """(row_ok [BM], col_ok [BN], the store mask [BM, BN]) of tile (i, j)."""
+    row_ok = i * bm + lax.broadcasted_iota(jnp.int32, (bm,), 0) < m
+    col_ok = j * bn + lax.broadcasted_iota(jnp.int32, (bn,), 0) < n
+    return row_ok, col_ok, row_ok[:, None] & col_ok[None, :] if n % bn else row_ok[:, None]
+
+
+def _scaled(acc, xs_ref, ws_ref, layer_ref, i, j, *, n: int, m: int, bm: int, bn: int) -> jax.Array:
+    """acc [BM, BN] f32 times its rows' x scales (xs_ref [m]) and its columns' weight scales
+    (ws_ref [layers * n], the stack): the reference's order, (acc * x_scale) * w_scale."""
+    row_ok, col_ok, _ = _tile_masks(i, j, n=n, m=m, bm=bm, bn=bn)
+    xs = plgpu.load(xs_ref.at[pl.ds(i * bm, bm)], **_vector_mask(row_ok if m % bm else None))  # [BM]
+    ws = plgpu.load(ws_ref.at[pl.ds(layer_ref[0] * n + j * bn, bn)], **_vector_mask(col_ok if n % bn else None))
+    return acc * xs[:, None] * ws[None, :]
+
+
+def _tile(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, i, j, s, *, split_k: int, pairs: bool, **kw):
+    # One weight's tile; o_ref: [m, n] out_dtype, or [split_k, m, n] f32 partials.
+    (acc,) = _accumulate(layer_ref, x_ref, (w_ref,), i, j, s, split_k=split_k, pairs=(pairs,), **kw)
+    sizes = {name: kw[name] for name in ("n", "m", "bm", "bn")}
+    _, _, st_mask = _tile_masks(i, j, **sizes)
+    tile = (pl.ds(i * kw["bm"], kw["bm"]), pl.ds(j * kw["bn"], kw["bn"]))
     if split_k > 1:
-        plgpu.store(o_ref.at[s, pl.ds(i * bm, bm), pl.ds(j * bn, bn)], acc, mask=st_mask)
+        plgpu.store(o_ref.at[(s, *tile)], acc, mask=st_mask)
         return
-    xs = plgpu.load(xs_ref.at[pl.ds(i * bm, bm)], **_vector_mask(row_ok if m_ragged else None))  # [BM]
-    ws = plgpu.load(ws_ref.at[pl.ds(w_row, bn)], **_vector_mask(col_ok if n_ragged else None))  # [BN]
-    y = acc * xs[:, None] * ws[None, :]
-    plgpu.store(o_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], y.astype(o_ref.dtype),
-                mask=st_mask)
+    y = _scaled(acc, xs_ref, ws_ref, layer_ref, i, j, **sizes)
+    plgpu.store(o_ref.at[tile], y.astype(o_ref.dtype), mask=st_mask)
+
+
+def _swiglu_kernel(layer_ref, x_ref, xs_ref, w1_ref, w3_ref, ws1_ref, ws3_ref, h_ref, amax_ref, *,
+                   pairs: tuple[bool, bool], **kw):
+    # Tile (i, j) of both w1 and w3 (one x block read for both), then SwiGLU in the epilogue:
+    # g, u rounded to h_ref's dtype as the products' outputs would be, h = silu_mul(g, u) ->
+    # h_ref [m, n]; each row's max |h| over the tile -> amax_ref [m, n tiles] (the quantization
+    # of h needs the max over the whole row: quantize_rows_triton's `block_amax`).
+    i, j = pl.program_id(0), pl.program_id(1)
+    acc1, acc3 = _accumulate(layer_ref, x_ref, (w1_ref, w3_ref), i, j, 0, split_k=1, pairs=pairs, **kw)
+    sizes = {name: kw[name] for name in ("n", "m", "bm", "bn")}
+    row_ok, col_ok, st_mask = _tile_masks(i, j, **sizes)
+    g = _scaled(acc1, xs_ref, ws1_ref, layer_ref, i, j, **sizes).astype(h_ref.dtype)
+    u = _scaled(acc3, xs_ref, ws3_ref, layer_ref, i, j, **sizes).astype(h_ref.dtype)
+    h = silu_mul(g, u)  # [BM, BN]
+    bm, bn = kw["bm"], kw["bn"]
+    plgpu.store(h_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], h, mask=st_mask)
+    amax = jnp.max(jnp.where(col_ok[None, :], jnp.abs(h.astype(jnp.float32)), 0.0), axis=1)  # [BM]
+    plgpu.store(amax_ref.at[pl.ds(i * bm, bm), j], amax, mask=row_ok)
 
 
 def _kernel(layer_ref, x_ref, xs_ref, *refs, ns: tuple[int, ...], pairs: tuple[bool, ...], **tile_kw):
@@ -269,3 +306,54 @@ def fp8_matmul_group_triton(x: jax.Array, ws, w_scales, *, layer=None, x_scale=N
     cfg = plan(m, sum(w.shape[1] for w, _, _ in checked), k, sms=DEFAULT_SMS if interpret else None, **tuning)
     return _fp8_matmul(x, x_scale, tuple(w for w, _, _ in checked), tuple(s for _, s, _ in checked),
                        checked[0][2], out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret), pairs=paired, **cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_m", "block_n", "block_k", "num_warps",
+                                             "num_stages", "pairs"))
+def _fp8_swiglu(x, x_scale, w1, w3, s1, s3, layer, *, out_dtype, interpret, block_m, block_n, block_k, num_warps,
+                num_stages, pairs):
+    # w1, w3: [layers, n, k] e4m3; s1, s3: [layers, n]; layer: [] i32 -> (h_q [m, n], h_scale [m, 1])
+    m, k = x.shape
+    n = w1.shape[1]
+    x_q, x_scale = quantize_unless(x, x_scale, functools.partial(quantize_input, impl="triton", interpret=interpret))
+    n_tiles = pl.cdiv(n, block_n)
+    kernel = functools.partial(_swiglu_kernel, pairs=pairs, k=k, m=m, n=n, bm=block_m, bn=block_n, bk=block_k)
+    h, amax = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(m, block_m), n_tiles),
+        out_shape=(jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((m, n_tiles), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="fp8_swiglu",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0],
+      *(as_pairs(w.reshape(-1, k)) if p else w.reshape(-1, k) for w, p in zip((w1, w3), pairs)),
+      *(s.astype(jnp.float32).reshape(-1) for s in (s1, s3)))
+    return quantize_rows_triton(h, block_amax=amax, interpret=interpret)
+
+
+def fp8_swiglu_triton(x: jax.Array, w1: jax.Array, w3: jax.Array, s1: jax.Array, s3: jax.Array, *, layer=None,
+                      x_scale=None, out_dtype=jnp.bfloat16, interpret: bool = False, pairs: bool | None = None,
+                      **tuning) -> tuple[jax.Array, jax.Array] | None:
+    """SwiGLU's hidden activation quantized for w2, at decode: (h_q [m, n] e4m3, h_scale [m, 1]
+    f32) = quantize_rows(silu_mul(g, u)), g and u the products of x with w1 and w3 (out_dtype),
+    in two launches: one program per (m tile, n tile) takes that tile of both products (each x
+    block read once), runs silu_mul on them and keeps each row's max |h| of the tile; then the
+    quantizer spreads over the row (quantize_rows_triton's block_amax). Where the products were
+    two outputs and the quantizer one program per row of 32,768 (7.2 µs of an H200's decode
+    layer: one SM's worth of silu, for the whole row).
+    Returns None where the plan splits K (few n tiles: the partials need a sum first): the
+    caller runs the products and the fused quantizer instead. Arguments as fp8_matmul_triton's."""
+    (w1, s1, layer_i), (w3, s3, _) = check_stacked(x, w1, s1, layer), check_stacked(x, w3, s3, layer)
+    if w1.shape != w3.shape:
+        raise ValueError(f"fp8_swiglu: w1 {w1.shape} and w3 {w3.shape} must have one shape")
+    m, k = x.shape
+    # Tiled as the grouped launch of both (same bytes per program and in all).
+    cfg = plan(m, 2 * w1.shape[1], k, sms=DEFAULT_SMS if interpret else None, **tuning)
+    if cfg.pop("split_k") > 1:
+        return None
+    paired = tuple(triton_offsets_overflow(w.shape, w.dtype) if pairs is None else bool(pairs) for w in (w1, w3))
+    if any(paired) and k % 2:
+        raise ValueError(f"fp8_swiglu: a weight stack of 2-4 GiB ({tuple(w1.shape)}) is read as byte pairs, "
+                         f"which needs an even k (got k={k})")
+    return _fp8_swiglu(x, x_scale, w1, w3, s1, s3, layer_i, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
+                       pairs=paired, **cfg)

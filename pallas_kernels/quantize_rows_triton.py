@@ -92,19 +92,67 @@ def _kernel(x_ref, *refs, m: int, k: int, kp: int, fused: str | None, stacked: b
     plgpu.store(s_ref.at[pl.ds(r, 1)], scale)
 
 
+# block_amax: elements per program (8 per thread of 4 warps), so a row of 32,768 is 32 programs.
+BLOCK = 1024
+
+
+def _blocks_kernel(x_ref, amax_ref, q_ref, s_ref, *, k: int, interpret: bool):
+    # Program (r, c): block c of row r, x_ref [m, k] -> q_ref [m, k] e4m3; the row's scale from
+    # its blocks' maxima amax_ref [m, nb] (-> s_ref [m], stored by block 0).
+    r, c = pl.program_id(0), pl.program_id(1)
+    nb = amax_ref.shape[1]
+    nbp = next_pow2(nb)
+    blocks_ok = jax.lax.broadcasted_iota(jnp.int32, (nbp,), 0) < nb
+    amax = plgpu.load(amax_ref.at[r, pl.ds(0, nbp)], **({} if nbp == nb else dict(mask=blocks_ok, other=0.0)))
+    amax = jnp.max(amax, keepdims=True)  # [1]: the row's max |x|, exactly
+    scale = jnp.where(amax > 0, amax * (1.0 / E4M3_MAX), 1.0)
+    cols = pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK)
+    ok = c * BLOCK + jax.lax.broadcasted_iota(jnp.int32, (BLOCK,), 0) < k
+    x = plgpu.load(x_ref.at[r, cols], **(dict(mask=ok, other=0.0) if k % BLOCK else {})).astype(jnp.float32)
+    q = jnp.clip(_divide_rows(x, scale, interpret), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    plgpu.store(q_ref.at[r, cols], q, **(dict(mask=ok) if k % BLOCK else {}))
+
+    @pl.when(c == 0)
+    def _():
+        plgpu.store(s_ref.at[pl.ds(r, 1)], scale)
+
+
+def _quantize_blocks(x: jax.Array, block_amax: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    m, k = x.shape
+    if block_amax.ndim != 2 or block_amax.shape[0] != m:
+        raise ValueError(f"quantize_rows_triton: block_amax must be [{m}, blocks] for x {x.shape}; "
+                         f"got {block_amax.shape}")
+    x_q, x_scale = pl.pallas_call(
+        functools.partial(_blocks_kernel, k=k, interpret=interpret),
+        grid=(m, pl.cdiv(k, BLOCK)),
+        out_shape=(jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m,), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="quantize_blocks",
+    )(x, block_amax.astype(jnp.float32))
+    return x_q, x_scale[:, None]
+
+
 @functools.partial(jax.jit, static_argnames=("rows", "eps", "interpret"))
 def quantize_rows_triton(x: jax.Array, *, rows: int | None = None, norm: jax.Array | None = None, eps: float = 0.0,
                          gate: jax.Array | None = None, layer: jax.Array | None = None,
-                         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                         block_amax: jax.Array | None = None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """x [m, k] -> (x_q [rows, k] float8_e4m3fn, x_scale [rows, 1] f32): `quantize_rows` of x, or
     of rms_norm(x, norm, eps) (norm [k]), or of silu_mul(gate, x) (gate [m, k]), in one launch
     (one program per row), padded to `rows` (default m) as `pad_rows` would.
     layer: norm holds every layer's scales [layers, k] and the kernel reads row `layer` in place
     (a model's stacked norms: a slice handed to a custom call is copied first, one more
     memcpy per norm in every layer of every step: ~1.6 µs each on an H200).
+    block_amax: [m, blocks] the max |x| of each row's blocks, taken by the kernel that produced x
+    (fp8_swiglu_triton): no row max is left to take, so the quantization spreads over the row
+    (one program per BLOCK elements) instead of one program per row (no norm=, gate= or rows=).
     `interpret=True` runs in Pallas interpret mode (CPU)."""
     if x.ndim != 2:
         raise ValueError(f"quantize_rows_triton wants x [m, k]; got shape {x.shape}")
+    if block_amax is not None:
+        if norm is not None or gate is not None or (rows or x.shape[0]) != x.shape[0]:
+            raise ValueError("quantize_rows_triton: block_amax= quantizes x as it is (no norm=, gate= or rows=)")
+        return _quantize_blocks(x, block_amax, interpret)
     m, k = x.shape
     rows = m if rows is None else rows
     if rows < m:

@@ -235,6 +235,15 @@ def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatc
             assert norm.ndim == 2 and layer is not None, (norm.shape, layer)
         return plain_quantize(x, norm=norm, eps=eps, gate=gate, layer=layer, impl=impl, interpret=True)
 
+    plain_swiglu = fm.fp8_swiglu
+
+    def interpreted_swiglu(x, w1, w3, s1, s3, *, layer=None, x_scale=None, impl="auto", out_dtype=jnp.bfloat16,
+                           interpret=False):
+        seen.append(("swiglu", impl, w1.ndim, layer is not None, x_scale is not None))
+        return plain_swiglu(x, w1, w3, s1, s3, layer=layer, x_scale=x_scale, impl=impl, out_dtype=out_dtype,
+                            interpret=True)
+
+    monkeypatch.setattr(fm, "fp8_swiglu", interpreted_swiglu)
     monkeypatch.setattr(fm, "fp8_matmul", interpreted)
     monkeypatch.setattr(fm, "fp8_matmul_group", interpreted_group)
     monkeypatch.setattr(fm, "quantize_input", interpreted_quantize)
@@ -243,16 +252,18 @@ def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatc
             module.fp8_impl = kernel
     out = dense_logits(model, tokens)
     # Per layer: the norm fused into qkv's quantization, then the qkv product; o alone,
-    # quantizing its own x; the norm fused again for w1, w3 (grouped or not); silu(w1 x) * w3 x
-    # fused into w2's quantization, then w2.
-    products = [1, 1, 2, 1] if kernel == "triton" else [1, 1, 1, 1, 1]
-    quantized = [True, False, True, True] if kernel == "triton" else [True, False, True, True, True]
-    fused = {"norm": 2, "gate": 1}
-    layers = len([s for s in seen if s[:2] == ("quantize", "gate")])
-    assert layers >= 1
-    per_layer = [s for s in seen if s[0] != "quantize"][: len(products)]
+    # quantizing its own x; the norm fused again for w1, w3, whose products give silu(w1 x) *
+    # w3 x quantized for w2 (fp8_swiglu: on Triton one launch with the products; on the TPU's
+    # kernel the products one at a time, then silu fused into the quantizer), then w2.
+    swiglu = [s for s in seen if s[0] == "swiglu"]
+    layers = len(swiglu)
+    assert layers >= 1 and all(s[1:] == (kernel, 3, True, True) for s in swiglu), swiglu
+    products = [1, 1, 1] if kernel == "triton" else [1, 1, 1, 1, 1]
+    quantized = [True, False, True] if kernel == "triton" else [True, False, True, True, True]
+    fused = {"norm": 2, "gate": 0 if kernel == "triton" else 1}
+    per_layer = [s for s in seen if s[0] not in ("quantize", "swiglu")][: len(products)]
     assert [s[3] for s in per_layer] == products and [s[4] for s in per_layer] == quantized, seen
-    assert all(s[:3] == (kernel, 3, True) for s in seen if s[0] != "quantize"), seen[:3]
+    assert all(s[:3] == (kernel, 3, True) for s in seen if s[0] not in ("quantize", "swiglu")), seen[:3]
     assert {f: sum(s == ("quantize", f) for s in seen) for f in fused} == {f: n * layers for f, n in fused.items()}
     assert rel_err(out, ref) < 1e-5
 

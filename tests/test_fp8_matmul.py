@@ -396,6 +396,72 @@ def test_triton_kernel_lowers_2_to_4_gib_stacks_as_pairs():
     assert "ui16" not in lowered(40, 32768, 5120)
 
 
+@pytest.mark.parametrize("m,k,block", [(1, 2500, 64), (5, 1024, 100), (3, 4096, 4096), (2, 70, 16)])
+def test_quantize_rows_triton_block_amax_interpret(m, k, block):
+    # x quantized with its rows' maxima given per block (by the kernel that produced x): the
+    # same codes and scales as quantize_rows' one program per row, at ragged k and block counts
+    # that are no power of two; a zero row still gets scale 1.
+    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+
+    x = quantize_inputs(m, k, BF16, seed=k + m)
+    if m > 1:
+        x = x.at[m - 1].set(0)
+    xa = np.abs(np.asarray(x, np.float32))
+    blocks = np.stack([xa[:, i:i + block].max(axis=1) for i in range(0, k, block)], axis=1)  # [m, nb]
+    q, scale = quantize_rows_triton(x, block_amax=jnp.asarray(blocks), interpret=True)
+    want_q, want_scale = quantize_rows_triton(x, interpret=True)
+    assert same_bits(q, want_q) and same_bits(scale, want_scale)
+    with pytest.raises(ValueError, match="block_amax"):
+        quantize_rows_triton(x, block_amax=jnp.asarray(blocks[:, :, None]), interpret=True)
+
+
+@pytest.mark.parametrize("m,n,k,stacked,kw", [
+    (1, 70, 200, True, dict(block_n=16, block_k=32)),  # ragged n and k, a stack's last layer
+    (5, 48, 96, False, dict(block_n=16, block_k=32)),
+    (17, 40, 128, True, dict(block_n=32, block_k=64)),  # two row tiles' worth of 16
+])
+def test_triton_swiglu_interpret(m, n, k, stacked, kw):
+    # w1 and w3 in one launch with silu_mul in the epilogue, then the quantizer spread over each
+    # row: the same bits as the Triton products (same tiles) followed by the gate-fused quantizer,
+    # and close to the jnp twin (its products sum in another order).
+    from pallas_kernels.fp8_matmul import fp8_swiglu
+    from pallas_kernels.fp8_matmul_triton import fp8_swiglu_triton
+    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+
+    rng = np.random.default_rng(m + n)
+    layers = 3 if stacked else 1
+    x = jnp.asarray(rng.normal(size=(m, k)) * rng.uniform(0.1, 10.0, size=(m, 1)), BF16)
+    pairs = [quantize_weight(jnp.asarray(rng.normal(size=(layers * n, k)) * 0.1, F32)) for _ in range(2)]
+    (w1, s1), (w3, s3) = [(w.reshape(layers, n, k), sc.reshape(layers, n)) for w, sc in pairs]
+    at = dict(layer=jnp.int32(layers - 1)) if stacked else {}
+    if not stacked:
+        w1, s1, w3, s3 = w1[0], s1[0], w3[0], s3[0]
+    q, scale = fp8_swiglu_triton(x, w1, w3, s1, s3, interpret=True, **kw, **at)
+    gate, up = fp8_matmul_group_triton(x, (w1, w3), (s1, s3), interpret=True, split_k=1, **kw, **at)
+    want_q, want_scale = quantize_rows_triton(up, gate=gate, interpret=True)
+    assert q.shape == (m, n) and same_bits(q, want_q) and same_bits(scale, want_scale)
+    ref_q, ref_scale = fp8_swiglu(x, w1, w3, s1, s3, impl="reference", **at)
+    assert_close_codes(q, scale, ref_q, ref_scale)
+    # Where the plan splits K (few n tiles), the kernel declines and the dispatcher takes the
+    # products and the fused quantizer.
+    assert fp8_swiglu_triton(x, w1, w3, s1, s3, interpret=True, split_k=2, **{**kw, "block_k": 32}, **at) is None
+    q2, s2 = fp8_swiglu(x, w1, w3, s1, s3, impl="triton", interpret=True, **at)
+    assert_close_codes(q2, s2, ref_q, ref_scale)
+
+
+def test_triton_swiglu_lowers_for_cuda():
+    # Both launches lower for CUDA at Mistral-Small-2501's w1/w3 stack (CI has no GPU).
+    from pallas_kernels.fp8_matmul_triton import fp8_swiglu_triton
+
+    w = jax.ShapeDtypeStruct((40, 32768, 5120), jnp.float8_e4m3fn)
+    sc = jax.ShapeDtypeStruct((40, 32768), F32)
+    for m in (1, 16, 32):
+        fn = jax.jit(lambda x, w1, w3, s1, s3, layer: fp8_swiglu_triton(x, w1, w3, s1, s3, layer=layer))
+        text = fn.trace(jax.ShapeDtypeStruct((m, 5120), BF16), w, w, sc, sc,
+                        jax.ShapeDtypeStruct((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 3, m  # x's quantizer, the products, h's quantizer
+
+
 @pytest.mark.parametrize("impl", ["reference", "xla", "triton", "tpu"])
 def test_prequantized_x(impl):
     # x quantized by the caller (as tp shards do with a shared row max) with its scales: the
@@ -628,6 +694,35 @@ def test_quantize_rows_triton_fused_gpu(m, k, fused):
     extra, (ref_q, ref_scale) = fused_reference(x, fused, seed=m)
     x_q, x_scale = quantize_rows_triton(x, **extra)
     assert_close_codes(x_q, x_scale, ref_q, ref_scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("gpu_only")
+@pytest.mark.parametrize("m", [1, 16, 32])
+def test_triton_swiglu_gpu(m):
+    # Compiled, at 2501's w1/w3 shape (a 2-layer stack, its last layer): the same bits as the
+    # Triton products (same tiles, no split) followed by the gate-fused quantizer, and close to
+    # the jnp twin.
+    from pallas_kernels.fp8_matmul import fp8_swiglu
+    from pallas_kernels.fp8_matmul_triton import fp8_swiglu_triton
+    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+
+    rng = np.random.default_rng(m)
+    n, k, layers = 32768, 5120, 2
+    x = jnp.asarray(rng.normal(size=(m, k)) * rng.uniform(0.1, 10.0, size=(m, 1)), BF16)
+    ws = [quantize_weight(jax.random.normal(jax.random.key(i), (layers * n, k), F32) * 0.02) for i in range(2)]
+    (w1, s1), (w3, s3) = [(w.reshape(layers, n, k), sc.reshape(layers, n)) for w, sc in ws]
+    layer = jnp.int32(layers - 1)
+    q, scale = fp8_swiglu_triton(x, w1, w3, s1, s3, layer=layer)
+    cfg = plan(m, 2 * n, k)
+    cfg.pop("split_k")
+    gate, up = fp8_matmul_group_triton(x, (w1, w3), (s1, s3), layer=layer, split_k=1, **cfg)
+    want_q, want_scale = quantize_rows_triton(up, gate=gate)
+    assert same_bits(scale, want_scale)
+    codes = np.asarray(q).view(np.uint8) != np.asarray(want_q).view(np.uint8)
+    assert not codes.any(), f"{codes.sum()} of {codes.size} codes differ"
+    ref_q, ref_scale = fp8_swiglu(x, w1, w3, s1, s3, layer=layer, impl="reference")
+    assert_close_codes(q, scale, ref_q, ref_scale)
 
 
 @pytest.mark.gpu
