@@ -89,6 +89,17 @@ def summarize(args):
                 per = f" = {{:.3f}} ms per step ({args.steps} steps)" if args.steps else ""
                 for kind, ns in list(kinds.most_common()) + [("idle between kernels", gap)]:
                     print(f"    {kind:22s} {ns / 1e6:8.2f} ms" + (per.format(ns / 1e6 / args.steps) if per else ""))
+                # Where the idle time sits: the gaps summed by the kernels on either side of them.
+                events.sort(key=lambda e: e.start_ns)
+                gaps, gap_count = collections.Counter(), collections.Counter()
+                for a, b in zip(events, events[1:]):
+                    idle = b.start_ns - (a.start_ns + a.duration_ns)
+                    if idle > 0:
+                        pair = f"{a.name[:40]} -> {b.name[:40]}"
+                        gaps[pair] += idle
+                        gap_count[pair] += 1
+                for pair, ns in gaps.most_common(args.gaps):
+                    print(f"    gap {ns / 1e6:8.3f} ms {gap_count[pair]:5d}x  {pair}")
 
 
 def main():
@@ -104,6 +115,7 @@ def main():
     s = sub.add_parser("summarize")
     s.add_argument("trace")
     s.add_argument("--top", type=int, default=8)
+    s.add_argument("--gaps", type=int, default=12, help="idle gaps listed, by the kernels around them")
     s.add_argument("--steps", type=int, default=0, help="decode steps traced: print kinds per step")
     args = ap.parse_args()
     run(args) if args.cmd == "run" else summarize(args)

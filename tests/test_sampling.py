@@ -379,17 +379,3 @@ def test_valid_edge_values_and_normalization():
     assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-5).greedy
     assert SamplingParams(seed=np.int64(7)).seed == 7
 
-
-def test_top_logprobs_skipped_when_no_row_asks():
-    # The program always has room for the top logprobs (static num_logprobs); the sort runs only
-    # when some row asked for them (logprobs >= 1): otherwise the slots are -inf / id 0, which
-    # the engine never reads for such rows. logprobs=0 asks for the chosen token's only.
-    x = random_logits(11, (3, 300))
-    nobody = run(x, SamplingArrays.from_params([SamplingParams(), SamplingParams(logprobs=0)], pad_to=3),
-                 num_logprobs=5)
-    assert np.all(nobody.top_logprobs == -np.inf) and not nobody.top_ids.any()
-    np.testing.assert_allclose(nobody.logprob, log_softmax(x)[np.arange(3), nobody.tokens], atol=1e-5)
-    one = run(x, SamplingArrays.from_params([SamplingParams(), SamplingParams(logprobs=2)], pad_to=3), num_logprobs=5)
-    want_ids = np.argsort(-log_softmax(x), axis=-1, kind="stable")[:, :5]
-    np.testing.assert_array_equal(one.top_ids, want_ids)  # every row gets them once one asks
-    assert SamplingArrays.from_params([SamplingParams(logprobs=3)], pad_to=2).wants_top.tolist() == [True, False]
