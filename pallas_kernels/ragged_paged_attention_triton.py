@@ -221,21 +221,22 @@ def _launch(q4, k5, v5, layer, tile_seq, tile_q0, kv_lens, cu, pages, *, BQ, BK,
 
 
 def _combine_kernel(seq_ref, tok_ref, dec_ref, o_ref, lse_ref, out_ref, *, NS: int, G: int, D: int):
-    # One packed row t and kv head h: the decode launch's num_splits partials of the row's
-    # G query heads (o_ref [NS, tiles, BQ + 1, Hkv, G, D] f32, lse_ref [NS, tiles, BQ + 1, Hkv, G]
-    # base-2 log-sum-exps) merged by their softmax weights; out_ref [T, Hkv, GP, BD] (padded).
+    # One packed row t and kv head h: the decode launch's NS partials of the row's G query heads
+    # (o_ref [NS, tiles, BQ + 1, Hkv, G, D] f32, lse_ref [NS, tiles, BQ + 1, Hkv, G] base-2
+    # log-sum-exps) merged by their softmax weights; out_ref [T, Hkv, GP, BD] (padded). The
+    # splits are unrolled: each is one contiguous [G, D] load, all independent of each other.
     t, h = pl.program_id(0), pl.program_id(1)
     GP, BD = out_ref.shape[2:]
     s, tok, dec = seq_ref[t], tok_ref[t], dec_ref[t]
-    sp = lax.broadcasted_iota(jnp.int32, (next_pow2(NS), 1), 0)  # [NSP, 1]
-    g = jnp.minimum(lax.broadcasted_iota(jnp.int32, (1, GP), 1), G - 1)  # [1, GP] (pads repeat G - 1)
-    lse = plgpu.load(lse_ref.at[jnp.minimum(sp, NS - 1), s, tok, h, g], mask=sp < NS, other=-jnp.inf)  # [NSP, GP]
-    m = jnp.max(lse, axis=0, keepdims=True)  # [1, GP]
-    w = jnp.exp2(lse - m)  # [NSP, GP]; 0 for the split padding
-    d = jnp.minimum(lax.broadcasted_iota(jnp.int32, (1, 1, BD), 2), D - 1)
-    o = plgpu.load(o_ref.at[jnp.minimum(sp, NS - 1)[:, :, None], s, tok, h, g[:, :, None], d],
-                   mask=(sp < NS)[:, :, None], other=0.0)  # [NSP, GP, BD]
-    out = jnp.sum(o * w[:, :, None], axis=0) / jnp.sum(w, axis=0)[:, None]  # [GP, BD]
+    g = lax.broadcasted_iota(jnp.int32, (GP, 1), 0)
+    d = lax.broadcasted_iota(jnp.int32, (1, BD), 1)
+    # Index arrays clamped only where G or D is padded: plain iotas keep the loads contiguous.
+    g_idx, d_idx = (jnp.minimum(g, G - 1) if GP != G else g), (jnp.minimum(d, D - 1) if BD != D else d)
+    lses = [plgpu.load(lse_ref.at[i, s, tok, h, g_idx]) for i in range(NS)]  # each [GP, 1]
+    m = functools.reduce(jnp.maximum, lses)
+    ws = [jnp.exp2(lse - m) for lse in lses]
+    acc = functools.reduce(jnp.add, [plgpu.load(o_ref.at[i, s, tok, h, g_idx, d_idx]) * w for i, w in enumerate(ws)])
+    out = acc / functools.reduce(jnp.add, ws)  # [GP, BD]
     plgpu.store(out_ref.at[t, h], jnp.where(dec > 0, out, 0.0).astype(out_ref.dtype))
 
 

@@ -167,6 +167,20 @@ def test_unsupported_group_raises():
 
 
 # ------------------------------------------------------------------------------------------
+def test_lowers_for_cuda_at_mistral_small_decode():
+    # CI has no GPU: lowering for CUDA (Triton's own checks) at 2501's decode shapes, a stacked
+    # 40-layer pool, catches what interpret mode lets through. Launches: decode, its combine and
+    # the prefill tiles (a bucket of 8 rows may hold a prefill chunk).
+    T, S, Hq, Hkv, D = 8, 8, 32, 8, 128
+    pool = jax.ShapeDtypeStruct((40, 64, 16, Hkv, D), jnp.bfloat16)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    fn = jax.jit(lambda q, k, v, lens, pages, cu, n, layer: ragged_paged_attention_triton(
+        q, k, v, lens, pages, cu, n, layer=layer))
+    text = fn.trace(jax.ShapeDtypeStruct((T, Hq, D), jnp.bfloat16), pool, pool, i32(S), i32(S, 16), i32(S + 1),
+                    i32(), i32()).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
+
+
 # GPU (run on the device: python -m pytest -q -m gpu tests/test_ragged_paged_attention_triton.py)
 # ------------------------------------------------------------------------------------------
 
