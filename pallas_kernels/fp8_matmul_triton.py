@@ -39,6 +39,10 @@ Design
   with its own refs, scales and output. At decode a small projection's product is ~8 µs of
   streaming against several µs of per-launch cost; grouping q, k, v took a decode step of
   Mistral-Small-2501 from 12.0 to 11.4 ms (benchmarks/NOTES.md).
+* SwiGLU (`fp8_swiglu_triton`, decode): one program takes the same tile of w1 and w3 (two
+  accumulators over one x block stream) and runs silu_mul in the epilogue, writing h and each
+  row's max |h| over the tile; the quantization of h for w2 then needs no row pass of its own
+  (quantize_rows_triton's block_amax). Only where the plan does not split K.
 * Split-K (decode): with few (m, n) tiles the SMs would idle while streaming the weights, so
   K is cut into `split_k` contiguous ranges of whole blocks; each program writes its raw f32
   partial sum [split_k, m, n], and XLA adds them and applies the scales (a tiny epilogue when

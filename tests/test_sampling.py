@@ -378,4 +378,3 @@ def test_valid_edge_values_and_normalization():
     assert p.greedy and p.stop == ["###"] and p.stop_token_ids == []
     assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-5).greedy
     assert SamplingParams(seed=np.int64(7)).seed == 7
-
