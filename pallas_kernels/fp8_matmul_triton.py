@@ -252,6 +252,30 @@ def _kernel(layer_ref, x_ref, xs_ref, *refs, ns: tuple[int, ...], pairs: tuple[b
         start += pl.cdiv(n, tile_kw["bn"])
 
 
+def _operands(x, x_scale, ws, w_scales, layer, pairs, interpret):
+    """The launches' operands: (layer [1] i32, x_q [m, k] e4m3, x_scale [m] f32, each weight as
+    the kernel reads it, each weight's scales [layers * n]), and x_scale [m, 1].
+    Each weight whole ([layers * n, k], or as uint16 byte pairs where `pairs` says) and its scales
+    from their whole stack too: a layer's slice handed to a custom call would be copied first,
+    one more small kernel per product (~1.5 µs at decode:
+    benchmarks/results/2026-11-24_h100_fp8_decode/)."""
+    k = x.shape[1]
+    x_q, x_scale = quantize_unless(x, x_scale, functools.partial(quantize_input, impl="triton", interpret=interpret))
+    weights = [as_pairs(w.reshape(-1, k)) if p else w.reshape(-1, k) for w, p in zip(ws, pairs)]
+    scales = [s.astype(jnp.float32).reshape(-1) for s in w_scales]
+    return (jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0], *weights, *scales), x_scale
+
+
+def _paired(ws, k: int, pairs: bool | None) -> tuple[bool, ...]:
+    """Which stacks [layers, n, k] go in as byte pairs (None: the 2-4 GiB ones, see the module
+    docstring; True or False: all of them so)."""
+    paired = tuple(triton_offsets_overflow(w.shape, w.dtype) if pairs is None else bool(pairs) for w in ws)
+    if any(paired) and k % 2:
+        raise ValueError(f"fp8_matmul_triton: a weight stack of 2-4 GiB ({[tuple(w.shape) for w in ws]}) "
+                         f"is read as byte pairs, which needs an even k (got k={k}); use impl='mgpu' or 'xla'")
+    return paired
+
+
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "block_m", "block_n",
                                              "block_k", "split_k", "num_warps", "num_stages", "pairs"))
 def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_m, block_n, block_k, split_k,
@@ -261,11 +285,7 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
     m, k = x.shape
     ns = tuple(w.shape[1] for w in ws)
     bm, bn, bk = block_m, block_n, block_k
-    x_q, x_scale = quantize_unless(x, x_scale, functools.partial(quantize_input, impl="triton", interpret=interpret))
-    # The kernel reads each weight's scales from their whole stack, as it does the weights: a
-    # layer's slice handed to it would be one more small kernel per product (a dynamic-slice
-    # fusion, ~1.5 µs at decode: benchmarks/results/2026-11-24_h100_fp8_decode/).
-    scale_stacks = [s.astype(jnp.float32).reshape(-1) for s in w_scales]  # [layers * n_g]
+    operands, x_scale = _operands(x, x_scale, ws, w_scales, layer, pairs, interpret)
     kernel = functools.partial(_kernel, ns=ns, pairs=pairs, k=k, m=m, bm=bm, bn=bn, bk=bk, split_k=split_k)
     out_shape = tuple(jax.ShapeDtypeStruct((split_k, m, n), jnp.float32) if split_k > 1
                       else jax.ShapeDtypeStruct((m, n), out_dtype) for n in ns)
@@ -276,8 +296,7 @@ def _fp8_matmul(x, x_scale, ws, w_scales, layer, *, out_dtype, interpret, block_
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="fp8_matmul",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0],
-      *(as_pairs(w.reshape(-1, k)) if p else w.reshape(-1, k) for w, p in zip(ws, pairs)), *scale_stacks)
+    )(*operands)
     if split_k > 1:  # the partials' sum and both scales: one XLA fusion per weight
         layer_scales = [jax.lax.dynamic_index_in_dim(s, layer, keepdims=False).astype(jnp.float32) for s in w_scales]
         outs = tuple(scale_output(jnp.sum(o, axis=0), x_scale, s, out_dtype) for o, s in zip(outs, layer_scales))
@@ -303,10 +322,7 @@ def fp8_matmul_group_triton(x: jax.Array, ws, w_scales, *, layer=None, x_scale=N
     x quantized once, the grid's n tiles spread over all of them. Returns one y per weight."""
     checked = [check_stacked(x, w, s, layer) for w, s in zip(ws, w_scales)]
     m, k = x.shape
-    paired = tuple(triton_offsets_overflow(w.shape, w.dtype) if pairs is None else bool(pairs) for w, _, _ in checked)
-    if any(paired) and k % 2:
-        raise ValueError(f"fp8_matmul_triton: a weight stack of 2-4 GiB ({[tuple(w.shape) for w, _, _ in checked]}) "
-                         f"is read as byte pairs, which needs an even k (got k={k}); use impl='mgpu' or 'xla'")
+    paired = _paired([w for w, _, _ in checked], k, pairs)
     cfg = plan(m, sum(w.shape[1] for w, _, _ in checked), k, sms=DEFAULT_SMS if interpret else None, **tuning)
     return _fp8_matmul(x, x_scale, tuple(w for w, _, _ in checked), tuple(s for _, s, _ in checked),
                        checked[0][2], out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret), pairs=paired, **cfg)
@@ -319,7 +335,7 @@ def _fp8_swiglu(x, x_scale, w1, w3, s1, s3, layer, *, out_dtype, interpret, bloc
     # w1, w3: [layers, n, k] e4m3; s1, s3: [layers, n]; layer: [] i32 -> (h_q [m, n], h_scale [m, 1])
     m, k = x.shape
     n = w1.shape[1]
-    x_q, x_scale = quantize_unless(x, x_scale, functools.partial(quantize_input, impl="triton", interpret=interpret))
+    operands, _ = _operands(x, x_scale, (w1, w3), (s1, s3), layer, pairs, interpret)
     n_tiles = pl.cdiv(n, block_n)
     kernel = functools.partial(_swiglu_kernel, pairs=pairs, k=k, m=m, n=n, bm=block_m, bn=block_n, bk=block_k)
     h, amax = pl.pallas_call(
@@ -329,9 +345,7 @@ def _fp8_swiglu(x, x_scale, w1, w3, s1, s3, layer, *, out_dtype, interpret, bloc
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="fp8_swiglu",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x_q, x_scale[:, 0],
-      *(as_pairs(w.reshape(-1, k)) if p else w.reshape(-1, k) for w, p in zip((w1, w3), pairs)),
-      *(s.astype(jnp.float32).reshape(-1) for s in (s1, s3)))
+    )(*operands)
     return quantize_rows_triton(h, block_amax=amax, interpret=interpret)
 
 
@@ -355,9 +369,5 @@ def fp8_swiglu_triton(x: jax.Array, w1: jax.Array, w3: jax.Array, s1: jax.Array,
     cfg = plan(m, 2 * w1.shape[1], k, sms=DEFAULT_SMS if interpret else None, **tuning)
     if cfg.pop("split_k") > 1:
         return None
-    paired = tuple(triton_offsets_overflow(w.shape, w.dtype) if pairs is None else bool(pairs) for w in (w1, w3))
-    if any(paired) and k % 2:
-        raise ValueError(f"fp8_swiglu: a weight stack of 2-4 GiB ({tuple(w1.shape)}) is read as byte pairs, "
-                         f"which needs an even k (got k={k})")
     return _fp8_swiglu(x, x_scale, w1, w3, s1, s3, layer_i, out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),
-                       pairs=paired, **cfg)
+                       pairs=_paired((w1, w3), k, pairs), **cfg)

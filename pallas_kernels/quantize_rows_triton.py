@@ -63,6 +63,13 @@ def _divide_rows(x: jax.Array, scale: jax.Array, interpret: bool) -> jax.Array:
                 "fma.rn.f32 $0, e, $3, q; }", x, s, r)
 
 
+def _quantized(x: jax.Array, amax: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """x [kp] f32 (part of) a row whose max |x| is amax [1] -> (x_q [kp] e4m3, scale [1] f32), as
+    quantize_rows computes them."""
+    scale = jnp.where(amax > 0, amax * (1.0 / E4M3_MAX), 1.0)
+    return jnp.clip(_divide_rows(x, scale, interpret), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn), scale
+
+
 def _kernel(x_ref, *refs, m: int, k: int, kp: int, fused: str | None, stacked: bool, eps: float, interpret: bool):
     # One row: x_ref [m, k]; refs: the fused op's input (norm scale [k], or with `stacked` the
     # scales of every layer [layers, k] then the layer [1] i32; or gate [m, k]), then
@@ -85,9 +92,7 @@ def _kernel(x_ref, *refs, m: int, k: int, kp: int, fused: str | None, stacked: b
     elif fused == "gate":
         x = silu_mul(load(extra[0].at[r, pl.ds(0, kp)], row_ok), x)
     x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), keepdims=True)  # [1]
-    scale = jnp.where(amax > 0, amax * (1.0 / E4M3_MAX), 1.0)
-    q = jnp.clip(_divide_rows(x, scale, interpret), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    q, scale = _quantized(x, jnp.max(jnp.abs(x), keepdims=True), interpret)
     plgpu.store(q_ref.at[r, pl.ds(0, kp)], q, **({} if col_ok is None else dict(mask=col_ok)))
     plgpu.store(s_ref.at[pl.ds(r, 1)], scale)
 
@@ -104,12 +109,10 @@ def _blocks_kernel(x_ref, amax_ref, q_ref, s_ref, *, k: int, interpret: bool):
     nbp = next_pow2(nb)
     blocks_ok = jax.lax.broadcasted_iota(jnp.int32, (nbp,), 0) < nb
     amax = plgpu.load(amax_ref.at[r, pl.ds(0, nbp)], **({} if nbp == nb else dict(mask=blocks_ok, other=0.0)))
-    amax = jnp.max(amax, keepdims=True)  # [1]: the row's max |x|, exactly
-    scale = jnp.where(amax > 0, amax * (1.0 / E4M3_MAX), 1.0)
     cols = pl.ds(pl.multiple_of(c * BLOCK, BLOCK), BLOCK)
     ok = c * BLOCK + jax.lax.broadcasted_iota(jnp.int32, (BLOCK,), 0) < k
     x = plgpu.load(x_ref.at[r, cols], **(dict(mask=ok, other=0.0) if k % BLOCK else {})).astype(jnp.float32)
-    q = jnp.clip(_divide_rows(x, scale, interpret), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    q, scale = _quantized(x, jnp.max(amax, keepdims=True), interpret)  # the row's max |x|, exactly
     plgpu.store(q_ref.at[r, cols], q, **(dict(mask=ok) if k % BLOCK else {}))
 
     @pl.when(c == 0)
