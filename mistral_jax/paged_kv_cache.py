@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from pallas_kernels.ragged_paged_attention import attention_schedule, ragged_paged_attention, write_kv_pages
 
 from .config import ModelConfig
+from .page_allocator import NULL_PAGE
 from .sharding import constrain, current_mesh
 
 PAGE_AXES = ("layers", None, None, "kv_heads", "head_dim")
@@ -64,7 +65,9 @@ class PagedKVCache:
     ) -> tuple[jax.Array, "PagedKVCache"]:
         """q: [1, num_tokens, n_heads, head_dim]; k, v: [1, num_tokens, n_kv_heads, head_dim].
         `positions` already placed the rotary phases; where the tokens go is slot_mapping."""
-        ck, cv = write_kv_pages(self.k, self.v, k[0], v[0], self.slot_mapping, layer=layer)
+        # Padding tokens write into the null page, which no sequence reads: unconditional writes.
+        ck, cv = write_kv_pages(self.k, self.v, k[0], v[0], self.slot_mapping, layer=layer,
+                                trash_slot=NULL_PAGE * self.k.shape[-3])
         out = ragged_paged_attention(
             q[0], ck, cv, self.kv_lens, self.page_indices, self.cu_q_lens, self.num_seqs,
             layer=layer, impl=self.impl, mesh=current_mesh(),  # Pallas kernels: one call per tp shard

@@ -192,6 +192,30 @@ def test_write_kv_pages_drops_padding():
     np.testing.assert_array_equal(np.asarray(vp), evp.reshape(3, 2, 1, 4))
 
 
+def test_write_kv_pages_trash_slot():
+    # With trash_slot, padding goes there (an unconditional write) and every other slot gets
+    # what the dropping write gives; stacked pools, the layer asked for only.
+    k_pages = jnp.ones((2, 3, 2, 1, 4))
+    v_pages = jnp.ones((2, 3, 2, 1, 4)) * 2
+    k_new = jnp.arange(4 * 4, dtype=jnp.float32).reshape(4, 1, 4) + 10
+    v_new = -k_new
+    slots = jnp.array([5, -1, 3, 6], jnp.int32)  # -1 and 6 (== num slots) are padding
+    kd, vd = write_kv_pages(k_pages, v_pages, k_new, v_new, slots, layer=jnp.int32(1))
+    kt, vt = write_kv_pages(k_pages, v_pages, k_new, v_new, slots, layer=jnp.int32(1), trash_slot=0)
+    for dropped, trashed, new in ((kd, kt, k_new), (vd, vt, v_new)):
+        d, t = np.asarray(dropped).reshape(2, 6, 1, 4), np.asarray(trashed).reshape(2, 6, 1, 4)
+        np.testing.assert_array_equal(t[:, 1:], d[:, 1:])
+        np.testing.assert_array_equal(t[0], d[0])  # the other layer untouched
+        assert any((t[1, 0] == new[i]).all() for i in (1, 3))  # one padding row landed in the trash
+    # One token (a plain update slice): in range, then padding into the trash slot.
+    for slot, at in ((4, 4), (-1, 0), (6, 0)):
+        kt, _ = write_kv_pages(k_pages, v_pages, k_new[:1], v_new[:1], jnp.array([slot], jnp.int32),
+                               layer=jnp.int32(1), trash_slot=0)
+        want = np.ones((2, 6, 1, 4))
+        want[1, at] = k_new[0]
+        np.testing.assert_array_equal(np.asarray(kt).reshape(2, 6, 1, 4), want)
+
+
 def test_write_then_attend_matches_dense_cache():
     """Two serving steps over paged KV (a ragged prefill, then mixed decode + chunk) equal the
     dense cache's attend for the same sequences."""
