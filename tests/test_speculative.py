@@ -304,7 +304,9 @@ def test_draft_model_errors_name_the_problem(tiny_checkpoints, small_vocab_model
 def test_draft_model_adds_only_its_own_programs(tiny_checkpoints, other_tiny):
     llm = make_llm(tiny_checkpoints[0], draft(other_tiny, 4), warmup=True)
     buckets = len(llm.engine.token_buckets())
-    assert llm.warmup_programs == llm.engine.programs() == 3 * buckets + 1 + 1  # rows buckets 8 (max_num_seqs 8)
+    # step, prompt logprobs and draft step per token bucket; top logprobs per sequence bucket (1,
+    # 2, 4, 8); the penalty-row reset; the proposal per row bucket (8: max_num_seqs 8)
+    assert llm.warmup_programs == llm.engine.programs() == 3 * buckets + 4 + 1 + 1
     compiles = COMPILES.count
     llm.generate(repetitive_prompts(12, seed=4), mixed_params(12, seed=4))
     llm.generate(repetitive_prompts(3, seed=4), GREEDY)

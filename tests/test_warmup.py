@@ -35,9 +35,10 @@ MIX = [GREEDY,
 
 
 def test_warmup_compiles_the_known_program_set(warm):
-    # token buckets 1..64 (7) x (step, prompt logprobs) + the penalty-row reset (whether each
-    # compiled here or was already in this test process's jit caches: the next test counts)
-    assert warm.warmup_programs == warm.engine.programs() == 15 and warm.warmup_seconds > 0
+    # token buckets 1..64 (7) x (step, prompt logprobs) + top logprobs per sequence bucket (1, 2,
+    # 4, 8: max_num_seqs 8) + the penalty-row reset (whether each compiled here or was already in
+    # this test process's jit caches: the next test counts)
+    assert warm.warmup_programs == warm.engine.programs() == 7 * 2 + 4 + 1 and warm.warmup_seconds > 0
 
 
 def test_scripted_session_compiles_nothing(warm):
