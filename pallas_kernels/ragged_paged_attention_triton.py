@@ -124,7 +124,7 @@ def _attn_kernel(
         n_blocks = pl.cdiv(kv_hi, BK)
         per_split = pl.cdiv(n_blocks, num_splits)
         b_lo = jnp.minimum(split * per_split, n_blocks)
-        b_hi = jnp.minimum(b_lo + per_split, n_blocks)
+        b_hi = jnp.minimum(b_lo + per_split, n_blocks)  # past _splits_used: empty, nothing stored
         # Blocks wholly visible to every row of the tile (the first row sees the fewest):
         # no causal / length mask needed there.
         full = jnp.clip(kv_len - q_len + q0 + 1, 0, kv_len) // BK
@@ -179,14 +179,16 @@ def _attn_kernel(
         # read-modify-write scatter, and a clamped duplicate index would clobber a real row.
         st_mask = (row_ok & d_ok) if BD != D else row_ok
         if lse_refs:
-            # Decode partials are indexed [split, tile, token in tile (+ trash), kvh, g, d].
+            # Decode partials are indexed [split, tile, token in tile (+ trash), kvh, g, d]. An
+            # empty split stores nothing: the combine reads only the splits that have blocks.
+            used = b_lo < b_hi
             st_tok = jnp.where(st_mask, tok_in_tile, BQ)
             plgpu.store(o_ref.at[split, tile, st_tok, kvh, g_idx, d_idx],
-                        out.astype(o_ref.dtype), mask=st_mask)
+                        out.astype(o_ref.dtype), mask=st_mask & used)
             lse = jnp.where(has, m_i + jnp.log2(jnp.where(has, l_i, 1.0)), MASK_VALUE)  # base 2
             (lse_ref,) = lse_refs
             plgpu.store(lse_ref.at[split, tile, jnp.where(row_ok, tok_in_tile, BQ), kvh, g_idx],
-                        lse, mask=row_ok)
+                        lse, mask=row_ok & used)
         else:
             st_row = jnp.where(st_mask, t_row, T)
             plgpu.store(o_ref.at[st_row, kvh, g_idx, d_idx], out.astype(o_ref.dtype),
@@ -220,27 +222,42 @@ def _launch(q4, k5, v5, layer, tile_seq, tile_q0, kv_lens, cu, pages, *, BQ, BK,
     )(layer, tile_seq, tile_seq if tile_q0 is None else tile_q0, kv_lens, cu, pages, q4, k5, v5)
 
 
-def _combine_kernel(seq_ref, tok_ref, dec_ref, o_ref, lse_ref, out_ref, *, NS: int, G: int, D: int):
-    # One packed row t and kv head h: the decode launch's NS partials of the row's G query heads
+def _splits_used(n_blocks, num_splits: int):
+    """How many of a decode tile's num_splits pieces hold KV blocks (the kernel gives each
+    cdiv(n_blocks, num_splits) blocks; the rest are empty): at batch 1 on an H200 the launch
+    has 64 splits, of which a 100-token context fills 2."""
+    return pl.cdiv(n_blocks, jnp.maximum(pl.cdiv(n_blocks, num_splits), 1))
+
+
+def _combine_kernel(seq_ref, tok_ref, dec_ref, kv_lens_ref, o_ref, lse_ref, out_ref, *, NS: int, G: int, D: int,
+                    BK: int):
+    # One packed row t and kv head h: the decode launch's partials of the row's G query heads
     # (o_ref [NS, tiles, BQ + 1, Hkv, G, D] f32, lse_ref [NS, tiles, BQ + 1, Hkv, G] base-2
-    # log-sum-exps) merged by their softmax weights; out_ref [T, Hkv, GP, BD] (padded). The
-    # splits are unrolled: each is one contiguous [G, D] load, all independent of each other.
+    # log-sum-exps) merged by their softmax weights; out_ref [T, Hkv, GP, BD] (padded). Only the
+    # splits that hold blocks are read (the others stored nothing), each as one contiguous
+    # [G, D] load; the sums run in split order, so empty splits (weight exactly 0) change no bit.
     t, h = pl.program_id(0), pl.program_id(1)
     GP, BD = out_ref.shape[2:]
     s, tok, dec = seq_ref[t], tok_ref[t], dec_ref[t]
+    n_used = _splits_used(pl.cdiv(kv_lens_ref[s], BK), NS)  # a decode tile sees all of its kv_len
     g = lax.broadcasted_iota(jnp.int32, (GP, 1), 0)
     d = lax.broadcasted_iota(jnp.int32, (1, BD), 1)
     # Index arrays clamped only where G or D is padded: plain iotas keep the loads contiguous.
     g_idx, d_idx = (jnp.minimum(g, G - 1) if GP != G else g), (jnp.minimum(d, D - 1) if BD != D else d)
-    lses = [plgpu.load(lse_ref.at[i, s, tok, h, g_idx]) for i in range(NS)]  # each [GP, 1]
-    m = functools.reduce(jnp.maximum, lses)
-    ws = [jnp.exp2(lse - m) for lse in lses]
-    acc = functools.reduce(jnp.add, [plgpu.load(o_ref.at[i, s, tok, h, g_idx, d_idx]) * w for i, w in enumerate(ws)])
-    out = acc / functools.reduce(jnp.add, ws)  # [GP, BD]
+    lse_of = lambda i: plgpu.load(lse_ref.at[i, s, tok, h, g_idx])  # [GP, 1]  # noqa: E731
+    m = lax.fori_loop(1, n_used, lambda i, m: jnp.maximum(m, lse_of(i)), lse_of(0))
+
+    def add(i, carry):
+        acc, l = carry
+        w = jnp.exp2(lse_of(i) - m)
+        return acc + plgpu.load(o_ref.at[i, s, tok, h, g_idx, d_idx]) * w, l + w
+
+    acc, l = lax.fori_loop(0, n_used, add, (jnp.zeros((GP, BD), jnp.float32), jnp.zeros((GP, 1), jnp.float32)))
+    out = acc / l  # [GP, BD]; rows not decoded here (n_used 0) are replaced below
     plgpu.store(out_ref.at[t, h], jnp.where(dec > 0, out, 0.0).astype(out_ref.dtype))
 
 
-def _combine(o_part, lse, seq_c, tok, row_dec, dtype, *, interpret: bool):
+def _combine(o_part, lse, seq_c, tok, row_dec, kv_lens, dtype, *, BK: int, interpret: bool):
     """The decode launch's partials -> its packed rows' output [T, Hkv, G, D] in `dtype` (rows
     not decoded by it: 0), in one launch (as XLA ops: max, exp, sum and a gather, three small
     kernels in every layer)."""
@@ -248,13 +265,13 @@ def _combine(o_part, lse, seq_c, tok, row_dec, dtype, *, interpret: bool):
     T = seq_c.shape[0]
     GP, BD = next_pow2(G), max(16, next_pow2(D))
     out = pl.pallas_call(
-        functools.partial(_combine_kernel, NS=NS, G=G, D=D),
+        functools.partial(_combine_kernel, NS=NS, G=G, D=D, BK=BK),
         grid=(T, Hkv),
         out_shape=jax.ShapeDtypeStruct((T, Hkv, GP, BD), dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="rpa_combine",
-    )(seq_c, tok, row_dec, o_part, lse)
+    )(seq_c, tok, row_dec, kv_lens, o_part, lse)
     return out if (GP, BD) == (G, D) else out[:, :, :G, :D]
 
 
@@ -329,7 +346,8 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer,
     o_part, lse = _launch(q4, k_pages, v_pages, layer, sched["dec_seq"], None, kv_lens, cu, pages,
                           BQ=bq_dec, BK=cfg["bk_dec"], num_splits=ns, partial=True,
                           num_warps=warps_dec, name="rpa_decode", **common)
-    out = _combine(o_part, lse, sched["seq_c"], sched["tok"], sched["row_dec"], q.dtype, interpret=interpret)
+    out = _combine(o_part, lse, sched["seq_c"], sched["tok"], sched["row_dec"], kv_lens, q.dtype, BK=cfg["bk_dec"],
+                   interpret=interpret)
     if cfg["n_pre_tiles"]:
         o_pre = _launch(q4, k_pages, v_pages, layer, sched["pre_seq"], sched["pre_q0"], kv_lens, cu, pages,
                         BQ=cfg["bq_pre"], BK=cfg["bk_pre"], num_splits=1, partial=False,

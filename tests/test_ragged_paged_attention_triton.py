@@ -74,6 +74,40 @@ def test_long_prefill_tiles_and_kv_splits():
     run_check(args, 1e-5, tuning=dict(num_splits=1, block_k_dec=16, block_k_pre=32))
 
 
+
+def test_short_contexts_fill_few_splits():
+    """Decodes whose contexts fill 1, 3, 6 and all 16 of 16 splits (block 16): the empty splits
+    store nothing and the combine reads only the filled ones."""
+    rng = np.random.default_rng(33)
+    args = make_batch(rng, [(1, 5), (1, 40), (2, 90), (1, 250)], page_size=4, n_heads=8, n_kv=2, head_dim=24,
+                      max_seqs=5)
+    run_check(args, 1e-5, tuning=dict(num_splits=16, block_k_dec=16))
+
+
+def test_combine_reads_only_the_filled_splits():
+    """The combine's merge of a decode tile's partials, against numpy over the splits that hold
+    blocks; the other splits hold NaN (what an empty split leaves: it stores nothing)."""
+    from pallas_kernels.ragged_paged_attention_triton import _combine
+
+    rng = np.random.default_rng(34)
+    NS, S, BQ, Hkv, G, D, BK = 8, 3, 4, 2, 3, 24, 16
+    kv_lens = np.array([5, 40, 300], np.int32)  # 1, 3 and 7 of 8 splits filled (300: 19 blocks, 3 a split)
+    used = [1, 3, 7]
+    o = rng.standard_normal((NS, S, BQ + 1, Hkv, G, D)).astype(np.float32)
+    lse = (rng.standard_normal((NS, S, BQ + 1, Hkv, G)) * 3).astype(np.float32)
+    for s, n in enumerate(used):
+        o[n:, s], lse[n:, s] = np.nan, np.nan
+    seq_c = np.array([0, 1, 2, 2], np.int32)  # packed rows: one decode token each, the last row padding
+    tok, row_dec = np.zeros(4, np.int32), np.array([1, 1, 1, 0], np.int32)
+    out = np.asarray(_combine(*map(jnp.asarray, (o, lse, seq_c, tok, row_dec, kv_lens)), jnp.float32, BK=BK,
+                              interpret=True))
+    for t, s in enumerate(seq_c[:3]):
+        w = np.exp2(lse[: used[s], s, 0] - lse[: used[s], s, 0].max(axis=0))  # [n, Hkv, G]
+        want = (o[: used[s], s, 0] * w[..., None]).sum(axis=0) / w.sum(axis=0)[..., None]
+        np.testing.assert_allclose(out[t], want, rtol=1e-5, atol=1e-6)
+    assert (out[3] == 0).all()
+
+
 def test_zero_length_queries_empty_slots_and_sm_scale():
     rng = np.random.default_rng(4)
     args = make_batch(rng, [(2, 5), (0, 7), (1, 4), (0, 0)], page_size=4, n_heads=4, n_kv=2,
