@@ -65,7 +65,12 @@ def summarize(args):
     from jax.profiler import ProfileData
 
     for path in glob.glob(os.path.join(args.trace, "**", "*.xplane.pb"), recursive=True):
-        for plane in ProfileData.from_file(path).planes:
+        planes = list(ProfileData.from_file(path).planes)
+        host_events = [(e, line.name) for p in planes if p.name.startswith("/host:CPU")
+                       for line in p.lines for e in line.events]
+        for plane in planes:
+            if plane.name.startswith("/host:CPU") and args.host:
+                _summarize_host(plane, args.host)
             if not plane.name.startswith("/device:GPU"):
                 continue
             print(plane.name)
@@ -100,6 +105,42 @@ def summarize(args):
                         gap_count[pair] += 1
                 for pair, ns in gaps.most_common(args.gaps):
                     print(f"    gap {ns / 1e6:8.3f} ms {gap_count[pair]:5d}x  {pair}")
+                if args.host and len(events) > 100:  # the compute stream: what the host did in its longest gaps
+                    _host_in_gaps(events, host_events, args.host)
+
+
+def _summarize_host(plane, top: int) -> None:
+    """The host's threads that did most: each one's busiest event names (total time, count), so
+    a device gap can be matched to what the host was doing (launching, waiting, Python)."""
+    lines = []
+    for line in plane.lines:
+        events = list(line.events)
+        if events:
+            lines.append((sum(e.duration_ns for e in events), line.name, events))
+    print(plane.name)
+    for busy, name, events in sorted(lines, key=lambda x: -x[0])[:4]:
+        total, count = collections.Counter(), collections.Counter()
+        for e in events:
+            total[e.name[:70]] += e.duration_ns
+            count[e.name[:70]] += 1
+        print(f"  thread {name}: {len(events)} events, {busy / 1e6:.1f} ms (nested events counted in each)")
+        for ev, ns in total.most_common(top):
+            print(f"    {ns / 1e6:8.2f} ms {count[ev]:5d}x  {ev}")
+
+
+def _host_in_gaps(events, host_events, top: int) -> None:
+    """The 3 longest idle gaps of a device stream, each with the host's longest events that
+    overlap it (the clocks of the host and device planes are one)."""
+    gaps = sorted(((b.start_ns - (a.start_ns + a.duration_ns), a, b) for a, b in zip(events, events[1:])),
+                  key=lambda g: -g[0])[:3]
+    for idle, a, b in gaps:
+        lo, hi = a.start_ns + a.duration_ns, b.start_ns
+        print(f"    longest gap {idle / 1e3:.0f} us, {a.name[:30]} -> {b.name[:30]}; host events over it:")
+        over = [(min(e.start_ns + e.duration_ns, hi) - max(e.start_ns, lo), e, t) for e, t in host_events
+                if e.start_ns < hi and e.start_ns + e.duration_ns > lo]
+        for ns, e, t in sorted(over, key=lambda o: -o[0])[:top]:
+            print(f"      {ns / 1e3:7.0f} us of {e.duration_ns / 1e3:7.0f} us (from {(e.start_ns - lo) / 1e3:+.0f})"
+                  f"  [{t[:20]}] {e.name[:70]}")
 
 
 def main():
@@ -117,6 +158,7 @@ def main():
     s.add_argument("--top", type=int, default=8)
     s.add_argument("--gaps", type=int, default=12, help="idle gaps listed, by the kernels around them")
     s.add_argument("--steps", type=int, default=0, help="decode steps traced: print kinds per step")
+    s.add_argument("--host", type=int, default=0, help="list this many event names of the host's busiest threads")
     args = ap.parse_args()
     run(args) if args.cmd == "run" else summarize(args)
 

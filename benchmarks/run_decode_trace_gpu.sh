@@ -15,7 +15,7 @@ for q in ${QUANTS:-bf16 fp8}; do for b in ${BATCHES:-1 32}; do
   dump=$([ -n "${DUMP_HLO:-}" ] && echo "--xla_dump_to=/tmp/hlo_$name --xla_dump_hlo_as_text")
   XLA_FLAGS="${XLA_FLAGS:-} $dump" timeout ${RUN_S:-150} python3 benchmarks/probe_mesh_trace.py run --mesh tp=1 $flag --batch $b --steps $STEPS \
     --out /tmp/$name > "$OUT/$name.log" 2>&1 || tail -5 "$OUT/$name.log"
-  python3 benchmarks/probe_mesh_trace.py summarize /tmp/$name --steps $STEPS --top ${TOP:-12} >> "$OUT/$name.log" 2>&1
+  python3 benchmarks/probe_mesh_trace.py summarize /tmp/$name --steps $STEPS --top ${TOP:-12} --host ${HOST_TOP:-0} >> "$OUT/$name.log" 2>&1
   [ -n "${DUMP_HLO:-}" ] && (cd /tmp/hlo_$name && tar czf "$OUT/$name.hlo.tgz" *after_optimizations.txt)
   [ -n "${KEEP_TRACE:-}" ] && tar czf "$OUT/$name.trace.tgz" -C /tmp $name
   echo "== $name"; grep -E "ms/step|per step" "$OUT/$name.log" | head -8
