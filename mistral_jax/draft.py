@@ -29,12 +29,14 @@ from .model import Transformer
 from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from .programs import Program
 from .sharding import constrain, named_sharding, use_mesh
+from .step_inputs import StepWire, from_wire
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("k_pages", "v_pages"))
-def _step(state, k_pages, v_pages, inputs, prev_tokens, *, graphdef, impl: str):
+def _step(state, k_pages, v_pages, wire: StepWire, prev_tokens, *, graphdef, impl: str):
     """The engine step's packed batch through the draft: only its k/v are kept."""
     model: Transformer = nnx.merge(graphdef, state)
+    inputs, _ = from_wire(wire)
     prev = prev_tokens[jnp.maximum(inputs.prev_index, 0)]
     tokens = jnp.where(inputs.prev_index >= 0, prev, inputs.tokens)[None]
     cache = PagedKVCache(k_pages, v_pages, inputs.slot_mapping, inputs.kv_lens, inputs.page_indices,
@@ -86,9 +88,9 @@ class DraftModel:
             init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
             self.k_pages, self.v_pages = init(self.cfg, num_pages, page_size, self.dtype)
 
-    def step(self, inputs, prev_tokens) -> None:
-        self.k_pages, self.v_pages = self._step_program(len(inputs.tokens), self.state, self.k_pages, self.v_pages,
-                                                        inputs, prev_tokens)
+    def step(self, wire: StepWire, prev_tokens) -> None:
+        self.k_pages, self.v_pages = self._step_program(wire.num_tokens, self.state, self.k_pages, self.v_pages,
+                                                        wire, prev_tokens)
 
     def propose(self, first: np.ndarray, positions: np.ndarray, slots: np.ndarray, page_indices: np.ndarray,
                 num_seqs: int, put) -> jax.Array:

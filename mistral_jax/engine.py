@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import itertools
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +52,7 @@ from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 from .sharding import constrain, mesh_size, named_sharding, use_mesh
 from .speculative import UNFILLED, SpeculativeConfig, Speculator, SpecState
+from .step_inputs import StepInputs, StepWire, empty_inputs, from_wire, to_wire
 from .structured import Matcher, MaskBuffer
 from .tokenizer import Tokenizer
 
@@ -112,31 +112,12 @@ class EngineConfig:
                 raise ValueError(f"{name}={value!r} is invalid: use {fix}")
 
 
-@flax.struct.dataclass
-class StepInputs:
-    """One step's packed batch (host-built, one transfer)."""
-
-    tokens: jax.Array  # [T] i32 token ids (placeholder where prev_index >= 0)
-    prev_index: jax.Array  # [T] i32 row of the previous step's sampled tokens to use, -1 = tokens
-    positions: jax.Array  # [T] i32, -1 = padding
-    slot_mapping: jax.Array  # [T] i32 flat cache slot, -1 = padding
-    next_ids: jax.Array  # [T] i32 the prompt token after each position (prompt logprobs), -1 = none
-    kv_lens: jax.Array  # [S] i32
-    page_indices: jax.Array  # [S, pages] i32
-    cu_q_lens: jax.Array  # [S + 1] i32
-    num_seqs: jax.Array  # [] i32
-    # Sampling rows: one per sequence (its last token), plus one per draft of a speculating one.
-    logits_at: jax.Array  # [S] i32 packed position each row samples after
-    slots: jax.Array  # [S] i32 row of the persistent penalty state (max_num_seqs = none)
-    sampled: jax.Array  # [S] bool the row's token is kept (penalty counts)
-    step: jax.Array  # [S] i32 index of the token being sampled among the generated ones
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl", "max_seqs"),
                    donate_argnames=("k_pages", "v_pages", "counts", "seen"))
-def _step(state, k_pages, v_pages, inputs: StepInputs, prev_tokens, sampling, counts, seen, *,
+def _step(state, k_pages, v_pages, wire: StepWire, allowed, prev_tokens, counts, seen, *,
           graphdef, impl: str, max_seqs: int):
     model: Transformer = nnx.merge(graphdef, state)
+    inputs, sampling = from_wire(wire, allowed)
     prev = prev_tokens[jnp.maximum(inputs.prev_index, 0)]
     tokens = jnp.where(inputs.prev_index >= 0, prev, inputs.tokens)[None]  # [1, T]
     cache = PagedKVCache(k_pages, v_pages, inputs.slot_mapping, inputs.kv_lens, inputs.page_indices,
@@ -164,11 +145,11 @@ def _top_logprobs(logits):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prompt_logprobs_step(state, hidden, next_ids, *, graphdef):
+def _prompt_logprobs_step(state, hidden, wire: StepWire, *, graphdef):
     """A step's hidden states [T, dim] -> prompt logprobs (see _prompt_logprobs): the head and a
     log-softmax over every row, only for steps that carry a request asking for them."""
     logits = nnx.merge(graphdef, state).logits(hidden[None])[0]  # [T, vocab]
-    return _prompt_logprobs(logits, next_ids, MAX_LOGPROBS)
+    return _prompt_logprobs(logits, wire.next_ids, MAX_LOGPROBS)
 
 
 def _prompt_logprobs(logits, next_ids, n: int):
@@ -188,16 +169,6 @@ def _reset_penalty_row(counts, seen, slot, ids, num_prompt):
     row_seen = jnp.zeros((vocab,), bool).at[ids].set(True, mode="drop")
     row_counts = jnp.zeros((vocab,), jnp.int32).at[jnp.where(generated, ids, vocab)].add(1, mode="drop")
     return counts.at[slot].set(row_counts), seen.at[slot].set(row_seen)
-
-
-def _empty_inputs(T: int, S: int, pages: int, no_slot: int) -> StepInputs:
-    """A step's inputs with no sequence in it (warm-up): every row padding."""
-    return StepInputs(tokens=np.zeros(T, np.int32), prev_index=np.full(T, -1, np.int32),
-                      positions=np.full(T, -1, np.int32), slot_mapping=np.full(T, -1, np.int32),
-                      next_ids=np.full(T, -1, np.int32), kv_lens=np.zeros(S, np.int32),
-                      page_indices=np.zeros((S, pages), np.int32), cu_q_lens=np.zeros(S + 1, np.int32),
-                      num_seqs=np.int32(0), logits_at=np.zeros(S, np.int32), slots=np.full(S, no_slot, np.int32),
-                      sampled=np.zeros(S, bool), step=np.zeros(S, np.int32))
 
 
 def _shared_seed() -> int:
@@ -410,14 +381,14 @@ class Engine:
         with use_mesh(self.mesh):
             if self.draft is not None:
                 batch = self._fill_drafts(batch)
-        inputs, sampling, wants_prompt_logprobs = self._pack(batch)
+        wire, allowed, wants_prompt_logprobs = self._pack(batch)
         with use_mesh(self.mesh):
             if self.draft is not None:  # the draft's cache follows the target's, step by step
-                self.draft.step(inputs, self.prev_tokens)
+                self.draft.step(wire, self.prev_tokens)
             self._reset_penalties(batch)
-            result, hidden, logits = self._run_step(inputs, sampling)
+            result, hidden, logits = self._run_step(wire, allowed)
             top_lp = self._top_lp_program(len(logits), logits) if _wants_top_logprobs(batch) else None
-            prompt_lp = (self._prompt_lp_program(len(inputs.tokens), self.state, hidden, inputs.next_ids)
+            prompt_lp = (self._prompt_lp_program(wire.num_tokens, self.state, hidden, wire)
                          if wants_prompt_logprobs else None)
         for s in batch:
             self.scheduler.register_full_pages(s.seq)
@@ -425,11 +396,11 @@ class Engine:
         self._rows = dict(zip((s.seq for s in batch), rows))  # where each sequence's token lands
         return _Launched(batch, result, top_lp, prompt_lp, rows)
 
-    def _run_step(self, inputs: StepInputs, sampling):
+    def _run_step(self, wire: StepWire, allowed):
         """One step's program (its bucket: the token count), keeping the state it updates."""
         (result, hidden, logits, self.prev_tokens, self.k_pages, self.v_pages, self.counts,
-         self.seen) = self._step_program(len(inputs.tokens), self.state, self.k_pages, self.v_pages, inputs,
-                                         self.prev_tokens, sampling, self.counts, self.seen)
+         self.seen) = self._step_program(wire.num_tokens, self.state, self.k_pages, self.v_pages, wire, allowed,
+                                         self.prev_tokens, self.counts, self.seen)
         return result, hidden, logits
 
     def _fill_drafts(self, batch: list[Scheduled]) -> list[Scheduled]:
@@ -504,14 +475,13 @@ class Engine:
         top_lp_warm = set()
         with use_mesh(self.mesh):
             for T in self.token_buckets():
-                inputs, sampling = self._host_to_mesh((
-                    _empty_inputs(T, self.seqs_bucket(T), self.page_table_width, self.config.max_num_seqs),
-                    SamplingArrays.from_params([], pad_to=self.seqs_bucket(T),
-                                               allowed=self._allowed(self.seqs_bucket(T), []))))
+                S = self.seqs_bucket(T)
+                wire = self._host_to_mesh(to_wire(empty_inputs(T, S, self.page_table_width, self.config.max_num_seqs),
+                                                  SamplingArrays.from_params([], pad_to=S)))
                 if self.draft is not None:
-                    self.draft.step(inputs, self.prev_tokens)
-                result, hidden, logits = self._run_step(inputs, sampling)
-                jax.block_until_ready(self._prompt_lp_program(T, self.state, hidden, inputs.next_ids))
+                    self.draft.step(wire, self.prev_tokens)
+                result, hidden, logits = self._run_step(wire, self._allowed(S, []))
+                jax.block_until_ready(self._prompt_lp_program(T, self.state, hidden, wire))
                 if logits.shape[0] not in top_lp_warm:  # one per sequence bucket
                     top_lp_warm.add(logits.shape[0])
                     jax.block_until_ready(self._top_lp_program(logits.shape[0], logits))
@@ -589,13 +559,13 @@ class Engine:
             t += s.n
             r += s.rows
         cu_q_lens[len(batch) + 1 :] = t
-        inputs, sampling = self._host_to_mesh((  # one transfer for all of the step's host arrays
+        wire = self._host_to_mesh(to_wire(  # two transfers for all of the step's host arrays
             StepInputs(tokens, prev_index, positions, slot_mapping, next_ids, kv_lens, page_indices, cu_q_lens,
                        np.int32(len(batch)), logits_at, slots, sampled, step),
-            SamplingArrays.from_params(params, pad_to=S, allowed=self._allowed(S, constrained))))
+            SamplingArrays.from_params(params, pad_to=S)))
         wants_prompt_logprobs = any(s.seq.params.prompt_logprobs is not None and s.start < len(s.seq.prompt_ids)
                                     for s in batch)
-        return inputs, sampling, wants_prompt_logprobs
+        return wire, self._allowed(S, constrained), wants_prompt_logprobs
 
     def _allowed(self, S: int, constrained: list[tuple[int, Matcher]]) -> jax.Array:
         """The step's grammar bitmask [S, vocab / 32]: all ones unless some row is constrained."""
