@@ -121,9 +121,11 @@ def _summarize_host(plane, top: int) -> None:
     for busy, name, events in sorted(lines, key=lambda x: -x[0])[:4]:
         total, count = collections.Counter(), collections.Counter()
         for e in events:
-            total[e.name[:70]] += e.duration_ns
-            count[e.name[:70]] += 1
-        print(f"  thread {name}: {len(events)} events, {busy / 1e6:.1f} ms (nested events counted in each)")
+            if not e.name.startswith("$"):  # Python frames: the gaps' listing shows those
+                total[e.name[:70]] += e.duration_ns
+                count[e.name[:70]] += 1
+        print(f"  thread {name}: {len(events)} events, {busy / 1e6:.1f} ms (nested events counted in each; "
+              f"Python frames left out)")
         for ev, ns in total.most_common(top):
             print(f"    {ns / 1e6:8.2f} ms {count[ev]:5d}x  {ev}")
 
