@@ -255,8 +255,20 @@ def _draw(penalized, arrays: SamplingArrays, step):
     scaled = penalized / arrays.temperature[:, None]
     keep = keep_mask(scaled, arrays.top_k, arrays.top_p, arrays.min_p)
     noise = jax.vmap(_gumbel_noise, in_axes=(0, 0, None))(arrays.seed, step, scaled.shape[-1])
-    sampled = jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + noise, axis=-1)
-    return jnp.where(arrays.greedy, jnp.argmax(penalized, axis=-1), sampled).astype(jnp.int32)
+    sampled = argmax_rows(jnp.where(keep, scaled, -jnp.inf) + noise)
+    return jnp.where(arrays.greedy, argmax_rows(penalized), sampled)
+
+
+def argmax_rows(x):
+    """jnp.argmax over the last axis of x [rows, vocab] -> [rows] i32 (the first maximum; the
+    first NaN where a row has one). On XLA:CPU as a max, then the first index holding it: its
+    one-pass argmax (a reduction of value-index pairs) is not vectorized, 1.62 against 0.28 ms
+    at 8 rows x 49k entries (0.26 against 0.13 at one row), in every sampling step."""
+    if jax.default_backend() != "cpu":
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    top = jnp.max(x, axis=-1, keepdims=True)  # NaN if the row has one
+    hit = (x == top) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
 
 
 # top_k_over_vocab's chunk (vocabulary entries) on GPUs: XLA:GPU sorts a whole row for lax.top_k
@@ -333,7 +345,7 @@ def sample(logits, arrays: SamplingArrays, step, output_counts, seen_mask, num_l
     penalized = apply_penalties(logits, arrays, output_counts, seen_mask)
     if arrays.allowed is not None:  # a grammar's tokens only (structured outputs)
         penalized = jnp.where(allowed_tokens(arrays.allowed, logits.shape[-1]), penalized, -jnp.inf)
-    greedy_only = lambda p, a, s: jnp.argmax(p, axis=-1).astype(jnp.int32)
+    greedy_only = lambda p, a, s: argmax_rows(p)
     tokens = jax.lax.cond(jnp.all(arrays.greedy), greedy_only, _draw, penalized, arrays, step)
     raw = jax.nn.log_softmax(logits, axis=-1)  # [batch, vocab]
     logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]

@@ -378,3 +378,21 @@ def test_valid_edge_values_and_normalization():
     assert p.greedy and p.stop == ["###"] and p.stop_token_ids == []
     assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-5).greedy
     assert SamplingParams(seed=np.int64(7)).seed == 7
+
+
+def test_argmax_rows_is_jnp_argmax():
+    """The sampler's argmax (two reductions on a CPU) picks what jnp.argmax picks: the first of
+    tied maxima, the first NaN of a row that has one, index 0 of a row of -inf."""
+    from mistral_jax.sampling import argmax_rows
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, 1000)).astype(np.float32)
+    x[1, [10, 500, 900]] = 9.0  # ties
+    x[2, [3, 700]] = np.nan
+    x[3] = -np.inf
+    x[4, 999] = np.inf
+    x[5] = np.round(x[5])  # many ties below the max
+    got = np.asarray(jax.jit(argmax_rows)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert list(got[1:5]) == [10, 3, 0, 999]
