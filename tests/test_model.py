@@ -55,6 +55,8 @@ def test_input_major_layout_matches_transformers(tiny_checkpoints, tokens, hf_re
     np.testing.assert_array_equal(att.wo[...], jnp.transpose(wo, (0, 2, 3, 1)))
     assert axes_of(att.wo) == (axes[0], axes[2], axes[3], axes[1])
     assert att.wqkv[...].shape[1] == model.cfg.dim and model.layers.feed_forward.w2[...].shape[1] == model.cfg.hidden_dim
+    assert model.head_input_major and model.output[...].shape == (model.cfg.dim, model.cfg.vocab_size)
+    assert axes_of(model.output) == ("embed", "vocab")
     model.to_input_major()  # a second call changes nothing
     np.testing.assert_array_equal(att.wo[...], jnp.transpose(wo, (0, 2, 3, 1)))
     assert rel_err(dense_logits(model, tokens), hf_reference) <= 1e-5
@@ -62,6 +64,25 @@ def test_input_major_layout_matches_transformers(tiny_checkpoints, tokens, hf_re
 
     with pytest.raises(ValueError, match="to_input_major"):  # checkpoints keep [out, in]
         save(model, tiny_checkpoints[1].parent / "never_written", jnp.float32)
+
+
+def test_tied_head_input_major_matches_transformers(tmp_path, tiny_cfg, tokens):
+    """A tied head (SmolLM2-style, the default model) stored [embed, vocab]: the embedding lookup
+    takes its columns; the same logits as transformers, before and after."""
+    import dataclasses
+
+    from checkpoint_fixtures import make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
+
+    cfg = dataclasses.replace(tiny_cfg, tied_embeddings=True)
+    make_tiny_hf_checkpoint(tmp_path / "hf", make_tiny_mistral_checkpoint(tmp_path / "m", cfg, seed=4), cfg)
+    with torch.no_grad():
+        ref = hf_model_from_dir(tmp_path / "hf")(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    model = load_weights(open_checkpoint(str(tmp_path / "hf")), jnp.float32, progress=False)
+    assert rel_err(dense_logits(model, tokens), ref) <= 1e-5
+    table = model.tok_embeddings[...]
+    model.to_input_major()
+    np.testing.assert_array_equal(model.tok_embeddings[...], table.T)
+    assert rel_err(dense_logits(model, tokens), ref) <= 1e-5
 
 
 def test_incremental_decode_equals_full_forward(tiny_checkpoints, tokens):

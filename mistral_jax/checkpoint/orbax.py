@@ -83,7 +83,7 @@ def save(model, dst: Path, saved_dtype) -> None:
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    if model.layers.attention.input_major or model.layers.feed_forward.input_major:
+    if model.layers.attention.input_major or model.layers.feed_forward.input_major or model.head_input_major:
         raise ValueError("this model's projections are stored [in, out] for serving on this backend "
                          "(Transformer.to_input_major); save the model as loaded from its checkpoint "
                          "(mistral_jax.convert does)")
