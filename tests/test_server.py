@@ -508,10 +508,12 @@ def test_dummy_weights_of_a_named_shape():
 
 def test_non_streamed_request_aborted_when_the_client_hangs_up(server):
     # A long non-streamed request whose client times out: its pages come back, the server goes on.
+    # (16 x 210 tokens: ~210 steps of the tiny model, well past the client's 0.25 s; 8 x 210
+    # once finished inside a 1 s timeout on this CPU.)
     start_free = server.metric("num_free_pages")
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/v1/completions", timeout=1.0,
-                   json={"prompt": prompt_ids(7, 40), "max_tokens": 210, "ignore_eos": True, "n": 8})
+        httpx.post(server.url + "/v1/completions", timeout=0.25,
+                   json={"prompt": prompt_ids(7, 40), "max_tokens": 210, "ignore_eos": True, "n": 16})
     deadline = time.time() + 30
     while server.metric("num_free_pages") != start_free and time.time() < deadline:
         time.sleep(0.2)
