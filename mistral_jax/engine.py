@@ -283,10 +283,11 @@ class Engine:
         return stats if stats and "bytes_limit" in stats else None
 
     def _activation_bytes(self) -> int:
-        """A generous bound on one step's temporaries (activations, logits, sampling)."""
+        """A generous bound on one step's temporaries (activations, logits, sampling), and the
+        logits each step returns (for _top_logprobs), held until it is read: two steps' worth."""
         c, t, s = self.cfg, self.config.max_num_batched_tokens, self.config.max_num_seqs
         per_token = (8 * c.dim + 3 * c.hidden_dim + 4 * c.n_heads * c.head_dim) * 4
-        return t * per_token + 6 * s * c.vocab_size * 4 + (256 << 20)
+        return t * per_token + (6 + 2) * s * c.vocab_size * 4 + (256 << 20)
 
     def _size_cache(self) -> int:
         per_page = page_bytes(self.cfg, self.page_size, self.dtype)
