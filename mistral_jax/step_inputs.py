@@ -67,21 +67,24 @@ class StepWire:
 
 
 TOKEN_FIELDS = ("tokens", "prev_index", "positions", "slot_mapping", "next_ids")
-# (field, its dtype): StepInputs' per-row fields, then SamplingArrays'. cu_q_lens is stored
-# without its leading 0; num_seqs is a column of one value; the seed takes two columns.
-SEQ_COLUMNS = (("kv_lens", np.int32), ("cu_q_lens", np.int32), ("num_seqs", np.int32), ("logits_at", np.int32),
-               ("slots", np.int32), ("sampled", np.bool_), ("step", np.int32),
-               ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("min_p", np.float32),
-               ("repetition_penalty", np.float32), ("presence_penalty", np.float32),
-               ("frequency_penalty", np.float32), ("greedy", np.bool_), ("seed", np.uint32), ("seed_lo", np.uint32))
+# Per sequence row, (field, its dtype): StepInputs' fields as they are, then SamplingArrays'.
+INPUT_ROWS = (("kv_lens", np.int32), ("logits_at", np.int32), ("slots", np.int32), ("sampled", np.bool_),
+              ("step", np.int32))
+SAMPLING_ROWS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("min_p", np.float32),
+                 ("repetition_penalty", np.float32), ("presence_penalty", np.float32),
+                 ("frequency_penalty", np.float32), ("greedy", np.bool_))
+# The per-sequence array's columns, then the page table: cu_q_lens is stored without its leading
+# 0, num_seqs as a column of one value, the seed [S, 2] as two columns.
+SEQ_COLUMNS = (*INPUT_ROWS, ("cu_q_lens", np.int32), ("num_seqs", np.int32), *SAMPLING_ROWS,
+               ("seed", np.uint32), ("seed_lo", np.uint32))
 
 
 def to_wire(inputs: StepInputs, sampling: SamplingArrays) -> StepWire:
     """Host arrays -> the two int32 arrays (NumPy; bit-exact, floats included)."""
     S = len(inputs.kv_lens)
-    values = {**{f: getattr(inputs, f) for f in ("kv_lens", "logits_at", "slots", "sampled", "step")},
+    values = {**{name: getattr(inputs, name) for name, _ in INPUT_ROWS},
+              **{name: getattr(sampling, name) for name, _ in SAMPLING_ROWS},
               "cu_q_lens": np.asarray(inputs.cu_q_lens)[1:], "num_seqs": np.full(S, inputs.num_seqs),
-              **{name: getattr(sampling, name) for name, _ in SEQ_COLUMNS[7:-2]},
               "seed": np.asarray(sampling.seed)[:, 0], "seed_lo": np.asarray(sampling.seed)[:, 1]}
     columns = [_bits(np.asarray(values[name], dtype)) for name, dtype in SEQ_COLUMNS]
     per_seq = np.concatenate([np.stack(columns, axis=1), np.asarray(inputs.page_indices, np.int32)], axis=1)
@@ -97,11 +100,11 @@ def from_wire(wire: StepWire, allowed: jax.Array | None = None) -> tuple[StepInp
     """The two arrays -> StepInputs and SamplingArrays (inside a jitted program)."""
     col = {name: _typed(wire.per_seq[:, i], dtype) for i, (name, dtype) in enumerate(SEQ_COLUMNS)}
     tok = dict(zip(TOKEN_FIELDS, wire.per_token))
-    inputs = StepInputs(**tok, kv_lens=col["kv_lens"], page_indices=wire.per_seq[:, len(SEQ_COLUMNS):],
+    inputs = StepInputs(**tok, **{name: col[name] for name, _ in INPUT_ROWS},
+                        page_indices=wire.per_seq[:, len(SEQ_COLUMNS):],
                         cu_q_lens=jnp.concatenate([jnp.zeros(1, jnp.int32), col["cu_q_lens"]]),
-                        num_seqs=col["num_seqs"][0], logits_at=col["logits_at"], slots=col["slots"],
-                        sampled=col["sampled"], step=col["step"])
-    sampling = SamplingArrays(**{name: col[name] for name, _ in SEQ_COLUMNS[7:-2]},
+                        num_seqs=col["num_seqs"][0])
+    sampling = SamplingArrays(**{name: col[name] for name, _ in SAMPLING_ROWS},
                               seed=jnp.stack([col["seed"], col["seed_lo"]], axis=1), allowed=allowed)
     return inputs, sampling
 
