@@ -395,6 +395,26 @@ def test_stream_random_tokens(stream_tokenizers, name):
                 assert not any("\ufffd" in c for c in chunks), ids
 
 
+@pytest.mark.parametrize("name", ["spm_v3", "tekken_v3", "gguf"])
+def test_stream_long_random_generations(stream_tokenizers, name):
+    """Generations many times the decode window long (its restarts), after a prompt, half of them
+    biased towards byte tokens: the stream adds up to decoding after the prompt's tail."""
+    from mistral_jax.tokenizer import _PROMPT_CONTEXT, _WINDOW
+
+    tok = stream_tokenizers[name]
+    rng = random.Random(1)
+    byte_like = [i for i in range(min(tok.vocab_size, 1200))] + tok.encode("é🙂龘𝔘 a", add_bos=False)
+    prompt = tok.encode("Once upon a time", add_bos=True)
+    for trial in range(12):
+        pool = byte_like if trial % 2 else range(tok.vocab_size)
+        ids = [rng.choice(pool) for _ in range(rng.randint(10 * _WINDOW, 40 * _WINDOW))]
+        for skip in (True, False):
+            chunks = _stream(tok, ids, prompt_ids=prompt, skip=skip)
+            tail = prompt[-_PROMPT_CONTEXT:]
+            head, full = tok.decode(tail, skip_special_tokens=skip), tok.decode(tail + ids, skip_special_tokens=skip)
+            assert full.startswith(head) and "".join(chunks) == full[len(head):], (trial, skip)
+
+
 def test_stream_holds_back_half_characters(stream_tokenizers):
     tok = stream_tokenizers["gguf"]
     ids = tok.encode("🦜", add_bos=False)  # one character, several byte-level tokens
