@@ -6,10 +6,9 @@ v3 for 32,768 tokens, Tekken for 131,072)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json
 
 BUNDLED_TOKENIZERS = {32768: "mistral_instruct_tokenizer_240323.model.v3", 131072: "tekken_240911.json"}
 
@@ -18,9 +17,9 @@ def dummy_config(spec: str) -> ModelConfig:
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "params.json").is_file():
-            return ModelConfig.from_mistral_params(json.loads((path / "params.json").read_text()))
+            return ModelConfig.from_mistral_params(read_json(path / "params.json"), source=path / "params.json")
         if (path / "config.json").is_file():
-            return ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+            return ModelConfig.from_hf_config(read_json(path / "config.json"), source=path / "config.json")
         raise FileNotFoundError(f"{path} holds neither params.json nor config.json: a dummy model needs its shape")
     return ModelConfig.named(spec)  # its error names the configs there are
 

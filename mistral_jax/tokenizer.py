@@ -12,13 +12,14 @@ Two implementations:
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import string
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 
@@ -259,7 +260,8 @@ class HFTokenizer(Tokenizer):
             tok = _sentencepiece_bpe(tokens, field("tokenizer.ggml.scores"), field("tokenizer.ggml.unknown_token_id"),
                                      field("tokenizer.ggml.add_space_prefix", True))
         else:
-            raise ValueError(f"{path}: unsupported GGUF tokenizer {kind!r} (supported: 'gpt2', 'llama')")
+            raise TokenizerError(f"{path}: unsupported GGUF tokenizer {kind!r} (supported: 'gpt2', 'llama'). "
+                                 f"Fix: pass another with {_PASS_ONE}")
         from tokenizers import AddedToken
 
         # Control tokens (<|im_start|>) must be matched whole in text and skipped when decoding;
@@ -298,7 +300,8 @@ class HFTokenizer(Tokenizer):
         extra = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         if eos_id is None:
             if not extra:
-                raise ValueError(f"{folder}: no eos_token in tokenizer_config.json or generation_config.json")
+                raise TokenizerError(f"{folder}: no eos_token in tokenizer_config.json or generation_config.json. "
+                                     "Fix: add the model's eos_token to tokenizer_config.json")
             eos_id = min(extra)
         if "add_bos_token" in cfg:  # otherwise tokenizer.json's own post-processor decides, as in transformers
             _set_bos_processor(tok, bos_id, bool(cfg["add_bos_token"]))
@@ -457,7 +460,10 @@ def _compile_template(source: str) -> Any:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """An optional JSON file ({} where there is none); a malformed one is an error naming it."""
+    from .config import read_json
+
+    return read_json(path) if path.is_file() else {}
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -465,32 +471,61 @@ def _read_json(path: Path) -> dict:
 _MISTRAL_FILES = ("tekken.json", "tokenizer.model.v*")
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be read: the message names it and the fix. A ValueError, so
+    that the server reports it as a failed start, as it does a bad checkpoint."""
+
+
 def load_tokenizer(model_path: str | Path) -> Tokenizer:
     """A .gguf file, a tokenizer file, or a model directory: Mistral files (tekken.json,
     tokenizer.model.v*) win over Hugging Face's tokenizer.json, since they carry the exact template."""
-    path = Path(model_path)
-    if path.is_file():
+    from .config import CheckpointError  # not from .checkpoint: that would import JAX into HTTP processes
+
+    file, read = _find_tokenizer(Path(model_path))
+    if file.is_symlink() and not file.exists():  # a Hugging Face cache whose blob is gone
+        raise TokenizerError(f"{file}: a broken symbolic link (to {os.readlink(file)}). Fix: re-download it")
+    if file.is_dir():
+        raise TokenizerError(f"{file}: a directory, not a file. Fix: put the tokenizer file there, or pass {_PASS_ONE}")
+    try:
+        return read(file)
+    except (TokenizerError, CheckpointError):  # ours: they name the file already
+        raise
+    except OSError as e:
+        raise TokenizerError(f"{file}: cannot be read ({e.strerror or e}). "
+                             "Fix: make it a readable file (check its permissions), or re-download it") from e
+    except Exception as e:  # noqa: BLE001  the libraries' own errors (RuntimeError, KeyError, ...) name no file
+        raise TokenizerError(f"{file}: not a valid tokenizer file ({type(e).__name__}: {e}). "
+                             f"Fix: re-download it, or pass another with {_PASS_ONE}") from e
+
+
+_PASS_ONE = "tokenizer=PATH (--tokenizer PATH)"
+
+
+def _find_tokenizer(path: Path) -> tuple[Path, Callable[[Path], Tokenizer]]:
+    """The tokenizer file that `path` (a file, or a directory to look in) names, and its reader."""
+    if path.is_file() or path.is_symlink():
         if path.suffix == ".gguf":
-            return HFTokenizer.from_gguf(path)
+            return path, HFTokenizer.from_gguf
         if path.name == "tokenizer.json":
-            return HFTokenizer.from_hf_dir(path.parent)
-        return MistralTokenizer(path)  # tekken*.json, tokenizer.model.v*
+            return path, lambda file: HFTokenizer.from_hf_dir(file.parent)
+        return path, MistralTokenizer  # tekken*.json, tokenizer.model.v*
     if not path.is_dir():
-        raise FileNotFoundError(f"no tokenizer: {path} does not exist")
+        raise FileNotFoundError(f"no tokenizer: {path} does not exist. Fix: pass an existing file or directory")
     if (path / "tekken.json").is_file():
-        return MistralTokenizer(path / "tekken.json")
+        return path / "tekken.json", MistralTokenizer
     sentencepiece = sorted(path.glob("tokenizer.model.v*"))
     if len(sentencepiece) > 1:  # no safe guess: the version decides the prompt format
-        raise ValueError(f"several tokenizers in {path}: {[p.name for p in sentencepiece]}; pass one file")
+        raise ValueError(f"several tokenizers in {path}: {[p.name for p in sentencepiece]}. "
+                         f"Fix: pass the model's one with {_PASS_ONE}")
     if sentencepiece:
-        return MistralTokenizer(sentencepiece[0])
+        return sentencepiece[0], MistralTokenizer
     if (path / "tokenizer.json").is_file():
-        return HFTokenizer.from_hf_dir(path)
+        return path / "tokenizer.json", lambda file: HFTokenizer.from_hf_dir(file.parent)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return HFTokenizer.from_gguf(ggufs[0])
+        return ggufs[0], HFTokenizer.from_gguf
     raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(_MISTRAL_FILES)}, tokenizer.json "
-                            "or a single .gguf file")
+                            f"or a single .gguf file. Fix: add the model's tokenizer file, or pass {_PASS_ONE}")
 
 
 # ---- streaming ---------------------------------------------------------------------------------

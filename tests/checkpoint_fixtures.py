@@ -1,4 +1,5 @@
-"""Tiny random checkpoints on disk, in Mistral's and in Hugging Face's format, holding the same weights.
+"""Tiny random checkpoints on disk, in Mistral's and in Hugging Face's format, holding the same weights
+(and in GGUF, for the loader's checks).
 
 The Hugging Face copy is produced by transformers itself (its model class saves it) and its q/k
 rows are reordered by transformers' own `PermuteForRope` (the Mistral -> HF rotary permutation its
@@ -53,6 +54,45 @@ def make_tiny_mistral_checkpoint(directory, cfg: ModelConfig, seed: int, dtype: 
         for i, names in enumerate(_split(list(weights), shards)):
             file = directory / f"consolidated-{i + 1:05d}-of-{shards:05d}.safetensors"
             save_file({n: weights[n] for n in names}, str(file))
+    return weights
+
+
+# Canonical name parts -> llama.cpp's GGUF tensor names (checkpoint/gguf.py reads them back).
+_GGUF_GLOBAL = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                "output.weight": "output.weight"}
+_GGUF_LAYER = {"attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+               "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
+               "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+
+
+def make_tiny_gguf_checkpoint(file, cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """A llama-architecture .gguf of random f32 weights, written by the gguf package's writer:
+    config metadata, no tokenizer. q/k rows stay in the canonical interleaved order, as
+    llama.cpp's converter leaves them. Returns the canonical weights written."""
+    import gguf
+
+    weights = random_weights(cfg, seed)
+    w = gguf.GGUFWriter(str(file), "llama")
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    for name, array in weights.items():
+        if name in _GGUF_GLOBAL:
+            gguf_name = _GGUF_GLOBAL[name]
+        else:
+            _, layer, rest = name.split(".", 2)
+            gguf_name = f"blk.{layer}.{_GGUF_LAYER[rest.removesuffix('.weight')]}.weight"
+        w.add_tensor(gguf_name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return weights
 
 

@@ -38,7 +38,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a checkpoint; expected a directory with {LOOKED_FOR}")
     if is_orbax_dir(path):  # first: a converted directory also holds the source's tokenizer files
         return OrbaxCheckpoint(path)
-    has_params, has_config = (path / "params.json").exists(), (path / "config.json").exists()
+    # A broken link counts as present: reading it then says so, rather than "no checkpoint found".
+    has_params, has_config = (_present(path / "params.json"), _present(path / "config.json"))
     # Mistral's repositories often ship both layouts; the consolidated one needs no conversion.
     if has_params and (mistral.weight_files(path) or not has_config):
         return MistralCheckpoint(path)  # raises, naming the missing weights, if there are none
@@ -51,3 +52,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: several .gguf files {[p.name for p in ggufs]}; pass the one to load")
     found = sorted(p.name for p in path.iterdir())
     raise CheckpointError(f"{path}: no checkpoint found; looked for {LOOKED_FOR}. Found: {found or 'nothing'}")
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()

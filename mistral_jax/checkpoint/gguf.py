@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, gguf_keys
 from .base import Checkpoint, CheckpointError, Entry, rename_to_canonical
 from .gguf_file import open_gguf
 
@@ -83,18 +83,16 @@ class GGUFCheckpoint(Checkpoint):
         meta = self.file.metadata
         arch = meta.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise CheckpointError(f"{file}: GGUF architecture {arch!r}, expected one of {SUPPORTED_ARCHITECTURES}")
+            raise CheckpointError(f'{file}: GGUF "general.architecture" is {arch!r}, expected one of '
+                                  f"{SUPPORTED_ARCHITECTURES}. Fix: load a GGUF of a supported architecture")
         tensors = {t.name: t for t in self.file.tensors}
-        if "token_embd.weight" not in tensors:
-            raise CheckpointError(f"{file}: no tensor 'token_embd.weight' (the embedding)")
-        try:
-            config = ModelConfig.from_gguf_metadata(
-                meta, vocab_size=int(tensors["token_embd.weight"].shape[1]),
-                tied_embeddings="output.weight" not in tensors,
-            )
-        except KeyError as e:
-            raise CheckpointError(f"{file}: missing metadata key {e}") from None
-        super().__init__(file, config)
+        embedding = tensors.get("token_embd.weight")
+        if embedding is None or len(embedding.shape) != 2:
+            raise CheckpointError(f"{file}: no 2-D tensor 'token_embd.weight' (the embedding). Fix: re-download it, "
+                                  "or convert the model again with llama.cpp's convert_hf_to_gguf.py")
+        config = ModelConfig.from_gguf_metadata(meta, vocab_size=int(embedding.shape[1]),
+                                                tied_embeddings="output.weight" not in tensors, source=file)
+        super().__init__(file, config, file, gguf_keys(arch))
 
     def _entries(self, stack):
         for t in self.file.tensors:

@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..config import unreadable
+from .base import CheckpointError
+
 # GGUF value types -> struct format (scalars) / NumPy dtype (arrays)
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
@@ -43,18 +46,38 @@ class GGUFTensor:
 
 class GGUFFile:
     def __init__(self, path: str | Path):
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            size = self.path.stat().st_size
+            if size == 0:
+                raise CheckpointError(f"{self.path}: empty (0 bytes), expected a GGUF file. Fix: re-download it")
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise unreadable(self.path, e) from None
         buf = memoryview(self._map)
         if bytes(buf[:4]) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (no GGUF magic at its start)")
-        self.version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+            raise CheckpointError(f"{self.path}: not a GGUF file: it starts with {bytes(buf[:8])!r}, not b'GGUF'. "
+                                  "Fix: re-download it, or pass a .gguf file written by llama.cpp")
+        self._buf, self._off = buf, 4
+        try:
+            self._parse(size)
+        except (struct.error, UnicodeDecodeError, ValueError, KeyError, IndexError, OverflowError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            # A field read past the end, or bytes that are no GGUF field: the header is cut or damaged.
+            raise CheckpointError(f"{self.path}: truncated or corrupt GGUF header: reading byte {self._off} of "
+                                  f"{size} failed ({e}). Fix: re-download it") from None
+        finally:
+            del self._buf
+
+    def _parse(self, size: int) -> None:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.version, n_tensors, n_kv = self._unpack("<IQQ")
         if self.version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {self.version} is not supported (2 and 3 are)")
-        self._buf, self._off = buf, 24
+            raise CheckpointError(f"{self.path}: GGUF version {self.version}; versions 2 and 3 are supported. "
+                                  "Fix: convert the model again with a recent llama.cpp, or re-download it")
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()
@@ -72,18 +95,26 @@ class GGUFFile:
         data = np.frombuffer(self._map, np.uint8)
         self.tensors: list[GGUFTensor] = []
         for name, dims, kind, offset in infos:
-            qtype = GGMLQuantizationType(kind)
-            block, block_bytes = GGML_QUANT_SIZES[qtype]
+            try:
+                qtype = GGMLQuantizationType(kind)
+                block, block_bytes = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has GGML type {kind}, which the gguf package "
+                                      "does not know. Fix: upgrade gguf (pip install -U gguf), or re-download the "
+                                      "file if it is corrupt") from None
             n = int(np.prod(dims)) if dims else 1
             n_bytes = n * block_bytes // block
-            raw = data[start + offset: start + offset + n_bytes]
+            end = start + offset + n_bytes
+            if end > size:  # a memory-mapped view would silently come out short
+                raise CheckpointError(f"{self.path}: truncated: the file is {size} bytes, its header says tensor "
+                                      f"{name!r} ends at byte {end}. Fix: re-download it")
+            raw = data[start + offset: end]
             shape = tuple(reversed(dims))
             if qtype.name in _FLOAT_ITEMS:
                 view = raw.view(_FLOAT_ITEMS[qtype.name]).reshape(shape)
             else:  # quantized (and BF16): rows of bytes, as the gguf package gives them
                 view = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
             self.tensors.append(GGUFTensor(name, qtype, tuple(int(d) for d in dims), n_bytes, view))
-        del self._buf
 
     # ---- the header, field by field --------------------------------------------------------
 
@@ -95,6 +126,8 @@ class GGUFFile:
     def _string(self) -> str:
         (n,) = struct.unpack_from("<Q", self._buf, self._off)
         start = self._off + 8
+        if start + n > len(self._buf):  # a slice would silently come out short
+            raise struct.error(f"a string of {n} bytes at byte {start} runs past the end")
         self._off = start + n
         return str(self._buf[start:start + n], "utf-8")
 

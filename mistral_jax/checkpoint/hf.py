@@ -7,14 +7,13 @@ so HF stores a head's rows as [even rows..., odd rows...]. We undo that to get c
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig
-from .base import Checkpoint, CheckpointError, safetensors_entries, rename_to_canonical
+from ..config import HF_KEYS, ModelConfig, read_json
+from .base import Checkpoint, CheckpointError, rename_to_canonical, safetensors_entries, safetensors_header
 from .quantization import parse_compressed_tensors
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
@@ -57,13 +56,17 @@ def weight_files(directory: Path) -> list[Path]:
     """The safetensors files: those the index names, else model.safetensors, else model-*-of-*."""
     index = directory / INDEX
     if index.exists():
-        files = [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
+            raise CheckpointError(f'{index}: no "weight_map" of tensor names to file names. Fix: re-download it')
+        files = [directory / f for f in sorted(set(weight_map.values()))]
         for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{index} lists {f.name}, which does not exist")
+            if not (f.exists() or f.is_symlink()):  # a broken link is reported when read, as one
+                raise CheckpointError(f"{index} lists {f.name}, which does not exist. Fix: download it too")
         return files
-    if (directory / "model.safetensors").exists():
-        return [directory / "model.safetensors"]
+    single = directory / "model.safetensors"
+    if single.exists() or single.is_symlink():
+        return [single]
     return sorted(directory.glob("model-*-of-*.safetensors"))
 
 
@@ -72,23 +75,27 @@ class HFCheckpoint(Checkpoint):
 
     def __init__(self, directory: Path):
         config_path = directory / "config.json"
-        hf_config = json.loads(config_path.read_text())
+        hf_config = read_json(config_path)
         model_type = hf_config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(f"{config_path}: model_type {model_type!r}, expected one of {SUPPORTED_MODEL_TYPES}")
-        try:
-            config = ModelConfig.from_hf_config(hf_config)
-        except KeyError as e:
-            raise CheckpointError(f"{config_path}: missing key {e}") from None
-        super().__init__(directory, config)
+            raise CheckpointError(f'{config_path}: "model_type" is {model_type!r}, expected one of '
+                                  f"{SUPPORTED_MODEL_TYPES}. Fix: load a checkpoint of a supported architecture")
+        config = ModelConfig.from_hf_config(hf_config, source=config_path)
+        super().__init__(directory, config, config_path, HF_KEYS)
         if "quantization_config" in hf_config:
-            self.quantization = parse_compressed_tensors(hf_config["quantization_config"], str(config_path))
+            try:
+                self.quantization = parse_compressed_tensors(hf_config["quantization_config"], str(config_path))
+            except (AttributeError, TypeError):  # a part of it that is not the JSON object it should be
+                raise CheckpointError(f"{config_path}: quantization_config is malformed (a part of it is not a "
+                                      "JSON object). Fix: re-download it, or re-export the checkpoint") from None
         self.files = weight_files(directory)
         if not self.files:
             raise CheckpointError(
                 f"{directory}: has config.json but no weights: looked for model.safetensors, or "
                 f"model-0000N-of-0000M.safetensors with {INDEX}"
             )
+        for file in self.files:  # each file's layout, from its header: a damaged one fails here, naming itself
+            safetensors_header(file)
 
     def _rename(self, hf_name: str) -> str | None:
         if _KNOWN_EXTRA.match(hf_name) or (hf_name == "lm_head.weight" and self.config.tied_embeddings):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..config import ModelConfig
-from .base import Checkpoint, CheckpointError, safetensors_entries
+from ..config import MISTRAL_KEYS, ModelConfig, read_json
+from .base import Checkpoint, CheckpointError, safetensors_entries, safetensors_header
 
 # consolidated.safetensors, consolidated.00.safetensors, consolidated-00001-of-00002.safetensors
 WEIGHT_GLOB = "consolidated*.safetensors"
@@ -16,23 +15,13 @@ def weight_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(WEIGHT_GLOB))
 
 
-def _tensor_names(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="numpy") as handle:
-        return list(handle.keys())
-
-
 class MistralCheckpoint(Checkpoint):
     format = "mistral"
 
     def __init__(self, directory: Path):
         params_path = directory / "params.json"
-        try:
-            config = ModelConfig.from_mistral_params(json.loads(params_path.read_text()))
-        except KeyError as e:
-            raise CheckpointError(f"{params_path}: missing key {e}") from None
-        super().__init__(directory, config)
+        config = ModelConfig.from_mistral_params(read_json(params_path), source=params_path)
+        super().__init__(directory, config, params_path, MISTRAL_KEYS)
         self.files = weight_files(directory)
         if not self.files:
             raise CheckpointError(
@@ -40,8 +29,9 @@ class MistralCheckpoint(Checkpoint):
                 "consolidated.NN.safetensors or consolidated-0000N-of-0000M.safetensors"
             )
         # params.json has no quantization entry we rely on: FP8 is recognized from the tensors
-        # themselves (any `*.weight_scale`), read from the headers only.
-        if any(name.endswith(".weight_scale") for file in self.files for name in _tensor_names(file)):
+        # themselves (any `*.weight_scale`), read from the headers only (which checks each file's
+        # layout: a damaged file fails here, naming itself, before anything else is loaded).
+        if any(name.endswith(".weight_scale") for file in self.files for name in safetensors_header(file)[1]):
             self.quantization = "fp8"
 
     def _entries(self, stack):

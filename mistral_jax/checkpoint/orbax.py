@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ..config import ModelConfig
+from ..config import ModelConfig, read_json
 from .base import Checkpoint, CheckpointError
 
 MARKER = "mistral_jax.json"
@@ -38,7 +38,7 @@ class OrbaxCheckpoint(Checkpoint):
     format = "Orbax"
 
     def __init__(self, path: Path):
-        meta = json.loads((path / MARKER).read_text())
+        meta = read_json(path / MARKER)
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path / MARKER}: format {meta.get('format')!r}, expected {FORMAT!r}")
         self.version = meta.get("version", 1)
@@ -48,7 +48,10 @@ class OrbaxCheckpoint(Checkpoint):
         if not (path / WEIGHTS).is_dir():
             raise CheckpointError(f"{path}: {MARKER} but no {WEIGHTS}/ directory: an unfinished conversion? "
                                   "Run python -m mistral_jax.convert SRC DST again")
-        super().__init__(path, ModelConfig(**meta["config"]))
+        if not isinstance(meta.get("config"), dict):
+            raise CheckpointError(f'{path / MARKER}: no "config" object. '
+                                  "Fix: run python -m mistral_jax.convert SRC DST again")
+        super().__init__(path, ModelConfig.from_fields(meta["config"], source=path / MARKER), path / MARKER)
         self.quantization = meta.get("quantization")
 
     def tensors(self, progress: bool = True):
