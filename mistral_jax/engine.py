@@ -242,19 +242,7 @@ class Engine:
         # and rows <= max_seqs_bucket, so seqs_bucket(T) holds them; drafts add no program.
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens,
                                    speculator=self.speculator, max_rows=self.max_seqs_bucket)
-        with use_mesh(mesh):
-            # Placed as the step returns them (so the second step does not compile again),
-            # straight into their sharding (a device_put afterwards could copy gigabytes).
-            sharding = named_sharding(mesh, PAGE_AXES)
-            init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
-            self.k_pages, self.v_pages = init(self.cfg, self.num_pages, self.page_size, self.dtype)
-        if self.draft is not None:  # the same page numbers: a page holds both models' k/v
-            self.draft.allocate(mesh, self.num_pages, self.page_size, self.attention_impl)
-        # Penalty state [max_num_seqs, vocab]: generated-token counts and seen tokens per slot.
-        penalty_shape = (config.max_num_seqs, self.cfg.vocab_size)
-        self.counts = self._replicated(np.zeros(penalty_shape, np.int32))
-        self.seen = self._replicated(np.zeros(penalty_shape, bool))
-        self.prev_tokens = self._replicated(np.zeros((self.max_seqs_bucket,), np.int32))
+        self._allocate_device_state()
         # Grammar bitmasks (structured outputs): built on the host for steps with constrained
         # rows; other steps take one resident all-ones mask per sequence bucket.
         self.masks = MaskBuffer(self.max_seqs_bucket, self.cfg.vocab_size)
@@ -274,6 +262,23 @@ class Engine:
         self._prompt_lp_program = Program(_prompt_logprobs_step, devices, graphdef=self.graphdef)
         self._top_lp_program = Program(_top_logprobs, devices)
         self._reset_row_program = Program(_reset_penalty_row, devices)
+
+    def _allocate_device_state(self) -> None:
+        """The buffers the step programs update (donated, replaced by each step's outputs), all
+        zero: the KV pages (the draft model's too), the penalty state, the last sampled tokens."""
+        with use_mesh(self.mesh):
+            # Placed as the step returns them (so the second step does not compile again),
+            # straight into their sharding (a device_put afterwards could copy gigabytes).
+            sharding = named_sharding(self.mesh, PAGE_AXES)
+            init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
+            self.k_pages, self.v_pages = init(self.cfg, self.num_pages, self.page_size, self.dtype)
+        if self.draft is not None:  # the same page numbers: a page holds both models' k/v
+            self.draft.allocate(self.mesh, self.num_pages, self.page_size, self.attention_impl)
+        # Penalty state [max_num_seqs, vocab]: generated-token counts and seen tokens per slot.
+        penalty_shape = (self.config.max_num_seqs, self.cfg.vocab_size)
+        self.counts = self._replicated(np.zeros(penalty_shape, np.int32))
+        self.seen = self._replicated(np.zeros(penalty_shape, bool))
+        self.prev_tokens = self._replicated(np.zeros((self.max_seqs_bucket,), np.int32))
 
     # ---- sizing and validation ------------------------------------------------------------
 
@@ -319,7 +324,9 @@ class Engine:
                 f"{self.attention_impl}; prefix cache {'on' if self.config.enable_prefix_caching else 'off'}")
 
     def check_request(self, ids: list[int], params: SamplingParams, where: str) -> SamplingParams:
-        """Reject bad input before any work starts; fill max_tokens=None up to the context."""
+        """Reject bad input before any work starts, with a ValueError naming the fix (anything
+        the step could not pack included: RequestLimits.check); returns the checked params the
+        engine runs (max_tokens=None filled up to the context, seed=None drawn)."""
         return self.limits.check(ids, params, where, self._rng)
 
     # ---- requests -------------------------------------------------------------------------
@@ -327,7 +334,9 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, index: int = 0,
                     request_id: str | None = None, matcher: Matcher | None = None) -> str:
         """matcher: the request's compiled grammar, when the caller built it off this thread
-        (a complex grammar takes 0.1-1 s to build); else built here from params.structured_outputs."""
+        (a complex grammar takes 0.1-1 s to build); else built here from params.structured_outputs.
+        A request is checked (check_request) before the scheduler sees it: nothing it carries
+        can fail inside a later step."""
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.sequences:
             raise ValueError(f"request_id {request_id!r} is already running: use a new id")
@@ -357,6 +366,37 @@ class Engine:
         self.outputs.pop(seq.request_id, None)
         self._prompt_lps.pop(seq.request_id, None)
         return True
+
+    def abort_all(self) -> list[str]:
+        """Drop every request and the step in flight; returns the ids of the requests dropped.
+
+        The recovery after step() raised midway (LLM and the server's engine process call it,
+        then go on serving): by then the scheduler may have advanced sequences for a step that
+        never launched, and the pending step may never be read. Afterwards the engine is as if
+        idle: no pending step, no sequence, every seat free and no page referenced (pages named
+        in the prefix cache wait in its LRU, the rest are plain free pages). A named page is
+        safe to reuse: a page is only named once the step that writes it has been launched."""
+        dropped = list(self.sequences)
+        self._pending, self._rows = None, {}
+        for seq in self.scheduler.drop_all():
+            if seq.request_id not in self.sequences:  # left the engine but not the scheduler: a bug, dropped too
+                dropped.append(seq.request_id)
+        self.sequences.clear()
+        self.outputs.clear()
+        self._prompt_lps.clear()
+        # A step program that failed on the device may have consumed the buffers donated to it
+        # (deleted) without returning new ones: the engine then starts from fresh buffers, and
+        # the prefix cache forgets every page (their content went with them).
+        buffers = [self.k_pages, self.v_pages, self.counts, self.seen, self.prev_tokens]
+        if self.draft is not None:
+            buffers += [self.draft.k_pages, self.draft.v_pages]
+        if any(x.is_deleted() for x in buffers):
+            for x in buffers:
+                if not x.is_deleted():
+                    x.delete()  # before the new ones are allocated: no two caches at once
+            self._allocate_device_state()
+            self.allocator.reset_prefix_cache()
+        return dropped
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.sequences) or self._pending is not None

@@ -254,7 +254,20 @@ class LLM:
         """Yield StepEvents (request_id, index, token_id, text delta, logprobs, finished) per
         request as tokens come; `abort(request_id)` from the loop stops one request."""
         self._add(prompts, sampling_params)
-        return self.engine.run()
+        return self._run()
+
+    def _run(self) -> Iterator[StepEvent]:
+        """engine.run(), except that a step that raises first leaves the engine empty and
+        consistent (Engine.abort_all: every request queued so far is dropped), so this LLM keeps
+        working for later calls; then the error propagates. Only the step is guarded: a caller
+        that stops iterating (closing the generator) leaves its requests queued, as before."""
+        while self.engine.has_unfinished_requests():
+            try:
+                events = self.engine.step()
+            except BaseException:  # KeyboardInterrupt too: a step cut short is as inconsistent
+                self.engine.abort_all()
+                raise
+            yield from events
 
     def abort(self, request_id: str) -> bool:
         """Stop a running or queued request and free its KV pages at once."""
@@ -272,7 +285,7 @@ class LLM:
                                       else None, None) for rid in request_ids}
         prompt_lps: dict[str, list | None] = {}
         cached: dict[str, int] = {}
-        for ev in self.engine.run():
+        for ev in self._run():
             if ev.request_id not in outs:
                 continue  # a request queued by someone else (e.g. an unfinished stream)
             out = outs[ev.request_id]

@@ -147,6 +147,18 @@ class PageAllocator:
         self.page_of[page_hash] = page
         self.hash_of[page] = page_hash
 
+    def release_all(self) -> None:
+        """Drop every reference at once, for when no sequence holds a page any more (the
+        scheduler's drop_all). Named pages keep their content and name, in the LRU; the others
+        become plain free pages. Afterwards num_used_pages is 0."""
+        for page in range(1, self.num_pages):
+            if self.refs[page]:
+                self.refs[page] = 0
+                if page in self.hash_of:
+                    self.evictable[page] = None
+                else:
+                    self.free_list.append(page)
+
     def reset_prefix_cache(self) -> None:
         """Forget every name; cached free pages become plain free pages."""
         self.free_list.extend(self.evictable)

@@ -30,6 +30,17 @@ from .sharding import LOGICAL_RULES, current_mesh, mesh_size
 
 MAX_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5  # below this, temperature sampling is argmax in all but name
+# Bounds of the values that reach the device as float32: each stays finite and nonzero there
+# (a temperature or repetition penalty that overflows float32, or rounds to 0, would turn
+# logits into inf or NaN). 100 is already far past any useful setting: at temperature 100 the
+# draw is nearly uniform, and a penalty of 100 (or 1/100) all but bans (or forces) a token.
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+# Stop strings are searched on the host after every token (each one over its own length of
+# text) and the longest holds that much text back from a stream: both bounded.
+MAX_STOP_STRINGS = 64
+MAX_STOP_LENGTH = 1024  # characters per stop string
+INT32_MAX = 2**31 - 1
 
 _HOST_RNG = np.random.default_rng()  # seeds for requests that give none
 
@@ -39,7 +50,19 @@ _HOST_RNG = np.random.default_rng()  # seeds for requests that give none
 
 @dataclasses.dataclass
 class SamplingParams:
-    """Per-request settings, with vLLM's names and defaults. top_k 0 or -1 = off."""
+    """Per-request settings, with vLLM's names and defaults.
+
+    Every value is checked here, where it enters: a bad one raises a ValueError naming the
+    field, the allowed range and the fix. Ranges (see the constants above):
+    n 1; temperature [0, MAX_TEMPERATURE] (0 = greedy); top_p (0, 1]; top_k any integer >= -1
+    (0 or -1 = off; a value >= the vocabulary keeps every token, so RequestLimits.check turns it
+    off); min_p [0, 1]; repetition_penalty [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY];
+    presence_penalty, frequency_penalty [-2, 2]; seed any integer, taken modulo 2**64 (so -1
+    draws as 2**64 - 1), or None; stop up to MAX_STOP_STRINGS non-empty strings of at most
+    MAX_STOP_LENGTH characters; stop_token_ids integers >= 0 (RequestLimits.check: below the
+    vocabulary size); max_tokens >= 1 or None (RequestLimits.check: within the context);
+    logprobs, prompt_logprobs None or [0, MAX_LOGPROBS]. Numbers are stored as Python int and
+    float."""
 
     n: int = 1
     temperature: float = 1.0
@@ -63,33 +86,43 @@ class SamplingParams:
         if not _is_int(self.n) or self.n != 1:
             _bad("n", self.n, "1 (one completion per request)",
                  "send the prompt several times with different seeds to get several completions")
-        _check_real("temperature", self.temperature, 0, math.inf, "0 <= temperature (0 = greedy)",
-                    "use 0 for greedy decoding or a positive value such as 0.7")
-        _check_real("top_p", self.top_p, 0, 1, "0 < top_p <= 1", "use 1.0 to turn top-p off",
-                    low_open=True)
+        self.n = 1
+        self._real("temperature", 0, MAX_TEMPERATURE, f"0 <= temperature <= {MAX_TEMPERATURE:g} (0 = greedy)",
+                   "use 0 for greedy decoding or a positive value such as 0.7")
+        self._real("top_p", 0, 1, "0 < top_p <= 1", "use 1.0 to turn top-p off", low_open=True)
         if not _is_int(self.top_k) or self.top_k < -1:
             _bad("top_k", self.top_k, "an integer >= 1, or 0 / -1 for off", "use 0 or -1 to turn top-k off")
-        _check_real("min_p", self.min_p, 0, 1, "0 <= min_p <= 1", "use 0.0 to turn min-p off")
-        _check_real("repetition_penalty", self.repetition_penalty, 0, math.inf, "repetition_penalty > 0",
-                    "use 1.0 for no penalty, values > 1 discourage repeats", low_open=True)
+        self.top_k = int(self.top_k)
+        self._real("min_p", 0, 1, "0 <= min_p <= 1", "use 0.0 to turn min-p off")
+        self._real("repetition_penalty", MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY,
+                   f"{MIN_REPETITION_PENALTY:g} <= repetition_penalty <= {MAX_REPETITION_PENALTY:g}",
+                   "use 1.0 for no penalty, values > 1 discourage repeats")
         for name in ("presence_penalty", "frequency_penalty"):
-            _check_real(name, getattr(self, name), -2, 2, f"-2 <= {name} <= 2", "use 0.0 for no penalty")
-        if self.seed is not None and not _is_int(self.seed):
-            _bad("seed", self.seed, "an integer or None", "pass an int, or None for a random seed")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]  # vLLM normalizes the same way
-        self.stop = list(self.stop or [])
+            self._real(name, -2, 2, f"-2 <= {name} <= 2", "use 0.0 for no penalty")
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                _bad("seed", self.seed, "an integer (taken modulo 2**64) or None",
+                     "pass an int, or None for a random seed")
+            self.seed = int(self.seed)
+        self.stop = _as_list("stop", [self.stop] if isinstance(self.stop, str) else self.stop,  # vLLM normalizes alike
+                             "a non-empty string or a list of them")
         if not all(isinstance(s, str) and s for s in self.stop):
             _bad("stop", self.stop, "a non-empty string or a list of them", "remove empty or non-string entries")
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in self.stop):
+            _bad("stop", self.stop, f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters",
+                 "send fewer or shorter stop strings")
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             _bad("stop_token_ids", self.stop_token_ids, "a list of token ids >= 0", "pass integer token ids")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False", "pass a bool")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            _bad("max_tokens", self.max_tokens, "an integer >= 1, or None (up to the context length)",
-                 "ask for at least 1 token")
+        if self.max_tokens is not None:
+            if not _is_int(self.max_tokens) or self.max_tokens < 1:
+                _bad("max_tokens", self.max_tokens, "an integer >= 1, or None (up to the context length)",
+                     "ask for at least 1 token")
+            self.max_tokens = int(self.max_tokens)
         if self.structured_outputs is not None:
             from .structured import StructuredOutputs
 
@@ -98,9 +131,22 @@ class SamplingParams:
                      "pass StructuredOutputs(json=schema), (regex=...), (choice=[...]) or (grammar=...)")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
-                _bad(name, v, f"None or an integer in [0, {MAX_LOGPROBS}]",
-                     f"use 0 for the chosen token only, at most {MAX_LOGPROBS} alternatives")
+            if v is not None:
+                if not _is_int(v) or not 0 <= v <= MAX_LOGPROBS:
+                    _bad(name, v, f"None or an integer in [0, {MAX_LOGPROBS}]",
+                         f"use 0 for the chosen token only, at most {MAX_LOGPROBS} alternatives")
+                setattr(self, name, int(v))
+
+    def _real(self, field: str, lo: float, hi: float, allowed: str, fix: str, low_open: bool = False) -> None:
+        """Check a real-valued field against [lo, hi] (or (lo, hi]) and store it as a float."""
+        value = getattr(self, field)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        # Compared as the value itself: NaN fails every comparison, infinities fail the finite
+        # bounds, and a huge int is compared exactly (float(10**400) would overflow).
+        ok = ok and (lo < value <= hi if low_open else lo <= value <= hi)
+        if not ok:
+            _bad(field, value, allowed, fix)
+        setattr(self, field, float(value))
 
     @property
     def greedy(self) -> bool:
@@ -111,16 +157,33 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _as_list(field: str, value, allowed: str) -> list:
+    """None -> [], any other iterable (not a string or bytes) -> a list of its items."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        _bad(field, value, allowed, "pass a list")
+    try:
+        return list(value)
+    except TypeError:
+        _bad(field, value, allowed, "pass a list")
+
+
 def _bad(field: str, value, allowed: str, fix: str):
-    raise ValueError(f"SamplingParams.{field}={value!r} is invalid: allowed is {allowed}; {fix}")
+    raise ValueError(f"SamplingParams.{field}={show(value)} is invalid: allowed is {allowed}; {fix}")
 
 
-def _check_real(field, value, lo, hi, allowed, fix, low_open=False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    # Written as `lo <= v <= hi` so that NaN fails too.
-    ok = ok and (lo < value <= hi if low_open else lo <= value <= hi) and not math.isinf(value)
-    if not ok:
-        _bad(field, value, allowed, fix)
+def show(value, limit: int = 80) -> str:
+    """A bad value as an error message quotes it: a huge integer by its size (a client's
+    4000-digit number is not echoed whole, and one past Python's 4300 digits has no repr at
+    all), anything else as its repr, cut to `limit` characters."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)).bit_length() > 128:
+        return f"{'-' if value < 0 else ''}~10**{round(math.log10(abs(int(value))))}"
+    try:
+        text = repr(value)
+    except ValueError:  # e.g. a list holding such an integer
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- device-side arrays ---------------------------------------------------------------------
@@ -162,7 +225,8 @@ class SamplingArrays:
                  for p in rows]
         return cls(
             temperature=col(lambda p: p.temperature, np.float32, 1.0),
-            top_k=col(lambda p: max(p.top_k, 0), np.int32, 0),
+            # Any top_k >= the vocabulary keeps every token: capped so it always fits int32.
+            top_k=col(lambda p: min(max(p.top_k, 0), INT32_MAX), np.int32, 0),
             top_p=col(lambda p: p.top_p, np.float32, 1.0),
             min_p=col(lambda p: p.min_p, np.float32, 0.0),
             repetition_penalty=np.array([p.repetition_penalty for p in rows], np.float32),

@@ -234,6 +234,21 @@ class Scheduler:
         self._release(seq)
         seq.status = Status.FINISHED
 
+    def drop_all(self) -> list[Sequence]:
+        """Every running and waiting sequence leaves (FINISHED), every seat is free and no page
+        is referenced: the engine's recovery after a step that raised midway (Engine.abort_all),
+        when sequences may hold pages and seats for a step that never launched. The pages are
+        released all at once, not sequence by sequence, so that bookkeeping the failure left
+        half done cannot leak a page or free one twice. Returns the sequences."""
+        seqs = self.running + list(self.waiting)
+        for seq in seqs:
+            seq.pages, seq.num_computed, seq.num_registered, seq.in_flight, seq.slot = [], 0, 0, 0, -1
+            seq.status = Status.FINISHED
+        self.running, self.waiting = [], collections.deque()
+        self.free_slots = list(range(self.max_num_seqs))[::-1]
+        self.allocator.release_all()  # no sequence holds a page now
+        return seqs
+
     # ---- after a step ---------------------------------------------------------------------
 
     def register_full_pages(self, seq: Sequence) -> None:
