@@ -41,7 +41,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                             "for larger ones and prefill; the log names the thresholds)")
     serve.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                        help="compile every program the settings allow before the first request "
-                            "(default: on with an accelerator, off on a CPU)")
+                            "(default: on with an accelerator, off on a CPU; serve: always on)")
     serve.add_argument("--speculative-config", default=None,
                        help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                             "(same output, more tokens per step where the text repeats its context)")

@@ -2,8 +2,14 @@
 OpenAI-compatible server (mistral_jax/server/), with every engine flag of `generate`.
 
 With no --model it serves the embedded default model. Programs compile before the port opens
-(--warmup, the default on an accelerator), so no request waits on a compile. SIGTERM stops
-accepting, lets running requests finish (uvicorn's graceful shutdown) and exits 0."""
+(--warmup is the default on every backend: a server is a long-running process, and a burst must
+not wait on compiles), so no request waits on a compile.
+
+Exit codes, for supervisors: SIGTERM stops accepting, lets running requests finish within
+--timeout-graceful-shutdown, stops the engine (killed if it does not stop within 5 s more) and
+exits 0. If the engine process dies, or an HTTP process does, running streams end with an error
+event and the server exits 1 within seconds (a supervisor or Kubernetes restarts it). A port
+another server holds, or bad settings, exit 2 at once."""
 
 from __future__ import annotations
 
@@ -28,7 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
     p.add_argument("--api-key", default=os.environ.get("MISTRAL_JAX_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MISTRAL_JAX_API_KEY, or none)")
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $MISTRAL_JAX_API_KEY, or none)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (for a Prometheus scraper that sends none)")
     p.add_argument("--timeout-graceful-shutdown", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     p.add_argument("--api-server-count", type=int, default=None,
@@ -40,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.warmup is None:
+        args.warmup = True  # every backend, a CPU too; --no-warmup starts faster
     if args.api_server_count is None:
         # One HTTP process takes a burst of requests one at a time (~1 ms each on an H200's host): 64
         # at once added ~22 ms to the time to first token over the engine's own; 4 processes, none.
@@ -61,6 +72,15 @@ def main(argv=None) -> int:
         print(f"error: cannot bind {args.host}:{args.port} ({e.strerror}): pick another --port or --host",
               file=sys.stderr)
         return 2
+    # Bound is not owned: two sockets that both allow address reuse bind one port while neither
+    # listens yet (a second server started while the first loads), and SO_REUSEPORT sockets of
+    # one user share a port (the kernel would split the traffic between two servers). A lock per
+    # port, held for this process's life, makes the second server fail here, whatever the layout.
+    try:
+        port_lock = _claim_port(port)
+    except PortTaken as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # The engine runs in its own process (server/engine_process.py): its host work and the HTTP
     # processes' work do not share a GIL. It loads the model and warms up before the port opens.
     process, pipes = start_engine(llm_kwargs(args), kwargs_from_args(args), args.api_server_count)
@@ -73,6 +93,8 @@ def main(argv=None) -> int:
         except EngineStartError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            return 130
         ctx = multiprocessing.get_context("spawn")
         for front in range(1, args.api_server_count):
             companion = ctx.Process(target=front_main, name=f"mistral-jax-api-{front}",
@@ -86,6 +108,10 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
         return _serve(args, bridge, sockets[0])
     finally:
+        if process.is_alive():  # however we got here: never left behind (nor waited on at exit)
+            process.kill()
+            process.join(5)
+        port_lock.close()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -93,8 +119,10 @@ def main(argv=None) -> int:
 def front_main(args, front: int, pipes, sock) -> None:
     """Another HTTP process (--api-server-count): the same app on its own socket of the shared
     port, talking to the engine over its own pipes. It exits when the engine does."""
+    from .server import name_process
     from .server.bridge import EngineClient, EngineStartError
 
+    name_process(f"mj-http-{front}")
     try:
         bridge = EngineClient(pipes, front=front)
     except EngineStartError:
@@ -104,7 +132,8 @@ def front_main(args, front: int, pipes, sock) -> None:
 
 
 def _serve(args, bridge, sock) -> int:
-    """Run one HTTP process's server until SIGTERM (or the engine goes away); 0 when it drained."""
+    """Run one HTTP process's server until SIGTERM (0, drained) or until the engine or another
+    HTTP process dies (1: the running streams end with an error event first)."""
     import uvicorn
 
     from .server.app import create_app
@@ -112,12 +141,15 @@ def _serve(args, bridge, sock) -> int:
 
     try:
         tokenizer = load_tokenizer(bridge.info.tokenizer_source)
-        app = create_app(bridge, tokenizer, args.served_model_name, args.api_key)
+        app = create_app(bridge, tokenizer, args.served_model_name, args.api_key,
+                         public_metrics=args.public_metrics)
     except BaseException:
         bridge.shutdown()
         raise
-    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                    timeout_graceful_shutdown=args.timeout_graceful_shutdown))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.timeout_graceful_shutdown)
+    server = _Server(config)
+    failure: list[str] = []
 
     def stop(*_):  # stop accepting, let running requests finish, exit 0
         server.should_exit = True
@@ -125,11 +157,29 @@ def _serve(args, bridge, sock) -> int:
             if companion.pid is not None and companion.is_alive():
                 os.kill(companion.pid, signal.SIGTERM)
 
+    def fail(why: str) -> None:  # the engine or an HTTP process died: end every stream, exit 1
+        if not failure and not server.should_exit:
+            failure.append(why)
+            print(f"error: {why}; the server exits (code 1) so that its supervisor can restart it",
+                  file=sys.stderr, flush=True)
+            config.timeout_graceful_shutdown = min(args.timeout_graceful_shutdown, 5.0)  # their streams have ended
+            stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, stop)
-    if bridge.process is None:
-        bridge.on_stop = stop  # an HTTP process without its engine has nothing to serve
+    bridge.on_stop = fail
+
+    def watch_companions(loop):  # front 0: another HTTP process that dies takes its clients with it
+        for companion in bridge.companions:
+            def ended(c=companion):
+                loop.remove_reader(c.sentinel)
+                c.join(1)
+                fail(f"HTTP process {c.name} exited (code {c.exitcode})")
+            loop.add_reader(companion.sentinel, ended)
+
+    app.state.on_startup.append(watch_companions)
+
     # What is loaded by now (JAX, the tokenizer, the app) lives as long as the process: out of the
     # cyclic GC's full passes, each of which walked all of it with the event loop stopped (a CPU
     # profile under load: one pass of 160 ms; 3.8 ms with this).
@@ -138,7 +188,34 @@ def _serve(args, bridge, sock) -> int:
         server.run(sockets=[sock])
     finally:
         bridge.shutdown()  # idempotent after the app's own shutdown; covers a failed start
-    return 0
+    return 1 if failure else 0
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _claim_port(port: int):
+    """An exclusive lock on a file named by the port, held (the returned file open) for this
+    process's life; the kernel drops it when the process ends, however it ends."""
+    import fcntl
+
+    folder = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = os.path.join(folder, f"mistral-jax-port-{port}.lock")
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise PortTaken(f"port {port} is already served by another mistral_jax server (pid {holder}; "
+                        f"lock {path}): stop it or pick another --port") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def _bind(host: str, port: int, shared: bool) -> socket.socket:

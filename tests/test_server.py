@@ -6,13 +6,9 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,58 +17,7 @@ import psutil
 import pytest
 
 from mistral_jax import LLM, SamplingParams
-
-MODEL = "tiny"
-SETTINGS = ["--dtype", "float32", "--max-model-len", "256", "--num-pages", "400", "--max-num-seqs", "32",
-            "--max-num-batched-tokens", "128"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model_dir, *extra, env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mistral_jax.serve", "--model", str(model_dir), "--served-model-name", MODEL,
-               "--port", str(self.port), *SETTINGS, *extra]
-        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would block the server
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"the server exited: {self.log.read()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("the server did not start in 180 s")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-        return self.proc.returncode
-
-    def metric(self, name: str, labels: str = "") -> float:
-        text = httpx.get(self.url + "/metrics").text
-        prefix = f"mistral_jax:{name}{{{labels}}} " if labels else f"mistral_jax:{name} "
-        line = next((ln for ln in text.splitlines() if ln.startswith(prefix)), None)
-        if line is None and labels:
-            return 0.0  # a labelled series appears with its first count
-        return float(line.split()[-1])
+from server_harness import MODEL, SETTINGS, Server, children, free_port, wait_gone
 
 
 @pytest.fixture(scope="module")
@@ -258,33 +203,13 @@ async def _concurrent_streams_with_disconnects(server, llm):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-def children(pid: int, running: str = "") -> list[int]:
-    """A process's child processes whose command line holds `running` (Linux)."""
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return [c for c in out if running in Path(f"/proc/{c}/cmdline").read_text().replace("\0", " ")]
-
-
-def wait_gone(pid: int, seconds: float) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True  # exited; its parent has not reaped it
-        except FileNotFoundError:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.fixture(scope="module")
 def guarded(tiny_checkpoints):
     """A second server: an API key, and n-gram speculative decoding; SIGTERM ends it with 0,
     and its engine process with it."""
     s = Server(tiny_checkpoints[0], "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
-               "--api-server-count", "1", env={"MISTRAL_JAX_API_KEY": "s3cret"})
-    engines = children(s.proc.pid, "spawn_main")
+               "--api-server-count", "1", api_key="s3cret")
+    engines = children(s.proc.pid, comm="mj-engine")
     assert len(engines) == 1, engines  # the engine runs in its own process
     # The HTTP process's own warm-up request (its first request's cold paths) is not in /metrics.
     assert s.metric("prompt_tokens_total") == 0 and s.metric("time_to_first_token_seconds_count") == 0
@@ -305,7 +230,11 @@ def test_engine_process_start_failure_and_orphan(tiny_checkpoints):
     # The first HTTP process killed outright: the engine process notices the closed pipe and exits,
     # and the second HTTP process, whose engine is gone, exits too.
     s = Server(tiny_checkpoints[0], "--api-server-count", "2")
-    spawned, helpers = children(s.proc.pid, "spawn_main"), children(s.proc.pid)
+    deadline = time.time() + 60
+    while not children(s.proc.pid, comm="mj-http-1") and time.time() < deadline:
+        time.sleep(0.2)  # the second HTTP process may still be starting when the first answers
+    spawned = children(s.proc.pid, comm="mj-engine") + children(s.proc.pid, comm="mj-http-1")
+    helpers = children(s.proc.pid)
     s.proc.kill()
     s.proc.wait(10)
     s.log.close()
@@ -342,7 +271,13 @@ def test_api_key(guarded):
     assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
     assert [m.id for m in ok.models.list().data] == [MODEL]
-    assert httpx.get(s.url + "/health").status_code == 200  # outside /v1: no key needed
+    assert httpx.get(s.url + "/health").status_code == 200  # a liveness probe needs no key
+    # Every endpoint that does work needs the key (tokenizing too: a large body costs CPU), and
+    # /metrics (unless --public-metrics).
+    for method, path, body in [("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1]}),
+                               ("GET", "/metrics", None), ("POST", "/v1/completions", {"prompt": "hi"})]:
+        assert httpx.request(method, s.url + path, json=body).status_code == 401, path
+        assert httpx.request(method, s.url + path, json=body, headers=s.headers).status_code == 200, path
 
 
 def test_speculative_server_streams_plain_decodings_text(guarded, llm):

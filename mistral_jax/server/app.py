@@ -7,6 +7,7 @@ that goes away has its request aborted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -17,6 +18,7 @@ import string
 import time
 from typing import Any, AsyncIterator
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,10 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..outputs import StepEvent
 from ..sampling import SamplingParams
 from ..structured import Matcher
-from .bridge import EngineClient, EngineStopped, RequestStream
+from .bridge import EngineClient, EngineStopped, RequestFailed, RequestStream
 from .constraints import ConstraintError, request_constraint
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        error_body)
+from .tokenizing import INLINE_BODY_BYTES, Tokenizing
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -40,8 +43,9 @@ class BadRequest(Exception):
 
 
 def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = None, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The server's app in front of a running engine process (bridge) and its tokenizer."""
+               max_body_bytes: int = MAX_BODY_BYTES, public_metrics: bool = False) -> FastAPI:
+    """The server's app in front of a running engine process (bridge) and its tokenizer.
+    api_key: every endpoint but /health needs it (/metrics too, unless public_metrics)."""
     from . import metrics as metrics_module
 
     info = bridge.info
@@ -49,8 +53,22 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
     vocab_size = info.limits.vocab_size
     metrics = metrics_module.Metrics(bridge)
     bridge.observers.append(metrics)
-    app = FastAPI(title="mistral_jax", docs_url=None, redoc_url=None)
-    app.state.bridge, app.state.metrics = bridge, metrics
+    tokenizing = Tokenizing(tokenizer, info.tokenizer_source)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+        bridge.attach(loop)
+        tokenizing.start()
+        for hook in app.state.on_startup:  # the server's own (serve.py: it watches its other HTTP processes)
+            hook(loop)
+        await _warm_up(app, bridge, metrics, model_name, api_key)
+        yield
+        tokenizing.close()
+        await loop.run_in_executor(None, bridge.shutdown)
+
+    app = FastAPI(title="mistral_jax", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.bridge, app.state.metrics, app.state.on_startup = bridge, metrics, []
     created = int(time.time())
 
     # ---- errors -------------------------------------------------------------------------
@@ -82,11 +100,20 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
     async def _stopped(_, e: EngineStopped):
         return error(503, str(e), type_="server_error")
 
+    @app.exception_handler(RequestFailed)
+    async def _failed(_, e: RequestFailed):
+        return error(e.status, str(e), type_="server_error" if e.status >= 500 else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _ours(_, e: Exception):  # a fault of ours: still OpenAI's JSON error object (the traceback goes to the log)
+        return error(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")
+
     # A plain ASGI wrapper, not @app.middleware("http"): Starlette's BaseHTTPMiddleware carries
     # every streamed chunk through an extra memory stream and task (a CPU profile at 64 streams
     # put ~40 us per chunk there); this one only reads the request's headers.
-    app.add_middleware(_Guard, max_body_bytes=max_body_bytes, api_key=api_key,
-                       reject=lambda status, message, type_: error(status, message, type_=type_))
+    app.add_middleware(_Guard, max_body_bytes=max_body_bytes, api_key=api_key, public_metrics=public_metrics,
+                       reject=lambda status, message, type_: error(status, message, type_=type_),
+                       fault=lambda: bridge.fault)
 
     def admit(ids: list[int], params: SamplingParams, where: str) -> SamplingParams:
         """The engine's own check of a request (context, cache size, vocabulary) as a 400."""
@@ -111,6 +138,14 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
             raise BadRequest(f"{field}: {e}", field) from None
         return [(index, ids, dataclasses.replace(params, structured_outputs=spec)) for index, ids, params in jobs]
 
+    def in_context(ids, where: str) -> list[int]:
+        """Prompt ids as a list; one past the context is refused from its length alone (a worker's
+        array of millions of ids never becomes a list in the event loop)."""
+        if len(ids) >= info.max_model_len:
+            raise BadRequest(f"{where} has {len(ids)} tokens, past the model's context of {info.max_model_len}: "
+                             f"shorten it to at most {info.max_model_len - 1} tokens")
+        return ids.tolist() if isinstance(ids, np.ndarray) else ids
+
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
             raise BadRequest(f"model {name!r} is not served here; this server serves {model_name!r}", "model", 404,
@@ -134,12 +169,18 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
         return Response(metrics.render(), media_type=metrics_module.CONTENT_TYPE)
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
+    async def tokenize(req: TokenizeRequest, request: Request):
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise BadRequest("give exactly one of 'prompt' (text) or 'messages' (a chat)", "prompt")
+        _check_text(req.prompt, "prompt")
+        messages = _chat_messages(req.messages) if req.messages is not None else None
+        if _big(request):  # the whole body made off the loop: a long text's ids are millions of numbers
+            body = await _templated(tokenizing.tokenize_body(req.prompt, messages, req.add_special_tokens,
+                                                             info.max_model_len))
+            return Response(body, media_type="application/json")
         ids = (tokenizer.encode(req.prompt, add_bos=req.add_special_tokens) if req.prompt is not None
-               else _encode_chat(tokenizer, req.messages, None))
+               else await _templated(tokenizing.encode_chat(messages, None, big=False)))
         return {"tokens": ids, "count": len(ids), "max_model_len": info.max_model_len}
 
     @app.post("/detokenize")
@@ -157,7 +198,10 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
         check_model(req.model)
         if req.suffix is not None:
             raise BadRequest("suffix is not supported (no fill-in-the-middle here): remove it", "suffix")
-        prompts = _completion_prompts(tokenizer, req.prompt)
+        _check_text(req.prompt, "prompt")
+        _check_text(req.stop, "stop")
+        prompts = [(text, in_context(ids, f"prompt {i}"))
+                   for i, (text, ids) in enumerate(await _completion_prompts(tokenizing, req.prompt, _big(request)))]
         score_only = req.max_tokens == 0
         if score_only and not req.echo:
             raise BadRequest("max_tokens=0 generates nothing: use it with echo=true (prompt logprobs), "
@@ -195,22 +239,28 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
             return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
                     "choices": choices, "usage": usage.body()}
 
+        def text_chunk(index, text, finish=None, logprobs=None):
+            return _chunk({"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                           "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+
         async def sse() -> AsyncIterator[str]:
-            usage = _Usage()
-            async for index, event in _merged(streams):
-                ids = jobs[index][1]
-                if score_only:
-                    if event.finished:
-                        usage.add(ids, [], event.num_cached_tokens or 0, first_of_prompt=index % req.n == 0)
-                        yield _chunk({"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                                      "choices": [{"index": index, "text": tokenizer.decode(ids) if req.echo else "",
-                                                   "finish_reason": "length", "logprobs": None}]})
-                    continue
-                lps = choice_logprobs([event.logprobs], [event.token_id], []) if req.logprobs is not None else None
-                yield _chunk({"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                              "choices": [{"index": index, "text": event.text, "logprobs": lps,
-                                           "finish_reason": event.finish_reason if event.finished else None}]})
-                usage.count(index, ids, event, req.n)
+            usage, finished = _Usage(), set()
+            try:
+                async for index, event in _merged(streams):
+                    ids = jobs[index][1]
+                    finished.update([index] if event.finished else [])
+                    if score_only:
+                        if event.finished:
+                            usage.add(ids, [], event.num_cached_tokens or 0, first_of_prompt=index % req.n == 0)
+                            yield text_chunk(index, tokenizer.decode(ids) if req.echo else "", "length")
+                        continue
+                    lps = choice_logprobs([event.logprobs], [event.token_id], []) if req.logprobs is not None else None
+                    yield text_chunk(index, event.text, event.finish_reason if event.finished else None, lps)
+                    usage.count(index, ids, event, req.n)
+            except (EngineStopped, RequestFailed) as e:
+                for line in _failed_stream_end(e, [text_chunk(i, "", "error") for i, _, _ in jobs if i not in finished]):
+                    yield line
+                return
             for line in _stream_end({"id": rid, "object": "text_completion", "created": now, "model": model_name},
                                     usage, req.stream_options):
                 yield line
@@ -223,7 +273,10 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         tools = _tools(req)
-        ids = _encode_chat(tokenizer, req.messages, tools)
+        _check_text(req.stop, "stop")
+        _check_text(req.tools, "tools")
+        ids = in_context(await _templated(tokenizing.encode_chat(_chat_messages(req.messages), tools, _big(request))),
+                         "the conversation")
         top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not req.logprobs:
             raise BadRequest("top_logprobs needs logprobs=true", "top_logprobs")
@@ -265,8 +318,18 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
                                         "finish_reason": finish}]})
 
         async def sse() -> AsyncIterator[str]:
+            finished = set()
+            try:
+                async for line in events(finished):
+                    yield line
+            except (EngineStopped, RequestFailed) as e:
+                for line in _failed_stream_end(e, [chunk(i, {}, "error") for i, _, _ in jobs if i not in finished]):
+                    yield line
+
+        async def events(finished: set) -> AsyncIterator[str]:
             usage, started, held, text, sent, in_calls = _Usage(), set(), {}, {}, {}, set()
             async for index, event in _merged(streams):
+                finished.update([index] if event.finished else [])
                 if index not in started:
                     started.add(index)
                     yield chunk(index, {"role": "assistant", "content": ""})
@@ -304,15 +367,6 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
                 yield line
 
         return _EventStream(sse(), streams)
-
-    @app.on_event("startup")
-    async def _startup():
-        bridge.attach(asyncio.get_running_loop())
-        await _warm_up(app, bridge, metrics, model_name, api_key)
-
-    @app.on_event("shutdown")
-    async def _shutdown():
-        await asyncio.get_running_loop().run_in_executor(None, bridge.shutdown)
 
     return app
 
@@ -362,28 +416,63 @@ async def _warm_up(app, bridge: EngineClient, metrics, model_name: str, api_key:
 
 
 class _Guard:
-    """Every request: a body over the size limit is a 413; on /v1/*, a missing or wrong API key
-    (constant-time comparison) a 401."""
+    """Every request, before any route runs: when the engine has stopped, a 503 that says why
+    (every endpoint: the server is on its way out); with an API key, a 401 for a missing or wrong
+    key (constant-time comparison) on every path but /health (and /metrics with public_metrics);
+    a body over the limit, a 413. The limit holds on the bytes read, whatever the transfer
+    encoding: the body is read here, chunk by chunk, and refused as soon as it passes the limit,
+    before anything parses it (a chunked body carries no Content-Length to check up front)."""
 
-    def __init__(self, app, max_body_bytes: int, api_key: str | None, reject):
-        self.app, self.max_body_bytes, self.reject = app, max_body_bytes, reject
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app, max_body_bytes: int, api_key: str | None, reject, fault, public_metrics: bool = False):
+        self.app, self.max_body_bytes, self.reject, self.fault = app, max_body_bytes, reject, fault
         self.api_key = api_key.encode() if api_key is not None else None
+        self.open_paths = self.OPEN_PATHS + (("/metrics",) if public_metrics else ())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            scope.setdefault("state", {})["arrived"] = time.perf_counter()  # request.state.arrived (queue time)
-            headers = dict(scope["headers"])
-            length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                return await self.reject(413, f"the body is over {self.max_body_bytes} bytes: send a smaller request",
-                                         "invalid_request_error")(scope, receive, send)
-            if self.api_key is not None and scope["path"].startswith("/v1/"):
-                given = headers.get(b"authorization", b"")
-                token = given[7:] if given[:7].lower() == b"bearer " else b""
-                if not hmac.compare_digest(token, self.api_key):
-                    return await self.reject(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                             "authentication_error")(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["arrived"] = time.perf_counter()  # request.state.arrived (queue time)
+        if (why := self.fault()) is not None:
+            return await self.reject(503, f"the server cannot serve: {why}", "server_error")(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] not in self.open_paths:
+            given = headers.get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.api_key):
+                return await self.reject(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                         "authentication_error")(scope, receive, send)
+        too_big = self.reject(413, f"the body is over {self.max_body_bytes} bytes: send a smaller request",
+                              "invalid_request_error")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return await too_big(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away before its body ended
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+        scope["state"]["body_bytes"] = size  # tokenizing.py: a large body is tokenized off the event loop
+
+        async def replay():  # the body once, whole; then the client's own messages (its hang-up)
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 class _Result:
@@ -490,6 +579,16 @@ def _chunk(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+def _failed_stream_end(e: Exception, open_choices: list[str]) -> list[str]:
+    """A stream whose engine stopped, or whose request failed, mid-answer: each choice still open
+    ends with finish_reason "error", then OpenAI's error event (the openai client raises it as an
+    APIError), then [DONE]."""
+    status = getattr(e, "status", 503)
+    body = {"message": str(e), "type": "server_error" if status >= 500 else "invalid_request_error",
+            "param": None, "code": status}
+    return open_choices + [_chunk({"error": body}), "data: [DONE]\n\n"]
+
+
 def _stream_end(head: dict, usage: "_Usage", stream_options: dict | None) -> list[str]:
     """A stream's last events: the usage chunk (if stream_options.include_usage), then [DONE]."""
     usage_chunk = [_chunk(dict(head, choices=[], usage=usage.body()))] if (stream_options or {}).get("include_usage") else []
@@ -546,7 +645,11 @@ def _sampling(req, *, max_tokens, logprobs, prompt_logprobs=None) -> SamplingPar
         raise BadRequest(str(e)) from e
 
 
-def _completion_prompts(tokenizer, prompt) -> list[tuple[str | None, list[int]]]:
+def _big(request: Request) -> bool:
+    return getattr(request.state, "body_bytes", 0) > INLINE_BODY_BYTES
+
+
+async def _completion_prompts(tokenizing: Tokenizing, prompt, big: bool) -> list[tuple[str | None, list[int]]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):  # token ids (the request model allows no mixed list)
@@ -556,10 +659,29 @@ def _completion_prompts(tokenizer, prompt) -> list[tuple[str | None, list[int]]]
     out = []
     for p in prompt:
         if isinstance(p, str):
-            out.append((p, tokenizer.encode(p, add_bos=True)))
+            out.append((p, await tokenizing.encode(p, add_bos=True, big=big)))
         else:
             out.append((None, list(p)))
     return out
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value, field: str) -> None:
+    """Text that cannot be UTF-8 (a lone surrogate such as JSON's "\\ud800", which JSON parsers
+    pass through) is the client's error, named by its field: no tokenizer could encode it."""
+    if isinstance(value, str):
+        if not value.isascii() and _SURROGATE.search(value):
+            raise BadRequest(f"{field} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text: "
+                             "send valid Unicode (pair surrogates, or drop them)", field.split(".")[0])
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, field)
+            _check_text(v, f"{field}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_text(v, f"{field}.{i}")
 
 
 def _content(message: dict) -> dict:
@@ -576,15 +698,22 @@ def _content(message: dict) -> dict:
     return message
 
 
-def _encode_chat(tokenizer, messages: list[dict], tools) -> list[int]:
+def _chat_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI-shaped messages checked and made ready for the chat template."""
     roles = ("system", "user", "assistant", "tool")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in roles:
             raise BadRequest(f"messages[{i}].role must be one of {roles}", f"messages.{i}.role")
         if m.get("content") is not None and not isinstance(m.get("content"), (str, list)):
             raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", f"messages.{i}.content")
+    _check_text(messages, "messages")
+    return [_content(m) for m in _mistral_tool_ids(messages)]
+
+
+async def _templated(work):
+    """A template's or tokenizer's refusal of the client's input is a 400 naming it."""
     try:
-        return tokenizer.encode_chat([_content(m) for m in _mistral_tool_ids(messages)], tools=tools)
+        return await work
     except BadRequest:
         raise
     except Exception as e:  # noqa: BLE001  mistral-common / the template said no: the client's input

@@ -2,16 +2,20 @@
 
 It starts the engine process and waits until the model is loaded and warm; checks each request
 as the engine would (RequestLimits) so bad input is a 400 before any work; sends requests and
-aborts down one pipe; and reads the engine's batches from the other inside the event loop (a
-reader on the pipe: no thread, no GIL shared with the engine), handing each request's events to
-its handler. Requests that arrive while a batch runs join it at the next step (continuous
-batching across clients). A handler that stops reading (a client disconnects, a task is
-cancelled) aborts its request: the engine frees its pages before its next step."""
+aborts down one pipe; and reads the engine's batches from the other inside the event loop
+(channel.py: framed messages of any size, read as bytes come; no thread), handing each
+request's events to its handler. Requests that arrive while a batch runs join it at the next
+step (continuous batching across clients). A handler that stops reading (a client disconnects,
+a task is cancelled) aborts its request: the engine frees its pages before its next step.
+
+Supervision: the first HTTP process holds the engine process. If the engine dies (its pipe
+closes, its process ends, or it reports a fault), every waiting request hears EngineStopped,
+`fault` says why, and on_stop runs once (the server then exits non-zero: a supervisor restarts
+it). A read that would block is never taken for the engine's death."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import multiprocessing
 import time
@@ -21,12 +25,21 @@ import numpy as np
 
 from ..outputs import StepEvent
 from ..sampling import SamplingParams
-from . import engine_process
+from . import channel, engine_process
 from .engine_process import Abort, Add, Batch, Failed, Fault, Ready, Stats
 
 
 class EngineStopped(RuntimeError):
     """The engine has stopped (shutdown, or a fault it reported)."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine did not run one request to its end. status 400: it refused the request's input;
+    500: a step that ran it failed (the engine went on with its other requests)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 class EngineStartError(RuntimeError):
@@ -61,7 +74,9 @@ class EngineClient:
         others (companions) have exited. observers: objects with added(request_id, prompt_len,
         arrived, admitted), event(StepEvent) and aborted(request_id), called in the event loop
         (metrics)."""
-        self._to_engine, self._from_engine = pipes
+        self._pipes = pipes  # the Connection objects own the descriptors (closed with them)
+        self._to_engine, self._from_engine = (channel.AsyncWriter(pipes[0].fileno()),
+                                              channel.AsyncReader(pipes[1].fileno()))
         self.process, self.front = process, front
         self.companions: list = []  # the other HTTP processes (front 0 only)
         self.on_stop = None  # called once if the engine goes away
@@ -79,11 +94,12 @@ class EngineClient:
 
     def _wait_ready(self) -> Ready:
         exited = "the engine process exited{} before it was ready: its output above says why"
-        while self.process is not None and not self._from_engine.poll(0.5):
+        fd = self._from_engine.fd
+        while self.process is not None and not channel.poll(fd, 0.5):
             if not self.process.is_alive():
                 raise EngineStartError(exited.format(f" (code {self.process.exitcode})"))
         try:
-            message = self._from_engine.recv()
+            message = channel.recv(fd)
         except EOFError:
             if self.process is not None:
                 self.process.join(5)
@@ -98,7 +114,10 @@ class EngineClient:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read the engine's batches in this event loop (the server's, once it runs)."""
         self._loop = loop
-        loop.add_reader(self._from_engine.fileno(), self._on_readable)
+        self._to_engine.attach(loop)
+        self._from_engine.attach(loop, self._take, self._pipe_closed)
+        if self.process is not None:  # its end, whatever happened to the pipes
+            loop.add_reader(self.process.sentinel, self._process_ended)
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -150,17 +169,29 @@ class EngineClient:
         self._write(messages)
 
     def _write(self, message) -> None:
-        with contextlib.suppress(BrokenPipeError, EOFError, OSError):  # a dead engine shows as EOF on the read side
-            self._to_engine.send(message)
+        self._to_engine.write(message)  # a dead engine shows as end-of-file on the read side
 
     # ---- the engine's batches (event loop) -------------------------------------------------
 
-    def _on_readable(self) -> None:
-        try:
-            while self._from_engine.poll():
-                self._take(self._from_engine.recv())
-        except (EOFError, OSError):
-            self._stop_all("the engine process exited" if not self._stopping else "shutting down")
+    def _exit_note(self) -> str:
+        code = self.process.exitcode if self.process is not None else None
+        if code is None:
+            return ""
+        return f" (killed by signal {-code})" if code < 0 else f" (exit code {code})"
+
+    def _pipe_closed(self, why: str) -> None:
+        if self._stopping:
+            self._stop_all("shutting down")
+            return
+        if self.process is not None:
+            self.process.join(1)  # its exit code, if it is ending
+        self._stop_all(f"the engine process exited{self._exit_note()}" if why == "end of file" else why)
+
+    def _process_ended(self) -> None:
+        self._loop.remove_reader(self.process.sentinel)
+        if not self._stopping:
+            self.process.join(1)
+            self._stop_all(f"the engine process exited{self._exit_note()}")
 
     def _take(self, message) -> None:
         if isinstance(message, Fault):
@@ -173,7 +204,10 @@ class EngineClient:
                 o.added(request_id, prompt_len, arrived, t)
         for request_id, why in message.rejected:
             if (q := self._queues.get(request_id)) is not None:
-                q.put_nowait(RuntimeError(f"the engine did not take the request: {why}"))
+                q.put_nowait(RequestFailed(f"the engine did not take the request: {why}", 400))
+        for request_id, why in message.failed:
+            if (q := self._queues.get(request_id)) is not None:
+                q.put_nowait(RequestFailed(why, 500))
         for event in message.events:
             for o in self.observers:
                 o.event(event)
@@ -184,31 +218,37 @@ class EngineClient:
         if self.fault is None and not self._stopping:
             self.fault = why
             if self.on_stop is not None:
-                self.on_stop()
-        if self._loop is not None:
-            self._loop.remove_reader(self._from_engine.fileno())
+                self.on_stop(why)
+        self._from_engine.detach()
+        if self.process is not None and self._loop is not None:
+            self._loop.remove_reader(self.process.sentinel)
         for q in self._queues.values():
             q.put_nowait(EngineStopped(why))
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """After the server has drained its requests: the first HTTP process waits for the others
-        and stops the engine process; another one closes its pipes."""
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """After the server has drained its requests (or its graceful time ran out): the first
+        HTTP process waits for the others and stops the engine process; another one closes its
+        pipes. Bounded: whatever has not ended within `timeout` seconds is killed (the engine
+        ignores SIGTERM, which is the HTTP processes' to drain on), so SIGTERM always ends."""
         if self._stopping:
             return
         self._stopping = True
         if self.process is None:
-            self._to_engine.close()
+            self._pipes[0].close()
             return
-        for companion in self.companions:  # they drain in parallel (SIGTERM reached them all at once)
-            companion.join(timeout)
+        deadline = time.monotonic() + timeout
+        left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+        for companion in self.companions:  # they drained in parallel (SIGTERM reached them all at once)
+            companion.join(left())
             if companion.is_alive():  # hung: not left behind (a live child would also block our exit)
-                companion.terminate()
-                companion.join(5)
-        self._write(None)
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
+                companion.kill()
+                companion.join(1)
+        if not self._to_engine.try_write_now(None):  # an engine that stopped reading gets no stop message
+            self.process.kill()
+        self.process.join(left())
+        if self.process.is_alive():  # wedged: SIGKILL, which nothing can ignore
+            self.process.kill()
+            self.process.join(2)
 
 
 

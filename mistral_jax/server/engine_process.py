@@ -7,11 +7,14 @@ detokenizing) and the event loop's per-chunk work share one GIL. On an H200 at 6
 step then launched late and HTTP kept 71-85% of the in-process tokens/s. Here the engine
 process does nothing but step; the HTTP process parses, checks, streams.
 
-Messages in (one at a time or as a list): Add (a request, its prompt checked by the HTTP
-process), Abort, None (stop). Out:
-Ready or Failed once at start, then one Batch per loop turn to each HTTP process (its requests
-admitted, their events, rejections, and a snapshot of the engine's gauges), or Fault (the engine
-stopped). The engine process exits when the first HTTP process (the one that started it) tells
+Messages (channel.py's framing: any size) in, one at a time or as a list: Add (a request, its
+prompt checked by the HTTP process), Abort, None (stop). Out: Ready or Failed once at start,
+then one Batch per loop turn to each HTTP process (its requests admitted, their events,
+rejections and failures, and a snapshot of the engine's gauges), or Fault (the engine stopped).
+
+A step that raises fails the requests it held (each hears why), and the engine goes on with
+what arrives next; MAX_FAILED_STEPS in a row (a broken device, not a bad request) is a Fault,
+and this process exits. The engine process exits when the first HTTP process (the one that started it) tells
 it to stop or goes away (its pipe closes); another HTTP process that goes away has its requests
 aborted."""
 
@@ -24,14 +27,17 @@ import json
 import os
 import queue
 import signal
+import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import wait
 
 from ..outputs import StepEvent
 from ..request_limits import RequestLimits
 from ..sampling import SamplingParams
+from . import channel
 
 # Requests that arrive together after an idle spell start in one step: the HTTP process parses a
 # burst one request at a time (~0.5-1 ms each), and the first would otherwise start alone while
@@ -45,6 +51,10 @@ ARRIVAL_WINDOW_S = 0.030
 # MISTRAL_JAX_STEP_LOG=path: one JSON line per step (when its requests arrived and were taken, when
 # the step ran), to see where a request's time before its first token went.
 STEP_LOG_ENV = "MISTRAL_JAX_STEP_LOG"
+# Steps failing one after another before the engine gives up (Fault): one failure is a request's
+# (its requests fail, the rest go on); several in a row, with fresh requests each time, is the
+# engine's or the device's.
+MAX_FAILED_STEPS = 3
 
 
 # ---- messages ------------------------------------------------------------------------------
@@ -92,6 +102,7 @@ class Stats:
     prompt_tokens: int = 0  # prefix cache: prompt tokens looked up, and those found
     cached_tokens: int = 0
     spec: tuple[int, int, int] = (0, 0, 0)  # drafts, draft tokens, accepted tokens
+    programs: int = 0  # compiled programs the engine holds: constant after warm-up (a rise: a request waited on a compile)
 
 
 @dataclasses.dataclass
@@ -109,8 +120,9 @@ class Failed:
 class Batch:
     admitted: list[tuple[str, int, float, float]]  # (request_id, prompt tokens, arrival, admission: perf_counter)
     events: list[StepEvent]
-    rejected: list[tuple[str, str]]  # (request_id, why)
+    rejected: list[tuple[str, str]]  # (request_id, why): not taken (its input)
     stats: Stats
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (request_id, why): a step failed
 
 
 @dataclasses.dataclass
@@ -127,6 +139,9 @@ def main(inboxes: list, outboxes: list, llm_kwargs: dict, distributed_kwargs: di
     # the first stops this process through its pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from . import name_process
+
+    name_process("mj-engine")
     from .. import distributed
     from ..llm import LLM
 
@@ -153,14 +168,21 @@ def main(inboxes: list, outboxes: list, llm_kwargs: dict, distributed_kwargs: di
 def _tell_all(outboxes, message) -> None:
     for outbox in outboxes:
         with contextlib.suppress(BrokenPipeError, EOFError, OSError):
-            outbox.send(message)
+            channel.send(outbox.fileno(), message)
 
 
 def stats_of(engine) -> Stats:
     a, s = engine.allocator, engine.speculator
     spec = (s.stats.num_drafts, s.stats.num_draft_tokens, s.stats.num_accepted_tokens) if s is not None else (0, 0, 0)
     return Stats(len(engine.scheduler.running), len(engine.scheduler.waiting), a.num_used_pages, a.num_free_pages,
-                 a.num_pages, a.stats.prompt_tokens, a.stats.cached_tokens, spec)
+                 a.num_pages, a.stats.prompt_tokens, a.stats.cached_tokens, spec, _programs_held(engine))
+
+
+def _programs_held(engine) -> int:
+    from ..programs import Program
+
+    owners = [engine] + ([engine.draft] if engine.draft is not None else [])
+    return sum(len(p._by_bucket) for owner in owners for p in vars(owner).values() if isinstance(p, Program))
 
 
 class EngineLoop:
@@ -174,6 +196,8 @@ class EngineLoop:
         self._admitted: list = []
         self._arrived_tokens = 0  # prompt tokens taken since the engine was last idle
         self._rejected: list = []
+        self._failed: list = []  # (front, request_id, why)
+        self._failed_steps = 0  # in a row
         self._stopping = False
         # Grammars compile off the loop (a complex one takes up to a second); a request aborted
         # while its grammar compiles is dropped when it is done.
@@ -191,7 +215,7 @@ class EngineLoop:
             for inbox in wait(list(live)):
                 front = live[inbox]
                 try:
-                    received = inbox.recv()
+                    received = channel.recv(inbox.fileno())
                 except (EOFError, OSError):  # that HTTP process is gone
                     received = None if front == 0 else [Gone(front)]
                     del live[inbox]
@@ -287,7 +311,7 @@ class EngineLoop:
                 if self._stopping:
                     break
                 t0 = time.perf_counter()
-                events = self.engine.step() if self.engine.has_unfinished_requests() else []
+                events = self._step()
                 if log is not None:  # _admitted: this turn's requests (arrived, taken), until sent
                     log.write(json.dumps({"idle": idle, "took": [(a[2], a[3]) for a in self._admitted],
                                           "step": [t0, time.perf_counter()],
@@ -302,6 +326,28 @@ class EngineLoop:
             if log is not None:
                 log.close()
 
+    def _step(self) -> list[StepEvent]:
+        """One engine step. If it raises, its requests fail (each hears why) and the engine is
+        emptied to a consistent state (Engine.abort_all) to serve what comes next."""
+        if not self.engine.has_unfinished_requests():
+            return []
+        try:
+            events = self.engine.step()
+        except Exception as e:  # noqa: BLE001
+            self._failed_steps += 1
+            print(f"[engine] a step failed ({self._failed_steps} in a row):", file=sys.stderr)
+            traceback.print_exc()
+            if self._failed_steps >= MAX_FAILED_STEPS:
+                raise
+            why = (f"the engine failed while running this request ({type(e).__name__}: {e}); "
+                   "the server goes on: retry, and report this as a bug if it repeats")
+            for request_id in self.engine.abort_all():
+                if (front := self._owner.pop(request_id, None)) is not None:
+                    self._failed.append((front, request_id, why))
+            return []
+        self._failed_steps = 0
+        return events
+
     def _send_batches(self, events: list[StepEvent]) -> None:
         """One Batch to each HTTP process: its own requests' news, and the engine's gauges."""
         stats = stats_of(self.engine)
@@ -311,11 +357,13 @@ class EngineLoop:
                 batches[front].admitted.append(admitted)
         for front, request_id, why in self._rejected:
             batches[front].rejected.append((request_id, why))
+        for front, request_id, why in self._failed:
+            batches[front].failed.append((request_id, why))
         for event in events:
             front = (self._owner.pop if event.finished else self._owner.get)(event.request_id, None)
             if front is not None:
                 batches[front].events.append(event)
-        self._admitted, self._rejected = [], []
+        self._admitted, self._rejected, self._failed = [], [], []
         for front, batch in enumerate(batches):
             self._send(front, batch)
 
@@ -323,7 +371,7 @@ class EngineLoop:
         if (outbox := self.outboxes[front]) is None:
             return
         try:
-            outbox.send(message)
+            channel.send(outbox.fileno(), message)
         except (BrokenPipeError, EOFError, OSError):  # that HTTP process is gone
             if front == 0:
                 self._stopping = True  # the one that started the engine: nothing left to serve

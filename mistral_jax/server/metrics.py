@@ -86,7 +86,9 @@ class _EngineGauges:
                lambda s: s.used_pages / max(1, s.num_pages - 1)),
               ("num_free_pages", "KV pages free or held only by the prefix cache.", lambda s: s.free_pages),
               ("prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens.",
-               lambda s: s.cached_tokens / max(1, s.prompt_tokens)))
+               lambda s: s.cached_tokens / max(1, s.prompt_tokens)),
+              ("compiled_programs", "Compiled programs the engine holds: constant after the warm-up "
+               "(a rise is a compile that requests waited on).", lambda s: s.programs))
 
     def __init__(self, client):
         self.client = client
