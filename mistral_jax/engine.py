@@ -94,6 +94,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_impl: str = "auto"  # "auto" | "reference" | "triton" | "tpu"
     speculative_config: SpeculativeConfig | dict | str | None = None  # speculative.py
+    # vLLM's seed: the draws of requests that set no seed come from one generator started here,
+    # so a run repeats itself (the same requests in the same order); None: a fresh one each run.
+    seed: int | None = 0
 
     def __post_init__(self):
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
@@ -106,6 +109,8 @@ class EngineConfig:
              "a fraction in (0, 1], e.g. 0.9"),
             ("num_pages", self.num_pages, self.num_pages is None or self.num_pages >= 2,
              "None (size from memory) or an integer >= 2"),
+            ("seed", self.seed, self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
+             "None (fresh each run) or an integer >= 0"),
         ]
         for name, value, ok, fix in checks:
             if not ok:
@@ -254,7 +259,8 @@ class Engine:
         self._rows: dict[Sequence, int] = {}  # the pending step's row of each sequence
         self._ids = itertools.count()
         # Default seeds must agree across processes, or their replicated inputs would differ.
-        self._rng = np.random.default_rng(_shared_seed() if self.multiprocess else None)
+        self._rng = np.random.default_rng(config.seed if config.seed is not None
+                                          else _shared_seed() if self.multiprocess else None)
         # The compiled programs, by bucket; kept on disk across restarts (programs.py).
         devices = list(mesh.devices.flat)
         self._step_program = Program(_step, devices, graphdef=self.graphdef, impl=self.attention_impl,

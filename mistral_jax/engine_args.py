@@ -5,20 +5,36 @@ from __future__ import annotations
 
 import argparse
 
-from . import distributed
+from . import distributed, hub
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct demo)")
+                   help="a Hugging Face Hub repo id (e.g. mistralai/Mistral-Small-24B-Instruct-2501), a checkpoint "
+                        "directory or a .gguf file (default: the embedded SmolLM2-135M-Instruct demo)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU/TPU, f32 on CPU), bfloat16, float32")
     p.add_argument("--quantization", default=None, choices=("fp8",),
                    help="fp8: quantize the projections at load (e4m3 per-channel weights, per-token activations)")
     p.add_argument("--mesh", default=None,
                    help="devices to split the model over, e.g. tp=4 or dp=2,tp=4 (default: one device)")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=None,
+                   help="vLLM's name for --mesh tp=N")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's)")
-    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
-                   help="dummy: random weights of the shape --config names (benchmarks without a checkpoint)")
+    p.add_argument("--load-format", default="auto", choices=hub.LOAD_FORMATS,
+                   help="the weights to read (vLLM's): mistral (consolidated*.safetensors), safetensors (Hugging Face "
+                        "shards), gguf, auto (the layout --config-format names, else Hugging Face's, Mistral's, GGUF); "
+                        "dummy: random weights of the shape --config names (benchmarks without a checkpoint)")
+    p.add_argument("--config-format", default="auto", choices=hub.CONFIG_FORMATS,
+                   help="mistral (params.json), hf (config.json), auto (config.json if present, else params.json)")
+    p.add_argument("--tokenizer-mode", default="auto", choices=hub.TOKENIZER_MODES,
+                   help="mistral (mistral-common: tekken.json / tokenizer.model.v*), hf (tokenizer.json), auto "
+                        "(Mistral's files when the model has them)")
+    p.add_argument("--revision", default=None, help="a Hub repo's branch, tag or commit (default: main)")
+    p.add_argument("--download-dir", default=None,
+                   help="where Hub downloads go (default: huggingface_hub's cache, $HF_HOME)")
+    p.add_argument("--generation-config", default="auto",
+                   help="auto: the model's generation_config.json sampling fields are the requests' defaults; "
+                        "vllm: none; or a folder holding generation_config.json")
     p.add_argument("--config", default=None,
                    help="with --load-format dummy: a config in configs/ (e.g. mistral-small-2501) or a directory "
                         "holding params.json or config.json")
@@ -56,4 +72,18 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl,
                 quantization=args.quantization, fp8_impl=args.fp8_impl, mesh=args.mesh, warmup=args.warmup,
                 load_format=args.load_format, config=args.config, tokenizer=args.tokenizer,
-                speculative_config=args.speculative_config)
+                speculative_config=args.speculative_config, tokenizer_mode=args.tokenizer_mode,
+                config_format=args.config_format, tensor_parallel_size=args.tensor_parallel_size,
+                download_dir=args.download_dir, revision=args.revision, generation_config=args.generation_config)
+
+
+def normalize_flags(argv: list[str]) -> list[str]:
+    """vLLM accepts --flag_name and --flag-name alike (its model cards write --tokenizer_mode): the
+    underscores of a long flag's name become dashes (never those of its value)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out

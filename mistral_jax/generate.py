@@ -13,7 +13,7 @@ import sys
 import time
 
 from . import IMPORTED_AT, distributed
-from .engine_args import add_engine_args, llm_kwargs
+from .engine_args import add_engine_args, llm_kwargs, normalize_flags
 from .llm import LLM
 from .sampling import SamplingParams
 
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--verbose", action="store_true", help="print where the start-up time went")
-    return p.parse_args(argv)
+    return p.parse_args(normalize_flags(list(sys.argv[1:] if argv is None else argv)))
 
 
 def stream_reply(llm: LLM, prompt, params: SamplingParams) -> str:

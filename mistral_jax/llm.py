@@ -7,12 +7,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from . import distributed
+from . import distributed, hub
 from .checkpoint import OrbaxCheckpoint, open_checkpoint
 from .default_model import default_model_path
 from .engine import Engine, EngineConfig
@@ -72,13 +72,72 @@ def enable_compilation_cache() -> None:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def _tensor_parallel_mesh(mesh, tensor_parallel_size: int | None):
+    """vLLM's tensor_parallel_size as this engine's mesh: tp=N (alone, or the same as mesh's tp)."""
+    if tensor_parallel_size is None:
+        return mesh
+    if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r}: give an integer >= 1")
+    if mesh is not None and parse_mesh(mesh).shape.get("tp", 1) != tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} and mesh={mesh!r} disagree: give one of them "
+                         "(mesh='dp=D,tp=T' for data parallel too)")
+    if mesh is not None:
+        return mesh
+    devices = jax.device_count()
+    if tensor_parallel_size > devices:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs {tensor_parallel_size} devices, but "
+                         f"{devices} {jax.default_backend()} device(s) are visible: use at most {devices} (the "
+                         "model's kv heads must also divide it)")
+    return f"tp={tensor_parallel_size}"
+
+
+GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(generation_config: str, model_path: str) -> dict:
+    """vLLM's generation_config: "auto" takes the model's generation_config.json sampling fields
+    (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) as the defaults of
+    requests that do not set them; "vllm" none; a folder, its generation_config.json."""
+    if generation_config == "vllm":
+        return {}
+    folder = Path(model_path) if generation_config == "auto" else Path(generation_config)
+    if generation_config != "auto" and not folder.is_dir():
+        raise ValueError(f"generation_config={generation_config!r}: give 'auto', 'vllm' or a folder holding "
+                         "generation_config.json")
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        if generation_config != "auto":
+            raise ValueError(f"generation_config={generation_config!r}: {path} does not exist")
+        return {}
+    from .config import read_json
+
+    raw = read_json(path)
+    defaults = {ours: raw[theirs] for theirs, ours in GENERATION_FIELDS.items() if raw.get(theirs) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ValueError(f"{path}: its sampling defaults are invalid ({e}). Fix: generation_config='vllm' to "
+                         "ignore them") from None
+    return defaults
+
+
 class LLM:
     """Load a model and generate.
 
-    model: a Mistral checkpoint directory (params.json + consolidated*.safetensors), a Hugging
-    Face directory (config.json + model*.safetensors), a .gguf file, or an Orbax checkpoint
-    (python -m mistral_jax.convert). None: the embedded demo
-    model, SmolLM2-135M-Instruct (see README).
+    model: a Hugging Face Hub repo id ("mistralai/Mistral-Small-24B-Instruct-2501": fetched into
+    huggingface_hub's cache, or download_dir; HF_TOKEN, HF_HUB_OFFLINE and revision apply), a
+    Mistral checkpoint directory (params.json + consolidated*.safetensors), a Hugging Face
+    directory (config.json + model*.safetensors), a .gguf file, or an Orbax checkpoint
+    (python -m mistral_jax.convert). None: the embedded demo model, SmolLM2-135M-Instruct.
+
+    vLLM's switches, with vLLM's meaning (hub.py): tokenizer_mode ("auto", "mistral", "hf"),
+    config_format ("auto", "mistral", "hf"), load_format ("auto", "mistral", "safetensors",
+    "gguf", "dummy"); a Hub repo fetches only the files they pick. tensor_parallel_size: N is
+    the mesh tp=N. generation_config: "auto" (the model's generation_config.json sampling
+    fields are the defaults of get_default_sampling_params() and of requests that leave them
+    unset), "vllm" (none), or a folder. seed (vLLM's, default 0): requests that set no seed draw
+    theirs from one generator started with it, so a program's run repeats itself; None: fresh.
 
     Serving settings keep vLLM's names: block_size (tokens per KV page), num_pages (explicit
     page count) or gpu_memory_utilization (fraction of device memory), max_num_seqs,
@@ -118,7 +177,10 @@ class LLM:
                  attention_impl: str = "auto", quantization: str | None = None, fp8_impl: str = "auto",
                  mesh=None, coordinator_address: str | None = None, num_processes: int | None = None,
                  process_id: int | None = None, warmup: bool | None = None, load_format: str = "auto",
-                 config: str | None = None, speculative_config: dict | str | None = None):
+                 config: str | None = None, speculative_config: dict | str | None = None,
+                 tokenizer_mode: str = "auto", config_format: str = "auto", tensor_parallel_size: int | None = None,
+                 download_dir: str | None = None, revision: str | None = None, generation_config: str = "auto",
+                 seed: int | None = 0):
         # Multi-host: join the other processes before JAX starts (see distributed.py; the
         # environment's JAX_COORDINATOR_ADDRESS etc. work too). Only process 0 reports.
         distributed.initialize(coordinator_address, num_processes, process_id)
@@ -135,13 +197,15 @@ class LLM:
                              "own weights) or 'fp8' (e4m3 projections, per-channel scales, quantized at load)")
         if fp8_impl not in fp8_matmul.IMPLS:
             raise ValueError(f"fp8_impl={fp8_impl!r} is not one of {fp8_matmul.IMPLS}")
+        hub.check_formats(load_format, config_format, tokenizer_mode)  # before anything is opened or fetched
+        mesh = _tensor_parallel_mesh(mesh, tensor_parallel_size)
         self.mesh = parse_mesh(mesh)  # a bad spec fails before anything is opened
         enable_compilation_cache()
-        if load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format={load_format!r}: use 'auto' (read the checkpoint) or 'dummy' (random weights)")
         self.dtype = resolve_dtype(dtype)
         self.timings: dict[str, float] = {}  # seconds of each start-up stage (generate --verbose)
         t0 = time.perf_counter()
+        fetch = dict(config_format=config_format, tokenizer_mode=tokenizer_mode, revision=revision,
+                     download_dir=download_dir)
         if load_format == "dummy":  # random weights of a real shape (dummy.py)
             from .dummy import dummy_config, dummy_tokenizer
 
@@ -149,12 +213,16 @@ class LLM:
             if spec is None:
                 raise ValueError("load_format='dummy' needs config= (e.g. 'mistral-small-2501') or a model directory "
                                  "holding params.json")
+            if hub.is_repo_id(str(spec)):  # a Hub repo: its config and tokenizer only
+                spec = str(hub.resolve_model(str(spec), load_format="dummy", weights=False, **fetch).path)
             self.model_path, checkpoint = str(spec), None
             self.config = dummy_config(spec)
             tokenizer = tokenizer or dummy_tokenizer(spec, self.config)
         else:
-            self.model_path = str(model) if model is not None else default_model_path()
-            checkpoint = open_checkpoint(self.model_path)
+            resolved = hub.resolve_model(str(model) if model is not None else default_model_path(),
+                                         load_format=load_format, **fetch)
+            self.model_path = str(resolved.path)
+            checkpoint = open_checkpoint(resolved.path, resolved.layout)
             self.config = checkpoint.config
         if max_model_len is not None and not 1 < max_model_len <= self.config.max_seq_len:
             raise ValueError(f"max_model_len={max_model_len} must be in [2, {self.config.max_seq_len}] "
@@ -164,12 +232,16 @@ class LLM:
             self.max_model_len, block_size=block_size, num_pages=num_pages,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-            attention_impl=attention_impl, speculative_config=speculative_config)
+            attention_impl=attention_impl, speculative_config=speculative_config, seed=seed)
         check_mesh(self.config, self.mesh)
         self.timings["open checkpoint (config, tensor index)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.tokenizer_source = tokenizer or self.model_path  # a file, directory or GGUF: load_tokenizer's input
-        self.tokenizer = load_tokenizer(self.tokenizer_source)
+        if tokenizer is not None and hub.is_repo_id(str(tokenizer)):  # vLLM's tokenizer= may name a Hub repo too
+            tokenizer = str(hub.resolve_model(str(tokenizer), load_format="dummy", weights=False, **fetch).path)
+        self.tokenizer_source = str(tokenizer or self.model_path)  # a file, directory or GGUF: load_tokenizer's input
+        self.tokenizer_mode = tokenizer_mode
+        self.tokenizer = load_tokenizer(self.tokenizer_source, tokenizer_mode)
+        self.default_sampling = generation_defaults(generation_config, self.model_path)
         self.timings["tokenizer"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         model_ = self._load(checkpoint, self.config, progress, quantization, fp8_impl)
@@ -217,6 +289,10 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams with the model's generation_config defaults (generation_config='auto')."""
+        return SamplingParams(**self.default_sampling)
+
     # ---- inputs ---------------------------------------------------------------------------
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -232,7 +308,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling_params: give one, or one each")

@@ -25,14 +25,27 @@ import tempfile
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from .engine_args import add_engine_args
+    from .engine_args import add_engine_args, normalize_flags
 
     p = argparse.ArgumentParser(prog="python -m mistral_jax.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as vLLM's `serve MODEL` (the same as --model)")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: the model as given, e.g. its Hub repo id)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="vLLM's: requests that set no seed draw theirs from generators started with it, so a "
+                        "server's run repeats itself (default 0)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag: tool_choice 'auto' lets the model decide to call tools. Always on here "
+                        "(tool calls are parsed in the model's own format); accepted for vLLM's command lines")
+    p.add_argument("--tool-call-parser", default=None,
+                   help="vLLM's flag: the tool-call format. 'mistral' for Mistral tokenizers (tekken.json, "
+                        "tokenizer.model.v*), 'hermes' for others (<tool_call> blocks); the model's tokenizer decides, "
+                        "and a parser that does not match it is an error")
     p.add_argument("--api-key", default=os.environ.get("MISTRAL_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                         "(default: $MISTRAL_JAX_API_KEY, or none)")
@@ -44,7 +57,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="HTTP processes in front of the one engine process (each parses, tokenizes and streams "
                         "its share of the connections; more keep time to first token down under bursts of "
                         "many requests). Default: one per 4 CPU cores, at most 4")
-    return p.parse_args(argv)
+    args = p.parse_args(normalize_flags(list(sys.argv[1:] if argv is None else argv)))
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            p.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    if args.served_model_name is None and args.model is not None:
+        args.served_model_name = args.model  # as given: a Hub id stays a Hub id (vLLM's default)
+    if args.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+        p.error(f"--tool-call-parser {args.tool_call_parser!r}: this server parses {TOOL_CALL_PARSERS} "
+                "(the model's tokenizer decides which)")
+    return args
+
+
+TOOL_CALL_PARSERS = ("mistral", "hermes")
 
 
 def main(argv=None) -> int:
@@ -83,7 +109,8 @@ def main(argv=None) -> int:
         return 2
     # The engine runs in its own process (server/engine_process.py): its host work and the HTTP
     # processes' work do not share a GIL. It loads the model and warms up before the port opens.
-    process, pipes = start_engine(llm_kwargs(args), kwargs_from_args(args), args.api_server_count)
+    process, pipes = start_engine(dict(llm_kwargs(args), seed=args.seed), kwargs_from_args(args),
+                                  args.api_server_count)
     metrics_dir = None
     if args.api_server_count > 1:  # every HTTP process's counters, summed on /metrics (not the engine's)
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mistral-jax-metrics-")
@@ -137,10 +164,17 @@ def _serve(args, bridge, sock) -> int:
     import uvicorn
 
     from .server.app import create_app
-    from .tokenizer import load_tokenizer
+    from .tokenizer import MistralTokenizer, load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(bridge.info.tokenizer_source)
+        tokenizer = load_tokenizer(bridge.info.tokenizer_source, bridge.info.tokenizer_mode)
+        model_format = "mistral" if isinstance(tokenizer, MistralTokenizer) else "hermes"
+        if args.tool_call_parser not in (None, model_format):
+            print(f"error: --tool-call-parser {args.tool_call_parser} does not match this model, whose tool calls "
+                  f"are in the {model_format} format: pass --tool-call-parser {model_format} or leave it out",
+                  file=sys.stderr)
+            bridge.shutdown()
+            return 2
         app = create_app(bridge, tokenizer, args.served_model_name, args.api_key,
                          public_metrics=args.public_metrics)
     except BaseException:

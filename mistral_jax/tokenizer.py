@@ -476,12 +476,24 @@ class TokenizerError(ValueError):
     that the server reports it as a failed start, as it does a bad checkpoint."""
 
 
-def load_tokenizer(model_path: str | Path) -> Tokenizer:
-    """A .gguf file, a tokenizer file, or a model directory: Mistral files (tekken.json,
-    tokenizer.model.v*) win over Hugging Face's tokenizer.json, since they carry the exact template."""
+TOKENIZER_MODES = ("auto", "mistral", "hf")
+
+
+def load_tokenizer(model_path: str | Path, mode: str = "auto") -> Tokenizer:
+    """A .gguf file, a tokenizer file, or a model directory. mode (vLLM's tokenizer_mode): "auto",
+    Mistral files (tekken.json, tokenizer.model.v*) win over Hugging Face's tokenizer.json, since
+    they carry the exact template; "mistral": only those (mistral-common); "hf": only
+    tokenizer.json (or a GGUF file's own tokenizer)."""
     from .config import CheckpointError  # not from .checkpoint: that would import JAX into HTTP processes
 
-    file, read = _find_tokenizer(Path(model_path))
+    if mode not in TOKENIZER_MODES:
+        raise ValueError(f"tokenizer_mode={mode!r} is not one of {TOKENIZER_MODES}")
+    path = Path(model_path)
+    file, read = _find_tokenizer_of_mode(path, mode) if mode != "auto" and path.is_dir() else _find_tokenizer(path)
+    if mode != "auto" and (mode == "mistral") != (read is MistralTokenizer):
+        raise TokenizerError(f"{file} is not a {mode} tokenizer file (tokenizer_mode={mode!r}). Fix: pass "
+                             f"{'tekken.json or tokenizer.model.v*' if mode == 'mistral' else 'tokenizer.json'}, "
+                             "or tokenizer_mode='auto'")
     if file.is_symlink() and not file.exists():  # a Hugging Face cache whose blob is gone
         raise TokenizerError(f"{file}: a broken symbolic link (to {os.readlink(file)}). Fix: re-download it")
     if file.is_dir():
@@ -526,6 +538,26 @@ def _find_tokenizer(path: Path) -> tuple[Path, Callable[[Path], Tokenizer]]:
         return ggufs[0], HFTokenizer.from_gguf
     raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(_MISTRAL_FILES)}, tokenizer.json "
                             f"or a single .gguf file. Fix: add the model's tokenizer file, or pass {_PASS_ONE}")
+
+
+def _find_tokenizer_of_mode(path: Path, mode: str) -> tuple[Path, Callable[[Path], Tokenizer]]:
+    """The tokenizer of one kind in a directory (tokenizer_mode "mistral" or "hf")."""
+    if mode == "mistral":
+        found = [path / "tekken.json"] if (path / "tekken.json").is_file() else sorted(path.glob("tokenizer.model.v*"))
+        if len(found) > 1:
+            raise ValueError(f"several tokenizers in {path}: {[p.name for p in found]}. "
+                             f"Fix: pass the model's one with {_PASS_ONE}")
+        if found:
+            return found[0], MistralTokenizer
+        raise FileNotFoundError(f"no Mistral tokenizer in {path} (tokenizer_mode='mistral' reads tekken.json or "
+                                f"tokenizer.model.v*). Fix: tokenizer_mode='auto' or 'hf', or pass {_PASS_ONE}")
+    if (path / "tokenizer.json").is_file():
+        return path / "tokenizer.json", lambda file: HFTokenizer.from_hf_dir(file.parent)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0], HFTokenizer.from_gguf
+    raise FileNotFoundError(f"no tokenizer.json in {path} (tokenizer_mode='hf'). Fix: tokenizer_mode='auto' or "
+                            f"'mistral', or pass {_PASS_ONE}")
 
 
 # ---- streaming ---------------------------------------------------------------------------------

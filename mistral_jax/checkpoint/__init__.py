@@ -27,11 +27,23 @@ LOOKED_FOR = (
 )
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Detect the format of `path` and open it (reads headers and config, no weights)."""
+def open_checkpoint(path: str | Path, layout: str | None = None) -> Checkpoint:
+    """Detect the format of `path` and open it (reads headers and config, no weights). layout:
+    "mistral", "hf" or "gguf" reads a folder as that layout (one holding several: vLLM's
+    config_format / load_format chose, hub.py); None detects it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory (expected a checkpoint: {LOOKED_FOR})")
+    if layout is not None and path.is_dir():
+        if layout == "mistral":
+            return MistralCheckpoint(path)
+        if layout == "hf":
+            return HFCheckpoint(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise CheckpointError(f"{path}: load_format='gguf' needs one .gguf file here, found {len(ggufs)}: "
+                                  "pass the file's path")
+        return GGUFCheckpoint(ggufs[0])
     if path.is_file():
         if path.suffix == ".gguf":
             return GGUFCheckpoint(path)

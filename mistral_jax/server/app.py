@@ -53,7 +53,8 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
     vocab_size = info.limits.vocab_size
     metrics = metrics_module.Metrics(bridge)
     bridge.observers.append(metrics)
-    tokenizing = Tokenizing(tokenizer, info.tokenizer_source)
+    tokenizing = Tokenizing(tokenizer, info.tokenizer_source, info.tokenizer_mode)
+    defaults = dict(info.default_sampling)  # the model's generation_config, for fields a request leaves unset
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -206,7 +207,9 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
         if score_only and not req.echo:
             raise BadRequest("max_tokens=0 generates nothing: use it with echo=true (prompt logprobs), "
                              "or ask for at least 1 token", "max_tokens")
-        params = _sampling(req, max_tokens=1 if score_only else req.max_tokens, logprobs=req.logprobs,
+        max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set or not defaults.get("max_tokens") \
+            else defaults["max_tokens"]
+        params = _sampling(req, max_tokens=1 if score_only else max_tokens, logprobs=req.logprobs, defaults=defaults,
                            prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
         jobs = await constrained([(i * req.n + c, ids, admit(ids, _seeded(params, c), f"prompt {i}"))
                                   for i, (_, ids) in enumerate(prompts) for c in range(req.n)], req, None)
@@ -280,7 +283,7 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
         top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not req.logprobs:
             raise BadRequest("top_logprobs needs logprobs=true", "top_logprobs")
-        params = _sampling(req, max_tokens=req.max_completion_tokens or req.max_tokens,
+        params = _sampling(req, max_tokens=req.max_completion_tokens or req.max_tokens, defaults=defaults,
                            logprobs=(top or 0) if req.logprobs else None)
         jobs = await constrained([(c, ids, admit(ids, _seeded(params, c), "the conversation")) for c in range(req.n)],
                                  req, tools)
@@ -633,11 +636,16 @@ def _seeded(params: SamplingParams, c: int) -> SamplingParams:
     return params if params.seed is None or c == 0 else dataclasses.replace(params, seed=params.seed + c)
 
 
-def _sampling(req, *, max_tokens, logprobs, prompt_logprobs=None) -> SamplingParams:
-    """OpenAI's fields -> SamplingParams (its checks name the field and the fix)."""
+def _sampling(req, *, max_tokens, logprobs, prompt_logprobs=None, defaults: dict | None = None) -> SamplingParams:
+    """OpenAI's fields -> SamplingParams (its checks name the field and the fix). defaults: the
+    model's generation_config values (vLLM's --generation-config auto), for fields the request
+    leaves unset."""
     given = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                                           "presence_penalty", "frequency_penalty", "repetition_penalty")
              if getattr(req, k) is not None}
+    given = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"} | given
+    if max_tokens is None and (defaults or {}).get("max_tokens") is not None:
+        max_tokens = defaults["max_tokens"]
     try:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                               ignore_eos=req.ignore_eos, **given)

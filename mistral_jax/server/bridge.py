@@ -91,6 +91,8 @@ class EngineClient:
         ready = self._wait_ready()
         self.info: engine_process.EngineInfo = ready.info
         self.stats: Stats = ready.stats
+        if self.info.seed is not None:  # a server's run repeats itself too (vLLM's --seed), per HTTP process
+            self._rng = np.random.default_rng([self.info.seed, front])
 
     def _wait_ready(self) -> Ready:
         exited = "the engine process exited{} before it was ready: its output above says why"

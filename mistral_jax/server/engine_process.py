@@ -88,6 +88,9 @@ class EngineInfo:
     max_model_len: int
     limits: RequestLimits
     speculative: bool
+    tokenizer_mode: str = "auto"  # load_tokenizer's mode (vLLM's tokenizer_mode)
+    default_sampling: dict = dataclasses.field(default_factory=dict)  # generation_config: defaults of unset fields
+    seed: int | None = 0  # the engine's seed: HTTP process k draws unseeded requests' seeds from rng([seed, k])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +163,8 @@ def main(inboxes: list, outboxes: list, llm_kwargs: dict, distributed_kwargs: di
     gc.freeze()
     engine = llm.engine
     info = EngineInfo(llm.model_path, str(llm.tokenizer_source), llm.max_model_len, engine.limits,
-                      engine.speculator is not None)
+                      engine.speculator is not None, llm.tokenizer_mode, dict(llm.default_sampling),
+                      engine.config.seed)
     _tell_all(outboxes, Ready(info, stats_of(engine)))
     EngineLoop(engine, inboxes, outboxes).run()
 

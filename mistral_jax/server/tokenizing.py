@@ -26,7 +26,7 @@ INLINE_BODY_BYTES = 8 << 10
 _tokenizer = None  # the worker process's own
 
 
-def _load(source: str) -> None:
+def _load(source: str, mode: str) -> None:
     global _tokenizer
     from ..tokenizer import load_tokenizer
     from . import die_with_parent, name_process
@@ -34,7 +34,7 @@ def _load(source: str) -> None:
     name_process("mj-tokenizer")
     die_with_parent()
 
-    _tokenizer = load_tokenizer(source)
+    _tokenizer = load_tokenizer(source, mode)
 
 
 def _ready() -> bool:
@@ -57,15 +57,15 @@ def _tokenize_body(prompt: str | None, messages, add_bos: bool, max_model_len: i
 class Tokenizing:
     """Encodes inline or in the worker process, by the request body's size (`big`)."""
 
-    def __init__(self, tokenizer, source: str):
-        self.tokenizer, self.source = tokenizer, source
+    def __init__(self, tokenizer, source: str, mode: str = "auto"):
+        self.tokenizer, self.source, self.mode = tokenizer, source, mode
         self._pool: ProcessPoolExecutor | None = None
 
     def start(self) -> None:
         """Start the worker now (loading its tokenizer takes a moment), not at the first big body."""
         if self._pool is None:
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_load, initargs=(self.source,))
+                                             initializer=_load, initargs=(self.source, self.mode))
             self._pool.submit(_ready)
 
     async def _run(self, fn, *args):
