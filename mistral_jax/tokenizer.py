@@ -488,8 +488,7 @@ def load_tokenizer(model_path: str | Path, mode: str = "auto") -> Tokenizer:
 
     if mode not in TOKENIZER_MODES:
         raise ValueError(f"tokenizer_mode={mode!r} is not one of {TOKENIZER_MODES}")
-    path = Path(model_path)
-    file, read = _find_tokenizer_of_mode(path, mode) if mode != "auto" and path.is_dir() else _find_tokenizer(path)
+    file, read = _find_tokenizer(Path(model_path), mode)
     if mode != "auto" and (mode == "mistral") != (read is MistralTokenizer):
         raise TokenizerError(f"{file} is not a {mode} tokenizer file (tokenizer_mode={mode!r}). Fix: pass "
                              f"{'tekken.json or tokenizer.model.v*' if mode == 'mistral' else 'tokenizer.json'}, "
@@ -513,51 +512,49 @@ def load_tokenizer(model_path: str | Path, mode: str = "auto") -> Tokenizer:
 _PASS_ONE = "tokenizer=PATH (--tokenizer PATH)"
 
 
-def _find_tokenizer(path: Path) -> tuple[Path, Callable[[Path], Tokenizer]]:
-    """The tokenizer file that `path` (a file, or a directory to look in) names, and its reader."""
+def _find_tokenizer(path: Path, mode: str = "auto") -> tuple[Path, Callable[[Path], Tokenizer]]:
+    """The tokenizer file that `path` (a file, or a directory to look in) names, and its reader.
+    In a directory, mode "auto" takes Mistral's files first, then Hugging Face's (or a GGUF's);
+    "mistral" and "hf" take only their own kind."""
     if path.is_file() or path.is_symlink():
         if path.suffix == ".gguf":
             return path, HFTokenizer.from_gguf
         if path.name == "tokenizer.json":
-            return path, lambda file: HFTokenizer.from_hf_dir(file.parent)
+            return path, _from_tokenizer_json
         return path, MistralTokenizer  # tekken*.json, tokenizer.model.v*
     if not path.is_dir():
         raise FileNotFoundError(f"no tokenizer: {path} does not exist. Fix: pass an existing file or directory")
+    found = (_mistral_tokenizer_file(path) if mode != "hf" else None) or (
+        _hf_tokenizer_file(path) if mode != "mistral" else None)
+    if found is not None:
+        return found
+    looked = {"auto": f"{', '.join(_MISTRAL_FILES)}, tokenizer.json or a single .gguf file",
+              "mistral": "tekken.json or tokenizer.model.v* (tokenizer_mode='mistral')",
+              "hf": "tokenizer.json or a single .gguf file (tokenizer_mode='hf')"}[mode]
+    other = "" if mode == "auto" else " or another tokenizer_mode"
+    raise FileNotFoundError(f"no tokenizer in {path}: looked for {looked}. Fix: add the model's tokenizer "
+                            f"file{other}, or pass {_PASS_ONE}")
+
+
+def _from_tokenizer_json(file: Path) -> Tokenizer:
+    return HFTokenizer.from_hf_dir(file.parent)
+
+
+def _mistral_tokenizer_file(path: Path):
     if (path / "tekken.json").is_file():
         return path / "tekken.json", MistralTokenizer
     sentencepiece = sorted(path.glob("tokenizer.model.v*"))
     if len(sentencepiece) > 1:  # no safe guess: the version decides the prompt format
         raise ValueError(f"several tokenizers in {path}: {[p.name for p in sentencepiece]}. "
                          f"Fix: pass the model's one with {_PASS_ONE}")
-    if sentencepiece:
-        return sentencepiece[0], MistralTokenizer
-    if (path / "tokenizer.json").is_file():
-        return path / "tokenizer.json", lambda file: HFTokenizer.from_hf_dir(file.parent)
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return ggufs[0], HFTokenizer.from_gguf
-    raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(_MISTRAL_FILES)}, tokenizer.json "
-                            f"or a single .gguf file. Fix: add the model's tokenizer file, or pass {_PASS_ONE}")
+    return (sentencepiece[0], MistralTokenizer) if sentencepiece else None
 
 
-def _find_tokenizer_of_mode(path: Path, mode: str) -> tuple[Path, Callable[[Path], Tokenizer]]:
-    """The tokenizer of one kind in a directory (tokenizer_mode "mistral" or "hf")."""
-    if mode == "mistral":
-        found = [path / "tekken.json"] if (path / "tekken.json").is_file() else sorted(path.glob("tokenizer.model.v*"))
-        if len(found) > 1:
-            raise ValueError(f"several tokenizers in {path}: {[p.name for p in found]}. "
-                             f"Fix: pass the model's one with {_PASS_ONE}")
-        if found:
-            return found[0], MistralTokenizer
-        raise FileNotFoundError(f"no Mistral tokenizer in {path} (tokenizer_mode='mistral' reads tekken.json or "
-                                f"tokenizer.model.v*). Fix: tokenizer_mode='auto' or 'hf', or pass {_PASS_ONE}")
+def _hf_tokenizer_file(path: Path):
     if (path / "tokenizer.json").is_file():
-        return path / "tokenizer.json", lambda file: HFTokenizer.from_hf_dir(file.parent)
+        return path / "tokenizer.json", _from_tokenizer_json
     ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return ggufs[0], HFTokenizer.from_gguf
-    raise FileNotFoundError(f"no tokenizer.json in {path} (tokenizer_mode='hf'). Fix: tokenizer_mode='auto' or "
-                            f"'mistral', or pass {_PASS_ONE}")
+    return (ggufs[0], HFTokenizer.from_gguf) if len(ggufs) == 1 else None
 
 
 # ---- streaming ---------------------------------------------------------------------------------
