@@ -62,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.model is not None and args.model != args.model_tag:
             p.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
         args.model = args.model_tag
-    if args.served_model_name is None and args.model is not None:
-        args.served_model_name = args.model  # as given: a Hub id stays a Hub id (vLLM's default)
+    if args.served_model_name is None:  # as given: a Hub id stays a Hub id (vLLM's default)
+        args.served_model_name = args.model if args.model is not None else DEFAULT_SERVED_NAME
     if args.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
         p.error(f"--tool-call-parser {args.tool_call_parser!r}: this server parses {TOOL_CALL_PARSERS} "
                 "(the model's tokenizer decides which)")
@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 TOOL_CALL_PARSERS = ("mistral", "hermes")
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"  # the embedded demo model's name, not its file's path
 
 
 def main(argv=None) -> int:

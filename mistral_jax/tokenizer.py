@@ -40,6 +40,11 @@ def new_tool_call_id() -> str:
     return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
 
+def openai_roles(messages: list[dict]) -> list[dict]:
+    """OpenAI's `developer` role is its newer name for `system` (what the templates know)."""
+    return [dict(m, role="system") if m.get("role") == "developer" else m for m in messages]
+
+
 class Tokenizer:
     """What the engine needs from a tokenizer."""
 
@@ -124,7 +129,7 @@ class MistralTokenizer(Tokenizer):
         cont = bool(messages) and messages[-1].get("role") == "assistant"
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        request = ChatCompletionRequest.from_openai(messages, tools=tools, continue_final_message=cont)
+        request = ChatCompletionRequest.from_openai(openai_roles(messages), tools=tools, continue_final_message=cont)
         return self.mistral.encode_chat_completion(request).tokens
 
     def parse_tool_calls(self, token_ids: list[int]) -> tuple[str, list[ToolCall]]:
@@ -332,6 +337,9 @@ class HFTokenizer(Tokenizer):
                     add_generation_prompt: bool = True) -> str:
         if self._template is None:
             raise ValueError("this tokenizer has no chat template: pass token ids or plain text prompts")
+        # Templates concatenate content as a string: an assistant turn that only called tools comes
+        # back from OpenAI's clients with content null or absent, which is no text.
+        messages = [dict(m, content="") if m.get("content") is None else m for m in openai_roles(messages)]
         return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token, eos_token=self.eos_token)
 

@@ -470,3 +470,11 @@ def test_stream_closed_before_its_first_token_is_aborted(server):
     while server.metric("num_free_pages") != start_free and time.time() < deadline:
         time.sleep(0.2)
     assert server.metric("num_free_pages") == start_free and server.metric("num_requests_running") == 0
+
+
+def test_cached_tokens_count_a_prompt_once_over_n_choices(client):
+    ids = prompt_ids(41, 40)  # two full pages of 16: the second request finds both in the prefix cache
+    for _ in range(2):
+        out = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, n=3, temperature=1.0, seed=1)
+    assert out.usage.prompt_tokens == 40
+    assert out.usage.prompt_tokens_details.cached_tokens == 32

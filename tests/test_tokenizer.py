@@ -461,3 +461,32 @@ def test_default_model_missing_package_error(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="or pass a model path") as err:
         default_model_path()
     assert str(tmp_path) in str(err.value)
+
+
+TOOL_TURN = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "tool_calls": [{"id": "abc123DEF", "type": "function", "function": {
+                 "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "tool_call_id": "abc123DEF", "content": "sunny"}]
+
+
+@pytest.mark.parametrize("content", ["absent", None])
+def test_tool_turn_without_content_is_templated(gguf_pair, mistral_pairs, content):
+    """The openai docs' agent loop sends the assistant's tool-call turn back with content null (or
+    none at all): both template paths take it as no text, the same prompt as content ""."""
+    turn = [dict(m) for m in TOOL_TURN]
+    if content is None:
+        turn[1]["content"] = None
+    with_empty = [dict(m, content="") if m["role"] == "assistant" else m for m in TOOL_TURN]
+    ours, theirs = gguf_pair
+    assert ours.encode_chat(turn) == ours.encode_chat(with_empty)
+    want = theirs.apply_chat_template(with_empty, add_generation_prompt=True, tokenize=True)
+    assert ours.encode_chat(turn) == list(want["input_ids"] if hasattr(want, "keys") else want)
+    mistral, _ = mistral_pairs["spm_v7"]
+    assert mistral.encode_chat(turn)  # mistral-common takes a tool-call turn with no content
+
+
+def test_developer_is_system(gguf_pair, mistral_pairs):
+    as_developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    as_system = [dict(as_developer[0], role="system"), as_developer[1]]
+    for tok in (gguf_pair[0], mistral_pairs["spm_v7"][0], mistral_pairs["tekken_v13"][0]):
+        assert tok.encode_chat(as_developer) == tok.encode_chat(as_system)

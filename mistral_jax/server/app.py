@@ -603,18 +603,20 @@ class _Usage:
         self.prompt = self.completion = self.cached = 0
         self._seen: set[int] = set()
 
+    # A prompt's tokens (and its cached ones) count once, however many choices (n) it has: cached
+    # tokens never exceed prompt tokens.
     def add(self, ids, generated, cached, first_of_prompt=True):
         if first_of_prompt:
             self.prompt += len(ids)
+            self.cached += cached
         self.completion += len(generated)
-        self.cached += cached
 
     def count(self, index, ids, event: StepEvent, n: int):
         if index // n not in self._seen and index % n == 0:
             self._seen.add(index // n)
             self.prompt += len(ids)
         self.completion += 1
-        if event.finished:
+        if event.finished and index % n == 0:
             self.cached += event.num_cached_tokens or 0
 
     def body(self) -> dict:
@@ -708,7 +710,7 @@ def _content(message: dict) -> dict:
 
 def _chat_messages(messages: list[dict]) -> list[dict]:
     """OpenAI-shaped messages checked and made ready for the chat template."""
-    roles = ("system", "user", "assistant", "tool")
+    roles = ("system", "developer", "user", "assistant", "tool")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in roles:
             raise BadRequest(f"messages[{i}].role must be one of {roles}", f"messages.{i}.role")
