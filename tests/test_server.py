@@ -207,7 +207,7 @@ async def _concurrent_streams_with_disconnects(server, llm):
 def guarded(tiny_checkpoints):
     """A second server: an API key, and n-gram speculative decoding; SIGTERM ends it with 0,
     and its engine process with it."""
-    s = Server(tiny_checkpoints[0], "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+    s = Server(tiny_checkpoints[0], "--no-warmup", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
                "--api-server-count", "1", api_key="s3cret")
     engines = children(s.proc.pid, comm="mj-engine")
     assert len(engines) == 1, engines  # the engine runs in its own process
@@ -229,7 +229,7 @@ def test_engine_process_start_failure_and_orphan(tiny_checkpoints):
     assert r.returncode == 2 and "max_model_len=1000000 must be in" in r.stderr, r.stderr[-2000:]
     # The first HTTP process killed outright: the engine process notices the closed pipe and exits,
     # and the second HTTP process, whose engine is gone, exits too.
-    s = Server(tiny_checkpoints[0], "--api-server-count", "2")
+    s = Server(tiny_checkpoints[0], "--api-server-count", "2", "--no-warmup")  # its processes, not its programs
     deadline = time.time() + 60
     while not children(s.proc.pid, comm="mj-http-1") and time.time() < deadline:
         time.sleep(0.2)  # the second HTTP process may still be starting when the first answers

@@ -327,7 +327,7 @@ def read_sse(r: httpx.Response) -> list[dict]:
 
 
 def test_engine_killed_ends_streams_with_an_error_and_the_server_exits_1(tiny_checkpoints):
-    s = Server(tiny_checkpoints[0], "--api-server-count", "2")
+    s = Server(tiny_checkpoints[0], "--api-server-count", "2", "--no-warmup")  # the deaths, not the programs, count here
     try:
         engine, processes = s.engine_pid(), children(s.proc.pid)
         os.kill(engine, signal.SIGSTOP)  # streams in flight when it dies
@@ -362,7 +362,7 @@ def test_engine_killed_ends_streams_with_an_error_and_the_server_exits_1(tiny_ch
 
 def test_openai_client_sees_the_error_event(tiny_checkpoints):
     """The same death, through the openai client: its stream raises an APIError naming the engine."""
-    s = Server(tiny_checkpoints[0], "--api-server-count", "1")
+    s = Server(tiny_checkpoints[0], "--api-server-count", "1", "--no-warmup")
     try:
         engine = s.engine_pid()
         os.kill(engine, signal.SIGSTOP)
@@ -381,7 +381,7 @@ def test_openai_client_sees_the_error_event(tiny_checkpoints):
 def test_sigterm_with_a_wedged_engine_ends_in_time(tiny_checkpoints):
     """An engine that never answers again (stopped): SIGTERM still ends the server within the
     graceful timeout plus 5 s, and the engine process with it."""
-    s = Server(tiny_checkpoints[0], "--api-server-count", "2", "--timeout-graceful-shutdown", "2")
+    s = Server(tiny_checkpoints[0], "--api-server-count", "2", "--timeout-graceful-shutdown", "2", "--no-warmup")
     engine = s.engine_pid()
     processes = children(s.proc.pid)
     try:
