@@ -28,7 +28,7 @@ from flax import nnx
 from .model import Transformer
 from .paged_kv_cache import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from .programs import Program
-from .sharding import constrain, named_sharding, use_mesh
+from .sharding import constrain, use_mesh
 from .step_inputs import StepWire, from_wire
 
 
@@ -84,9 +84,7 @@ class DraftModel:
         self._step_program = Program(_step, devices, graphdef=self.graphdef, impl=impl)
         self._propose_program = Program(_propose, devices, graphdef=self.graphdef, impl=impl)
         with use_mesh(mesh):
-            sharding = named_sharding(mesh, PAGE_AXES)
-            init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
-            self.k_pages, self.v_pages = init(self.cfg, num_pages, page_size, self.dtype)
+            self.k_pages, self.v_pages = init_pages(self.cfg, num_pages, page_size, self.dtype, mesh)
 
     def step(self, wire: StepWire, prev_tokens) -> None:
         self.k_pages, self.v_pages = self._step_program(wire.num_tokens, self.state, self.k_pages, self.v_pages,

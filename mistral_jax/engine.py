@@ -50,7 +50,7 @@ from .programs import Program
 from .request_limits import RequestLimits
 from .sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, sample, top_k_over_vocab
 from .scheduler import Scheduled, Scheduler, Sequence, Status
-from .sharding import constrain, mesh_size, named_sharding, use_mesh
+from .sharding import constrain, mesh_size, use_mesh
 from .speculative import UNFILLED, SpeculativeConfig, Speculator, SpecState
 from .step_inputs import StepInputs, StepWire, empty_inputs, from_wire, to_wire
 from .structured import Matcher, MaskBuffer
@@ -275,9 +275,7 @@ class Engine:
         with use_mesh(self.mesh):
             # Placed as the step returns them (so the second step does not compile again),
             # straight into their sharding (a device_put afterwards could copy gigabytes).
-            sharding = named_sharding(self.mesh, PAGE_AXES)
-            init = jax.jit(init_pages, static_argnums=(0, 1, 2, 3), out_shardings=(sharding, sharding))
-            self.k_pages, self.v_pages = init(self.cfg, self.num_pages, self.page_size, self.dtype)
+            self.k_pages, self.v_pages = init_pages(self.cfg, self.num_pages, self.page_size, self.dtype, self.mesh)
         if self.draft is not None:  # the same page numbers: a page holds both models' k/v
             self.draft.allocate(self.mesh, self.num_pages, self.page_size, self.attention_impl)
         # Penalty state [max_num_seqs, vocab]: generated-token counts and seen tokens per slot.

@@ -113,7 +113,7 @@ def tokenizer_patterns(files: list[str], tokenizer_mode: str, layout: str | None
     if layout == "gguf":
         if tokenizer_mode == "mistral":
             raise CheckpointError("tokenizer_mode='mistral' needs tekken.json or tokenizer.model.v*, and a GGUF model "
-                                  f"carries its own tokenizer: use tokenizer_mode='auto' (or pass tokenizer=PATH)")
+                                  "carries its own tokenizer: use tokenizer_mode='auto' (or pass tokenizer=PATH)")
         return []
     mode = tokenizer_mode if tokenizer_mode != "auto" else ("mistral" if present("mistral") else "hf")
     found = present(mode)
@@ -188,18 +188,37 @@ def _offline() -> bool:
 
 def _repo_files(repo_id: str, revision: str | None, download_dir: str | None) -> tuple[list[str], Path | None]:
     """The repo's top-level files, listed on the Hub; offline, those of the cached snapshot (and
-    its folder, already complete as far as it goes)."""
+    its folder: what an earlier run fetched is all there is)."""
     import huggingface_hub
 
+    if _offline():
+        folder = _cached_snapshot(repo_id, revision, download_dir)
+        return [p.name for p in folder.iterdir()], folder
     try:
-        if _offline():
-            folder = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=download_dir,
-                                                            local_files_only=True))
-            return [p.name for p in folder.iterdir()], folder
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
     except Exception as e:  # noqa: BLE001  huggingface_hub's and the network's: each named with its fix
         raise _hub_error(e, repo_id, revision) from e
     return [f for f in files if "/" not in f], None
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, download_dir: str | None) -> Path:
+    """The cache's snapshot folder of a revision (a branch or tag through refs/, or a commit).
+    Not snapshot_download(local_files_only=True): it refuses a snapshot that lacks any of the
+    repo's files, and a snapshot here holds one layout of two by design."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = Path(download_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    revision = revision or "main"
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    folder = repo / "snapshots" / commit
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{repo_id} (revision {revision}) is not in the local Hugging Face cache ({repo}) and downloading is off "
+            "(HF_HUB_OFFLINE=1). Fix: download it once online, or point HF_HOME / download_dir at the cache that "
+            "holds it")
+    return folder
 
 
 def _download(repo_id: str, revision: str | None, download_dir: str | None, patterns: list[str]) -> Path:

@@ -26,7 +26,7 @@ from pallas_kernels.ragged_paged_attention import attention_schedule, ragged_pag
 
 from .config import ModelConfig
 from .page_allocator import NULL_PAGE
-from .sharding import constrain, current_mesh
+from .sharding import current_mesh, named_sharding
 
 PAGE_AXES = ("layers", None, None, "kv_heads", "head_dim")
 
@@ -36,10 +36,15 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype) -> int:
     return 2 * cfg.n_layers * page_size * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> tuple[jax.Array, jax.Array]:
+def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh) -> tuple[jax.Array, jax.Array]:
+    """Zeroed key and value pages [layers, pages, page_size, kv_heads, head_dim], made on their
+    devices in the sharding the step returns them in (so the second step does not compile again;
+    a device_put afterwards could copy gigabytes). The sharding is the program's output sharding,
+    not read from the ambient mesh while tracing: JAX's trace cache does not key on that, and an
+    engine on one device made after one on a tp mesh then got the tp trace."""
     shape = (cfg.n_layers, num_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
-    zeros = constrain(jnp.zeros(shape, dtype), PAGE_AXES)
-    return zeros, zeros
+    sharding = named_sharding(mesh, PAGE_AXES)
+    return jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), out_shardings=(sharding, sharding))()
 
 
 @flax.struct.dataclass

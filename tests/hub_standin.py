@@ -317,6 +317,9 @@ class HubStandin:
         }
         for name, value in patched.items():
             monkeypatch.setattr(constants, name, value, raising=False)
+        # The module-level HfApi() behind huggingface_hub.list_repo_files & co. copied the endpoint
+        # when huggingface_hub was imported: it is repointed too.
+        monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", self.endpoint)
 
         escaped = self.escaped
         previous_factory = _http._GLOBAL_CLIENT_FACTORY
