@@ -33,7 +33,7 @@ LOAD_FORMATS = ("auto", "mistral", "safetensors", "gguf", "dummy")
 CONFIG_FORMATS = ("auto", "mistral", "hf")
 TOKENIZER_MODES = ("auto", "mistral", "hf")
 
-# Each layout's files (fnmatch patterns, as huggingface_hub's allow_patterns).
+# Each layout's files (fnmatch patterns, as huggingface_hub's allow_patterns). Never mutated.
 LAYOUT_FILES = {
     "mistral": {"config": ["params.json"], "weights": ["consolidated*.safetensors"]},
     "hf": {"config": ["config.json"], "weights": ["model*.safetensors", "model.safetensors.index.json"]},
@@ -93,7 +93,7 @@ def choose_layout(files: list[str], load_format: str, config_format: str, where:
         if wanted is None:
             raise CheckpointError(f"{where}: no model found among its files {sorted(files)[:20]}: expected "
                                   "params.json + consolidated*.safetensors, config.json + model*.safetensors, or one .gguf")
-    missing = LAYOUT_FILES[wanted]["config"] if not has("config", wanted) else []
+    missing = list(LAYOUT_FILES[wanted]["config"]) if not has("config", wanted) else []  # a copy: += below
     if load_format != "dummy" and not has("weights", wanted):
         missing += LAYOUT_FILES[wanted]["weights"][:1]
     if missing:

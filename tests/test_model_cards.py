@@ -773,3 +773,49 @@ def test_vllm_module_path_of_sampling_params():
     from mistral_jax.sampling_params import SamplingParams as VllmPath
 
     assert VllmPath is SamplingParams
+
+
+def test_revision_and_download_dir(hub, hf_home, card_repos, tmp_path):
+    """vLLM's revision (a commit here) and download_dir (the cache's folder) reach huggingface_hub;
+    a revision the repo lacks is an error naming it."""
+    sha = huggingface_hub.model_info(REPO_2409).sha
+    hub.clear_requests()
+    folder = tmp_path / "downloads"
+    got = chat_output(REPO_2409, revision=sha, download_dir=str(folder), **FORMATS_2409)
+    assert got == chat_output(str(card_repos[REPO_2409]), **FORMATS_2409)
+    assert any(folder in p.parents for p in folder.rglob("consolidated.safetensors"))
+    assert not (hf_home / "hub").exists() or not list((hf_home / "hub").rglob("consolidated.safetensors"))
+    with pytest.raises(CheckpointError, match="no revision 'v9.9'"):
+        LLM(model=REPO_2409, revision="v9.9", **FORMATS_2409)
+
+
+def test_generation_config_sets_the_defaults(card_repos, tmp_path):
+    """generation_config="auto" (vLLM's default): the model's generation_config.json sampling
+    fields are the defaults of requests that leave them unset; "vllm" ignores them."""
+    folder = tmp_path / "model"
+    shutil.copytree(card_repos[REPO_2409], folder)
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 5, "top_k": 7}))
+    llm = LLM(model=str(folder), progress=False, **FORMATS_2409)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.max_tokens, defaults.top_k) == (0.0, 5, 7)
+    by_default = llm.generate(["Bonjour"])[0].outputs[0]  # no sampling_params: the model's defaults
+    greedy = llm.generate(["Bonjour"], SamplingParams(temperature=0.0, max_tokens=5, top_k=7))[0].outputs[0]
+    assert by_default.token_ids == greedy.token_ids and len(by_default.token_ids) <= 5
+    del llm
+    release()
+    plain = LLM(model=str(folder), progress=False, generation_config="vllm", **FORMATS_2409)
+    assert plain.get_default_sampling_params() == SamplingParams()
+    del plain
+    release()
+
+    # The server applies the same defaults to the fields a request leaves unset.
+    from mistral_jax.server.app import _sampling
+    from mistral_jax.server.protocol import ChatCompletionRequest
+
+    defaults = {"temperature": 0.0, "max_tokens": 5, "top_k": 7}
+    unset = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    params = _sampling(unset, max_tokens=None, logprobs=None, defaults=defaults)
+    assert (params.temperature, params.max_tokens, params.top_k) == (0.0, 5, 7)
+    given = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.9, max_tokens=3)
+    params = _sampling(given, max_tokens=given.max_tokens, logprobs=None, defaults=defaults)
+    assert (params.temperature, params.max_tokens, params.top_k) == (0.9, 3, 7)
