@@ -47,7 +47,7 @@ def transformers_run() -> callable:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mistral_jax.default_model import default_model_path
+    from mistral_jax.loading.default_model import default_model_path
 
     path = Path(default_model_path())
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

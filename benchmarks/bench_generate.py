@@ -86,11 +86,11 @@ def random_engine(config: str, dtype: str, quantization: str | None = None, fp8_
     import jax
 
     from mistral_jax.config import ModelConfig
-    from mistral_jax.engine import Engine, EngineConfig
-    from mistral_jax.llm import resolve_dtype
-    from mistral_jax.sharding import parse_mesh
-    from mistral_jax.tokenizer import Tokenizer
-    from mistral_jax.weights import random_weights
+    from mistral_jax.engine.engine import Engine, EngineConfig
+    from mistral_jax.entrypoints.llm import resolve_dtype
+    from mistral_jax.runtime.sharding import parse_mesh
+    from mistral_jax.tokenizer.tokenizer import Tokenizer
+    from mistral_jax.loading.weights import random_weights
 
     class IdsOnly(Tokenizer):
         """Random weights emit random ids: no text to detokenize (the peer does not either)."""
@@ -114,7 +114,7 @@ def bench_ours(config: str, dtype: str, quantization: str | None = None, fp8_imp
                decode_batches=DECODE_BATCHES, prefill_lens=PREFILL_LENS, mesh: str | None = None) -> dict:
     import jax
 
-    from mistral_jax.sampling import SamplingParams
+    from mistral_jax.sample.sampling import SamplingParams
 
     # Each prefill in one step (as issue 2's dense engine did), to compare like with like.
     engine, cfg, init_s = random_engine(config, dtype, quantization, fp8_impl, mesh, max_num_seqs=max(decode_batches, default=1),
@@ -331,7 +331,7 @@ def main() -> int:
     if args.table:
         print(scaling(args.table) if args.scaling else table(args.table))
         return 0
-    from mistral_jax import distributed
+    from mistral_jax.runtime import distributed
 
     distributed.initialize()  # a no-op unless the environment names a multi-process run
     fn = {"ours": lambda: bench_ours(

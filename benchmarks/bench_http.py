@@ -138,7 +138,7 @@ def server_means(before, after) -> dict[str, float]:
 
 
 def run_engine(engine, reqs) -> dict:
-    from mistral_jax.sampling import SamplingParams
+    from mistral_jax.sample.sampling import SamplingParams
 
     t0 = time.perf_counter()
     for i, (ids, out) in enumerate(reqs):
@@ -274,7 +274,7 @@ def main():
     if args.in_process:
         print("RESULT " + json.dumps(in_process(args)), flush=True)
         return
-    from mistral_jax.dummy import dummy_config
+    from mistral_jax.loading.dummy import dummy_config
 
     vocab = dummy_config(args.config).vocab_size
     result = {"config": args.config, "quantization": args.quantization, "date": time.strftime("%Y-%m-%d"),

@@ -27,8 +27,8 @@ def write_safetensors(src: str, dst: Path, dtype: str) -> None:
     """The canonical tensors of `src` as params.json + consolidated.safetensors, tokenizer copied."""
     from safetensors.numpy import save_file
 
-    from mistral_jax.checkpoint import open_checkpoint
-    from mistral_jax.convert import copy_tokenizer
+    from mistral_jax.loading.checkpoint import open_checkpoint
+    from mistral_jax.entrypoints.convert import copy_tokenizer
 
     ckpt = open_checkpoint(src)
     dst.mkdir(parents=True, exist_ok=True)
@@ -46,8 +46,8 @@ def time_load(path: Path) -> float:
 
 
 def main() -> None:
-    from mistral_jax.convert import convert
-    from mistral_jax.default_model import default_model_path
+    from mistral_jax.entrypoints.convert import convert
+    from mistral_jax.loading.default_model import default_model_path
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)

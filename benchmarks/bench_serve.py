@@ -63,7 +63,7 @@ def summarize(wall: float, first: list[float], last: list[float], counts: list[i
 # ---- ours -------------------------------------------------------------------------------------
 
 def run_ours(engine, requests) -> dict:
-    from mistral_jax.sampling import SamplingParams
+    from mistral_jax.sample.sampling import SamplingParams
 
     t0 = time.perf_counter()
     for i, (prompt, n) in enumerate(requests):

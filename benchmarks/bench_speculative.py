@@ -132,8 +132,8 @@ def run_gpu(args) -> dict:
     import jax
 
     from mistral_jax import LLM, SamplingParams
-    from mistral_jax.dummy import dummy_config
-    from mistral_jax.scheduler import Scheduled
+    from mistral_jax.loading.dummy import dummy_config
+    from mistral_jax.engine.scheduler import Scheduled
 
     context = min(4096, dummy_config(args.config).max_seq_len)
     llm = LLM(load_format="dummy", config=args.config, quantization=args.quantization, max_model_len=context,

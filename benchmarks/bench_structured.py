@@ -58,7 +58,7 @@ def main():
     import jax
 
     from mistral_jax import LLM, SamplingParams
-    from mistral_jax.structured import MaskBuffer, StructuredOutputs
+    from mistral_jax.sample.structured import MaskBuffer, StructuredOutputs
 
     llm = LLM(load_format="dummy", config=args.config, quantization=args.quantization, max_model_len=args.max_model_len,
               max_num_seqs=max(64, args.unconstrained + args.constrained), warmup=True, progress=False)

@@ -38,7 +38,7 @@ def logits_of(llm, ids: list[int]):
     import numpy as np
     from flax import nnx
 
-    from mistral_jax.kv_cache import DenseKVCache
+    from mistral_jax.cache.kv_cache import DenseKVCache
 
     model = nnx.merge(llm.engine.graphdef, llm.engine.state)
     tokens = jnp.asarray([ids], jnp.int32)

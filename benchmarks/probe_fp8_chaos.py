@@ -15,8 +15,8 @@ import numpy as np
 sys.path.insert(0, "tests")
 from test_engine_gpu import CFG, run, prompts
 from conftest import dense_logits
-from mistral_jax.weights import random_weights
-from mistral_jax.sharding import make_mesh
+from mistral_jax.loading.weights import random_weights
+from mistral_jax.runtime.sharding import make_mesh
 
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

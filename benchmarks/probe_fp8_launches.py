@@ -2,7 +2,7 @@
 does each run (CUPTI device time)? In particular, does XLA fuse x's per-row quantization into
 the RMSNorm that produces x, or run it as kernels of its own?
 
-The layer's projection path as the model runs it on one device (mistral_jax.model: the RMSNorm
+The layer's projection path as the model runs it on one device (mistral_jax.model.transformer: the RMSNorm
 fused into the quantization of q/k/v's and w1/w3's input, then fp8_matmul_group for q, k, v and
 for w1, w3; fp8_matmul for o; silu(w1 x) * w3 x fused into w2's quantization, then w2; stacked
 weights read at a layer index), attention left out, Mistral-Small-2501 shapes, under the

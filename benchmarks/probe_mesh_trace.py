@@ -29,7 +29,7 @@ def run(args):
     import jax
 
     import bench_generate as bg
-    from mistral_jax.sampling import SamplingParams
+    from mistral_jax.sample.sampling import SamplingParams
 
     engine, _, _ = bg.random_engine(args.config, "bfloat16", args.quantization, "auto", args.mesh,
                                     max_num_seqs=max(8, args.batch), max_num_batched_tokens=max(512, 64 * args.batch),

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mistral_jax.config import ModelConfig
-from mistral_jax.kv_cache import DenseKVCache
-from mistral_jax.weights import random_weights
+from mistral_jax.cache.kv_cache import DenseKVCache
+from mistral_jax.loading.weights import random_weights
 
 
 def main():

@@ -92,11 +92,11 @@ def canonical_text(lowered) -> str:
 
 
 def fingerprints(config: str, platform: str, settings: dict) -> dict[str, str]:
-    from mistral_jax import programs
+    from mistral_jax.engine import programs
     try:  # the package's layout before and after the move
         from mistral_jax.entrypoints.llm import LLM
     except ImportError:
-        from mistral_jax.llm import LLM
+        from mistral_jax.entrypoints.llm import LLM
 
     found: dict[str, str] = {}
     original = programs.Program.__call__

@@ -4,8 +4,8 @@ import jax, jax.numpy as jnp
 from flax import nnx
 sys.path.insert(0, ".")
 from mistral_jax.config import ModelConfig
-from mistral_jax.kv_cache import DenseKVCache
-from mistral_jax.weights import random_weights
+from mistral_jax.cache.kv_cache import DenseKVCache
+from mistral_jax.loading.weights import random_weights
 from benchmarks.bench_generate import ceilings
 
 print(jax.__version__, jax.devices())

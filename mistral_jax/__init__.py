@@ -9,7 +9,7 @@ import time as _time
 
 IMPORTED_AT = _time.perf_counter()  # `generate --verbose` counts start-up from here
 
-from .xla_flags import apply_default_xla_flags  # noqa: E402
+from mistral_jax.runtime.xla_flags import apply_default_xla_flags  # noqa: E402
 
 apply_default_xla_flags()  # before JAX initializes its backend
 
@@ -20,11 +20,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: `import mistral_jax.config` should not pull in tokenizers, checkpoints and the engine.
     if name in ("LLM", "RequestOutput", "CompletionOutput"):
-        from . import llm
+        from mistral_jax.entrypoints import llm
 
         return getattr(llm, name)
     if name == "SamplingParams":
-        from .sampling import SamplingParams
+        from mistral_jax.sample.sampling import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'mistral_jax' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """What produces a projection's input: RMSNorm, and SwiGLU's silu(gate) * up, in plain jnp.
 
-These are the model's own definitions (mistral_jax.model uses them), kept here so that the fused
+These are the model's own definitions (mistral_jax.model.transformer uses them), kept here so that the fused
 FP8 quantizer (`quantize_rows_triton` with `norm=` or `gate=`) runs the very same jnp code on the
 rows it loads, and its reference twin is simply one of these followed by `quantize_rows`.
 """

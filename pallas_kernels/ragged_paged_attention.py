@@ -19,7 +19,7 @@ of sequence s sits at absolute position kv_len - q_len + i and attends causally 
 positions 0..that position; cache position p of sequence s lives in page
 page_indices[s, p // page_size], slot p % page_size. Grouped-query attention: query head h uses
 kv head h // (n_heads // n_kv_heads). Scores and softmax are f32 (probabilities are cast back to
-the value dtype before the second matmul, as `mistral_jax.kv_cache.dense_attention` does);
+the value dtype before the second matmul, as `mistral_jax.cache.kv_cache.dense_attention` does);
 the output is in q's dtype. Query rows that belong to no live sequence (rows at or past
 cu_q_lens[num_seqs], i.e. padding) come out as exact zeros.
 

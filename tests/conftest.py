@@ -41,7 +41,7 @@ def _free_compiled_programs():
 
     import jax
 
-    from mistral_jax import programs
+    from mistral_jax.engine import programs
 
     jax.clear_caches()
     programs.clear()
@@ -93,7 +93,7 @@ def dense_logits(model, tokens, to_numpy=True):
     import jax.numpy as jnp
     import numpy as np
 
-    from mistral_jax.kv_cache import DenseKVCache
+    from mistral_jax.cache.kv_cache import DenseKVCache
 
     b, t = tokens.shape
     cache = DenseKVCache.init(model.cfg, b, max(64, t), model.dtype)

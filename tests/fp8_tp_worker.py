@@ -8,15 +8,15 @@ GPUs and writes the greedy tokens of the batch-1 and batch-64 runs (process 0) a
 import json
 import sys
 
-from mistral_jax import distributed
+from mistral_jax.runtime import distributed
 
 distributed.initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
 
 import jax  # noqa: E402
 
 from fp8_tp_gpu_common import CFG, DTYPE, SEED, greedy, prompts  # noqa: E402
-from mistral_jax.sharding import parse_mesh  # noqa: E402
-from mistral_jax.weights import random_weights  # noqa: E402
+from mistral_jax.runtime.sharding import parse_mesh  # noqa: E402
+from mistral_jax.loading.weights import random_weights  # noqa: E402
 
 impl, out = sys.argv[1], sys.argv[2]
 mesh = parse_mesh("tp=2")

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from mistral_jax.server import channel
+from mistral_jax.entrypoints.server import channel
 
 SIZES = [1, 64 << 10, (64 << 10) + 1, 1 << 20, 16 << 20]
 

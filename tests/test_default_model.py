@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mistral_jax import LLM, SamplingParams
-from mistral_jax.default_model import default_model_path
+from mistral_jax.loading.default_model import default_model_path
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 

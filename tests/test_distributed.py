@@ -39,7 +39,7 @@ def spanning_mesh(devices):
     so the model's tp collectives cross processes. Built here: the mesh options are sharding.py's."""
     from jax.sharding import Mesh
 
-    from mistral_jax.sharding import MESH_AXES
+    from mistral_jax.runtime.sharding import MESH_AXES
 
     return Mesh(np.array(devices).reshape(2, 4).T, MESH_AXES)
 
@@ -57,7 +57,7 @@ def worker(model_dir: str, address: str, num_processes: int, process_id: int, ou
     import jax
 
     jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)  # before the backend starts
-    from mistral_jax import distributed
+    from mistral_jax.runtime import distributed
 
     distributed.initialize(address, num_processes, process_id, timeout_s=60)
     assert jax.process_count() == num_processes and len(jax.local_devices()) == LOCAL_DEVICES
@@ -118,7 +118,7 @@ def test_init_timeout_is_a_clear_error(tmp_path):
 
 
 def test_single_process_is_untouched():
-    from mistral_jax import distributed
+    from mistral_jax.runtime import distributed
 
     assert distributed.initialize() is False  # nothing given, nothing in the environment
     assert distributed.is_main_process()

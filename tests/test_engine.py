@@ -145,7 +145,7 @@ def test_one_token_program_beside_the_minimum_bucket(llm, tiny_checkpoints, monk
     program of its own. Simulated on the CPU (its minimum raised to 16): buckets 1, 16, 32, ...;
     warm-up compiles them all, after which one-row decode (bucket 1) and batched steps (16)
     lower nothing new, and give the tokens of the CPU's own buckets."""
-    import mistral_jax.engine as engine_module
+    from mistral_jax.engine import engine as engine_module
 
     monkeypatch.setattr(engine_module, "MIN_TOKEN_BUCKET_CPU", 16)
     accel = LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=256, progress=False)

@@ -8,11 +8,11 @@ import pytest
 
 from conftest import dense_logits
 from mistral_jax.config import ModelConfig
-from mistral_jax.engine import Engine, EngineConfig
-from mistral_jax.sampling import SamplingParams
-from mistral_jax.sharding import make_mesh
-from mistral_jax.tokenizer import Tokenizer
-from mistral_jax.weights import random_weights
+from mistral_jax.engine.engine import Engine, EngineConfig
+from mistral_jax.sample.sampling import SamplingParams
+from mistral_jax.runtime.sharding import make_mesh
+from mistral_jax.tokenizer.tokenizer import Tokenizer
+from mistral_jax.loading.weights import random_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_only")]
 

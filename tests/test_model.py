@@ -8,9 +8,9 @@ import torch
 
 from checkpoint_fixtures import hf_model_from_dir
 from conftest import dense_logits
-from mistral_jax.checkpoint import open_checkpoint
-from mistral_jax.kv_cache import DenseKVCache
-from mistral_jax.weights import load_weights
+from mistral_jax.loading.checkpoint import open_checkpoint
+from mistral_jax.cache.kv_cache import DenseKVCache
+from mistral_jax.loading.weights import load_weights
 
 
 def rel_err(a, b):
@@ -60,7 +60,7 @@ def test_input_major_layout_matches_transformers(tiny_checkpoints, tokens, hf_re
     model.to_input_major()  # a second call changes nothing
     np.testing.assert_array_equal(att.wo[...], jnp.transpose(wo, (0, 2, 3, 1)))
     assert rel_err(dense_logits(model, tokens), hf_reference) <= 1e-5
-    from mistral_jax.checkpoint.orbax import save
+    from mistral_jax.loading.checkpoint.orbax import save
 
     with pytest.raises(ValueError, match="to_input_major"):  # checkpoints keep [out, in]
         save(model, tiny_checkpoints[1].parent / "never_written", jnp.float32)

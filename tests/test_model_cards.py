@@ -703,8 +703,8 @@ def test_unknown_repo_and_missing_folder(hub, hf_home, tmp_path):
 # vLLM's flags.
 
 def test_flag_spellings_and_tp():
-    from mistral_jax.engine_args import llm_kwargs
-    from mistral_jax.serve import parse_args
+    from mistral_jax.engine.args import llm_kwargs
+    from mistral_jax.entrypoints.serve import parse_args
 
     card = parse_args(serve_argv(CARD_2501_SERVE)[3:])
     dashed = parse_args([REPO_2501, "--tokenizer-mode", "mistral", "--config-format", "mistral", "--load-format",
@@ -809,8 +809,8 @@ def test_generation_config_sets_the_defaults(card_repos, tmp_path):
     release()
 
     # The server applies the same defaults to the fields a request leaves unset.
-    from mistral_jax.server.app import _sampling
-    from mistral_jax.server.protocol import ChatCompletionRequest
+    from mistral_jax.entrypoints.server.app import _sampling
+    from mistral_jax.entrypoints.server.protocol import ChatCompletionRequest
 
     defaults = {"temperature": 0.0, "max_tokens": 5, "top_k": 7}
     unset = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])

@@ -13,10 +13,10 @@ from checkpoint_fixtures import make_tiny_fp8_hf_checkpoint
 from conftest import V3_TOKENIZER, dense_logits
 from flax import nnx
 
-from mistral_jax.checkpoint import CheckpointError, OrbaxCheckpoint, open_checkpoint
-from mistral_jax.convert import convert, main
-from mistral_jax.sharding import make_mesh
-from mistral_jax.weights import _sharding, load_weights
+from mistral_jax.loading.checkpoint import CheckpointError, OrbaxCheckpoint, open_checkpoint
+from mistral_jax.entrypoints.convert import convert, main
+from mistral_jax.runtime.sharding import make_mesh
+from mistral_jax.loading.weights import _sharding, load_weights
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,8 @@ def test_fp8_wanted_from_a_16bit_conversion(orbax_dir):
 
 def test_gguf_tokenizer_travels(tmp_path):
     """A GGUF file's tokenizer and chat template, written as tokenizer.json & co., read back the same."""
-    from mistral_jax.default_model import default_model_path
-    from mistral_jax.tokenizer import HFTokenizer, load_tokenizer
+    from mistral_jax.loading.default_model import default_model_path
+    from mistral_jax.tokenizer.tokenizer import HFTokenizer, load_tokenizer
 
     src = HFTokenizer.from_gguf(default_model_path())
     src.save(tmp_path)

@@ -19,13 +19,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from mistral_jax.page_allocator import (
-    NULL_PAGE,
-    OutOfPages,
-    PageAllocator,
-    PrefixCacheStats,
-    page_hashes,
-)
+from mistral_jax.cache.page_allocator import NULL_PAGE, OutOfPages, PageAllocator, PrefixCacheStats, page_hashes
 
 
 def state(a: PageAllocator):
@@ -252,7 +246,7 @@ def test_page_hashes_incremental_and_chained():
 
 
 def test_page_hashes_are_stable_across_processes():
-    code = "from mistral_jax.page_allocator import page_hashes; print(page_hashes(list(range(40)), 16))"
+    code = "from mistral_jax.cache.page_allocator import page_hashes; print(page_hashes(list(range(40)), 16))"
     runs = {
         subprocess.run(
             [sys.executable, "-c", code],

@@ -145,14 +145,14 @@ def test_bad_engine_settings_fail_clearly(tiny_checkpoints, kw, match):
 
 
 def test_cache_sized_from_device_memory_names_the_fix(tiny_checkpoints, monkeypatch):
-    from mistral_jax.engine import Engine
+    from mistral_jax.engine.engine import Engine
 
     monkeypatch.setattr(Engine, "device_memory", lambda self: {"bytes_limit": 1 << 20, "bytes_in_use": 0})
     with pytest.raises(ValueError, match="raise gpu_memory_utilization"):
         make_llm(tiny_checkpoints)
     monkeypatch.setattr(Engine, "device_memory", lambda self: {"bytes_limit": 8 << 30, "bytes_in_use": 1 << 30})
     llm = make_llm(tiny_checkpoints, gpu_memory_utilization=0.5)
-    from mistral_jax.paged_kv_cache import page_bytes
+    from mistral_jax.cache.paged import page_bytes
 
     per_page = page_bytes(llm.config, 16, llm.dtype)
     expected = (0.5 * (8 << 30) - (1 << 30) - llm.engine._activation_bytes()) // per_page

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax import programs
+from mistral_jax.engine import programs
 
 # One start of the engine in a fresh process: warm-up, then a request with logprobs and prompt
 # logprobs. Prints the lowerings counted (JAX's jaxpr -> MLIR events), what the programs loaded

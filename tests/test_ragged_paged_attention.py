@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.kv_cache import DenseKVCache
+from mistral_jax.cache.kv_cache import DenseKVCache
 from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention_reference,
     token_seq_ids,

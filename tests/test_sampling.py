@@ -8,16 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.sampling import (
-    MAX_LOGPROBS,
-    SamplingArrays,
-    SamplingParams,
-    apply_penalties,
-    init_penalty_state,
-    keep_mask,
-    sample,
-    update_penalty_state,
-)
+from mistral_jax.sample.sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, apply_penalties, init_penalty_state, keep_mask, sample, update_penalty_state
 
 TRACES = []  # one entry per trace of _sample: counts compilations
 
@@ -309,7 +300,7 @@ def test_logprobs_are_of_the_raw_distribution():
 def test_top_k_over_vocab_in_chunks_equals_lax_top_k(vocab, k):
     # Chunked top-k (each chunk's top k, then a merge) against one lax.top_k over the row, with
     # many ties (values rounded), -inf entries and NumPy's stable argsort as a third opinion.
-    from mistral_jax.sampling import _vocab_chunks, top_k_over_vocab
+    from mistral_jax.sample.sampling import _vocab_chunks, top_k_over_vocab
 
     rng = np.random.default_rng(vocab + k)
     x = np.round(rng.normal(size=(3, vocab)), 1).astype(np.float32)
@@ -383,7 +374,7 @@ def test_valid_edge_values_and_normalization():
 def test_argmax_rows_is_jnp_argmax():
     """The sampler's argmax (two reductions on a CPU) picks what jnp.argmax picks: the first of
     tied maxima, the first NaN of a row that has one, index 0 of a row of -inf."""
-    from mistral_jax.sampling import argmax_rows
+    from mistral_jax.sample.sampling import argmax_rows
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((7, 1000)).astype(np.float32)

@@ -6,9 +6,9 @@ and at the end every page is free."""
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mistral_jax.page_allocator import NULL_PAGE, PageAllocator
-from mistral_jax.sampling import SamplingParams
-from mistral_jax.scheduler import Scheduler, Sequence, Status
+from mistral_jax.cache.page_allocator import NULL_PAGE, PageAllocator
+from mistral_jax.sample.sampling import SamplingParams
+from mistral_jax.engine.scheduler import Scheduler, Sequence, Status
 
 PAGE = 4
 BASES = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 11, 12, 13, 14], [21, 22, 23, 24, 25]]
@@ -22,7 +22,7 @@ ops_strategy = st.lists(st.one_of(arrival, abort, step, step, step), min_size=1,
 
 class Driver:
     """The engine's host loop with a fake device: one step in flight, its tokens read after the
-    next step is launched (as mistral_jax.engine does)."""
+    next step is launched (as mistral_jax.engine.engine does)."""
 
     def __init__(self, num_pages, max_num_seqs, budget, caching):
         self.alloc = PageAllocator(num_pages, PAGE, caching)

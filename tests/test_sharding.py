@@ -16,10 +16,11 @@ from flax import nnx
 from checkpoint_fixtures import make_tiny_fp8_hf_checkpoint, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
 from conftest import qkv_part
 from mistral_jax import LLM, SamplingParams
-from mistral_jax.checkpoint import base, open_checkpoint
+from mistral_jax.loading.checkpoint import open_checkpoint
+from mistral_jax.loading.checkpoint import base
 from mistral_jax.config import ModelConfig
-from mistral_jax.sharding import parse_mesh
-from mistral_jax.weights import load_weights
+from mistral_jax.runtime.sharding import parse_mesh
+from mistral_jax.loading.weights import load_weights
 
 # Head counts divisible by 8 (tp up to 8), grouped-query attention (2 q heads per kv head).
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8, hidden_dim=128,
@@ -166,8 +167,8 @@ def test_gguf_on_a_mesh_reads_only_the_shards(monkeypatch):
     split tensor is read as 3 parts of a third, rows or whole blocks of columns, never whole;
     the loaded weights equal a one-device load (which the mesh tests above turn into the same
     tokens)."""
-    from mistral_jax.checkpoint import gguf
-    from mistral_jax.default_model import default_model_path
+    from mistral_jax.loading.checkpoint import gguf
+    from mistral_jax.loading.default_model import default_model_path
 
     one = load_weights(open_checkpoint(default_model_path()), jnp.float32, progress=False)
     reads, real = [], gguf.read_tensor
@@ -202,7 +203,7 @@ def test_fp8_checkpoint_sliced_on_a_mesh(ckpts, tmp_path):
     # [layers, kv_heads, g + 2, head_dim]: 2 of the 8 kv heads on each device, with their q heads
     assert {s.data.shape for s in sharded.layers.attention.wqkv_scale[...].addressable_shards} == {(2, 2, 4, 8)}
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, 9)).astype(np.int32)
-    from mistral_jax.sharding import use_mesh
+    from mistral_jax.runtime.sharding import use_mesh
 
     with use_mesh(mesh):
         got = dense_logits(sharded, tokens)
@@ -223,9 +224,9 @@ def test_fp8_kernels_run_per_tp_shard(ckpts, monkeypatch, kernel, mesh_spec):
     rows (wqkv, w1, w3) or columns (wo, w2, which take the row max across shards and add
     the partial products), reading the layer from the stack; logits match one device's
     reference."""
-    import mistral_jax.fp8_tp as fp8_tp
+    from mistral_jax.model import fp8_tp
     from conftest import dense_logits
-    from mistral_jax.sharding import use_mesh
+    from mistral_jax.runtime.sharding import use_mesh
 
     tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, size=(2, 9)).astype(np.int32)
     want = dense_logits(load_weights(open_checkpoint(ckpts[0]), jnp.float32, progress=False,
@@ -308,7 +309,7 @@ def test_impossible_tp_fails_before_loading(ckpts, tiny_checkpoints, monkeypatch
     monkeypatch.setattr(base.Checkpoint, "entries", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ValueError, match=r"n_kv_heads=2 .*not divisible by 4.*Use tp in \[1, 2\]"):
         LLM(model=str(tiny_checkpoints[0]), dtype="float32", progress=False, mesh="tp=4")
-    from mistral_jax.sharding import check_mesh, make_mesh
+    from mistral_jax.runtime.sharding import check_mesh, make_mesh
 
     fake = type("M", (), {"shape": {"dp": 1, "tp": 16}})()  # 16 devices are not needed to check
     with pytest.raises(ValueError, match=r"n_kv_heads=8 not divisible by 16"):
@@ -319,14 +320,14 @@ def test_impossible_tp_fails_before_loading(ckpts, tiny_checkpoints, monkeypatch
 
 
 def test_cli_mesh_option():
-    from mistral_jax.generate import parse_args
+    from mistral_jax.entrypoints.generate import parse_args
 
     assert parse_args(["--mesh", "dp=2,tp=4"]).mesh == "dp=2,tp=4"
 
 
 def test_cache_sized_per_device_under_tp(ckpts, monkeypatch):
     """A device's memory budget holds tp times the pages: each device keeps 1/tp of the kv heads."""
-    from mistral_jax.engine import Engine
+    from mistral_jax.engine.engine import Engine
 
     monkeypatch.setattr(Engine, "device_memory", lambda self: {"bytes_limit": 1 << 30, "bytes_in_use": 0})
     pages = {m: LLM(model=str(ckpts[0]), dtype="float32", progress=False, mesh=m).engine.num_pages
@@ -352,8 +353,8 @@ def test_sampling_keeps_the_vocabulary_sharded():
     # filters, inside their own branch, sort the whole vocabulary: sharding.py says so.)
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from mistral_jax.sampling import SamplingArrays, sample, top_k_over_vocab
-    from mistral_jax.sharding import use_mesh
+    from mistral_jax.sample.sampling import SamplingArrays, sample, top_k_over_vocab
+    from mistral_jax.runtime.sharding import use_mesh
 
     mesh, vocab, rows = parse_mesh("tp=8"), 32768, 4
     rng = np.random.default_rng(0)
@@ -394,7 +395,7 @@ def test_fp8_triton_per_shard_byte_pairs(monkeypatch, split):
     of 2-4 GiB stacks per GPU, issue 22; forced here at small sizes): every layer equals the
     unsharded reference product."""
     import pallas_kernels.fp8_matmul_triton as triton_kernel
-    from mistral_jax import fp8_tp
+    from mistral_jax.model import fp8_tp
     from pallas_kernels.fp8_matmul import fp8_matmul_reference, quantize_weight
 
     paired = []

@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from mistral_jax import LLM, SamplingParams
-from mistral_jax.checkpoint import CheckpointError
-from mistral_jax.speculative import SpeculativeConfig, ngram_propose
+from mistral_jax.loading.checkpoint import CheckpointError
+from mistral_jax.engine.speculative import SpeculativeConfig, ngram_propose
 from test_warmup import COMPILES
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -337,7 +337,7 @@ def test_default_model_ngram_gives_plain_decodings_tokens():
 def test_default_model_drafting_for_itself(tmp_path):
     """Real weights, real text: the demo model as its own draft is accepted every time, and
     gives the plain engine's text."""
-    from mistral_jax.default_model import default_model_path
+    from mistral_jax.loading.default_model import default_model_path
 
     questions = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
                  "Explain what a CPU does in one sentence."]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mistral_jax import LLM, SamplingParams
-from mistral_jax.sampling import allowed_tokens
-from mistral_jax.structured import StructuredOutputs
+from mistral_jax.sample.sampling import allowed_tokens
+from mistral_jax.sample.structured import StructuredOutputs
 
 S = {"type": "string", "maxLength": 12}
 I = {"type": "integer", "minimum": -999, "maximum": 999}  # bounded: a small model may repeat digits forever

@@ -14,9 +14,9 @@ from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, 
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from mistral_jax import default_model
-from mistral_jax.default_model import default_model_path
-from mistral_jax.tokenizer import HFTokenizer, MistralTokenizer, StreamDecoder, ToolCall, load_tokenizer
+from mistral_jax.loading import default_model
+from mistral_jax.loading.default_model import default_model_path
+from mistral_jax.tokenizer.tokenizer import HFTokenizer, MistralTokenizer, StreamDecoder, ToolCall, load_tokenizer
 
 DATA = Path(mistral_common.__file__).parent / "data"
 
@@ -399,7 +399,7 @@ def test_stream_random_tokens(stream_tokenizers, name):
 def test_stream_long_random_generations(stream_tokenizers, name):
     """Generations many times the decode window long (its restarts), after a prompt, half of them
     biased towards byte tokens: the stream adds up to decoding after the prompt's tail."""
-    from mistral_jax.tokenizer import _PROMPT_CONTEXT, _WINDOW
+    from mistral_jax.tokenizer.tokenizer import _PROMPT_CONTEXT, _WINDOW
 
     tok = stream_tokenizers[name]
     rng = random.Random(1)

@@ -67,7 +67,7 @@ def test_scripted_session_compiles_nothing(warm):
         pass
     llm.generate([{"prompt_token_ids": ids(rng, n)} for n in (7, 21, 40, 3, 64)], MIX)  # every setting mixed
     llm.generate([{"prompt_token_ids": ids(rng, 30)}], MIX[3])  # prompt logprobs alone
-    from mistral_jax.structured import StructuredOutputs  # grammar masks are data, never a program
+    from mistral_jax.sample.structured import StructuredOutputs  # grammar masks are data, never a program
 
     json_row = SamplingParams(temperature=0.8, seed=5, max_tokens=12,
                               structured_outputs=StructuredOutputs(json={"type": "object"}))

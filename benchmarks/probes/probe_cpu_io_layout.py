@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def worker(variant: str) -> int:
     os.environ["MISTRAL_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"mj_{variant}_")  # no stored executables shared
     if variant == "base":  # the checkpoints' layout
-        import mistral_jax.llm
+        import mistral_jax.entrypoints.llm
 
-        mistral_jax.llm.prefers_input_major = lambda: False
+        mistral_jax.entrypoints.llm.prefers_input_major = lambda: False
     import numpy as np
 
     import bench_cpu_default as bench

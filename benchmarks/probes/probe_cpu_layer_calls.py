@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 
 from mistral_jax import LLM
-from mistral_jax.model import rotary_phases
-from mistral_jax.paged_kv_cache import PagedKVCache
+from mistral_jax.model.transformer import rotary_phases
+from mistral_jax.cache.paged import PagedKVCache
 
 llm = LLM(dtype="float32", max_model_len=512, max_num_seqs=8, progress=False)
 eng = llm.engine

@@ -33,7 +33,7 @@ def main():
     p.add_argument("--workloads", default="64x128x128")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
-    from mistral_jax.dummy import dummy_config
+    from mistral_jax.loading.dummy import dummy_config
 
     vocab = dummy_config(args.config).vocab_size
     with socket.socket() as s:

@@ -29,9 +29,9 @@ def main():
     ap.add_argument("--top-p", type=float, default=None, help="sample at temperature 0.7 with this top_p (default greedy)")
     args = ap.parse_args()
     import bench_generate as bg
-    from mistral_jax.sampling import SamplingParams
+    from mistral_jax.sample.sampling import SamplingParams
 
-    import mistral_jax.sampling as sampling
+    from mistral_jax.sample import sampling
 
     if args.top_k_chunk is not None:
         sampling.TOP_K_CHUNK = {"gpu": args.top_k_chunk or None}
@@ -40,7 +40,7 @@ def main():
 
         fp8.GPU_TRITON_MAX_M = args.fp8_triton_max_m
     if args.min_token_bucket is not None:
-        import mistral_jax.engine as engine_module
+        from mistral_jax.engine import engine as engine_module
 
         engine_module.MIN_TOKEN_BUCKET = args.min_token_bucket
     sampled = dict(temperature=0.7, top_p=args.top_p, seed=0) if args.top_p else dict(temperature=0.0)

@@ -19,8 +19,8 @@ def main():
     import jax
 
     from mistral_jax import LLM, SamplingParams
-    from mistral_jax import engine as engine_mod
-    from mistral_jax.dummy import dummy_config
+    from mistral_jax.engine import engine as engine_mod
+    from mistral_jax.loading.dummy import dummy_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="mistral-small-2501")

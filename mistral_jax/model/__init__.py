@@ -1,0 +1,2 @@
+"""The Mistral decoder (transformer.py) and its projections, whose weight type carries the
+quantization (projections.py; FP8 under tensor parallelism in fp8_tp.py)."""
