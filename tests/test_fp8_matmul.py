@@ -19,8 +19,8 @@ from pallas_kernels.fp8_matmul import (
     quantize_rows,
     quantize_weight,
 )
-from pallas_kernels.fp8_matmul_tpu import fp8_matmul_tpu
-from pallas_kernels.fp8_matmul_triton import fp8_matmul_group_triton, fp8_matmul_triton, plan
+from pallas_kernels.fp8_matmul.tpu import fp8_matmul_tpu
+from pallas_kernels.fp8_matmul.triton import fp8_matmul_group_triton, fp8_matmul_triton, plan
 
 E4M3 = ml_dtypes.float8_e4m3fn
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -141,7 +141,7 @@ def test_quantize_rows_triton_interpret(m, k, rows, x_dtype):
     # The Triton quantizer is quantize_rows (then pad_rows) bit for bit: same e4m3 codes, same
     # f32 scales, padding rows zero with scale 1; and quantize_rows matches the float64 oracle.
     from pallas_kernels.fp8_matmul import pad_rows
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
 
     x = quantize_inputs(m, k, x_dtype, seed=m * k)
     x_q, x_scale = quantize_rows_triton(x, rows=rows, interpret=True)
@@ -185,7 +185,7 @@ def assert_close_codes(x_q, x_scale, ref_q, ref_scale, max_frac=0.05):
 def test_quantize_rows_triton_fused_interpret(m, k, fused):
     # norm= and gate= fold the op that produces x into the quantizer: against quantize_input's
     # jnp twin (rms_norm or silu_mul, then quantize_rows).
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
 
     x = quantize_inputs(m, k, BF16, seed=k)
     extra, (ref_q, ref_scale) = fused_reference(x, fused, seed=m)
@@ -200,7 +200,7 @@ def test_quantize_rows_triton_fused_interpret(m, k, fused):
 def test_quantize_rows_triton_stacked_norm_interpret(m, k):
     # A model's norms are one stack [layers, k]: with layer=, the kernel reads that layer's row in
     # place; the same bits as handing it the row, and as the jnp twin given the stack and layer.
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
 
     x = quantize_inputs(m, k, BF16, seed=k + 1)
     norms = jnp.asarray(np.random.default_rng(m).uniform(0.5, 2.0, size=(4, k)), BF16)
@@ -218,7 +218,7 @@ def test_quantize_rows_triton_stacked_norm_interpret(m, k):
 def test_quantize_rows_triton_lowers_for_cuda(m, k, fused):
     # Interpret mode runs the kernel's jnp in XLA, which takes what Triton may not (a bf16
     # division did not lower): lowering it for CUDA here catches that in CI.
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
 
     x = jax.ShapeDtypeStruct((m, k), BF16)
     extra = {"norm": dict(norm=jax.ShapeDtypeStruct((k,), BF16)), "gate": dict(gate=x), None: {},
@@ -229,7 +229,7 @@ def test_quantize_rows_triton_lowers_for_cuda(m, k, fused):
 
 
 def test_quantize_rows_triton_errors():
-    from pallas_kernels.quantize_rows_triton import MAX_K, quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import MAX_K, quantize_rows_triton
 
     with pytest.raises(ValueError, match="over 32768"):
         quantize_rows_triton(jnp.ones((1, MAX_K + 1), BF16), interpret=True)
@@ -401,7 +401,7 @@ def test_quantize_rows_triton_block_amax_interpret(m, k, block):
     # x quantized with its rows' maxima given per block (by the kernel that produced x): the
     # same codes and scales as quantize_rows' one program per row, at ragged k and block counts
     # that are no power of two; a zero row still gets scale 1.
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
 
     x = quantize_inputs(m, k, BF16, seed=k + m)
     if m > 1:
@@ -425,8 +425,8 @@ def test_triton_swiglu_interpret(m, n, k, stacked, kw):
     # row: the same bits as the Triton products (same tiles) followed by the gate-fused quantizer,
     # and close to the jnp twin (its products sum in another order).
     from pallas_kernels.fp8_matmul import fp8_swiglu
-    from pallas_kernels.fp8_matmul_triton import fp8_swiglu_triton
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.triton import fp8_swiglu_triton
 
     rng = np.random.default_rng(m + n)
     layers = 3 if stacked else 1
@@ -451,7 +451,7 @@ def test_triton_swiglu_interpret(m, n, k, stacked, kw):
 
 def test_triton_swiglu_lowers_for_cuda():
     # Both launches lower for CUDA at Mistral-Small-2501's w1/w3 stack (CI has no GPU).
-    from pallas_kernels.fp8_matmul_triton import fp8_swiglu_triton
+    from pallas_kernels.fp8_matmul.triton import fp8_swiglu_triton
 
     w = jax.ShapeDtypeStruct((40, 32768, 5120), jnp.float8_e4m3fn)
     sc = jax.ShapeDtypeStruct((40, 32768), F32)
@@ -540,7 +540,7 @@ def test_dispatch_errors():
 def test_mgpu_split_k_choice():
     # The cost model splits K only where the output tiles leave SMs idle: 2501's w2 at 512
     # rows (160 tiles on 132 SMs), not its w1 (512 tiles) nor anything at 4096 rows.
-    from pallas_kernels.fp8_matmul_mgpu import choose_split_k
+    from pallas_kernels.fp8_matmul.mgpu import choose_split_k
 
     assert choose_split_k(512, 5120, 32768) == 4
     assert choose_split_k(512, 32768, 5120) == choose_split_k(4096, 5120, 32768) == 1
@@ -551,7 +551,7 @@ def test_mgpu_split_k_choice():
 def test_mgpu_tile_choice():
     # 33-64 rows: 64-row tiles; prefill: three warpgroups (192-row tiles) where padding m to 192
     # rows costs <= 5% more rows than to 128; the 128 x 128 default otherwise.
-    from pallas_kernels.fp8_matmul_mgpu import DECODE_TILES, PREFILL_TILES, Tiles, choose_tiles
+    from pallas_kernels.fp8_matmul.mgpu import DECODE_TILES, PREFILL_TILES, Tiles, choose_tiles
 
     assert choose_tiles(64, 5120, 32768) == choose_tiles(33, 1024, 5120) == DECODE_TILES
     assert DECODE_TILES.cta_m == 64 and PREFILL_TILES.cta_m == 192
@@ -567,7 +567,7 @@ def test_mgpu_kernel_lowers_for_cuda(m, n, k, layers):
     # wgmma operand); lowering it for CUDA here runs its tracing and layout inference, so a broken
     # kernel fails in CI, not first on the device. Shared-memory size is checked only there
     # (TestMosaicGPU runs it).
-    from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu
+    from pallas_kernels.fp8_matmul.mgpu import fp8_matmul_mgpu
 
     args = (jax.ShapeDtypeStruct((m, k), BF16), jax.ShapeDtypeStruct((layers, n, k), jnp.float8_e4m3fn),
             jax.ShapeDtypeStruct((layers, n), F32), jax.ShapeDtypeStruct((), jnp.int32))
@@ -667,7 +667,7 @@ def test_quantize_rows_triton_gpu(m, k, rows):
     # On the GPU the quantizer divides by Markstein's correction (Triton's `/` is approximate):
     # every e4m3 code and scale as IEEE f32 arithmetic gives them, at the model's widths.
     # (XLA's own quantize_rows on the GPU was seen 2 codes in 21 million off that.)
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
 
     x = quantize_inputs(m, k, BF16, seed=m + k)
     x_q, x_scale = quantize_rows_triton(x, rows=rows)
@@ -688,7 +688,7 @@ def test_quantize_rows_triton_gpu(m, k, rows):
 def test_quantize_rows_triton_fused_gpu(m, k, fused):
     # The fused RMSNorm and silu(gate) * up against XLA running their jnp code, then quantize_rows
     # (seen failing when both ran in one XLA program: it kept silu's output in f32).
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
 
     x = quantize_inputs(m, k, BF16, seed=k)
     extra, (ref_q, ref_scale) = fused_reference(x, fused, seed=m)
@@ -704,8 +704,8 @@ def test_triton_swiglu_gpu(m):
     # Triton products (same tiles, no split) followed by the gate-fused quantizer, and close to
     # the jnp twin.
     from pallas_kernels.fp8_matmul import fp8_swiglu
-    from pallas_kernels.fp8_matmul_triton import fp8_swiglu_triton
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.triton import fp8_swiglu_triton
 
     rng = np.random.default_rng(m)
     n, k, layers = 32768, 5120, 2
@@ -739,7 +739,7 @@ class TestMosaicGPU:
         (129, 4096, 5120, 2, None), (512, 32768, 512, 1, None), (512, 32768, 5120, 1, None),
         (64, 32768, 5120, 2, None), (40, 5120, 1024, 1, None), (3000, 4096, 5120, 1, None)])
     def test_against_reference(self, m, k, n, layers, split_k):
-        from pallas_kernels.fp8_matmul_mgpu import Tiles, fp8_matmul_mgpu
+        from pallas_kernels.fp8_matmul.mgpu import Tiles, fp8_matmul_mgpu
 
         tiles = None if split_k is None else Tiles(split_k=split_k)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu
+from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
 from tests.test_ragged_paged_attention import make_batch, mixed_seqs, numpy_oracle, rel_err
 
 
@@ -38,6 +38,7 @@ def test_matches_reference_bf16():
     run_check(args, 2e-2)
 
 
+@pytest.mark.slow
 def test_zero_length_queries_and_sm_scale():
     rng = np.random.default_rng(4)
     args = make_batch(rng, [(2, 5), (0, 7), (1, 4)], page_size=4, n_heads=4, n_kv=2,

@@ -13,7 +13,7 @@ from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
-from pallas_kernels.ragged_paged_attention_triton import plan, ragged_paged_attention_triton
+from pallas_kernels.ragged_paged_attention.triton import plan, ragged_paged_attention_triton
 from tests.test_ragged_paged_attention import make_batch, mixed_seqs, numpy_oracle, rel_err
 
 
@@ -61,6 +61,7 @@ def test_against_float64_oracle():
     run_check(args, 1e-5, oracle=True)
 
 
+@pytest.mark.slow
 def test_long_prefill_tiles_and_kv_splits():
     """A chunk longer than one prefill tile (several query tiles, causal limit per tile) next
     to decodes whose KV is split across several programs (forced num_splits)."""
@@ -87,7 +88,7 @@ def test_short_contexts_fill_few_splits():
 def test_combine_reads_only_the_filled_splits():
     """The combine's merge of a decode tile's partials, against numpy over the splits that hold
     blocks; the other splits hold NaN (what an empty split leaves: it stores nothing)."""
-    from pallas_kernels.ragged_paged_attention_triton import _combine
+    from pallas_kernels.ragged_paged_attention.triton import _combine
 
     rng = np.random.default_rng(34)
     NS, S, BQ, Hkv, G, D, BK = 8, 3, 4, 2, 3, 24, 16

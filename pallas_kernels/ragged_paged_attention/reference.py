@@ -23,7 +23,7 @@ the value dtype before the second matmul, as `mistral_jax.cache.kv_cache.dense_a
 the output is in q's dtype. Query rows that belong to no live sequence (rows at or past
 cu_q_lens[num_seqs], i.e. padding) come out as exact zeros.
 
-Masking uses the finite MASK_VALUE defined here (the engine's dense attention shares it), so a
+Masking uses the finite MASK_VALUE of common.py (the engine's dense attention shares it), so a
 row with nothing visible (only possible for malformed input, kv_len < q_len) gives finite
 output rather than NaN.
 Values at cache positions >= kv_len (stale or never-written page slots, unused block-table
@@ -40,8 +40,8 @@ passes:
 - then a `lax.fori_loop` over the other (prefill) sequences: ALL num_tokens query rows are
   scored against the sequence's chunks and only its rows kept -- O(num_tokens * kv_len) per
   such sequence, wasteful for many small chunks in one step but memory-sane and shape-static.
-(A decode step of 8 sequences once went through the second pass: 8x the work; CPU, demo
-model: 2.9 -> 0.64 ms per layer.) Cost follows kv_len, not the block table's width, so one
+(Decode rows get the first pass because in the second each would cost a sweep over every
+row of the step.) Cost follows kv_len, not the block table's width, so one
 full-width table serves every step, and the loop bounds are traced values, so
 one compilation serves every batch mix.
 """
@@ -51,26 +51,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Finite, so that a row with nothing visible softmaxes to uniform weights instead of NaN.
-MASK_VALUE = -1e30
+from pallas_kernels.ragged_paged_attention.common import MASK_VALUE, token_seq_ids
 
-
-__all__ = ["ragged_paged_attention_reference", "write_kv_pages", "token_seq_ids"]
+__all__ = ["ragged_paged_attention_reference"]
 
 KV_CHUNK_TOKENS = 64  # cache positions per step of the reference's loop (whole pages): decode reads at most 63 more
-
-
-def token_seq_ids(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:
-    """[num_tokens] int32: the sequence each packed query row belongs to, -1 for padding rows
-    (rows at or past cu_q_lens[num_seqs])."""
-    cu_q_lens = jnp.asarray(cu_q_lens, jnp.int32)
-    num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
-    rows = jnp.arange(num_tokens, dtype=jnp.int32)
-    # cu_q_lens[s] <= row < cu_q_lens[s+1]  <=>  s = (number of cu entries <= row) - 1.
-    # side="right" skips zero-length sequences (repeated cu entries) correctly.
-    seq = jnp.searchsorted(cu_q_lens, rows, side="right").astype(jnp.int32) - 1
-    live = rows < cu_q_lens[num_seqs]
-    return jnp.where(live, seq, -1)
 
 
 def ragged_paged_attention_reference(
@@ -186,131 +171,3 @@ def _online_softmax(q, num_chunks, chunk_kv, eqs, scale):
             jnp.zeros((R, n_kv, group, head_dim), jnp.float32))
     _, l, acc = jax.lax.fori_loop(0, num_chunks, one_chunk, init)
     return acc / jnp.maximum(l, 1e-30)[..., None]
-
-
-def write_kv_pages(
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
-    slot_mapping: jax.Array,
-    *,
-    layer: jax.Array | None = None,
-    trash_slot: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Scatter this step's keys/values into the page pool.
-
-    k_pages, v_pages: [num_pages, page_size, n_kv_heads, head_dim], or with `layer` the
-    stacked [n_layers, num_pages, ...] pools (written in place under donation: no layer copy);
-    k_new, v_new: [num_tokens, n_kv_heads, head_dim]; slot_mapping: [num_tokens] int32 flat
-    slot page * page_size + offset. Negative or out-of-range slots (padding) are dropped, or with
-    `trash_slot` (a slot nobody reads, e.g. in a null page) written there: one token is then a
-    plain dynamic-update-slice. (XLA makes a one-index scatter a dynamic-update-slice too, but
-    with the old value read and selected for the drop and the index checked and wrapped: on an
-    H200 three more small kernels, ~5 µs a layer.)
-    Returns the updated (k_pages, v_pages), in the pages' dtype.
-    """
-    *lead, num_pages, page_size, n_kv, head_dim = k_pages.shape
-    n_slots = num_pages * page_size
-    slot = jnp.asarray(slot_mapping, jnp.int32)
-    # JAX wraps negative indices even with mode="drop", so send them out of range explicitly.
-    in_range = (slot >= 0) & (slot < n_slots)
-    slot = jnp.where(in_range, slot, n_slots if trash_slot is None else trash_slot)
-
-    def scatter(pages, new):
-        flat = pages.reshape(*lead, n_slots, n_kv, head_dim)
-        new = new.astype(pages.dtype)
-        if trash_slot is not None and slot.shape[0] == 1:  # one token, in range: a plain update slice
-            start = ((layer,) if layer is not None else ()) + (slot[0], 0, 0)
-            flat = jax.lax.dynamic_update_slice(flat, new.reshape((1,) * len(lead) + new.shape), start)
-        else:
-            flat = flat.at[(layer, slot) if layer is not None else (slot,)].set(new, mode="drop")
-        return flat.reshape(pages.shape)
-
-    return scatter(k_pages, k_new), scatter(v_pages, v_new)
-
-
-# --------------------------------------------------------------------------------------------
-# The one entry point: the engine calls this; `impl` picks the kernel or the reference twin.
-# --------------------------------------------------------------------------------------------
-
-IMPLS = ("auto", "reference", "triton", "tpu")
-
-
-def default_impl(platform: str | None = None) -> str:
-    """The kernel for a backend: Triton on GPU, Pallas TPU on TPU, the reference elsewhere."""
-    platform = platform or jax.default_backend()
-    return {"gpu": "triton", "cuda": "triton", "tpu": "tpu"}.get(platform, "reference")
-
-
-def attention_schedule(impl: str, num_tokens: int, n_heads: int, k_pages: jax.Array, kv_lens: jax.Array,
-                       page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array):
-    """What `impl`'s kernel derives from a step's layout alone (kv_lens, page_indices, cu_q_lens,
-    num_seqs), the same for every layer: build it once before the layer loop and pass it to each
-    ragged_paged_attention call as `schedule`. None where the implementation needs nothing."""
-    if (default_impl() if impl == "auto" else impl) != "triton":
-        return None
-    from .ragged_paged_attention_triton import schedule
-
-    return schedule(kv_lens, page_indices, cu_q_lens, num_seqs, num_tokens=num_tokens, n_heads=n_heads,
-                    n_kv_heads=k_pages.shape[-2], head_dim=k_pages.shape[-1])
-
-
-def ragged_paged_attention(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    kv_lens: jax.Array,
-    page_indices: jax.Array,
-    cu_q_lens: jax.Array,
-    num_seqs: jax.Array,
-    *,
-    layer: jax.Array | None = None,
-    sm_scale: float | None = None,
-    impl: str = "auto",
-    interpret: bool = False,
-    mesh=None,
-    head_axis: str = "tp",
-    schedule=None,
-) -> jax.Array:
-    """Ragged paged attention (see the module docstring) by the implementation `impl`:
-    "reference" (plain jnp), "triton" (Pallas GPU), "tpu" (Pallas TPU) or "auto" (the one for
-    the default backend). `interpret=True` runs a Pallas kernel in interpret mode (CPU tests).
-
-    mesh: a jax Mesh whose axis `head_axis` splits q's heads and the pools' kv heads. XLA cannot
-    partition a Pallas call, so a kernel then runs under `shard_map`, once per head shard on its
-    own heads (whole GQA groups: the axis must divide n_kv_heads), everything else replicated.
-    The reference is plain jnp, which XLA partitions by itself.
-
-    schedule: attention_schedule() of this step (the same impl), or None to derive it here."""
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
-    if impl == "auto":
-        impl = default_impl()
-    args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-    if impl == "reference":
-        return ragged_paged_attention_reference(*args, layer=layer, sm_scale=sm_scale)
-    if impl == "triton":
-        from .ragged_paged_attention_triton import ragged_paged_attention_triton as kernel
-    else:  # the TPU kernel takes no schedule
-        from .ragged_paged_attention_tpu import ragged_paged_attention_tpu
-
-        kernel = lambda *a, schedule, **kw: ragged_paged_attention_tpu(*a, **kw)  # noqa: E731
-    shards = 1 if mesh is None else mesh.shape.get(head_axis, 1)
-    if shards == 1:
-        return kernel(*args, layer=layer, sm_scale=sm_scale, interpret=interpret, schedule=schedule)
-    if k_pages.shape[-2] % shards:
-        raise ValueError(f"{head_axis}={shards} does not divide n_kv_heads={k_pages.shape[-2]}")
-    from jax.sharding import PartitionSpec as P
-
-    layer = jnp.int32(0) if layer is None else jnp.asarray(layer, jnp.int32)
-    heads = P(None, head_axis, None)  # q, out: [T, heads, D]
-    pools = P(*(None,) * (k_pages.ndim - 2), head_axis, None)  # [(L,) P, page_size, kv_heads, D]
-    stacked = k_pages.ndim == 5
-
-    def local(q, k, v, lens, pages, cu, n, layer, schedule):  # the schedule holds no head: the same on every shard
-        return kernel(q, k, v, lens, pages, cu, n, layer=layer if stacked else None, sm_scale=sm_scale,
-                      interpret=interpret, schedule=schedule)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(heads, pools, pools, P(), P(), P(), P(), P(), P()),
-                         out_specs=heads, check_vma=False)(*args, layer, schedule)

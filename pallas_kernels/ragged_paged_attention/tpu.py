@@ -1,4 +1,4 @@
-"""Ragged paged attention as a Pallas TPU kernel (spec: `ragged_paged_attention.py`).
+"""Ragged paged attention as a Pallas TPU kernel (spec: `reference.py`).
 
 Design. Grid = (max_seqs,): program s handles live sequence s (programs with s >= num_seqs do
 nothing). kv_lens, page_indices, cu_q_lens, num_seqs and layer are scalar-prefetch operands
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged_paged_attention import MASK_VALUE
+from pallas_kernels.ragged_paged_attention.common import MASK_VALUE
 
 __all__ = ["ragged_paged_attention_tpu"]
 

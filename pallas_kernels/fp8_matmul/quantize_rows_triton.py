@@ -1,5 +1,5 @@
 """Per-row dynamic FP8 quantization as one Pallas GPU kernel (Triton lowering), optionally fused
-with the op that produces the rows; spec: `fp8_matmul.quantize_rows` (after `activations`).
+with the op that produces the rows; spec: `reference.quantize_rows` (after `activations`).
 
     x [m, k] bf16/f32 -> x_q [rows, k] float8_e4m3fn, x_scale [rows, 1] f32   (rows >= m)
     x_scale = max|x| / 448 per row (1 for a zero row); x_q = saturate(x / x_scale) in e4m3
@@ -10,14 +10,15 @@ with the op that produces the rows; spec: `fp8_matmul.quantize_rows` (after `act
 Why a kernel: XLA runs the quantization as two kernels (the row max as a reduce fusion, then
 the division and cast as a loop fusion), pads x and its scales in two more, and does not fuse
 the row max into the RMSNorm that produces x (the norm is two kernels of its own). At decode
-each is 1-2 µs of device time plus a launch gap, next to a ~10 µs product for the small
-projections (benchmarks/results/2026-11-24_h100_fp8_decode/). Here one program holds a whole row
-in registers: one read of the inputs, one launch for norm, max, division and padding.
+each costs about a launch, and together they rival the small projections' products
+(docs/performance.md). Here one program holds a whole row in registers: one read of the inputs,
+one launch for norm, max, division and padding.
 
 The quantization is IEEE f32 arithmetic, as `quantize_rows` is written: the max is exact, the
 scale is `amax * (1/448)`, and x / x_scale is the correctly rounded f32 quotient (checked code
-for code against NumPy on the GPU; XLA's own quantize_rows there was 2 codes in 21 million off). Triton lowers an f32 `/` to the approximate `div.full.f32`, and the IEEE
-`div.rn.f32` costs ~40 instructions, which made this kernel 2x slower at 8 warps; so on the GPU
+for code against NumPy on the GPU, where XLA's own quantize_rows is a few codes in tens of
+millions off). Triton lowers an f32 `/` to the approximate `div.full.f32`, and the IEEE
+`div.rn.f32` costs ~40 instructions, enough to make this kernel compute-bound; so on the GPU
 each row's reciprocal r = 1/x_scale is taken once (`rcp.rn.f32`) and every element's quotient
 q = x * r is corrected with two FMAs, e = x - x_scale * q (exact), q' = q + e * r: Markstein's
 correctly rounded division. Interpret mode divides in XLA. The fused ops run the same jnp code
@@ -35,9 +36,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .activations import rms_norm, silu_mul
-from .fp8_matmul import E4M3_MAX
-from .gpu_info import next_pow2
+from pallas_kernels.activations import rms_norm, silu_mul
+from pallas_kernels.fp8_matmul.common import E4M3_MAX
+from pallas_kernels.gpu_info import next_pow2
 
 __all__ = ["MAX_K", "quantize_rows_triton"]
 
@@ -145,7 +146,7 @@ def quantize_rows_triton(x: jax.Array, *, rows: int | None = None, norm: jax.Arr
     (one program per row), padded to `rows` (default m) as `pad_rows` would.
     layer: norm holds every layer's scales [layers, k] and the kernel reads row `layer` in place
     (a model's stacked norms: a slice handed to a custom call is copied first, one more
-    memcpy per norm in every layer of every step: ~1.6 µs each on an H200).
+    memcpy per norm in every layer of every step).
     block_amax: [m, blocks] the max |x| of each row's blocks, taken by the kernel that produced x
     (fp8_swiglu_triton): no row max is left to take, so the quantization spreads over the row
     (one program per BLOCK elements) instead of one program per row (no norm=, gate= or rows=).

@@ -1,4 +1,4 @@
-"""W8A8 FP8 matmul as a Pallas TPU kernel; spec: `fp8_matmul.py`.
+"""W8A8 FP8 matmul as a Pallas TPU kernel; spec: `reference.py`.
 
 Design. Activations are quantized per row by the same jnp step as the reference
 (`quantize_rows`, bit-identical; the row amax spans all of K, which one grid step never sees).
@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .fp8_matmul import check_stacked, quantize_unless
+from pallas_kernels.fp8_matmul.common import check_stacked
+from pallas_kernels.fp8_matmul.reference import quantize_unless
 
 __all__ = ["fp8_matmul_tpu", "plan"]
 

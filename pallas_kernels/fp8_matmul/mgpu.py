@@ -1,10 +1,10 @@
-"""W8A8 FP8 matmul on Hopper above 32 rows: Pallas Mosaic GPU (wgmma + TMA); spec: `fp8_matmul.py`.
+"""W8A8 FP8 matmul on Hopper above 32 rows: Pallas Mosaic GPU (wgmma + TMA); spec: `reference.py`.
 
     y [m, n] = (quant(x) [m, k] @ w [n, k].T) * x_scale [m, 1] * w_scale [n]
 
-Why a second GPU kernel: the Triton lowering's fp8 `dot` tops out near 490 TFLOP/s on an H100,
-while XLA's fp8 dot (cuBLASLt) runs ~1,100-1,300 (benchmarks/NOTES.md). Hopper's fp8 rate needs
-wgmma fed by TMA from swizzled shared memory, which only the Mosaic GPU backend emits.
+Why a second GPU kernel: the Triton lowering's fp8 `dot` reaches well under half of Hopper's
+fp8 rate, which XLA's fp8 dot (cuBLASLt) comes near (docs/performance.md). That rate needs wgmma
+fed by TMA from swizzled shared memory, which only the Mosaic GPU backend emits.
 
 Design
 ------
@@ -14,10 +14,10 @@ Design
   blocks into a ring of `stages` shared-memory slots; `wgs` compute warpgroups each own a
   64 x 128 slice of the CTA tile (side by side along m or n) and run wgmma on every slot
   (`emit_pipeline_warp_specialized`).
-* Tiles by regime (`choose_tiles`, measured on the H100): 33-64 rows (decode batches), CTA
-  64 x 256 (two warpgroups share the rows, so m pads to 64, not 128); prefill, CTA 192 x 128
-  (three warpgroups share each w tile: +2.5-15% at 4,096 rows) where padding m to 192 rows costs
-  <= 5% more rows than to 128; CTA 128 x 128 otherwise.
+* Tiles by regime (`choose_tiles`): 33-64 rows (decode batches), CTA 64 x 256 (two warpgroups
+  share the rows, so m pads to 64, not 128); prefill, CTA 192 x 128 (three warpgroups share each
+  w tile) where padding m to 192 rows costs <= 5% more rows than to 128; CTA 128 x 128
+  otherwise.
 * fp8 wgmma may not transpose its operands (only 16-bit ones may be), so its right operand must
   sit in shared memory K-major: w stays [n, k] as the checkpoint stores it and is handed to
   wgmma as a transposed view; x [m, k] is K-major already. BK = 128 fp8 = one 128-byte swizzled
@@ -26,11 +26,10 @@ Design
   (DeepSeek-V3's report): one 128-long K step is already ~1e-4 off (of the largest element),
   and summing all of K in place, as XLA's fp8 dot does, 5e-3 to 1.5e-2 at k = 5-32k. With
   `promote`, each K step's wgmma starts from zero and its sum is added to an f32 total in
-  registers, so the error stays that of one step (1.3-1.8e-4 measured, below bf16 output
-  rounding) at any k. The Triton kernel promotes every 32 (<= 9e-6). Promotion costs a second
-  accumulator's registers, hence 64 x 128 warpgroup tiles (64 x 256 would spill), and 3-11% of
-  the rate at equal tiles (1.5% with three warpgroups); the smaller tile costs another 10-13%
-  against unpromoted 64 x 256 ones (benchmarks/results/2026-11-24_h100_fp8_decode/).
+  registers, so the error stays that of one step (~2e-4, below bf16 output rounding) at any k.
+  The Triton kernel promotes every 32 (<= 9e-6). Promotion costs a second accumulator's
+  registers, hence 64 x 128 warpgroup tiles (64 x 256 would spill), and a few percent of the
+  rate (docs/performance.md): accuracy first.
 * Epilogue per compute warpgroup: both scales apply to the f32 accumulator (the reference's
   order), one cast, then the tile leaves through shared memory in sub-tiles by TMA. The scales
   for the tile are fetched by TMA into shared memory while the K loop runs (a vector loaded in
@@ -41,7 +40,7 @@ Design
   `choose_split_k` weighs the waves saved against the partials' bytes.
 * Stacked weights: the model keeps a projection as one [layers, n, k] array; the kernel takes the
   whole stack and the layer index (a [1] i32 operand) and reads that layer in place (a slice
-  handed to a custom call would be copied first: benchmarks/NOTES.md).
+  handed to a custom call would be copied first, which costs more than the product).
 * Shapes: n a multiple of CTA_N, k of BK; m is padded to CTA_M with zero rows (scale 1).
 
 Activation quantization runs before the kernel (`quantize_input`: one Triton kernel that also
@@ -62,8 +61,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .fp8_matmul import check_stacked, pad_rows, quantize_input, quantize_unless, scale_output
-from .gpu_info import num_sms
+from pallas_kernels.fp8_matmul.common import check_stacked, pad_rows, scale_output
+from pallas_kernels.fp8_matmul.quantize import quantize_input
+from pallas_kernels.fp8_matmul.reference import quantize_unless
+from pallas_kernels.gpu_info import num_sms
 
 __all__ = ["Tiles", "choose_split_k", "choose_tiles", "fp8_matmul_mgpu", "supports"]
 
@@ -95,9 +96,9 @@ class Tiles:
         return self.tile_n * (self.wgs if self.split == "n" else 1)
 
 
-# Tiles by regime (module docstring; benchmarks/results/2026-11-24_h100_fp8_decode/): at 64 rows
-# DECODE_TILES run 1.05-1.39x the Triton kernel's device time (2501's w2: 96 -> 69 µs); at 4,096
-# rows PREFILL_TILES take 2501's w1/w3 from 991 to 1,144 TFLOP/s.
+# Tiles by regime (module docstring): DECODE_TILES for decode batches above the Triton kernel's
+# rows, PREFILL_TILES for long prefills, where three warpgroups share each w tile
+# (docs/performance.md).
 DECODE_TILES = Tiles(split="n")
 DECODE_MAX_M = 64
 PREFILL_TILES = Tiles(wgs=3, stages=3)  # 4 stages of 192 + 128 rows exceed shared memory
@@ -121,9 +122,9 @@ def supports(m: int, n: int, k: int, tiles: Tiles | None = None) -> bool:
     return n % tiles.cta_n == 0 and k % tiles.tile_k == 0 and m >= 1
 
 
-# Cost model for choose_split_k (H100, benchmarks/NOTES.md): one 128 x 128 x 128 CTA step at
-# ~1,000 TFLOP/s over 132 SMs takes ~0.55 µs; partials cost their bytes written and read back
-# at ~2.5 TB/s, plus one more small launch.
+# Cost model for choose_split_k, at an H100's rates (as DEFAULT_SMS): one 128 x 128 x 128 CTA
+# step at the wgmma rate; the partials' bytes written and read back at HBM bandwidth; one more
+# small launch to sum them.
 _STEP_US, _HBM_BYTES_PER_US, _SUM_LAUNCH_US = 0.55, 2.5e6, 5.0
 
 

@@ -1,4 +1,4 @@
-"""W8A8 FP8 matmul as a Pallas GPU kernel (Triton lowering); spec: `fp8_matmul.py`.
+"""W8A8 FP8 matmul as a Pallas GPU kernel (Triton lowering); spec: `reference.py`.
 
     y [m, n] = (quant(x) [m, k] @ w [n, k].T) * x_scale [m, 1] * w_scale [n]
 
@@ -21,8 +21,8 @@ Design
   n % BN != 0).
 * Stacked weights: the model keeps each projection as one [layers, n, k] array and runs its
   layers in a scan. Handed a slice, XLA would first copy that layer's weight into a buffer of
-  its own (a custom call takes no views): on an H100 that made a w1 product 199 µs instead of
-  ~80 (benchmarks/NOTES.md). So the kernel takes the whole stack as [layers * n, k] plus the
+  its own (a custom call takes no views), which costs more than the product itself
+  (docs/performance.md). So the kernel takes the whole stack as [layers * n, k] plus the
   layer index (a [1] i32 operand) and starts its weight rows at layer * n; the scales' stack
   [layers * n] likewise.
 * Stacks of 2-4 GiB: Pallas's Triton lowering addresses an array of at most 4 GiB with i32
@@ -36,9 +36,8 @@ Design
   reference's order), one cast to out_dtype, masked store of rows < m and columns < n.
 * Several weights of one x (a layer's q, k, v; w1, w3) can share one launch
   (`fp8_matmul_group_triton`): the grid's n tiles run through the weights in turn, each weight
-  with its own refs, scales and output. At decode a small projection's product is ~8 µs of
-  streaming against several µs of per-launch cost; grouping q, k, v took a decode step of
-  Mistral-Small-2501 from 12.0 to 11.4 ms (benchmarks/NOTES.md).
+  with its own refs, scales and output. At decode a small projection's product streams its
+  weight in about the time a launch costs, so sharing the launch pays (docs/performance.md).
 * SwiGLU (`fp8_swiglu_triton`, decode): one program takes the same tile of w1 and w3 (two
   accumulators over one x block stream) and runs silu_mul in the epilogue, writing h and each
   row's max |h| over the tile; the quantization of h for w2 then needs no row pass of its own
@@ -59,10 +58,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .activations import silu_mul
-from .fp8_matmul import check_stacked, quantize_input, quantize_unless, scale_output
-from .gpu_info import DEFAULT_SMS, next_pow2, num_sms, triton_offsets_overflow
-from .quantize_rows_triton import quantize_rows_triton
+from pallas_kernels.activations import silu_mul
+from pallas_kernels.fp8_matmul.common import check_stacked, scale_output
+from pallas_kernels.fp8_matmul.quantize import quantize_input
+from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
+from pallas_kernels.fp8_matmul.reference import quantize_unless
+from pallas_kernels.gpu_info import DEFAULT_SMS, next_pow2, num_sms, triton_offsets_overflow
 
 __all__ = ["fp8_matmul_triton", "fp8_matmul_group_triton", "fp8_swiglu_triton", "plan"]
 
@@ -82,8 +83,7 @@ def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | N
         bn = block_n or (64 if m <= 64 else 128)
         if m <= 16 and not block_n and -(-n // bn) < 2 * (sms or num_sms()):
             # A narrow product at decode (q/k/v, o, w2 of 2501), which splits K anyway: 32-wide
-            # n tiles, so that more of them and fewer K splits fill the SMs (on an H200, device
-            # time at one row: qkv 11.0 -> 9.9 µs, o 8.5 -> 8.1, w2 43.7 -> 43.2).
+            # n tiles, so that more of them and fewer K splits fill the SMs.
             bn = 32
         bk = block_k or 256
         warps = num_warps or 4
@@ -91,8 +91,8 @@ def plan(m: int, n: int, k: int, *, block_m: int | None = None, block_n: int | N
         stages = num_stages or (4 if m <= 64 else 3)
         if 16 < m <= 32 and -(-n // bn) >= 4 * (sms or num_sms()):
             # 32-row tiles of a wide product (w1 + w3: 1,024 n tiles, no split): 128 x 128
-            # blocks, 5 stages: 85 against 92 µs on an H200; every other shape measured was as
-            # fast or faster with the 64 x 256 blocks (results/2026-12-04_h200_s19_fp8_rows/).
+            # blocks, 5 stages, faster there; every other shape was as fast or faster with the
+            # 64 x 256 blocks (docs/performance.md).
             bn, bk, stages = block_n or 128, block_k or 128, num_stages or 5
     else:
         bm, bn, bk = block_m or 128, block_n or 128, block_k or 128
@@ -257,8 +257,7 @@ def _operands(x, x_scale, ws, w_scales, layer, pairs, interpret):
     the kernel reads it, each weight's scales [layers * n]), and x_scale [m, 1].
     Each weight whole ([layers * n, k], or as uint16 byte pairs where `pairs` says) and its scales
     from their whole stack too: a layer's slice handed to a custom call would be copied first,
-    one more small kernel per product (~1.5 µs at decode:
-    benchmarks/results/2026-11-24_h100_fp8_decode/)."""
+    one more small kernel per product."""
     k = x.shape[1]
     x_q, x_scale = quantize_unless(x, x_scale, functools.partial(quantize_input, impl="triton", interpret=interpret))
     weights = [as_pairs(w.reshape(-1, k)) if p else w.reshape(-1, k) for w, p in zip(ws, pairs)]
@@ -356,9 +355,8 @@ def fp8_swiglu_triton(x: jax.Array, w1: jax.Array, w3: jax.Array, s1: jax.Array,
     f32) = quantize_rows(silu_mul(g, u)), g and u the products of x with w1 and w3 (out_dtype),
     in two launches: one program per (m tile, n tile) takes that tile of both products (each x
     block read once), runs silu_mul on them and keeps each row's max |h| of the tile; then the
-    quantizer spreads over the row (quantize_rows_triton's block_amax). Where the products were
-    two outputs and the quantizer one program per row of 32,768 (7.2 µs of an H200's decode
-    layer: one SM's worth of silu, for the whole row).
+    quantizer spreads over the row (quantize_rows_triton's block_amax), where a quantizer of one
+    program per row would run a whole row of 32,768 on one SM.
     Returns None where the plan splits K (few n tiles: the partials need a sum first): the
     caller runs the products and the fused quantizer instead. Arguments as fp8_matmul_triton's."""
     (w1, s1, layer_i), (w3, s3, _) = check_stacked(x, w1, s1, layer), check_stacked(x, w3, s3, layer)

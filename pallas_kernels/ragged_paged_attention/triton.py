@@ -1,6 +1,6 @@
 """Ragged paged attention as a Pallas GPU kernel (Triton lowering).
 
-Same contract as `ragged_paged_attention_reference` (see `ragged_paged_attention.py`):
+Same contract as `ragged_paged_attention_reference` (see `reference.py`):
 packed ragged queries q [T, Hq, D], paged K/V pools [P, page_size, Hkv, D] or stacked
 [L, P, page_size, Hkv, D] with a traced `layer`, kv_lens [S], page_indices [S, pages_per_seq],
 cu_q_lens [S+1], traced num_seqs. Output [T, Hq, D] in q's dtype, padding rows exact zeros.
@@ -47,9 +47,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ragged_paged_attention import MASK_VALUE
-
-from .gpu_info import DEFAULT_SMS, next_pow2, num_sms
+from pallas_kernels.gpu_info import DEFAULT_SMS, next_pow2, num_sms
+from pallas_kernels.ragged_paged_attention.common import MASK_VALUE
 
 __all__ = ["ragged_paged_attention_triton", "plan", "schedule"]
 
@@ -224,8 +223,8 @@ def _launch(q4, k5, v5, layer, tile_seq, tile_q0, kv_lens, cu, pages, *, BQ, BK,
 
 def _splits_used(n_blocks, num_splits: int):
     """How many of a decode tile's num_splits pieces hold KV blocks (the kernel gives each
-    cdiv(n_blocks, num_splits) blocks; the rest are empty): at batch 1 on an H200 the launch
-    has 64 splits, of which a 100-token context fills 2."""
+    cdiv(n_blocks, num_splits) blocks; the rest are empty): at batch 1 the launch may have 64
+    splits, of which a 100-token context fills 2."""
     return pl.cdiv(n_blocks, jnp.maximum(pl.cdiv(n_blocks, num_splits), 1))
 
 
@@ -280,8 +279,8 @@ def schedule(kv_lens, page_indices, cu_q_lens, num_seqs, *, num_tokens: int, n_h
     """The two launches' tables, from the batch's layout alone (no layer, no q, no pages): which
     sequence each decode and prefill tile serves, and which launch each packed row takes its
     output from. The same for every layer of a step, so the model computes it once per step
-    (`PagedKVCache.prepare`); inside the layer loop it was 3 more small kernels per layer
-    (benchmarks/NOTES.md, session 17). `tuning`: plan()'s overrides, as the kernel's."""
+    (`PagedKVCache.prepare`); inside the layer loop it would be 3 more small kernels per layer.
+    `tuning`: plan()'s overrides, as the kernel's."""
     T, S = num_tokens, page_indices.shape[0]
     cfg = plan(T, S, n_heads, n_kv_heads, head_dim, interpret=interpret, **tuning)
     cu = jnp.asarray(cu_q_lens, jnp.int32).reshape(S + 1)
