@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+import harness
+
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention_triton import plan, ragged_paged_attention_triton
+from pallas_kernels.ragged_paged_attention.triton import plan, ragged_paged_attention_triton
 
 HQ, HKV, D = 32, 8, 128
 DT = jnp.bfloat16
@@ -178,8 +180,7 @@ def main():
             res["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "plan"}), flush=True)
         del sets
-    with open(args.out, "w") as fh:
-        json.dump(res, fh, indent=1)
+    harness.write_result(args.out, "attention", res)
 
     print(f"\n| kind | batch | ctx | tuning | kernel us | GB/s | % copy | TFLOP/s | in-jit us | in-jit GB/s | in-jit % copy | in-jit TFLOP/s | ref us | ref GB/s | err |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

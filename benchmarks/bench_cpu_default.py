@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import harness
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 PROMPT_TOKENS = 128
@@ -93,7 +95,7 @@ def compare(rounds: int) -> dict:
     speed drifts by 15% and more over minutes: measured back to back, each engine would meet a
     different machine); one engine runs while the other is stopped (SIGSTOP). Merely waiting
     on its stdin, the torch worker's idle threads took CPU from ours: our batch-1 rounds came
-    out bimodal, 13 or 37 tok/s (benchmarks/NOTES.md, session 19), as no user running one
+    out bimodal, 13 or 37 tok/s (docs/performance.md, 2026-12-04), as no user running one
     engine would see."""
     import subprocess
 
@@ -159,10 +161,8 @@ def main() -> int:
 
     cache = tempfile.mkdtemp(prefix="mj_cold_")
     result["readme_command_s"] = {"cold_cache": readme_command(cache), "warm_cache": readme_command(cache)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    print(json.dumps(result, indent=1))
+    harness.write_result(args.out, "cpu_default", result)
     return 0
 
 

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import functools
 import itertools
-import json
 import math
 import statistics
 import time
@@ -30,9 +29,10 @@ import time
 import jax
 import jax.numpy as jnp
 
+import harness
 from pallas_kernels.fp8_matmul import GPU_TRITON_MAX_M, fp8_matmul_reference, fp8_matmul_xla, quantize_weight
-from pallas_kernels.fp8_matmul_mgpu import Tiles, fp8_matmul_mgpu
-from pallas_kernels.fp8_matmul_triton import fp8_matmul_group_triton, fp8_matmul_triton, plan
+from pallas_kernels.fp8_matmul.mgpu import Tiles, fp8_matmul_mgpu
+from pallas_kernels.fp8_matmul.triton import fp8_matmul_group_triton, fp8_matmul_triton, plan
 
 # (dim, n_heads, n_kv_heads, head_dim, hidden)
 MODELS = {"2501": (5120, 32, 8, 128, 32768), "2409": (6144, 48, 8, 128, 16384)}
@@ -149,11 +149,11 @@ def sweep_variants(m):
 
 def mgpu_variants():
     """Tiles worth timing for the Mosaic GPU kernel at prefill m. Earlier sweeps
-    (results/2026-11-23_h100_fp8_mgpu/mgpu_sweep_*, results/2026-11-24_h100_fp8_decode/) ruled out
+    (results/2026-11-23_h100_fp8_mgpu/mgpu_sweep_* at commit 752ad83, results/2026-11-24_h100_fp8_decode/) ruled out
     64x256 per warpgroup with promotion (registers), tile_k 256 at 3+ stages, 6 stages, 64x128
     epilogue tiles or 3 compute warpgroups at 4 stages (shared memory), 5 stages and 64-wide n
     tiles (slower), promotion overlapped with the next wgmma (2.5x slower); the snake's band and
-    axis moved times by < 5%; split-K: results/2026-11-23_h100_fp8_mgpu/split_k/. These separate
+    axis moved times by < 5%; split-K: results/2026-11-23_h100_fp8_mgpu/split_k/ (752ad83). These separate
     promotion's cost from the tile size (measured: promotion 3-11%, the tile 10-13%) and time
     three compute warpgroups at 3 stages (now choose_tiles' prefill tiles)."""
     return [Tiles(), Tiles(promote=False), Tiles(wgs=3, stages=3), Tiles(wgs=3, stages=3, promote=False),
@@ -259,7 +259,7 @@ def bench_quantize(ms, ks=(4096, 5120, 32768)):
     """x's per-row quantization alone, by CUPTI device time per call: XLA's quantize_rows (its
     kernels) against the Triton quantizer (one launch), at every m and row width k."""
     from pallas_kernels.fp8_matmul import quantize_rows
-    from pallas_kernels.quantize_rows_triton import quantize_rows_triton
+    from pallas_kernels.fp8_matmul.quantize_rows_triton import quantize_rows_triton
 
     rows = []
     for m, k in itertools.product(ms, ks):
@@ -372,8 +372,7 @@ def main(argv=None):
 
     if args.quantize:
         res["quantize"] = bench_quantize(ms)
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+        harness.write_result(args.out, "fp8_matmul", res)
     plans = parse_plans(args.plans)
     for model in models:
         for name, n, k in projections(*MODELS[model]):
@@ -390,8 +389,7 @@ def main(argv=None):
                     for entry in row.get("sweep", []):
                         print(f"      {entry['tuning']}: " + (cupti_line(entry) if "_kernel_us" in entry
                                                               else entry.get("error", "")), flush=True)
-                with open(args.out, "w") as fh:  # partial results survive a crash
-                    json.dump(res, fh, indent=1)
+                harness.write_result(args.out, "fp8_matmul", res)  # partial results survive a crash
         if args.groups:
             for name, ns, k in groups(*MODELS[model]):
                 for m in ms:
@@ -405,8 +403,7 @@ def main(argv=None):
                         for entry in row.get("sweep", []):
                             print(f"      {entry['tuning']}: " + (cupti_line(entry) if "_kernel_us" in entry
                                                                   else entry.get("error", "")), flush=True)
-                    with open(args.out, "w") as fh:
-                        json.dump(res, fh, indent=1)
+                    harness.write_result(args.out, "fp8_matmul", res)
     print()
     print(markdown(res["rows"]))
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+import harness
 import mistral_jax  # noqa: F401  (applies the engine's XLA flags before JAX starts, ceilings included)
 
 PREFILL_LENS = (512, 4096)
@@ -89,7 +90,7 @@ def random_engine(config: str, dtype: str, quantization: str | None = None, fp8_
     from mistral_jax.engine.engine import Engine, EngineConfig
     from mistral_jax.entrypoints.llm import resolve_dtype
     from mistral_jax.runtime.sharding import parse_mesh
-    from mistral_jax.tokenizer.tokenizer import Tokenizer
+    from mistral_jax.tokenizer import Tokenizer
     from mistral_jax.loading.weights import random_weights
 
     class IdsOnly(Tokenizer):
@@ -342,10 +343,9 @@ def main() -> int:
           "ceilings": ceilings}[args.engine]
     result = fn()
     if distributed.is_main_process():  # every process measured the same steps; one reports
-        text = json.dumps(result, indent=1)
-        print(text)
+        print(json.dumps(result, indent=1))
         if args.out:
-            Path(args.out).write_text(text)
+            harness.write_result(args.out, "ceilings" if args.engine == "ceilings" else f"generate_{args.engine}", result)
     return 0
 
 

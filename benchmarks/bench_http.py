@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+import harness
+
 WORKLOADS = ("1x128x128", "16x128x128", "64x128x128", "1x1024x256", "16x1024x256", "64x1024x256")
 
 
@@ -328,9 +330,8 @@ def main():
             if runs:
                 print(f"{'':>14}{name} runs: " + ", ".join(
                     f"{r['output_tokens_per_s']:.0f} tok/s TTFT {r['ttft_ms_p50']:.1f}" for r in runs), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    if args.out:  # jax_info=False: this client process must not take the GPU from the server
+        harness.write_result(args.out, "http", result, jax_info=False)
 
 
 if __name__ == "__main__":

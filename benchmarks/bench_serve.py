@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+import harness
 import mistral_jax  # noqa: F401  (XLA flags before JAX starts)
 from bench_generate import _versions, random_engine, random_hf_model
 
@@ -222,7 +223,7 @@ def main() -> int:
 
     def save(result):
         if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
+            harness.write_result(args.out, f"serve_{args.engine}", result)
 
     if args.engine == "ours":
         save(bench_ours(args.config, args.dtype, args.attention_impl, args.max_num_batched_tokens, save))

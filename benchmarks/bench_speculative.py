@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+import harness
+
 CPU_PROMPTS = {
     "correct a paragraph": (
         "Fix the spelling mistakes in this paragraph and write it out again in full:\n\n"
@@ -257,9 +259,7 @@ def main(argv=None):
         for r in result["predicted"]:
             if r["k"] == 4:
                 print(f"predicted B={r['batch']:2d} k=4 {r['acceptance']}: {r['speedup']:.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    harness.write_result(args.out, f"speculative_{args.mode}", result)
     return 0
 
 

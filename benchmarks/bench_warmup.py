@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+import harness
+
 PROMPT = 1024
 
 
@@ -81,9 +83,7 @@ def main():
 
     results.update(config=args.config, quantization=args.quantization, device=jax.devices()[0].device_kind,
                    jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    harness.write_result(args.out, "warmup", results)
 
 
 if __name__ == "__main__":

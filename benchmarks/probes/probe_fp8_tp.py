@@ -40,8 +40,8 @@ def stack(name):
 
 
 def product(impl, x, w, s, layer):
-    from pallas_kernels.fp8_matmul_mgpu import fp8_matmul_mgpu
-    from pallas_kernels.fp8_matmul_triton import fp8_matmul_triton
+    from pallas_kernels.fp8_matmul.mgpu import fp8_matmul_mgpu
+    from pallas_kernels.fp8_matmul.triton import fp8_matmul_triton
 
     if impl == "mgpu":
         return fp8_matmul_mgpu(x, w, s, layer=layer)

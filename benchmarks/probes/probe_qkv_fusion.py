@@ -10,7 +10,7 @@ weights, the engine's XLA flags), at 1 / 32 / 64 rows, device time per step:
 - bf16 "none": the loop without projections (its own cost);
 - fp8 "group": today's fp8_matmul_group over wq, wk, wv (one Triton launch, or per weight);
 - fp8 "one": fp8_matmul of one [L, 6144, 5120] stack.
-Floor: the weights' bytes at 4.19 TB/s (the H200's measured copy rate, NOTES.md).
+Floor: the weights' bytes at 4.19 TB/s (the H200's measured copy rate, docs/performance.md).
 
     PYTHONPATH=. python benchmarks/probes/probe_qkv_fusion.py --out $OUT/qkv_fusion.json
 """

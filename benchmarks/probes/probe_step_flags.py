@@ -3,7 +3,7 @@ flags in XLA_FLAGS (one process per variant: run_step_flags_gpu.sh), random Mist
 weights; --top-k-chunk, --top-p and --fp8-triton-max-m vary the sampler's logprobs top-k, the
 sampling, and the FP8 kernel choice. When the host's share of a step (launching the layer loop's
 CUDA graph once per layer, ~265 us each at batch 32 on an H200; the next step's Python) cannot
-overlap the device's, the device waits: NOTES.md, session 16."""
+overlap the device's, the device waits: docs/performance.md, 2026-12-04."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import time
 def main():
     import mistral_common
 
-    from mistral_jax.tokenizer.tokenizer import StreamDecoder, load_tokenizer
+    from mistral_jax.tokenizer import StreamDecoder, load_tokenizer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8_matmul import fp8_matmul_group, quantize_input
-from pallas_kernels.fp8_matmul_triton import fp8_swiglu_triton
+from pallas_kernels.fp8_matmul.triton import fp8_swiglu_triton
 
 L, N, K = 40, 32768, 5120
 

@@ -1,6 +1,7 @@
 """Where a warm start's warm-up goes: JAX's compile-path events summed over Engine.warmup().
 
-    MISTRAL_JAX_CACHE_DIR=/tmp/c python benchmarks/probes/probe_warm_start.py --config tiny   # twice
+    export MISTRAL_JAX_CACHE_DIR=$(mktemp -d)
+    python benchmarks/probes/probe_warm_start.py --config tiny   # twice: cold, then warm
 """
 import argparse
 import collections
