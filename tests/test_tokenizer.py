@@ -1,24 +1,22 @@
 """Tokenizers: chat prompts token-identical to mistral-common (SentencePiece v3/v7, Tekken v3/v7/v11/v13)
-and to transformers (GGUF, tokenizer.json), tool-call parsing, streaming detokenization, clear errors."""
+and to transformers (GGUF, tokenizer.json), streaming detokenization, clear errors. Tool calls:
+test_tool_calls.py."""
 
 import importlib.util
 import json
 import random
 from pathlib import Path
 
-import mistral_common
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall as MCToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
-from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
+from helpers.tokenizer_files import DATA, TIME_TOOL, WEATHER_TOOL, mistral_tokenizer_files
 from mistral_jax.loading import default_model
 from mistral_jax.loading.default_model import default_model_path
-from mistral_jax.tokenizer.tokenizer import HFTokenizer, MistralTokenizer, StreamDecoder, ToolCall, load_tokenizer
-
-DATA = Path(mistral_common.__file__).parent / "data"
+from mistral_jax.tokenizer import HFTokenizer, MistralTokenizer, StreamDecoder, load_tokenizer
 
 TEXTS = [
     "Hello world",
@@ -36,31 +34,9 @@ TEXTS = [
 # ---- fixtures: tokenizer files --------------------------------------------------------------------
 
 
-def _tekken_with_version(src: Path, dst: Path, version: str) -> Path:
-    """mistral-common ships Tekken only as v3; relabel it to test newer prompt/tool-call formats.
-    Versions above v7 must list their special tokens in the file, including [ARGS] and [CALL_ID]."""
-    data = json.loads(src.read_text())
-    data["config"]["version"] = version
-    if version not in ("v3", "v7"):
-        names = [str(t["token_str"]) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
-        names += ["[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]"]
-        data["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(names)]
-    dst.write_text(json.dumps(data))
-    return dst
-
-
 @pytest.fixture(scope="module")
 def mistral_files(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("tekken")
-    tekken = DATA / "tekken_240911.json"
-    return {
-        "spm_v3": DATA / "mistral_instruct_tokenizer_240323.model.v3",
-        "spm_v7": DATA / "mistral_instruct_tokenizer_241114.model.v7",
-        "tekken_v3": tekken,
-        "tekken_v7": _tekken_with_version(tekken, tmp / "tekken_v7.json", "v7"),
-        "tekken_v11": _tekken_with_version(tekken, tmp / "tekken_v11.json", "v11"),
-        "tekken_v13": _tekken_with_version(tekken, tmp / "tekken_v13.json", "v13"),
-    }
+    return mistral_tokenizer_files(tmp_path_factory.mktemp("tekken"))
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +55,6 @@ def gguf_pair():
 
 
 # ---- conversations, in OpenAI shape and as mistral-common objects --------------------------------
-
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
-                   "required": ["city"]}}}
-TIME_TOOL = {"type": "function", "function": {
-    "name": "get_time", "description": "Local time", "parameters": {"type": "object", "properties": {}}}}
-
 
 def _openai_call(call_id: str, name: str, args: dict) -> dict:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
@@ -177,94 +145,6 @@ def test_mistral_encode_decode_plain_text(mistral_pairs, name):
         assert ours.decode(ours.encode(text)) == raw.decode(raw.encode(text, bos=True, eos=False))
     assert ours.stop_token_ids == {ours.eos_id}
     assert ours.decode([ours.bos_id, *ours.encode("Hi", add_bos=False)], skip_special_tokens=False) == "<s>Hi"
-
-
-# ---- tool calls ---------------------------------------------------------------------------------
-
-
-def _generated_part(ids: list[int], tok: MistralTokenizer) -> list[int]:
-    """The assistant's tool-call turn as the model generates it: from [TOOL_CALLS] to </s> included."""
-    start = ids.index(tok._tool_calls_id)
-    return ids[start : ids.index(tok.eos_id, start) + 1]
-
-
-@pytest.mark.parametrize("name", ["spm_v3", "spm_v7", "tekken_v3", "tekken_v7", "tekken_v11", "tekken_v13"])
-def test_parse_tool_calls_round_trip(mistral_pairs, name):
-    ours, ref = mistral_pairs[name]
-    calls = [("abcDEF123", "get_weather", {"city": "Paris", "unit": "C"}),
-             ("xyz987QRS", "get_time", {}),
-             ("k9k9k9k9k", "get_weather", {"city": "São Paulo 🙂", "nested": {"a": [1, 2.5, None, True]}})]
-    request = ChatCompletionRequest(
-        messages=[UserMessage(content="Weather?"), AssistantMessage(tool_calls=[_mc_call(*c) for c in calls])]
-        + [ToolMessage(tool_call_id=c[0], content="ok") for c in calls],
-        tools=[_mc_tool(WEATHER_TOOL), _mc_tool(TIME_TOOL)])
-    generated = _generated_part(ref.encode_chat_completion(request).tokens, ours)
-    content, parsed = ours.parse_tool_calls(generated)
-    assert content == ""
-    assert [(c.name, c.arguments) for c in parsed] == [(n, a) for _, n, a in calls]
-    carries_ids = name != "tekken_v13"  # v13 writes `name[ARGS]{...}`, without [CALL_ID]
-    if carries_ids:
-        assert [c.id for c in parsed] == [c[0] for c in calls]
-    for c in parsed:  # a missing id is made up, in the shape mistral-common accepts back
-        assert len(c.id) == 9 and c.id.isalnum()
-    # to_openai() is what a client echoes back: mistral-common must accept it in the next turn.
-    messages = [{"role": "user", "content": "Weather?"},
-                {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in parsed]}]
-    messages += [{"role": "tool", "tool_call_id": c.id, "content": "ok"} for c in parsed]
-    again = ours.parse_tool_calls(_generated_part(ours.encode_chat(messages), ours))[1]
-    assert [(c.name, c.arguments) for c in again] == [(c.name, c.arguments) for c in parsed]
-    assert not carries_ids or again == parsed
-
-
-def test_parse_tool_calls_with_content_and_without_calls(mistral_pairs):
-    ours, _ = mistral_pairs["tekken_v11"]
-    text = ours.encode("Let me check.", add_bos=False)
-    call = [ours._tool_calls_id, *ours.encode("get_time", add_bos=False), ours._args_id,
-            *ours.encode('{"tz": "UTC"}', add_bos=False), ours.eos_id]
-    content, calls = ours.parse_tool_calls(text + call)
-    assert content == "Let me check." and [(c.name, c.arguments) for c in calls] == [("get_time", {"tz": "UTC"})]
-    assert ours.parse_tool_calls(text + [ours.eos_id]) == ("Let me check.", [])
-
-
-@pytest.mark.parametrize("name,payload", [
-    ("spm_v3", '[{"name": "get_weather", "arguments": {"city": '),  # truncated JSON
-    ("spm_v3", '[{"arguments": {}}]'),  # no name
-    ("tekken_v7", '[{"name": "f", "arguments": [1, 2]}]'),  # arguments not an object
-    ("tekken_v7", "not json at all"),
-    ("tekken_v11", "get_weather[ARGS]{\"city\": 'Paris'}"),  # single quotes
-])
-def test_malformed_tool_calls_come_back_as_text(mistral_pairs, name, payload):
-    ours, _ = mistral_pairs[name]
-    ids = [ours._tool_calls_id]
-    for i, part in enumerate(payload.split("[ARGS]")):
-        ids += ([ours._args_id] if i else []) + ours.encode(part, add_bos=False)
-    content, calls = ours.parse_tool_calls(ids + [ours.eos_id])
-    assert calls == [] and content == ours.decode(ids)
-
-
-def test_lenient_tool_call_shapes(mistral_pairs):
-    """A single object instead of a list, and arguments given as a JSON string, are still calls."""
-    ours, _ = mistral_pairs["spm_v3"]
-    ids = [ours._tool_calls_id, *ours.encode('{"name": "f", "arguments": "{\\"x\\": 1}"}', add_bos=False)]
-    content, calls = ours.parse_tool_calls(ids)
-    assert content == "" and [(c.name, c.arguments) for c in calls] == [("f", {"x": 1})]
-
-
-def test_hermes_tool_calls_for_gguf(gguf_pair):
-    ours, _ = gguf_pair
-    text = 'Sure.<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
-    content, calls = ours.parse_tool_calls(ours.encode(text) + [ours.eos_id])
-    assert content == "Sure." and calls == [ToolCall(calls[0].id, "get_time", {"tz": "UTC"})]
-    bad = "<tool_call>{oops</tool_call>"
-    assert ours.parse_tool_calls(ours.encode(bad)) == (bad, [])
-    assert ours.parse_tool_calls(ours.encode("plain")) == ("plain", [])
-
-
-def test_tool_call_to_openai():
-    call = ToolCall("abcDEF123", "f", {"city": "Zürich"})
-    assert call.to_openai() == {"id": "abcDEF123", "type": "function",
-                                "function": {"name": "f", "arguments": '{"city": "Zürich"}'}}
-    assert len(ToolCall(None, "f", {}).to_openai()["id"]) == 9
 
 
 # ---- GGUF / Hugging Face tokenizers vs transformers ----------------------------------------------
@@ -399,7 +279,7 @@ def test_stream_random_tokens(stream_tokenizers, name):
 def test_stream_long_random_generations(stream_tokenizers, name):
     """Generations many times the decode window long (its restarts), after a prompt, half of them
     biased towards byte tokens: the stream adds up to decoding after the prompt's tail."""
-    from mistral_jax.tokenizer.tokenizer import _PROMPT_CONTEXT, _WINDOW
+    from mistral_jax.tokenizer.stream import _PROMPT_CONTEXT, _WINDOW
 
     tok = stream_tokenizers[name]
     rng = random.Random(1)

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from mistral_jax.tokenizer.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
+from mistral_jax.tokenizer import HFTokenizer, MistralTokenizer, Tokenizer
+from mistral_jax.tool_calls import tool_call_format
 
 
 def words(vocab_size: int) -> int:
@@ -201,9 +202,8 @@ class MaskBuffer:
         return mask
 
 
-
 def tool_calls(tokenizer: Tokenizer, tools: list[dict], name: str | None = None, one: bool = False) -> StructuredOutputs:
     """The constraint for tool_choice "required" (calls of the given tools: one or more, or
     exactly one) or a named function (a call of it), in the model's own tool-call format."""
     chosen = [t for t in tools if t["function"]["name"] == name] if name else tools
-    return StructuredOutputs(grammar=tokenizer.tool_call_grammar(chosen, one=one, json_style=JSON_STYLE))
+    return StructuredOutputs(grammar=tool_call_format(tokenizer).grammar(chosen, one=one, json_style=JSON_STYLE))

@@ -137,6 +137,7 @@ class Checkpoint:
 
     format: str = ""
     quantization: str | None = None  # "fp8": e4m3 projections + *.weight_scale (quantization.py)
+    whole: bool = False  # True: read whole into the model's shardings (read(target): Orbax), not entries()
 
     def __init__(self, path: Path, config: ModelConfig, config_file: Path | None = None,
                  config_keys: dict | None = None):

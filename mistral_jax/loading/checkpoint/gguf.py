@@ -18,7 +18,7 @@ import numpy as np
 
 from mistral_jax.config import ModelConfig, gguf_keys
 from mistral_jax.loading.checkpoint.base import Checkpoint, CheckpointError, Entry, rename_to_canonical
-from mistral_jax.loading.checkpoint.gguf_file import open_gguf
+from mistral_jax.gguf_file import open_gguf
 
 # Architectures whose q/k rows are stored in the interleaved (canonical) order.
 SUPPORTED_ARCHITECTURES = ("llama",)

@@ -25,8 +25,8 @@ from mistral_jax.loading.checkpoint.base import Checkpoint, CheckpointError
 MARKER = "mistral_jax.json"
 WEIGHTS = "weights"
 FORMAT = "mistral_jax-orbax"
-# 2: q, k and v as one parameter, attention.wqkv (model.Attention). 1 (before 2026-12-04): three,
-# wq / wk / wv; still restored, joined on the devices after the read.
+# 2: q, k and v as one parameter, attention.wqkv (model.Attention). 1: three, wq / wk / wv; still
+# restored, joined on the devices after the read.
 VERSION = 2
 
 
@@ -36,6 +36,7 @@ def is_orbax_dir(path: Path) -> bool:
 
 class OrbaxCheckpoint(Checkpoint):
     format = "Orbax"
+    whole = True  # read whole into the model's shardings (read), not streamed (entries)
 
     def __init__(self, path: Path):
         meta = read_json(path / MARKER)
@@ -55,44 +56,36 @@ class OrbaxCheckpoint(Checkpoint):
         self.quantization = meta.get("quantization")
 
     def tensors(self, progress: bool = True):
-        raise CheckpointError(f"{self.path}: an Orbax checkpoint is restored whole (restore_model), not streamed")
+        raise CheckpointError(f"{self.path}: an Orbax checkpoint is read whole (weights.load_weights), not streamed")
 
-    def restore(self, dtype, mesh, quantization: str | None = None, fp8_impl: str = "auto"):
-        """The Transformer, each array read into its NamedSharding on `mesh` (cast to `dtype`
-        where the saved one differs; FP8 projections and their scales keep their saved dtypes)."""
+    def entries(self, progress: bool = True):
+        raise CheckpointError(f"{self.path}: an Orbax checkpoint is read whole (weights.load_weights), not streamed")
+
+    def read(self, target: dict) -> dict:
+        """The saved arrays, each read into the sharding of its target: `target` is the nested
+        dict of jax.ShapeDtypeStructs (with shardings) in the saved layout (weights.saved_params:
+        Transformer's attribute paths, an FP8 weight's scale beside it as `<name>_scale`); a
+        saved dtype differing from the target's is cast. Every process reads only the slices its
+        devices hold."""
         import orbax.checkpoint as ocp
-        from flax import nnx
 
-        from mistral_jax.loading.weights import _sharding, abstract_model
-
-        if quantization == "fp8" and self.quantization != "fp8":
-            raise CheckpointError(f"{self.path}: saved without FP8; quantization='fp8' needs an FP8 conversion: "
-                                  "python -m mistral_jax.convert SRC DST --quantization fp8")
-        model = abstract_model(self.config, dtype, quantization=self.quantization, fp8_impl=fp8_impl)
-        graphdef, state = nnx.split(model)
-        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_sharding(mesh, v)),
-                              state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        target = nnx.to_pure_dict(target)
+        target = jax.tree.map(lambda t: t, target)  # the version-1 rewrite below edits a copy
         fused = _separate_qkv(target["layers"]["attention"], self.config) if self.version == 1 else {}
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore((self.path / WEIGHTS).absolute(), target)
         _join_qkv(restored["layers"]["attention"], fused)
-        nnx.replace_by_pure_dict(state, restored)
-        return nnx.merge(graphdef, state)
+        return restored
 
 
 def save(model, dst: Path, saved_dtype) -> None:
-    """Write `model`'s parameters (any mesh) and the marker; tokenizer files are the caller's."""
+    """Write `model`'s parameters (any mesh; weights.saved_params) and the marker; tokenizer files
+    are the caller's."""
     import orbax.checkpoint as ocp
-    from flax import nnx
 
-    if model.layers.attention.input_major or model.layers.feed_forward.input_major or model.head_input_major:
-        raise ValueError("this model's projections are stored [in, out] for serving on this backend "
-                         "(Transformer.to_input_major); save the model as loaded from its checkpoint "
-                         "(mistral_jax.convert does)")
+    from mistral_jax.loading.weights import saved_params
 
+    state = saved_params(model)  # refuses a model moved for serving, before anything is written
     dst.mkdir(parents=True, exist_ok=True)
-    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((dst / WEIGHTS).absolute(), state, force=True)
     # Written last: a directory with the marker is a finished checkpoint.
