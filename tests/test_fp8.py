@@ -23,11 +23,12 @@ import torch
 from flax import nnx
 from safetensors.torch import load_file as load_torch, save_file as save_torch
 
-from checkpoint_fixtures import hf_fp8_model_dequantized, make_tiny_fp8_hf_checkpoint
-from conftest import V3_TOKENIZER, dense_logits, qkv_part
+from helpers.checkpoints import hf_fp8_model_dequantized, make_tiny_fp8_hf_checkpoint
+from helpers.models import V3_TOKENIZER, dense_logits, qkv_part
 from mistral_jax.loading.checkpoint import CheckpointError, open_checkpoint
 from mistral_jax.loading.checkpoint.hf import unpermute_rotary
 from mistral_jax.loading.weights import load_weights
+from mistral_jax.model.projections import Fp8Weight
 
 
 def rel_err(a, b):
@@ -73,7 +74,7 @@ def test_fp8_hf_weights_equal_package_dequantization(fp8_hf, fp8_model, tiny_cfg
                 if module is attn and name != "wo":  # q, k and v are parts of one weight, wqkv
                     q, scale = qkv_part(attn, name, i), qkv_part(attn, name + "_scale", i)
                 else:
-                    q, scale = getattr(module, name)[...][i], getattr(module, name + "_scale")[...][i]
+                    q, scale = getattr(module, name).quant[...][i], getattr(module, name).scale[...][i]
                 assert q.dtype == jnp.float8_e4m3fn, name
                 n = scale.size
                 ours = np.asarray(q.reshape(n, -1), np.float32) * np.asarray(scale, np.float32).reshape(n, 1)
@@ -187,20 +188,25 @@ def test_fused_quantization_only_where_no_kernel_pads_rows():
     # (192 rows at 4,096 tokens; 64 at 33-64), where quantizing inside the product pads for free.
     from pallas_kernels.fp8_matmul import pads_rows
 
-    from mistral_jax.model.projections import fuses_quantization
+    from mistral_jax.model.projections import _fused_impl
 
-    def stacked(n, k):  # weight [layers, n, k], scale [layers, n] as ShapeDtypeStructs suffice
-        return jnp.zeros((2, n, k), jnp.float8_e4m3fn), jnp.ones((2, n), jnp.float32)
+    def stacked(n, k, impl):  # an Fp8Weight [layers, n, k] of shapes only (its arrays are never read)
+        return nnx.eval_shape(lambda: Fp8Weight(jnp.zeros((2, n, k), jnp.float8_e4m3fn), jnp.ones((2, n), jnp.float32),
+                                                ("layers", "mlp", "embed"), impl))
 
-    w1, w2 = stacked(32768, 5120), stacked(5120, 32768)
+    def fuses(x, impl, *shapes):
+        return _fused_impl(x, [stacked(n, k, impl) for n, k in shapes]) == (impl if shapes else None)
+
+    w1, w2 = (32768, 5120), (5120, 32768)
     x = lambda tokens: jnp.zeros((1, tokens, 8), jnp.bfloat16)  # noqa: E731 (only its shape counts)
     assert pads_rows(4096, 32768, 5120, "mgpu") and not pads_rows(512, 32768, 5120, "mgpu")
     assert pads_rows(40, 5120, 32768, "mgpu") and not pads_rows(64, 5120, 32768, "mgpu")
     assert not pads_rows(4096, 32768, 5120, "triton") and not pads_rows(4096, 32768, 5120, "xla")
-    assert not fuses_quantization(x(4096), "mgpu", w1, w1) and fuses_quantization(x(512), "mgpu", w1, w1)
-    assert not fuses_quantization(x(40), "mgpu", w2) and fuses_quantization(x(40), "triton", w2)
-    assert fuses_quantization(x(4096), "xla", w1)  # the jnp twins pad nothing
-    assert not fuses_quantization(x(8), "xla", w1, (w1[0], None))  # a 16-bit projection among them
+    assert not fuses(x(4096), "mgpu", w1, w1) and fuses(x(512), "mgpu", w1, w1)
+    assert not fuses(x(40), "mgpu", w2) and fuses(x(40), "triton", w2)
+    assert fuses(x(4096), "xla", w1)  # the jnp twins pad nothing
+    dense = nnx.eval_shape(lambda: nnx.Param(jnp.zeros((2, 5120, 8), jnp.bfloat16)))
+    assert _fused_impl(x(8), [stacked(*w1, "xla"), dense]) is None  # a 16-bit projection among them
 
 
 @pytest.mark.parametrize("kernel", ["triton", "tpu"])
@@ -248,8 +254,8 @@ def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatc
     monkeypatch.setattr(fm, "fp8_matmul_group", interpreted_group)
     monkeypatch.setattr(fm, "quantize_input", interpreted_quantize)
     for _, module in nnx.iter_modules(model):
-        if hasattr(module, "fp8_impl"):
-            module.fp8_impl = kernel
+        if isinstance(module, Fp8Weight):
+            module.impl = kernel
     out = dense_logits(model, tokens)
     # Per layer: the norm fused into qkv's quantization, then the qkv product; o alone,
     # quantizing its own x; the norm fused again for w1, w3, whose products give silu(w1 x) *
@@ -268,6 +274,7 @@ def test_model_kernels_read_stacked_weights(tiny_checkpoints, tokens, monkeypatc
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_llm_fp8_engine_runs(tiny_checkpoints, capsys):
     from mistral_jax import LLM, SamplingParams
 
@@ -296,11 +303,11 @@ def test_cli_fp8_options(monkeypatch, capsys):
 
     seen = {}
 
-    def fake_llm(**kwargs):
-        seen.update(kwargs)
+    def fake_start(engine_args, progress=True):
+        seen.update(vars(engine_args))
         raise ValueError("stopped before loading")
 
-    monkeypatch.setattr(cli, "LLM", fake_llm)
+    monkeypatch.setattr(cli.LLM, "from_engine_args", staticmethod(fake_start))
     assert cli.main(["--quantization", "fp8", "--fp8-impl", "triton", "--prompt", "hi"]) == 2
     assert seen["quantization"] == "fp8" and seen["fp8_impl"] == "triton"
     assert "stopped before loading" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint_fixtures import hf_model_from_dir
-from conftest import dense_logits
+from helpers.checkpoints import hf_model_from_dir
+from helpers.models import dense_logits
 from mistral_jax.loading.checkpoint import open_checkpoint
 from mistral_jax.cache.kv_cache import DenseKVCache
 from mistral_jax.loading.weights import load_weights
@@ -71,7 +71,7 @@ def test_tied_head_input_major_matches_transformers(tmp_path, tiny_cfg, tokens):
     takes its columns; the same logits as transformers, before and after."""
     import dataclasses
 
-    from checkpoint_fixtures import make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
+    from helpers.checkpoints import make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
 
     cfg = dataclasses.replace(tiny_cfg, tied_embeddings=True)
     make_tiny_hf_checkpoint(tmp_path / "hf", make_tiny_mistral_checkpoint(tmp_path / "m", cfg, seed=4), cfg)
@@ -98,6 +98,7 @@ def test_incremental_decode_equals_full_forward(tiny_checkpoints, tokens):
 
 
 @pytest.mark.parametrize("fmt", ["mistral", "hf"])
+@pytest.mark.slow
 def test_32_greedy_tokens_identical_f32(tiny_checkpoints, fmt):
     from mistral_jax import LLM, SamplingParams
 

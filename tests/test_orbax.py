@@ -9,14 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from checkpoint_fixtures import make_tiny_fp8_hf_checkpoint
-from conftest import V3_TOKENIZER, dense_logits
+from helpers.checkpoints import make_tiny_fp8_hf_checkpoint
+from helpers.models import V3_TOKENIZER, dense_logits
 from flax import nnx
 
 from mistral_jax.loading.checkpoint import CheckpointError, OrbaxCheckpoint, open_checkpoint
 from mistral_jax.entrypoints.convert import convert, main
 from mistral_jax.runtime.sharding import make_mesh
-from mistral_jax.loading.weights import _sharding, load_weights
+from mistral_jax.loading.weights import load_weights, param_sharding, saved_params
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,10 @@ def test_restore_gives_the_same_logits(orbax_dir, source_logits, tokens, tiny_cf
     ckpt = open_checkpoint(orbax_dir)
     assert isinstance(ckpt, OrbaxCheckpoint) and ckpt.config == tiny_cfg and ckpt.quantization is None
     assert (orbax_dir / "tokenizer.model.v3").is_file()
-    np.testing.assert_array_equal(dense_logits(ckpt.restore(jnp.float32, make_mesh()), tokens), source_logits)
+    np.testing.assert_array_equal(dense_logits(load_weights(ckpt, jnp.float32, make_mesh()), tokens), source_logits)
 
 
+@pytest.mark.slow
 def test_llm_loads_orbax_like_safetensors(orbax_dir, tiny_checkpoints):
     from mistral_jax import LLM, SamplingParams
 
@@ -57,10 +58,10 @@ def test_restore_onto_another_mesh(orbax_dir, tiny_checkpoints, source_logits, t
     """Saved from one device, restored onto dp=2 x tp=2: every array carries the new mesh's
     sharding, and the logits are those of the safetensors load on that mesh."""
     mesh = make_mesh(dp=2, tp=2)
-    model = open_checkpoint(orbax_dir).restore(jnp.float32, mesh)
+    model = load_weights(open_checkpoint(orbax_dir), jnp.float32, mesh)
     state = nnx.state(model, nnx.Param)
     for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        assert var[...].sharding == _sharding(mesh, var)
+        assert var[...].sharding == param_sharding(mesh, var)
     assert model.layers.attention.wqkv[...].sharding.spec[1] == "tp"  # heads really split
     logits = dense_logits(model, tokens)
     on_mesh = load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, mesh, progress=False)
@@ -76,10 +77,10 @@ def test_fp8_checkpoint_stays_fp8(tiny_checkpoints, tmp_path, tokens):
     dst = convert(src, tmp_path / "orbax", dtype="float32", progress=False)
     ckpt = open_checkpoint(dst)
     assert ckpt.quantization == "fp8"
-    model = ckpt.restore(jnp.float32, make_mesh())
+    model = load_weights(ckpt, jnp.float32, make_mesh())
     ref = load_weights(open_checkpoint(src), jnp.float32, progress=False)
-    assert model.layers.attention.wqkv[...].dtype == jnp.float8_e4m3fn
-    assert model.layers.feed_forward.w2_scale[...].shape == ref.layers.feed_forward.w2_scale[...].shape
+    assert model.layers.attention.wqkv.quant[...].dtype == jnp.float8_e4m3fn
+    assert model.layers.feed_forward.w2.scale[...].shape == ref.layers.feed_forward.w2.scale[...].shape
     for a, b in zip(_params(model), _params(ref), strict=True):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
     np.testing.assert_array_equal(dense_logits(model, tokens), dense_logits(ref, tokens))
@@ -88,21 +89,21 @@ def test_fp8_checkpoint_stays_fp8(tiny_checkpoints, tmp_path, tokens):
 def test_quantize_at_conversion(tiny_checkpoints, tmp_path, tokens):
     """--quantization fp8 on a 16/32-bit source: the model LLM(quantization="fp8") would load."""
     dst = convert(tiny_checkpoints[0], tmp_path / "q", dtype="float32", quantization="fp8", progress=False)
-    model = open_checkpoint(dst).restore(jnp.float32, make_mesh())
+    model = load_weights(open_checkpoint(dst), jnp.float32, make_mesh())
     ref = load_weights(open_checkpoint(tiny_checkpoints[0]), jnp.float32, quantization="fp8", progress=False)
-    assert model.layers.attention.wo[...].dtype == jnp.float8_e4m3fn
+    assert model.layers.attention.wo.quant[...].dtype == jnp.float8_e4m3fn
     np.testing.assert_array_equal(dense_logits(model, tokens), dense_logits(ref, tokens))
 
 
 def test_fp8_wanted_from_a_16bit_conversion(orbax_dir):
     with pytest.raises(CheckpointError, match="--quantization fp8"):
-        open_checkpoint(orbax_dir).restore(jnp.float32, make_mesh(), quantization="fp8")
+        load_weights(open_checkpoint(orbax_dir), jnp.float32, make_mesh(), quantization="fp8")
 
 
 def test_gguf_tokenizer_travels(tmp_path):
     """A GGUF file's tokenizer and chat template, written as tokenizer.json & co., read back the same."""
     from mistral_jax.loading.default_model import default_model_path
-    from mistral_jax.tokenizer.tokenizer import HFTokenizer, load_tokenizer
+    from mistral_jax.tokenizer import HFTokenizer, load_tokenizer
 
     src = HFTokenizer.from_gguf(default_model_path())
     src.save(tmp_path)
@@ -146,7 +147,7 @@ def test_version_1_checkpoints_still_restore(tiny_checkpoints, tmp_path, tokens,
 
     src = tiny_checkpoints[0]
     ref = load_weights(open_checkpoint(src), jnp.float32, quantization=quantization, progress=False)
-    state = nnx.to_pure_dict(nnx.state(ref, nnx.Param))
+    state = saved_params(ref)  # the saved layout: an FP8 weight's scale as <name>_scale
     attention, weights = state["layers"]["attention"], tiny_checkpoints[2]
     for name in ("wqkv", "wqkv_scale"):
         attention.pop(name, None)
@@ -169,7 +170,7 @@ def test_version_1_checkpoints_still_restore(tiny_checkpoints, tmp_path, tokens,
         "quantization": quantization}))
     want = dense_logits(ref, tokens)
     for mesh in (make_mesh(), make_mesh(tp=2)):
-        model = open_checkpoint(dst).restore(jnp.float32, mesh)
+        model = load_weights(open_checkpoint(dst), jnp.float32, mesh)
         for a, b in zip(_params(model), _params(ref), strict=True):
             np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
         np.testing.assert_allclose(dense_logits(model, tokens), want, rtol=1e-5, atol=1e-5)

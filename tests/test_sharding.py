@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from checkpoint_fixtures import make_tiny_fp8_hf_checkpoint, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
-from conftest import qkv_part
+from helpers.checkpoints import make_tiny_fp8_hf_checkpoint, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
+from helpers.models import qkv_part
 from mistral_jax import LLM, SamplingParams
 from mistral_jax.loading.checkpoint import open_checkpoint
 from mistral_jax.loading.checkpoint import base
@@ -30,7 +30,7 @@ MESHES = ["tp=2", "tp=4", "tp=8", "dp=2,tp=4"]
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    from conftest import V3_TOKENIZER
+    from helpers.models import V3_TOKENIZER
 
     root = tmp_path_factory.mktemp("mesh")
     weights = make_tiny_mistral_checkpoint(root / "mistral", CFG, seed=3, dtype="float32")
@@ -63,6 +63,7 @@ def _lp_close(a, b):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.slow
 def test_mesh_gives_one_devices_tokens_and_logits(ckpts, one_device, mesh):
     """The paged engine on each mesh gives the same greedy
     tokens, the same logprobs of every generated token and of every prompt token."""
@@ -89,6 +90,7 @@ def test_mesh_gives_one_devices_tokens_and_logits(ckpts, one_device, mesh):
     assert {s.data.shape[3] for s in llm.engine.k_pages.addressable_shards} == {8 // tp}  # kv heads
 
 
+@pytest.mark.slow
 def test_no_recompilation_after_warmup_on_a_mesh(ckpts):
     from test_engine import LOWERINGS
 
@@ -107,6 +109,7 @@ def test_no_recompilation_after_warmup_on_a_mesh(ckpts):
     assert LOWERINGS.count == before
 
 
+@pytest.mark.slow
 def test_prefix_cache_on_a_mesh(ckpts):
     # A repeated 50-token prompt on tp=4: the second request reuses the pages of the first
     # (their kv heads split over the devices) and generates the same tokens and logprobs.
@@ -162,6 +165,7 @@ def test_sliced_loader_reads_only_the_shards(ckpts, monkeypatch, layout):
     np.testing.assert_array_equal(np.asarray(model.output[...]), weights["output.weight"])
 
 
+@pytest.mark.slow
 def test_gguf_on_a_mesh_reads_only_the_shards(monkeypatch):
     """The demo GGUF model (quantized Q4_1 / Q8_0 blocks) on tp=3 (9 heads, 3 kv heads): each
     split tensor is read as 3 parts of a third, rows or whole blocks of columns, never whole;
@@ -191,7 +195,7 @@ def test_gguf_on_a_mesh_reads_only_the_shards(monkeypatch):
 def test_fp8_checkpoint_sliced_on_a_mesh(ckpts, tmp_path):
     """FP8 weights (raw bytes, memory-mapped per slice) and their scales load per shard to the
     one-device values; the forward on tp=4 (per-shard products, fp8_tp.py) matches one device."""
-    from conftest import dense_logits
+    from helpers.models import dense_logits
 
     make_tiny_fp8_hf_checkpoint(tmp_path / "fp8", ckpts[1])
     one = load_weights(open_checkpoint(tmp_path / "fp8"), jnp.float32, progress=False)
@@ -199,9 +203,9 @@ def test_fp8_checkpoint_sliced_on_a_mesh(ckpts, tmp_path):
     sharded = load_weights(open_checkpoint(tmp_path / "fp8"), jnp.float32, mesh, progress=False)
     for a, b in zip(jax.tree.leaves(nnx.state(one)), jax.tree.leaves(nnx.state(sharded))):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
-    assert sharded.layers.attention.wqkv[...].dtype == jnp.float8_e4m3fn
+    assert sharded.layers.attention.wqkv.quant[...].dtype == jnp.float8_e4m3fn
     # [layers, kv_heads, g + 2, head_dim]: 2 of the 8 kv heads on each device, with their q heads
-    assert {s.data.shape for s in sharded.layers.attention.wqkv_scale[...].addressable_shards} == {(2, 2, 4, 8)}
+    assert {s.data.shape for s in sharded.layers.attention.wqkv.scale[...].addressable_shards} == {(2, 2, 4, 8)}
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(2, 9)).astype(np.int32)
     from mistral_jax.runtime.sharding import use_mesh
 
@@ -219,13 +223,14 @@ def test_quantize_at_load_on_a_mesh(ckpts):
 
 
 @pytest.mark.parametrize("kernel,mesh_spec", [("triton", "tp=4"), ("tpu", "dp=2,tp=4")])
+@pytest.mark.slow
 def test_fp8_kernels_run_per_tp_shard(ckpts, monkeypatch, kernel, mesh_spec):
     """FP8 on a mesh: the Pallas kernel (interpret mode) runs once per tp shard on that shard's
     rows (wqkv, w1, w3) or columns (wo, w2, which take the row max across shards and add
     the partial products), reading the layer from the stack; logits match one device's
     reference."""
     from mistral_jax.model import fp8_tp
-    from conftest import dense_logits
+    from helpers.models import dense_logits
     from mistral_jax.runtime.sharding import use_mesh
 
     tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, size=(2, 9)).astype(np.int32)
@@ -394,7 +399,7 @@ def test_fp8_triton_per_shard_byte_pairs(monkeypatch, split):
     widths that are not powers of two, reading each shard's stack as uint16 byte pairs (the path
     of 2-4 GiB stacks per GPU, issue 22; forced here at small sizes): every layer equals the
     unsharded reference product."""
-    import pallas_kernels.fp8_matmul_triton as triton_kernel
+    import pallas_kernels.fp8_matmul.triton as triton_kernel
     from mistral_jax.model import fp8_tp
     from pallas_kernels.fp8_matmul import fp8_matmul_reference, quantize_weight
 

@@ -26,7 +26,7 @@ def dummy_config(spec: str) -> ModelConfig:
 
 def dummy_tokenizer(spec: str, cfg: ModelConfig) -> str:
     """The tokenizer for a dummy model: spec's directory's own, or mistral-common's for the vocabulary."""
-    from mistral_jax.tokenizer.tokenizer import load_tokenizer
+    from mistral_jax.tokenizer import load_tokenizer
 
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -1,7 +1,7 @@
 """FP8 projections on a tp mesh: the Pallas kernel once per shard, under `shard_map`.
 
 XLA cannot partition a Pallas call, and its own fp8 dot is the slow path at decode sizes
-(benchmarks/NOTES.md), so each device runs the kernel on its own part of the weight:
+(docs/performance.md), so each device runs the kernel on its own part of the weight:
 
 - column-parallel (wqkv, w1, w3: the output axis split over tp): every device multiplies
   the whole x by its rows of w; y comes out split like those rows. A layer's w1 and w3 share

@@ -13,7 +13,9 @@ Layout choices (why):
 - The layers' parameters are stacked on a leading `layers` axis and applied with `lax.scan`,
   so a 56-layer model compiles as fast as a 1-layer one.
 - Every parameter carries `logical_axes`; sharding.py maps them to the mesh.
-- Each projection (a 16-bit einsum or the FP8 kernel) goes through projections.py.
+- A projection's weight is an `nnx.Param` (16-bit) or an `Fp8Weight` (W8A8), chosen once here
+  (`_projection`); projections.py runs the product its type calls for, so nothing below tests
+  for quantization or picks a kernel.
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.activations import rms_norm, silu_mul
-
 from mistral_jax.config import ModelConfig
-from mistral_jax.model.projections import QuantizedRows, fuses_quantization, linear, linear_group, quantized_rows, swiglu_rows
+from mistral_jax.model.kernels import QUANTIZATIONS
+from mistral_jax.model.projections import Fp8Param, Fp8Weight, fused_input, is_input_major, linear, swiglu
 from mistral_jax.runtime.sharding import constrain
 
-QUANTIZATIONS = (None, "fp8")  # fp8: e4m3 projection weights + per-output-channel scales (W8A8)
+__all__ = ["Transformer", "DecoderLayer", "Attention", "MLP", "RMSNorm", "QUANTIZATIONS", "qkv_slots"]
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -46,16 +47,17 @@ def _random_normal(key, shape, fan_in: int, dtype) -> jax.Array:
     return (jax.random.normal(key, shape, jnp.float32) * fan_in**-0.5).astype(dtype)
 
 
-def _linear_params(rngs, shape, axes, dtype, quantization: str | None, n_in: int = 1):
-    """A projection's weight [..., out..., in...] and its scale [..., out...] (None unless fp8).
-    n_in: how many trailing axes are the input (2 for wo's [embed, heads, head_dim])."""
+def _projection(rngs, shape, axes, dtype, quantization: str | None, fp8_impl: str, n_in: int = 1):
+    """A projection's weight [..., out..., in...]: an nnx.Param, or with quantization="fp8" an
+    Fp8Weight (scale [..., out...]) multiplied by fp8_matmul's `fp8_impl`. n_in: how many
+    trailing axes are the input (2 for wo's [embed, heads, head_dim])."""
     if quantization != "fp8":
-        return _param(rngs, shape, axes, dtype), None
+        return _param(rngs, shape, axes, dtype)
     from pallas_kernels.fp8_matmul import quantize_weight
 
     # Random fp8 weights (tests, benchmarks): `_param`'s distribution, drawn and quantized one
     # block of rows at a time, one scale per row. The whole stacked weight in f32 would need
-    # 4x its bf16 size in temporaries (50 GB for Mistral-Small's w1 on a GPU).
+    # 4x its 16-bit size in temporaries.
     k, rows = math.prod(shape[-n_in:]), math.prod(shape[:-n_in])
     block = math.gcd(rows, 4096)
     key = rngs.params()
@@ -64,21 +66,15 @@ def _linear_params(rngs, shape, axes, dtype, quantization: str | None, n_in: int
         return quantize_weight(_random_normal(jax.random.fold_in(key, i), (block, k), shape[-1], dtype))
 
     w_q, scale = jax.lax.map(draw, jnp.arange(rows // block))
-    return (nnx.Param(w_q.reshape(shape), logical_axes=tuple(axes)),
-            nnx.Param(scale.reshape(shape[:-n_in]), logical_axes=tuple(axes[:-n_in])))
-
-
-def _fp8_projection(path, variable) -> bool:
-    """nnx filter: an FP8 projection weight or its scale (`wqkv`, `wqkv_scale`, ...)."""
-    return variable[...].dtype == jnp.float8_e4m3fn or str(path[-1]).endswith("_scale")
+    return Fp8Weight(w_q.reshape(shape), scale.reshape(shape[:-n_in]), axes, fp8_impl)
 
 
 def _read_in_place(quantized: bool):
     """nnx filter: what the layer loop hands every layer whole, with the layer index, instead of
-    a slice: FP8 projections (see Transformer.hidden) and, in an FP8 model, the layer norms'
-    scales, which the FP8 quantizing kernel reads in place (RMSNorm.quantized)."""
+    a slice: FP8 weights (see Transformer.hidden) and, in an FP8 model, the layer norms' scales,
+    which the FP8 quantizing kernel reads in place (projections.fused_input)."""
     def keep(path, variable) -> bool:
-        return _fp8_projection(path, variable) or (quantized and len(path) > 1 and str(path[-2]).endswith("_norm"))
+        return isinstance(variable, Fp8Param) or (quantized and len(path) > 1 and str(path[-2]).endswith("_norm"))
     return keep
 
 
@@ -124,60 +120,37 @@ class RMSNorm(nnx.Module):
         self.scale = _param(None, (*stack, cfg.dim), axes, dtype, init="ones")
         self.eps = cfg.norm_eps
 
-    def __call__(self, x, layer=None):
-        scale = self.scale[...]  # [dim], or every layer's [layers, dim] (_read_in_place): `layer` picks
-        return rms_norm(x, scale if scale.ndim == 1 else jax.lax.dynamic_index_in_dim(scale, layer, keepdims=False),
-                        self.eps)
-
-    def quantized(self, x, impl: str, layer=None) -> QuantizedRows:
-        """rms_norm(x) quantized per token for FP8 projections, in one kernel on the GPU (which
-        reads a stacked scale at `layer` in place)."""
-        scale = self.scale[...]
-        return quantized_rows(x, impl, norm=scale, eps=self.eps, layer=None if scale.ndim == 1 else layer)
+    def __call__(self, x, layer=None, into=()):
+        """rms_norm(x) [batch, seq, dim], in the form the projections `into` take it (FP8 ones:
+        quantized per token in the same kernel). The scale is [dim], or every layer's
+        [layers, dim] (_read_in_place), then `layer` picks."""
+        return fused_input(x, into, norm=self.scale[...], eps=self.eps, layer=layer)
 
 
 class _Projections(nnx.Module):
-    """What Attention and MLP share: running their named projections (weight `name`, scale
-    `name + "_scale"`, None for a 16-bit weight)."""
+    """What Attention and MLP share: their projection weights, named in N_IN."""
 
     N_IN: dict[str, int] = {}  # each projection's input dims (its weight's last ones)
-    input_major = False  # 16-bit weights stored [(layers,) in..., out...] (to_input_major)
+
+    @property
+    def input_major(self) -> bool:
+        """Whether the 16-bit weights are stored [(layers,) in..., out...] (to_input_major)."""
+        weights = [getattr(self, name) for name in self.N_IN]
+        return any(not isinstance(w, Fp8Weight) and is_input_major(w) for w in weights)
 
     def input_major_moves(self) -> list[tuple[nnx.Param, tuple[int, ...]]]:
         """(param, axis order) for each 16-bit weight [(layers,) out..., in...] to be stored
         [(layers,) in..., out...] (Transformer.to_input_major); none for FP8 weights, which stay
         as their kernel reads them, nor once done."""
-        if self.input_major or any(getattr(self, n + "_scale") is not None for n in self.N_IN):
-            return []
         moves = []
         for name, n_in in self.N_IN.items():
             param = getattr(self, name)
+            if isinstance(param, Fp8Weight) or is_input_major(param):
+                continue
             ndim = param[...].ndim
             lead = sum(a == "layers" for a in param.get_metadata()["logical_axes"])  # the layer axis stays first
             moves.append((param, (*range(lead), *range(ndim - n_in, ndim), *range(lead, ndim - n_in))))
         return moves
-
-    def _linears(self, eq, x, names, layer):
-        """linear() of one x with the projections `names`: 16-bit weights as einsums, FP8 ones
-        through the kernel, together where it can (linear_group). An FP8 weight may hold every
-        layer (one rank more than `eq` says): then `layer` picks."""
-        params = [getattr(self, n) for n in names]
-        scales = [getattr(self, n + "_scale") for n in names]
-        if len(names) > 1 and any(sc is None for sc in scales):  # 16-bit (or a mix): one at a time
-            return [self._linear(eq, x, n, layer) for n in names]
-        if scales[0] is None:
-            return [linear(eq, x, params[0][...], None, input_major=self.input_major)]
-        stacked = params[0][...].ndim == len(eq.split(",")[1].split("->")[0]) + 1
-        return linear_group(eq, x, [p[...] for p in params], [sc[...] for sc in scales], self.fp8_impl,
-                            layer if stacked else None, [tuple(p.logical_axes) for p in params])
-
-    def _linear(self, eq, x, name, layer):
-        return self._linears(eq, x, (name,), layer)[0]
-
-    def _fp8(self, name):
-        """(weight, scale) of projection `name`; scale None for a 16-bit weight."""
-        scale = getattr(self, name + "_scale")
-        return getattr(self, name)[...], None if scale is None else scale[...]
 
 
 def qkv_slots(group: int) -> dict[str, slice]:
@@ -193,29 +166,27 @@ class Attention(_Projections):
                  quantization: str | None = None, fp8_impl: str = "auto"):
         L = ("layers",) * len(stack)
         h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
-        q = quantization
+        quant = dict(quantization=quantization, fp8_impl=fp8_impl)
         # q, k and v are one weight: per kv head, its group of g = h // kv query heads, then its
-        # k and its v ([kv_heads, g + 2, head_dim, embed]). One product at decode where three were
-        # launch-bound (on an H200 k's and v's cuBLAS calls read 1.1 TB/s: 32.7 -> 18.8 us a layer),
-        # and tp splits it by kv head, as it splits the cache.
-        self.wqkv, self.wqkv_scale = _linear_params(rngs, (*stack, kv, h // kv + 2, d, e),
-                                                    (*L, "kv_heads", "qkv", "head_dim", "embed"), dtype, q)
-        self.wo, self.wo_scale = _linear_params(rngs, (*stack, e, h, d), (*L, "embed", "q_heads", "head_dim"), dtype, q,
-                                                n_in=2)
-        self.fp8_impl = fp8_impl
+        # k and its v ([kv_heads, g + 2, head_dim, embed]). One product at decode where three
+        # were bound by per-launch cost (docs/performance.md), and tp splits it by kv head, as it
+        # splits the cache.
+        self.wqkv = _projection(rngs, (*stack, kv, h // kv + 2, d, e), (*L, "kv_heads", "qkv", "head_dim", "embed"),
+                                dtype, **quant)
+        self.wo = _projection(rngs, (*stack, e, h, d), (*L, "embed", "q_heads", "head_dim"), dtype, **quant, n_in=2)
 
     def __call__(self, x, positions, phases, cache, layer):
         # x: [batch, seq, embed] -> qkv: [batch, seq, kv_heads, g + 2, head_dim] -> q: [batch, seq,
         # q_heads, head_dim] (query head i uses kv head i // g), k/v: [batch, seq, kv_heads, head_dim]
-        qkv = self._linear("bse,kgde->bskgd", x, "wqkv", layer)
+        qkv = linear("bse,kgde->bskgd", x, self.wqkv, layer)
         slots = qkv_slots(qkv.shape[3] - 2)
         q, k, v = (qkv[:, :, :, slots[p]] for p in "qkv")
         q = q.reshape(*qkv.shape[:2], -1, qkv.shape[-1])
         k, v = k[:, :, :, 0], v[:, :, :, 0]
         q = constrain(rotary(q, phases), ("batch", "seq", "q_heads", "head_dim"))
         k = constrain(rotary(k, phases), ("batch", "seq", "kv_heads", "head_dim"))
-        out, cache = cache.attend(layer, q, k, v, positions)
-        return self._linear("bshd,ehd->bse", out, "wo", layer), cache
+        out, cache = cache.attend(layer, q, k, v, positions)  # [batch, seq, q_heads, head_dim]
+        return linear("bshd,ehd->bse", out, self.wo, layer), cache
 
 
 class MLP(_Projections):
@@ -226,23 +197,14 @@ class MLP(_Projections):
     def __init__(self, cfg: ModelConfig, dtype, rngs, stack: tuple[int, ...] = (),
                  quantization: str | None = None, fp8_impl: str = "auto"):
         L = ("layers",) * len(stack)
-        q = quantization
-        self.w1, self.w1_scale = _linear_params(rngs, (*stack, cfg.hidden_dim, cfg.dim), (*L, "mlp", "embed"), dtype, q)
-        self.w3, self.w3_scale = _linear_params(rngs, (*stack, cfg.hidden_dim, cfg.dim), (*L, "mlp", "embed"), dtype, q)
-        self.w2, self.w2_scale = _linear_params(rngs, (*stack, cfg.dim, cfg.hidden_dim), (*L, "embed", "mlp"), dtype, q)
-        self.fp8_impl = fp8_impl
+        quant = dict(quantization=quantization, fp8_impl=fp8_impl)
+        self.w1 = _projection(rngs, (*stack, cfg.hidden_dim, cfg.dim), (*L, "mlp", "embed"), dtype, **quant)
+        self.w3 = _projection(rngs, (*stack, cfg.hidden_dim, cfg.dim), (*L, "mlp", "embed"), dtype, **quant)
+        self.w2 = _projection(rngs, (*stack, cfg.dim, cfg.hidden_dim), (*L, "embed", "mlp"), dtype, **quant)
 
     def __call__(self, x, layer=None):
-        if fuses_quantization(x, self.fp8_impl, *map(self._fp8, ("w1", "w3", "w2"))):
-            # FP8: silu(gate) * up comes quantized for w2 (with the products, one kernel at decode)
-            h = swiglu_rows(x, self._fp8("w1"), self._fp8("w3"), self.fp8_impl, layer)
-        else:
-            gate, up = self._linears("bse,fe->bsf", x, ("w1", "w3"), layer)
-            if fuses_quantization(up, self.fp8_impl, self._fp8("w2")):  # silu(gate) * up inside the quantizer
-                h = quantized_rows(up, self.fp8_impl, gate=gate)
-            else:
-                h = constrain(silu_mul(gate, up), ("batch", "seq", "mlp"))
-        return self._linear("bsf,ef->bse", h, "w2", layer)
+        h = swiglu(x, self.w1, self.w3, layer, into=self.w2)  # [batch, seq, hidden]
+        return linear("bsf,ef->bse", h, self.w2, layer)
 
 
 class DecoderLayer(nnx.Module):
@@ -255,18 +217,12 @@ class DecoderLayer(nnx.Module):
         self.feed_forward = MLP(cfg, dtype, rngs, stack, **quant)
 
     def __call__(self, x, positions, phases, cache, layer):
-        att, ffn = self.attention, self.feed_forward
-        if fuses_quantization(x, att.fp8_impl, att._fp8("wqkv")):  # FP8: norm and quantize at once
-            h = self.attention_norm.quantized(x, att.fp8_impl, layer)
-        else:
-            h = self.attention_norm(x, layer)
-        h, cache = att(h, positions, phases, cache, layer)
+        # x: [batch, seq, embed]. Each norm hands its output in the form the next projections take.
+        h = self.attention_norm(x, layer, into=(self.attention.wqkv,))
+        h, cache = self.attention(h, positions, phases, cache, layer)
         x = x + h
-        if fuses_quantization(x, ffn.fp8_impl, *map(ffn._fp8, ("w1", "w3"))):
-            h = self.ffn_norm.quantized(x, ffn.fp8_impl, layer)
-        else:
-            h = self.ffn_norm(x, layer)
-        x = x + ffn(h, layer)
+        h = self.ffn_norm(x, layer, into=(self.feed_forward.w1, self.feed_forward.w3))
+        x = x + self.feed_forward(h, layer)
         return constrain(x, ("batch", "seq", "embed")), cache
 
 
@@ -274,7 +230,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None,
                  quantization: str | None = None, fp8_impl: str = "auto"):
         """quantization: None (16/32-bit projections) or "fp8" (see QUANTIZATIONS); embeddings,
-        norms and the output head always stay in `dtype`. fp8_impl: fp8_matmul's `impl`."""
+        norms and the output head always stay in `dtype`. fp8_impl: the fp8_matmul impl every
+        Fp8Weight runs (kernels.Kernels.fp8)."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={quantization!r} is not supported; use one of {QUANTIZATIONS}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -293,12 +250,12 @@ class Transformer(nnx.Module):
     def to_input_major(self) -> "Transformer":
         """The layers' 16-bit projections stored [(layers,) in..., out...] instead of the
         checkpoints' [(layers,) out..., in...], and the output head [embed, vocab], where the
-        backend's product runs faster so (projections.prefers_input_major): for serving, not for
-        saving. Each weight keeps its sharding and logical axes, moved with its dims; one
-        program transposes them all (so for a moment they are held twice: the default model's
-        540 MB). A tied head is the embedding table itself: the lookup then takes columns
-        (XLA:CPU, the default model: head 8.65 -> 7.70 ms at 8 rows, 3.99 -> 2.99 at one; the
-        lookup +0.09 ms at 8 tokens, +2.8 ms at 1,024)."""
+        backend's product runs faster so (kernels.Kernels.input_major): for serving, not for
+        saving. Each weight keeps its sharding and logical axes, moved with its dims, and is
+        marked `input_major` (projections.is_input_major); one program transposes them all (so
+        for a moment they are held twice). A tied head is the embedding table itself: the
+        lookup then takes columns, which costs less than the head's product gains
+        (docs/performance.md)."""
         modules = (self.layers.attention, self.layers.feed_forward)
         moves = [move for m in modules for move in m.input_major_moves()]
         if not self.head_input_major:
@@ -308,9 +265,7 @@ class Transformer(nnx.Module):
             for (param, order), value in zip(moves, new):
                 axes = param.get_metadata()["logical_axes"]
                 param.value = value
-                param.set_metadata(logical_axes=tuple(axes[i] for i in order))
-            for m in modules:
-                m.input_major = True
+                param.set_metadata(logical_axes=tuple(axes[i] for i in order), input_major=True)
             self.head_input_major = True
         return self
 
@@ -331,7 +286,7 @@ class Transformer(nnx.Module):
         table = self.tok_embeddings[...]  # [vocab, embed], or [embed, vocab] as a tied input-major head
         x = jnp.moveaxis(table[:, tokens], 0, -1) if self._tied_input_major() else table[tokens]
         x = constrain(x, ("batch", "seq", "embed"))
-        # The scan slices each layer's parameters out of the stacks. FP8 projections stay whole
+        # The scan slices each layer's parameters out of the stacks. FP8 weights stay whole
         # and their kernel reads layer i in place: a Pallas call cannot take a slice as a view,
         # so XLA would copy every layer's weight first (16-bit weights go to XLA's own dot,
         # which reads the slice in place).
