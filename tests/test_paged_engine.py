@@ -48,6 +48,7 @@ def mixed_params(n, seed):
     return out
 
 
+@pytest.mark.slow
 def test_20_concurrent_requests_equal_alone_with_chunked_prefill(tiny_checkpoints, alone):
     """20 requests of 3-120 tokens, a 48-token step budget (prompts are prefilled in chunks between
     other requests' decode steps), 8 seats: each output equals the request run alone."""
@@ -60,6 +61,7 @@ def test_20_concurrent_requests_equal_alone_with_chunked_prefill(tiny_checkpoint
     assert llm.engine.allocator.num_used_pages == 0  # every finished request gave its pages back
 
 
+@pytest.mark.slow
 def test_prefix_cache_reuses_shared_prefix_and_changes_nothing(tiny_checkpoints, alone):
     system = np.random.default_rng(7).integers(5, 32768, size=70).tolist()  # a shared "system prompt"
     llm = make_llm(tiny_checkpoints, block_size=16, max_num_batched_tokens=64)
@@ -88,6 +90,7 @@ def test_prefix_cache_off_computes_everything(tiny_checkpoints):
     assert llm.prefix_cache_stats().cached_tokens == 0
 
 
+@pytest.mark.slow
 def test_preemption_when_pages_run_out_keeps_outputs_exact(tiny_checkpoints, alone):
     """A cache of 24 pages of 8 tokens (192 tokens) for 10 requests needing up to ~60 tokens each:
     the newest running requests are preempted and recomputed, and every output is unchanged."""
@@ -124,6 +127,7 @@ def test_abort_frees_pages_and_leaves_others_alone(tiny_checkpoints, alone):
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.slow
 def test_request_larger_than_the_cache_is_rejected_clearly(tiny_checkpoints):
     llm = make_llm(tiny_checkpoints, block_size=16, num_pages=4)  # 3 usable pages = 48 tokens
     with pytest.raises(ValueError, match="whole cache has 3 pages"):

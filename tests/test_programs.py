@@ -42,6 +42,7 @@ def _start(cache: Path) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_restart_loads_every_program_and_gives_the_same_outputs(tmp_path):
     cold = _start(tmp_path)
     assert cold["compiled"] == cold["programs"] > 0 and cold["loaded"] == 0

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from mistral_jax.cache.page_allocator import NULL_PAGE, PageAllocator
 from mistral_jax.sample.sampling import SamplingParams
+from mistral_jax.engine.plan import SeqOutput, StepOutputs
 from mistral_jax.engine.scheduler import Scheduler, Sequence, Status
 
 PAGE = 4
@@ -22,7 +23,8 @@ ops_strategy = st.lists(st.one_of(arrival, abort, step, step, step), min_size=1,
 
 class Driver:
     """The engine's host loop with a fake device: one step in flight, its tokens read after the
-    next step is launched (as mistral_jax.engine.engine does)."""
+    next step is launched (as mistral_jax.engine.engine does); the scheduler's three entry points
+    (schedule, launched, update) are the only writers of the sequences' state."""
 
     def __init__(self, num_pages, max_num_seqs, budget, caching):
         self.alloc = PageAllocator(num_pages, PAGE, caching)
@@ -47,29 +49,33 @@ class Driver:
             self.sched.finish(seq)
 
     def step(self):
-        batch = self.sched.schedule()
-        assert sum(s.n for s in batch) <= self.budget
+        plan = self.sched.schedule()
+        assert plan.num_tokens <= self.budget
         assert len(self.sched.running) <= self.max_num_seqs
-        assert len({id(s.seq) for s in batch}) == len(batch)
-        for s in batch:  # a scheduled sequence keeps pages for every token it computes
+        assert len({id(s.seq) for s in plan}) == len(plan)
+        for s in plan:  # a scheduled sequence keeps pages for every token it computes
             assert s.seq.status is Status.RUNNING and len(s.seq.pages) * PAGE >= s.start + s.n
-        for s in batch:
-            self.sched.register_full_pages(s.seq)
+        self.sched.launched(plan)
         if self.pending:
-            for s in self.pending:
-                seq = s.seq
-                if not s.sample or seq.status is Status.FINISHED:
-                    continue
-                seq.in_flight -= 1
-                seq.token_ids.append(100 + len(seq.token_ids) % 7)
-                if seq.num_generated - seq.in_flight >= seq.params.max_tokens:
-                    self.sched.finish(seq)
-                    self.live.remove(seq)
-                    self.finished += 1
-                else:
-                    self.sched.register_full_pages(seq)
-        self.pending = batch or None
-        return bool(batch)
+            self.sched.update(self.pending, self.read(self.pending))
+        self.pending = plan or None
+        return bool(plan)
+
+    def read(self, plan):
+        """The output processor's verdict on a fake step: one token per sampled sequence, the
+        request done at max_tokens."""
+        seqs = []
+        for s in plan:
+            seq = s.seq
+            if not s.sample or seq.status is Status.FINISHED:
+                seqs.append(None)
+                continue
+            done = seq.num_generated - seq.in_flight + 1 >= seq.params.max_tokens
+            seqs.append(SeqOutput((100 + len(seq.token_ids) % 7,), finished=done))
+            if done:
+                self.live.remove(seq)
+                self.finished += 1
+        return StepOutputs([], tuple(seqs))
 
     def check(self):
         owners: dict[int, list[Sequence]] = {}

@@ -117,6 +117,7 @@ def plain_outputs(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.slow
 def test_speculation_gives_plain_decodings_tokens(tiny_checkpoints, plain_outputs, k):
     """32 requests in one batch of 8 seats and a 64-token step budget: greedy, seeded top-p/top-k
     sampling and penalty requests (which do not speculate) side by side, prefix cache on (the
@@ -135,6 +136,7 @@ def test_speculation_gives_plain_decodings_tokens(tiny_checkpoints, plain_output
     assert llm.engine.allocator.num_used_pages == 0
 
 
+@pytest.mark.slow
 def test_speculation_survives_preemption(tiny_checkpoints):
     """A cache of 24 pages for 8 sequences that need up to 9 each: sequences are preempted
     (also while their drafts are in flight) and recomputed; outputs stay plain decoding's."""
@@ -152,6 +154,7 @@ def test_speculation_survives_preemption(tiny_checkpoints):
     assert llm.engine.allocator.num_used_pages == 0
 
 
+@pytest.mark.slow
 def test_stop_strings_max_tokens_and_logprobs_as_plain(tiny_checkpoints):
     prompts = repetitive_prompts(6, seed=9)
     plain, spec = make_llm(tiny_checkpoints[0]), make_llm(tiny_checkpoints[0], ngram(4))
@@ -171,6 +174,7 @@ def test_stop_strings_max_tokens_and_logprobs_as_plain(tiny_checkpoints):
     assert spec.engine.speculator.stats.num_accepted_tokens > 0
 
 
+@pytest.mark.slow
 def test_abort_with_drafts_in_flight_frees_pages(tiny_checkpoints):
     llm = make_llm(tiny_checkpoints[0], ngram(4))
     prompts = repetitive_prompts(6, seed=3)
@@ -184,6 +188,7 @@ def test_abort_with_drafts_in_flight_frees_pages(tiny_checkpoints):
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.slow
 def test_speculation_adds_no_program(tiny_checkpoints):
     llm = make_llm(tiny_checkpoints[0], ngram(5), warmup=True)
     assert llm.warmup_programs == llm.engine.programs()
@@ -201,7 +206,7 @@ def test_speculation_adds_no_program(tiny_checkpoints):
 def small_vocab_model(tmp_path_factory, tiny_cfg, tiny_checkpoints):
     """The tiny model with a 48-token vocabulary and a sharpened head: sampled text repeats itself
     often enough that prompt lookup proposes tokens the model may or may not draw."""
-    from checkpoint_fixtures import random_weights
+    from helpers.checkpoints import random_weights
 
     cfg = dataclasses.replace(tiny_cfg, vocab_size=48)
     weights = random_weights(cfg, seed=11)
@@ -225,6 +230,7 @@ def _chi_square_p(a: np.ndarray, b: np.ndarray, vocab: int) -> float:
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
+@pytest.mark.slow
 def test_speculative_sampling_follows_the_target_distribution(small_vocab_model, top_p):
     """600 samples of 6 tokens at temperature 1 with speculation, 600 without, other seeds: each
     position's token distribution is the same (chi-square); the same seeds give the same tokens."""
@@ -252,7 +258,7 @@ def draft(path, k):
 @pytest.fixture(scope="module")
 def other_tiny(tmp_path_factory, tiny_cfg, tiny_checkpoints):
     """Another random model of the tiny shape (seed 1): a draft that seldom agrees."""
-    from checkpoint_fixtures import make_tiny_mistral_checkpoint
+    from helpers.checkpoints import make_tiny_mistral_checkpoint
 
     path = tmp_path_factory.mktemp("other_tiny")
     make_tiny_mistral_checkpoint(path, tiny_cfg, seed=1)
@@ -261,6 +267,7 @@ def other_tiny(tmp_path_factory, tiny_cfg, tiny_checkpoints):
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.slow
 def test_a_model_drafting_for_itself_is_always_accepted(tiny_checkpoints, plain_outputs, k):
     prompts, params, expected = plain_outputs
     llm = make_llm(tiny_checkpoints[0], draft(tiny_checkpoints[0], k))
@@ -277,6 +284,7 @@ def test_a_model_drafting_for_itself_is_always_accepted(tiny_checkpoints, plain_
     assert llm.engine.allocator.num_used_pages == 0
 
 
+@pytest.mark.slow
 def test_a_different_draft_is_mostly_rejected_and_changes_nothing(tiny_checkpoints, other_tiny):
     """With the prefix cache (second pass) and a cache small enough to preempt."""
     rng = np.random.default_rng(5)
@@ -292,6 +300,7 @@ def test_a_different_draft_is_mostly_rejected_and_changes_nothing(tiny_checkpoin
     assert llm.engine.allocator.num_used_pages == 0
 
 
+@pytest.mark.slow
 def test_draft_model_errors_name_the_problem(tiny_checkpoints, small_vocab_model):
     with pytest.raises(ValueError, match="the draft model's vocabulary has 48 tokens, the target's 32768"):
         make_llm(tiny_checkpoints[0], draft(small_vocab_model, 3))
@@ -301,6 +310,7 @@ def test_draft_model_errors_name_the_problem(tiny_checkpoints, small_vocab_model
         make_llm(tiny_checkpoints[0], draft(tiny_checkpoints[0] / "missing", 3))
 
 
+@pytest.mark.slow
 def test_draft_model_adds_only_its_own_programs(tiny_checkpoints, other_tiny):
     llm = make_llm(tiny_checkpoints[0], draft(other_tiny, 4), warmup=True)
     buckets = len(llm.engine.token_buckets())
@@ -314,6 +324,7 @@ def test_draft_model_adds_only_its_own_programs(tiny_checkpoints, other_tiny):
     assert COMPILES.count == compiles
 
 
+@pytest.mark.slow
 def test_default_model_ngram_gives_plain_decodings_tokens():
     """Real weights, real text, 32 chat requests in one batch: prompts that repeat their context
     (rewrite, quote) and open questions, greedy and seeded, beside penalty requests (plain)."""
@@ -334,6 +345,7 @@ def test_default_model_ngram_gives_plain_decodings_tokens():
     assert fast.engine.speculator.stats.num_accepted_tokens > 50
 
 
+@pytest.mark.slow
 def test_default_model_drafting_for_itself(tmp_path):
     """Real weights, real text: the demo model as its own draft is accepted every time, and
     gives the plain engine's text."""
@@ -350,6 +362,7 @@ def test_default_model_drafting_for_itself(tmp_path):
     assert fast.engine.speculator.stats.acceptance_rate == 1.0
 
 
+@pytest.mark.slow
 def test_missing_proposals_back_off_to_plain_steps(tiny_checkpoints, other_tiny):
     """A draft that seldom agrees: after each miss the request runs 1, 2, 4, ... plain
     (pipelined) steps before it proposes again, so most of its tokens come from plain steps."""
@@ -362,6 +375,7 @@ def test_missing_proposals_back_off_to_plain_steps(tiny_checkpoints, other_tiny)
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
+@pytest.mark.slow
 def test_speculation_on_a_tensor_parallel_mesh(tiny_checkpoints, other_tiny, method):
     """tp=2 over the CPU's fake devices: drafts, verify rows and the draft's own cache sharded."""
     prompts, params = repetitive_prompts(8, seed=6), [dataclasses.replace(GREEDY, max_tokens=20)] * 8

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from mistral_jax import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow  # its module fixture warms up every program: ~30 s of CPU
 from test_engine import LOWERINGS, CountEvents
 
 BLOCK = 16

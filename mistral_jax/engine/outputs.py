@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from mistral_jax.sample.sampling import SamplingParams
-from mistral_jax.tokenizer.tokenizer import StreamDecoder, Tokenizer
+from mistral_jax.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclasses.dataclass

@@ -1,9 +1,8 @@
 """Compiled programs that survive a restart whole, as serialized executables.
 
 JAX's persistent compilation cache keys a program by its lowered module, so a restart still
-traces the model and lowers it before the lookup. For Mistral-Small-2501 in FP8 on an H200 that
-was most of a warm start: of 26.8 s, 17.8 s lowering (12 s of it the Mosaic GPU kernels) and
-7.5 s tracing, against 1.7 s in XLA (probes/probe_warm_start.py, 2026-12-03). A `Program` keeps
+traces the model and lowers it before the lookup: for a large model that is most of a warm start
+(the Mosaic GPU kernels' lowering above all; docs/performance.md). A `Program` keeps
 each compiled executable on disk under a key of everything that shapes it (our code, JAX's
 version, the devices, the flags, the arguments' shapes, dtypes and shardings, the static
 arguments), and a restart loads it without tracing anything.
@@ -202,9 +201,9 @@ def _prune(directory: Path, max_bytes: int) -> None:
 def _prepare_mosaic_gpu() -> None:
     """A stored program can hold Mosaic GPU kernels (the FP8 prefill matmul). Their compiled state
     calls into a runtime library that JAX names in environment variables when its Mosaic GPU
-    module is imported, which lowering does; a loaded program is not lowered. Without them an
-    H200 warm start failed to resolve mosaic_gpu_launch_kernel: each kernel was compiled again
-    (one program not loaded at all), 7.9 s of an FP8 warm-up of 8.2 s."""
+    module is imported, which lowering does; a loaded program is not lowered. Without them a
+    warm start failed to resolve mosaic_gpu_launch_kernel: each kernel was compiled again (one
+    program not loaded at all), most of an FP8 warm-up."""
     if jax.default_backend() != "gpu":
         return
     try:

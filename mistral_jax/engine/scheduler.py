@@ -22,76 +22,23 @@ after its last one; each of them is also sampled, so a step's sampling rows (one
 plus one per draft) can outnumber its sequences, up to `max_rows`. A sequence whose drafts are
 in flight waits for them to be read (its length is unknown until then); the engine then rolls
 its computed length back past the rejected ones.
+
+The scheduler is the only writer of a sequence's scheduling state, at three points of a step:
+`schedule()` plans it (admission, preemption, pages, drafts), `launched(plan)` names its full
+pages in the prefix cache once the step that writes them is on its way, and `update(plan,
+outputs)` takes in what was read back (tokens, accepted drafts, finished requests).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 
 from mistral_jax.cache.page_allocator import OutOfPages, PageAllocator, page_hashes
-from mistral_jax.sample.sampling import SamplingParams
+from mistral_jax.engine.plan import Scheduled, StepOutputs, StepPlan
+from mistral_jax.engine.sequence import Sequence, Status
 
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclasses.dataclass(eq=False)
-class Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    index: int = 0  # position in the caller's list of prompts
-    token_ids: list[int] = dataclasses.field(default_factory=list)  # prompt + generated, as read
-    num_computed: int = 0  # tokens whose k/v are written, or being written by a launched step
-    in_flight: int = 0  # sampled tokens launched but not read yet
-    pages: list[int] = dataclasses.field(default_factory=list)  # block table
-    hashes: list[int] = dataclasses.field(default_factory=list)  # chained hashes of full pages
-    num_registered: int = 0  # leading pages offered to the prefix cache
-    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served (first admission)
-    num_preemptions: int = 0
-    slot: int = -1  # row of the persistent per-sequence sampling state
-    matcher: object = None  # structured.Matcher: its next mask needs its last token on the host
-    spec: object = None  # speculative.SpecState when the sequence speculates
-    status: Status = Status.WAITING
-
-    def __post_init__(self):
-        self.token_ids = list(self.prompt_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens the sequence has, including sampled ones not read yet."""
-        return len(self.token_ids) + self.in_flight
-
-    @property
-    def num_generated(self) -> int:
-        return self.num_tokens - len(self.prompt_ids)
-
-    @property
-    def uses_prefix_cache(self) -> bool:
-        # Prompt logprobs need the logits of every prompt position: compute them all.
-        return self.params.prompt_logprobs is None
-
-
-@dataclasses.dataclass
-class Scheduled:
-    """One sequence's share of a step: tokens [start, start + n) of the sequence."""
-
-    seq: Sequence
-    start: int
-    n: int
-    sample: bool  # the chunk reaches the sequence's end: its last token's logits are sampled
-    admitted: bool = False  # the sequence (re)entered the running set with this step
-    draft: tuple[int, ...] = ()  # proposed tokens, the chunk's last len(draft) (each one sampled too)
-
-    @property
-    def rows(self) -> int:
-        """Sampling rows: the last token's, and one per draft."""
-        return 1 + len(self.draft)
+__all__ = ["Scheduled", "Scheduler", "Sequence", "Status"]
 
 
 class Scheduler:
@@ -116,7 +63,8 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------------
 
-    def schedule(self) -> list[Scheduled]:
+    def schedule(self) -> StepPlan:
+        """The next step: running sequences first (oldest first), then admissions."""
         budget = self.max_num_batched_tokens
         rows = self.max_rows
         batch: list[Scheduled] = []
@@ -166,7 +114,7 @@ class Scheduler:
             batch.append(dataclasses.replace(self._take(seq, n), admitted=True))
             budget -= n
             rows -= 1
-        return batch
+        return StepPlan(tuple(batch))
 
     def _draft(self, seq: Sequence, n: int, budget: int, rows: int) -> tuple[int, ...]:
         """Drafts for a decoding sequence whose tokens are all read (else ()), within the step's
@@ -189,7 +137,7 @@ class Scheduler:
             seq.spec.pending = draft
         return Scheduled(seq, start, n + len(draft), sample, draft=draft)
 
-    def rollback(self, seq: Sequence, rejected: int) -> None:
+    def _rollback(self, seq: Sequence, rejected: int) -> None:
         """A verify step's rejected drafts: their k/v are past the computed length now (the next
         step overwrites them); the pages stay with the sequence (it grows into them)."""
         if seq.status is Status.RUNNING:
@@ -250,6 +198,34 @@ class Scheduler:
         return seqs
 
     # ---- after a step ---------------------------------------------------------------------
+
+    def launched(self, plan: StepPlan) -> None:
+        """The plan's step is on its way: its sequences' full pages may be named in the prefix
+        cache (a page is only named once the step that writes it has been launched, so a step
+        that failed before launching names nothing it did not write)."""
+        for s in plan:
+            self.register_full_pages(s.seq)
+
+    def update(self, plan: StepPlan, outputs: StepOutputs) -> None:
+        """A read step's verdict per sequence (outputs.seqs, aligned with plan): its sampled
+        token is no longer in flight; a verify step's rejected drafts are rolled back; the kept
+        tokens join the sequence, each one naming the pages it fills, and the one that finished
+        the request (if any) frees its pages."""
+        for s, out in zip(plan, outputs.seqs, strict=True):
+            if out is None:
+                continue
+            seq = s.seq
+            seq.in_flight -= 1
+            if s.draft:
+                self.speculator.record(seq.spec, len(s.draft), out.accepted)
+                self._rollback(seq, len(s.draft) - out.accepted)
+            last = len(out.tokens) - 1
+            for i, token in enumerate(out.tokens):
+                seq.token_ids.append(token)
+                if out.finished and i == last:
+                    self.finish(seq)
+                else:
+                    self.register_full_pages(seq)
 
     def register_full_pages(self, seq: Sequence) -> None:
         """Offer the sequence's pages that are full and whose tokens are known to the prefix

@@ -18,7 +18,7 @@ Proposers:
 - ngram (prompt lookup): the longest suffix of the sequence (prompt_lookup_min..max tokens) that
   occurred before, and the tokens that followed its latest occurrence. No weights, no device work.
 - draft_model: a smaller model with the same vocabulary, decoding greedily (draft.py); the
-  scheduler reserves room for k drafts and the engine fills them in before the step.
+  scheduler reserves room for k drafts and the model runner fills them in before the step.
 
 Cost control. A sequence whose drafts are on the device cannot be scheduled until they are read
 (its length is unknown), so speculation gives up the engine's one-step-ahead pipelining for that
@@ -36,7 +36,7 @@ import numbers
 import numpy as np
 
 METHODS = ("ngram", "draft_model")
-UNFILLED = -1  # a draft_model draft, before the engine fills it in
+UNFILLED = -1  # a draft_model draft, before the model runner fills it in
 MAX_BACKOFF = 16  # plain steps between proposals after repeated misses
 
 
@@ -177,7 +177,7 @@ class SpecStats:
 
 
 class Speculator:
-    """Proposals for the scheduler, and what the engine read back from a verify step."""
+    """Proposals for the scheduler, and the record of what verify steps kept."""
 
     def __init__(self, config: SpeculativeConfig):
         self.config = config
@@ -196,21 +196,24 @@ class Speculator:
             return ()
         return tuple(int(t) for t in draft)
 
-    def accept(self, state: SpecState, draft: tuple[int, ...], sampled: np.ndarray) -> int:
-        """sampled: the target's tokens at the len(draft) + 1 positions. Returns how many drafts
-        are kept: the leading ones equal to the token sampled before them."""
-        a = 0
-        while a < len(draft) and int(sampled[a]) == draft[a]:
-            a += 1
+    def record(self, state: SpecState, num_drafts: int, accepted: int) -> None:
+        """A verify step was read: count it, and back off after a miss. Keeping one draft (two
+        tokens from one step) already pays for the verify step's extra cost (its rows, and the
+        one-step-ahead pipelining it gives up: docs/performance.md); keeping none is a miss."""
         self.stats.num_drafts += 1
-        self.stats.num_draft_tokens += len(draft)
-        self.stats.num_accepted_tokens += a
+        self.stats.num_draft_tokens += num_drafts
+        self.stats.num_accepted_tokens += accepted
         state.pending = ()
-        # A verify step costs 1.2-1.35x a pipelined plain step on an H200 (mostly the lost
-        # pipelining) and ~1.6x on a CPU at k = 4 (compute grows with rows): keeping one draft
-        # (two tokens) already pays; keeping none is a miss.
-        if a:
+        if accepted:
             state.hit()
         else:
             state.missed()
-        return a
+
+
+def accepted_drafts(draft: tuple[int, ...], sampled) -> int:
+    """sampled: the target's tokens at the len(draft) + 1 positions of a verify step. How many
+    drafts are kept: the leading ones equal to the token sampled before them."""
+    a = 0
+    while a < len(draft) and int(sampled[a]) == draft[a]:
+        a += 1
+    return a

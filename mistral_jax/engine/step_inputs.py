@@ -1,13 +1,12 @@
 """A step's host-built inputs, and their form on the way to the device: two int32 arrays.
 
 The engine packs a step on the host (StepInputs and the rows' SamplingArrays: ~23 small NumPy
-arrays). Handed to the jitted step as they are, each is its own host-to-device transfer: on an
-H200 host the FP8 batch-1 decode step spent ~0.9 ms of its ~5.9 ms of dispatch in 21 DevicePuts,
-while the device's step took ~7.1 ms (benchmarks/NOTES.md, session 21): when the host is that
-close to the device, its late steps leave the device idle. `to_wire` lays them out as two arrays
-(one per token, one per sequence row; floats and unsigned seeds by their bits), `from_wire`
-takes them apart inside the program (slices: no kernel of their own). The grammar bitmask stays
-apart: it is already on the device.
+arrays). Handed to the jitted step as they are, each is its own host-to-device transfer, and
+when the host's dispatch of a step takes nearly as long as the device's step, those transfers
+leave the device idle (docs/performance.md). `to_wire` lays them out as two arrays (one per
+token, one per sequence row; floats and unsigned seeds by their bits), `from_wire` takes them
+apart inside the program (slices: no kernel of their own). The grammar bitmask stays apart: it
+is already on the device.
 """
 
 from __future__ import annotations
