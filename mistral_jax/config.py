@@ -9,6 +9,7 @@ the file spells it, the bad value and the fix, never a ZeroDivisionError or KeyE
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import math
 import numbers
@@ -16,7 +17,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def shipped_configs():
+    """The folder of the named configs: the package `mistral_jax.configs`, which is the repo's
+    top-level configs/ (a wheel installs it as mistral_jax/configs/, an editable install maps it
+    there); from a source tree on PYTHONPATH, not installed, the configs/ beside the package."""
+    try:
+        return importlib.resources.files("mistral_jax.configs")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "configs"
 
 
 class CheckpointError(ValueError):
@@ -208,11 +217,13 @@ class ModelConfig:
     @classmethod
     def named(cls, name: str) -> "ModelConfig":
         """A config shipped in configs/, e.g. 'mistral-small-2501' or 'tiny'."""
-        path = CONFIG_DIR / f"{name}.json"
-        if not path.exists():
-            known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-            raise FileNotFoundError(f"no config named {name!r} in {CONFIG_DIR}; known: {known}")
-        return cls.from_json(path)
+        folder = shipped_configs()
+        path = folder / f"{name}.json"
+        if not path.is_file():
+            known = sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+            raise FileNotFoundError(f"no config named {name!r} in {folder}; known: {known}")
+        with importlib.resources.as_file(path) as file:
+            return cls.from_json(file)
 
     @classmethod
     def from_mistral_params(cls, params: dict, source: str | Path = "params.json") -> "ModelConfig":

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from checkpoint_fixtures import hf_model_from_dir, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
+from helpers.checkpoints import hf_model_from_dir, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
 from mistral_jax.loading.checkpoint import CheckpointError, open_checkpoint
 from mistral_jax.loading.checkpoint.hf import canonical_name as hf_canonical_name
 from mistral_jax.loading.checkpoint.hf import unpermute_rotary
@@ -124,6 +124,7 @@ def test_gguf_config():
     assert c.norm_eps == pytest.approx(1e-5)
 
 
+@pytest.mark.slow
 def test_gguf_tensors_equal_transformers(tiny_cfg):
     """Our stream (no q/k permutation: GGUF holds the interleaved order) equals transformers' state
     dict from the same file (rotate_half order) after our HF -> canonical un-permutation."""

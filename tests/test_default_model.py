@@ -12,6 +12,8 @@ import torch
 from mistral_jax import LLM, SamplingParams
 from mistral_jax.loading.default_model import default_model_path
 
+pytestmark = pytest.mark.slow  # the default model, transformers' copy of it and CLI subprocesses
+
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 

@@ -92,6 +92,7 @@ def run_workers(model_dir, tmp_path, n: int = 2) -> list[dict]:
     return [json.loads(o.read_text()) for o in outs]
 
 
+@pytest.mark.slow
 def test_two_processes_generate_like_one(tiny_checkpoints, tmp_path):
     import jax
 
@@ -103,10 +104,11 @@ def test_two_processes_generate_like_one(tiny_checkpoints, tmp_path):
         assert r["tokens"] == expected
 
 
+@pytest.mark.slow
 def test_init_timeout_is_a_clear_error(tmp_path):
     """A worker whose coordinator never comes fails fast, naming the address and the fix."""
     address = f"127.0.0.1:{free_port()}"  # nobody listens there
-    code = ("from mistral_jax import distributed\n"
+    code = ("from mistral_jax.runtime import distributed\n"
             f"distributed.initialize({address!r}, num_processes=2, process_id=1, timeout_s=2)\n")
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,

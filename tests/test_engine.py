@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint_fixtures import hf_model_from_dir
+from helpers.checkpoints import hf_model_from_dir
 from mistral_jax import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -90,6 +90,7 @@ def test_logprobs_match_transformers(llm, hf):
         assert set(np.argsort(-row)[:2]) <= set(plp[t])
 
 
+@pytest.mark.slow
 def test_seeded_sampling_reproducible_across_batches(llm):
     ps = prompts(3, seed=6)
     sp = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
@@ -117,6 +118,7 @@ class CountEvents:
 LOWERINGS = CountEvents("/jax/core/compile/jaxpr_to_mlir_module_duration")
 
 
+@pytest.mark.slow
 def test_no_recompilation_after_warmup(llm):
     """Steady state compiles nothing new, anywhere: after one warm-up, workloads with other
     tokens, other sampling parameters in other rows and other prompt lengths (same totals, so the
@@ -140,14 +142,15 @@ def test_no_recompilation_after_warmup(llm):
     assert LOWERINGS.count == before
 
 
+@pytest.mark.slow
 def test_one_token_program_beside_the_minimum_bucket(llm, tiny_checkpoints, monkeypatch):
     """On an accelerator steps start at 16 tokens, and one sequence's decode (1 token) has a
     program of its own. Simulated on the CPU (its minimum raised to 16): buckets 1, 16, 32, ...;
     warm-up compiles them all, after which one-row decode (bucket 1) and batched steps (16)
     lower nothing new, and give the tokens of the CPU's own buckets."""
-    from mistral_jax.engine import engine as engine_module
+    from mistral_jax.engine import buckets
 
-    monkeypatch.setattr(engine_module, "MIN_TOKEN_BUCKET_CPU", 16)
+    monkeypatch.setattr(buckets, "MIN_TOKEN_BUCKET_CPU", 16)
     accel = LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=256, progress=False)
     assert accel.engine.token_buckets()[:3] == [1, 16, 32]
     ps = prompts(3, seed=5)
@@ -178,6 +181,7 @@ def test_bad_api_use(llm):
         LLM(model="unused", dtype="int4")
 
 
+@pytest.mark.slow
 def test_max_tokens_none_runs_to_context(tiny_checkpoints):
     small = LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=40, progress=False)
     out = small.generate([{"prompt_token_ids": [1] * 30}], SamplingParams(max_tokens=None, temperature=0,
@@ -190,7 +194,7 @@ def test_chat_with_tools_encodes_like_mistral_common(llm):
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from conftest import V3_TOKENIZER
+    from helpers.models import V3_TOKENIZER
 
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]

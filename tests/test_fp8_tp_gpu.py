@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import dense_logits
-from fp8_tp_gpu_common import CFG, DTYPE, SEED, STEPS, greedy, prompts
+from helpers.models import dense_logits
+from helpers.fp8_tp import CFG, DTYPE, SEED, STEPS, greedy, prompts
 from mistral_jax.runtime.sharding import make_mesh, parse_mesh, use_mesh
 from mistral_jax.loading.weights import random_weights
 
@@ -85,7 +85,8 @@ def _forward(graphdef, state, tokens):
 def test_tp2_matches_one_gpu(meshes, impl):
     one_mesh, two_mesh = meshes
     one, two = build(impl, one_mesh), build(impl, two_mesh)
-    w2 = lambda m: np.asarray(m.layers.feed_forward.w2[...][-1, :4, :16].astype(np.float32))  # noqa: E731
+    w2 = lambda m: np.asarray(getattr(m.layers.feed_forward.w2, "quant", m.layers.feed_forward.w2)[...][-1, :4, :16]  # noqa: E731
+                              .astype(np.float32))
     np.testing.assert_array_equal(w2(one), w2(two))  # the same weights, the last layer's too
     report, checks = {}, []
     for length in (512, 4096):  # prefill-sized products (m = 512, 4096)

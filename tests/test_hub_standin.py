@@ -1,4 +1,4 @@
-"""The Hub stand-in (`tests/hub_standin.py`) drives the real huggingface_hub client, offline.
+"""The Hub stand-in (`tests/helpers/hub_standin.py`) drives the real huggingface_hub client, offline.
 
 Each test gets a fresh `HubStandin` on loopback serving small random repos from tmp_path, with
 huggingface_hub pointed at it by `hub.point_huggingface_hub(monkeypatch, hf_home)`: env vars for
@@ -24,7 +24,7 @@ from huggingface_hub.utils import (
     RevisionNotFoundError,
 )
 
-from hub_standin import HubStandin
+from helpers.hub_standin import HubStandin
 
 REPO = "test-org/tiny-model"
 GATED = "test-org/gated-model"

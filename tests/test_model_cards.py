@@ -4,7 +4,7 @@ The cards (Mistral-Small-24B-Instruct-2501 and Mistral-Small-Instruct-2409) tell
 snippets word for word: models by Hub id, `--tokenizer_mode mistral --config_format mistral
 --load_format mistral`, `tensor_parallel_size`, a `requests` and a `curl` client, and
 `snapshot_download(...)` of the Mistral files. Here each snippet runs as the card writes it (the
-only edits are named beside them) against a loopback stand-in for the Hub (tests/hub_standin.py)
+only edits are named beside them) against a loopback stand-in for the Hub (tests/helpers/hub_standin.py)
 that serves two tiny random models under the cards' repo ids, each repo holding both layouts
 (params.json + consolidated.safetensors and config.json + model.safetensors), as Mistral's repos
 do. Every output must EQUAL the output of the same model loaded from a local folder with the same
@@ -46,12 +46,14 @@ import pytest
 from huggingface_hub import constants
 from safetensors.numpy import save_file
 
-from checkpoint_fixtures import (hf_model_from_dir, make_tiny_gguf_checkpoint, make_tiny_hf_checkpoint,
+from helpers.checkpoints import (hf_model_from_dir, make_tiny_gguf_checkpoint, make_tiny_hf_checkpoint,
                                  random_weights)
-from hub_standin import HubStandin
+from helpers.hub_standin import HubStandin
 from mistral_jax import LLM, SamplingParams
 from mistral_jax.config import CheckpointError, ModelConfig
-from server_harness import free_port
+from helpers.server import free_port
+
+pytestmark = pytest.mark.slow  # each card's model through the Hub stand-in: ~55 s of CPU
 
 REPO_2409 = "mistralai/Mistral-Small-Instruct-2409"
 REPO_2501 = "mistralai/Mistral-Small-24B-Instruct-2501"
@@ -264,7 +266,7 @@ def make_card_repo(folder: Path, cfg: ModelConfig, seed: int, tokenizer: Path, t
 @pytest.fixture(scope="module")
 def card_repos(tmp_path_factory):
     """{repo id: source folder}: the two cards' repos and a GGUF one."""
-    from conftest import V3_TOKENIZER
+    from helpers.models import V3_TOKENIZER
 
     root = tmp_path_factory.mktemp("card_repos")
     repos = {REPO_2409: root / "2409", REPO_2501: root / "2501", GGUF_REPO: root / "gguf"}
@@ -582,7 +584,7 @@ def test_files_fetched_per_load_format(hub, hf_home, reference_weights, repo, kw
 
 
 def test_gguf_repo_fetches_its_one_file(hub, hf_home):
-    from conftest import V3_TOKENIZER
+    from helpers.models import V3_TOKENIZER
 
     llm = LLM(model=GGUF_REPO, tokenizer=str(V3_TOKENIZER), progress=False)  # the file carries no tokenizer
     assert fetched(hub) == {GGUF_REPO: {"tiny-f32.gguf"}}
@@ -626,7 +628,7 @@ def chat_output(model: str, **kwargs):
 
 def test_interrupted_download_resumes(hub, hf_home, card_repos, monkeypatch):
     # huggingface_hub resumes at a multiple of its chunk size (10 MiB) within the same call: with
-    # 64 KiB chunks a cut at 300 kB resumes past 0 (tests/hub_standin.py).
+    # 64 KiB chunks a cut at 300 kB resumes past 0 (tests/helpers/hub_standin.py).
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
     hub.cut_after("consolidated.safetensors", 300_000, repo_id=REPO_2409)
 
@@ -703,7 +705,7 @@ def test_unknown_repo_and_missing_folder(hub, hf_home, tmp_path):
 # vLLM's flags.
 
 def test_flag_spellings_and_tp():
-    from mistral_jax.engine.args import llm_kwargs
+    from mistral_jax.engine.args import EngineArgs
     from mistral_jax.entrypoints.serve import parse_args
 
     card = parse_args(serve_argv(CARD_2501_SERVE)[3:])
@@ -718,7 +720,7 @@ def test_flag_spellings_and_tp():
     spellings = (["-tp", "2"], ["--tensor-parallel-size", "2"], ["--tensor_parallel_size=2"], ["--tensor_parallel=2"])
     parsed = [vars(parse_args([REPO_2501, *flag])) for flag in spellings]
     assert all(p == parsed[0] for p in parsed)
-    assert llm_kwargs(parse_args([REPO_2501, "-tp", "2"]))["tensor_parallel_size"] == 2
+    assert EngineArgs.from_cli_args(parse_args([REPO_2501, "-tp", "2"])).tensor_parallel_size == 2
 
 
 def test_format_and_device_errors(hub, hf_home):

@@ -34,6 +34,7 @@ def _install_cell(nb):
     return cells[0]
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()

@@ -17,7 +17,9 @@ import psutil
 import pytest
 
 from mistral_jax import LLM, SamplingParams
-from server_harness import MODEL, SETTINGS, Server, children, free_port, wait_gone
+from helpers.server import MODEL, SETTINGS, Server, children, free_port, wait_gone
+
+pytestmark = pytest.mark.slow  # the module starts server subprocesses
 
 
 @pytest.fixture(scope="module")

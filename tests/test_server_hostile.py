@@ -20,7 +20,9 @@ import openai
 import psutil
 import pytest
 
-from server_harness import MODEL, SETTINGS, Server, children, free_port, wait_gone
+from helpers.server import MODEL, SETTINGS, Server, children, free_port, wait_gone
+
+pytestmark = pytest.mark.slow  # server subprocesses under load
 
 KEY = "hostile-key"
 # Room for 150 streams at once (top-20 logprobs for all of them make a step's batch ~0.5 MB).

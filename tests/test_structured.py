@@ -76,6 +76,7 @@ def check_outputs(outs, schemas):
         jsonschema.validate(json.loads(text), schema)
 
 
+@pytest.mark.slow
 def test_default_model_follows_every_schema(demo):
     assert len(SCHEMAS) >= 20
     prompts = [f"Give an example of JSON for this schema: {json.dumps(s, ensure_ascii=False)}" for s in SCHEMAS]
@@ -94,6 +95,7 @@ def test_default_model_follows_every_schema(demo):
     assert valid < len(SCHEMAS) // 2
 
 
+@pytest.mark.slow
 def test_regex_choice_grammar_and_json_object(demo):
     specs = [StructuredOutputs(regex=r"[A-Z][a-z]{2,8} is [0-9]{2}"), StructuredOutputs(choice=["Paris", "Rome", "Oslo"]),
              StructuredOutputs(grammar='start: "The answer is " ("yes" | "no") "."'),
@@ -109,6 +111,7 @@ def test_regex_choice_grammar_and_json_object(demo):
     assert isinstance(json.loads(texts[3]), dict)
 
 
+@pytest.mark.slow
 def test_constrained_rows_leave_the_others_unchanged(demo):
     prompts = ["What is the capital of France?", "Name a colour:", "Count to five:"]
     greedy = SamplingParams(temperature=0, max_tokens=24)
@@ -122,6 +125,7 @@ def test_constrained_rows_leave_the_others_unchanged(demo):
 
 
 @pytest.mark.parametrize("vocab", [32768, 131072])
+@pytest.mark.slow
 def test_mistral_tokenizers_non_ascii(tmp_path, vocab):
     """Random weights of a small shape with mistral-common's v3 (SentencePiece) or Tekken
     tokenizer: the grammar alone makes the output valid, non-ASCII included."""
@@ -160,6 +164,7 @@ def test_bitmask_matches_llguidance_numpy_reference():
     (dict(regex="[a-"), "regex"),
     (dict(grammar="start: (("), "grammar"),
 ])
+@pytest.mark.slow
 def test_invalid_constraints_are_named(demo, spec, words):
     good = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputs(choice=["a"]))
     with pytest.raises(ValueError, match=re.escape(words)):

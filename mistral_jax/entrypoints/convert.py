@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+from mistral_jax.engine.args import QUANTIZATIONS
+from mistral_jax.engine.build import DTYPES
 from mistral_jax.loading.checkpoint import GGUFCheckpoint, open_checkpoint
 from mistral_jax.loading.checkpoint.orbax import save
-from mistral_jax.entrypoints.llm import DTYPES
-from mistral_jax.tokenizer.tokenizer import HFTokenizer
 from mistral_jax.loading.weights import load_weights
+from mistral_jax.tokenizer import HFTokenizer
 
 TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v*", "tokenizer.json", "tokenizer_config.json",
                    "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("dst", help="output directory (created)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
                    help="dtype of the saved 16/32-bit parameters (default bfloat16; FP8 projections stay FP8)")
-    p.add_argument("--quantization", default=None, choices=("fp8",),
+    p.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATIONS if q is not None],
                    help="fp8: quantize the projections now (e4m3 per-channel), as LLM(quantization='fp8') would")
     args = p.parse_args(argv)
     t0 = time.perf_counter()

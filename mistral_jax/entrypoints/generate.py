@@ -13,16 +13,17 @@ import sys
 import time
 
 from mistral_jax import IMPORTED_AT
-from mistral_jax.runtime import distributed
-from mistral_jax.engine.args import add_engine_args, llm_kwargs, normalize_flags
+from mistral_jax.engine.args import EngineArgs, add_cli_args, normalize_flags
+from mistral_jax.engine.build import join_processes
 from mistral_jax.entrypoints.llm import LLM
+from mistral_jax.runtime import distributed
 from mistral_jax.sample.sampling import SamplingParams
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mistral_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_args(p)
+    add_cli_args(p, exclude=("seed",))  # --seed here is the request's (below), not the engine's
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--prompt", help="one request (default: 'What is the capital of France?')")
     mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
@@ -32,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", dest="request_seed", type=int, default=None, help="the request's sampling seed")
     p.add_argument("--verbose", action="store_true", help="print where the start-up time went")
     return p.parse_args(normalize_flags(list(sys.argv[1:] if argv is None else argv)))
 
@@ -65,14 +66,15 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
     try:
-        if distributed.initialize_from_args(args):
+        engine_args = EngineArgs.from_cli_args(args)  # every setting checked before anything starts
+        if join_processes(engine_args):
             if args.chat:
                 raise ValueError("--chat reads one terminal, but this run has several processes: use --prompt")
             if not distributed.is_main_process():  # every process computes; process 0 alone shows the text
                 sys.stdout = open(os.devnull, "w")
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        llm = LLM(**llm_kwargs(args))
+                                top_p=args.top_p, top_k=args.top_k, seed=args.request_seed)
+        llm = LLM.from_engine_args(engine_args)
     except (ValueError, FileNotFoundError, TypeError, distributed.DistributedInitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,20 +25,17 @@ import tempfile
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mistral_jax.engine.args import add_engine_args, normalize_flags
+    from mistral_jax.engine.args import add_cli_args, normalize_flags
 
     p = argparse.ArgumentParser(prog="python -m mistral_jax.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="the model, as vLLM's `serve MODEL` (the same as --model)")
-    add_engine_args(p)
+    add_cli_args(p)  # every engine setting; --seed among them (the engine's, vLLM's meaning)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the API (default: the model as given, e.g. its Hub repo id)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="vLLM's: requests that set no seed draw theirs from generators started with it, so a "
-                        "server's run repeats itself (default 0)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="vLLM's flag: tool_choice 'auto' lets the model decide to call tools. Always on here "
                         "(tool calls are parsed in the model's own format); accepted for vLLM's command lines")
@@ -79,15 +76,20 @@ def main(argv=None) -> int:
     if args.warmup is None:
         args.warmup = True  # every backend, a CPU too; --no-warmup starts faster
     if args.api_server_count is None:
-        # One HTTP process takes a burst of requests one at a time (~1 ms each on an H200's host): 64
-        # at once added ~22 ms to the time to first token over the engine's own; 4 processes, none.
+        # One HTTP process parses a burst of requests one at a time, which adds to each one's time
+        # to first token; a few processes share the burst.
         args.api_server_count = max(1, min(4, len(os.sched_getaffinity(0)) // 4))
     if args.api_server_count < 1:
         print(f"error: --api-server-count {args.api_server_count}: give 1 or more", file=sys.stderr)
         return 2
-    from mistral_jax.runtime.distributed import kwargs_from_args
-    from mistral_jax.engine.args import llm_kwargs
+    from mistral_jax.engine.args import EngineArgs
     from mistral_jax.entrypoints.server.bridge import EngineClient, EngineStartError, start_engine
+
+    try:  # every setting checked here, before the port is taken and the engine process starts
+        engine_args = EngineArgs.from_cli_args(args)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     # The port first: a taken one is an error now, not after the model has loaded. Bound, not yet
     # listening: until the server runs, a client is refused rather than left waiting.
@@ -110,8 +112,7 @@ def main(argv=None) -> int:
         return 2
     # The engine runs in its own process (server/engine_process.py): its host work and the HTTP
     # processes' work do not share a GIL. It loads the model and warms up before the port opens.
-    process, pipes = start_engine(dict(llm_kwargs(args), seed=args.seed), kwargs_from_args(args),
-                                  args.api_server_count)
+    process, pipes = start_engine(engine_args, args.api_server_count)
     metrics_dir = None
     if args.api_server_count > 1:  # every HTTP process's counters, summed on /metrics (not the engine's)
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mistral-jax-metrics-")
@@ -165,7 +166,7 @@ def _serve(args, bridge, sock) -> int:
     import uvicorn
 
     from mistral_jax.entrypoints.server.app import create_app
-    from mistral_jax.tokenizer.tokenizer import MistralTokenizer, load_tokenizer
+    from mistral_jax.tokenizer import MistralTokenizer, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(bridge.info.tokenizer_source, bridge.info.tokenizer_mode)

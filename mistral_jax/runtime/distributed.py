@@ -1,10 +1,11 @@
 """Multi-process (multi-host) runs: `jax.distributed` set up once, and who speaks.
 
 Every process runs the same program on its own devices; the mesh spans all of them. Process 0
-hosts the coordinator; the others connect to it. Settings come from arguments (the CLI's
-`--coordinator-address --num-processes --process-id`), else the environment
-(`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`), else, with `auto=True`
-(`--distributed`), from the cluster itself: JAX detects Cloud TPU VMs / pods, Slurm, Open MPI.
+hosts the coordinator; the others connect to it. Settings come from arguments (EngineArgs'
+coordinator_address, num_processes, process_id: the CLI's `--coordinator-address --num-processes
+--process-id`), else the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+`JAX_PROCESS_ID`), else, with `auto=True` (EngineArgs' distributed, `--distributed`), from the
+cluster itself: JAX detects Cloud TPU VMs / pods, Slurm, Open MPI.
 
 A worker that cannot reach the coordinator would otherwise abort deep inside XLA (or wait for
 minutes), so workers first wait for the coordinator's port themselves, up to `timeout_s`, and
@@ -20,7 +21,7 @@ import time
 
 import jax
 
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = 300  # EngineArgs.distributed_timeout's default too (tests/test_engine_args.py)
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
 
@@ -79,25 +80,3 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 def is_main_process() -> bool:
     """Only process 0 prints, streams and writes files; every process computes."""
     return jax.process_index() == 0
-
-
-def add_cli_flags(parser) -> None:
-    """The flags of `initialize`, on a command line."""
-    g = parser.add_argument_group("multi-process (one process per host; see README)")
-    g.add_argument("--coordinator-address", default=None, help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
-    g.add_argument("--num-processes", type=int, default=None, help="processes in the run (env JAX_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, default=None, help="this process, 0 .. N-1 (env JAX_PROCESS_ID)")
-    g.add_argument("--distributed", action="store_true",
-                   help="let JAX detect the cluster (Cloud TPU pods, Slurm, Open MPI): no other flag needed")
-    g.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds to wait for the other processes before failing")
-
-
-def kwargs_from_args(args) -> dict:
-    """initialize's keyword arguments from add_cli_flags' flags (for a process that joins later)."""
-    return dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                process_id=args.process_id, auto=args.distributed, timeout_s=args.distributed_timeout)
-
-
-def initialize_from_args(args) -> bool:
-    return initialize(**kwargs_from_args(args))

@@ -5,7 +5,11 @@
 - channel.py: the framed messages between them (any size, never blocking an event loop);
 - bridge.py: an HTTP process's side: submits requests, hands each its events, supervises the engine;
 - tokenizing.py: large bodies tokenized in a worker process, off the event loop;
-- app.py: the FastAPI routes.
+- app.py: the app (guard, error handlers, router); routes.py: the endpoints; context.py: what
+  every route shares;
+- completions.py, chat.py: the two generation endpoints and their stream state machines;
+- request_params.py: request -> SamplingParams, the one validation path; inputs.py, usage.py,
+  events.py, sse.py, logprobs.py, errors.py, guard.py, warmup.py, constraints.py, metrics.py.
 """
 
 

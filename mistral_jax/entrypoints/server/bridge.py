@@ -23,6 +23,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from mistral_jax.engine.args import EngineArgs
 from mistral_jax.engine.outputs import StepEvent
 from mistral_jax.sample.sampling import SamplingParams
 from mistral_jax.entrypoints.server import channel
@@ -47,10 +48,11 @@ class EngineStartError(RuntimeError):
     """The engine process could not load the model (the message names the fix)."""
 
 
-def start_engine(llm_kwargs: dict, distributed_kwargs: dict | None = None, fronts: int = 1):
-    """Spawn the engine process (it loads the model and warms up) with a pair of pipes for each of
-    `fronts` HTTP processes. Returns the process and the pairs (to_engine, from_engine); pair 0
-    belongs to the first HTTP process, which stops the engine when it is done."""
+def start_engine(engine_args: EngineArgs, fronts: int = 1):
+    """Spawn the engine process (it builds the engine engine_args describe, engine/build.py, and
+    warms it up) with a pair of pipes for each of `fronts` HTTP processes. Returns the process and
+    the pairs (to_engine, from_engine); pair 0 belongs to the first HTTP process, which stops the
+    engine when it is done."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX state inherited
     pairs, inboxes, outboxes = [], [], []
     for _ in range(fronts):
@@ -60,7 +62,7 @@ def start_engine(llm_kwargs: dict, distributed_kwargs: dict | None = None, front
         inboxes.append(inbox)
         outboxes.append(outbox)
     process = ctx.Process(target=engine_process.main, name="mistral-jax-engine", daemon=True,
-                          args=(inboxes, outboxes, llm_kwargs, distributed_kwargs or {}))
+                          args=(inboxes, outboxes, engine_args))
     process.start()
     for end in inboxes + outboxes:  # the engine process's ends: closed here, so its exit reads as EOF
         end.close()

@@ -1,10 +1,16 @@
 """What a request's output must match, from OpenAI's and vLLM's fields: `response_format`
 (json_object, json_schema), `tool_choice` "required" or a named function, vLLM's
-`structured_outputs` object and its older `guided_*` fields. At most one may be given."""
+`structured_outputs` object and its older `guided_*` fields. At most one may be given.
+
+A request's constraint is compiled here once, before any work, so an invalid one is a 400
+(ConstraintError names the field); the engine process compiles its own copy."""
 
 from __future__ import annotations
 
-from mistral_jax.sample.structured import StructuredOutputs, tool_calls
+import asyncio
+import dataclasses
+
+from mistral_jax.sample.structured import Matcher, StructuredOutputs, tool_calls
 
 
 class ConstraintError(ValueError):
@@ -59,3 +65,16 @@ def request_constraint(req, tokenizer, tools: list[dict] | None) -> tuple[Struct
         return StructuredOutputs(**spec), field
     except (ValueError, TypeError) as e:
         raise ConstraintError(f"{field}: {e}", field) from None
+
+
+async def constrained(jobs, req, tokenizer, tools: list[dict] | None, vocab_size: int):
+    """jobs (index, ids, params), each with the request's output constraint, if it has one. The
+    grammar compiles off the event loop (a complex one takes a while)."""
+    spec, field = request_constraint(req, tokenizer, tools)
+    if spec is None:
+        return jobs
+    try:
+        await asyncio.to_thread(Matcher, spec, tokenizer, vocab_size)
+    except ValueError as e:
+        raise ConstraintError(f"{field}: {e}", field) from None
+    return [(index, ids, dataclasses.replace(params, structured_outputs=spec)) for index, ids, params in jobs]

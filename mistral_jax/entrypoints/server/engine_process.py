@@ -135,9 +135,10 @@ class Fault:
 
 # ---- the process ---------------------------------------------------------------------------
 
-def main(inboxes: list, outboxes: list, llm_kwargs: dict, distributed_kwargs: dict) -> None:
-    """The engine process's entry (multiprocessing, spawned): load, report, step until told to stop.
-    inboxes[k], outboxes[k]: the pipes of HTTP process k."""
+def main(inboxes: list, outboxes: list, engine_args) -> None:
+    """The engine process's entry (multiprocessing, spawned): build the engine (engine/build.py,
+    as LLM does: the same start-up report), report, step until told to stop. inboxes[k],
+    outboxes[k]: the pipes of HTTP process k; engine_args: the EngineArgs the HTTP process checked."""
     # The HTTP processes own signals: they drain the running requests on SIGTERM / Ctrl-C and then
     # the first stops this process through its pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -145,12 +146,11 @@ def main(inboxes: list, outboxes: list, llm_kwargs: dict, distributed_kwargs: di
     from mistral_jax.entrypoints.server import name_process
 
     name_process("mj-engine")
+    from mistral_jax.engine.build import build
     from mistral_jax.runtime import distributed
-    from mistral_jax.entrypoints.llm import LLM
 
     try:
-        distributed.initialize(**distributed_kwargs)
-        llm = LLM(**llm_kwargs)
+        built = build(engine_args)  # joins the other processes of a multi-host run first
     except (ValueError, FileNotFoundError, TypeError, distributed.DistributedInitError) as e:
         _tell_all(outboxes, Failed(str(e)))
         return
@@ -158,12 +158,11 @@ def main(inboxes: list, outboxes: list, llm_kwargs: dict, distributed_kwargs: di
         _tell_all(outboxes, Failed(f"{type(e).__name__}: {e}"))
         raise
     # The model, its programs and JAX's state live as long as this process: out of the cyclic GC's
-    # full passes, which otherwise stop the loop between two steps (the tiny model on a CPU, 256
-    # requests: one pass of 152 ms; none with this).
+    # full passes, which would otherwise walk all of it and stall the loop between two steps.
     gc.freeze()
-    engine = llm.engine
-    info = EngineInfo(llm.model_path, str(llm.tokenizer_source), llm.max_model_len, engine.limits,
-                      engine.speculator is not None, llm.tokenizer_mode, dict(llm.default_sampling),
+    engine = built.engine
+    info = EngineInfo(built.model_path, built.tokenizer_source, built.max_model_len, engine.limits,
+                      engine.speculator is not None, engine_args.tokenizer_mode, dict(built.default_sampling),
                       engine.config.seed)
     _tell_all(outboxes, Ready(info, stats_of(engine)))
     EngineLoop(engine, inboxes, outboxes).run()

@@ -21,6 +21,8 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1
 
 
 class Metrics:
+    CONTENT_TYPE = CONTENT_TYPE  # of render()'s text
+
     def __init__(self, client):
         """client: the bridge's EngineClient; its `stats` (the engine's gauges after its last
         loop turn) are read when scraped."""

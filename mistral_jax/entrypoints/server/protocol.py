@@ -1,11 +1,13 @@
 """OpenAI's request and response bodies (the fields we serve), and its error object.
 
-Requests are validated here first (types, ranges) so that bad input is a 400 naming the field
-and the fix, before the engine sees it; SamplingParams and the engine then check what depends
-on the model (context length, vocabulary). The ranges here are SamplingParams' own (the same
-constants), so a body that passes also builds a SamplingParams. Integers may be of any size
-(JSON has no limit; pydantic keeps Python ints): each one is either bounded here, or bounded by
-the model where it is checked (max_tokens by the context, token ids and stop_token_ids by the
+Requests are parsed here (types) and their sampling values bounded with SamplingParams' own
+constants, so that bad input is a 400 naming the field before any tokenizing, and a body that
+passes also builds a SamplingParams. max_tokens (chat's max_completion_tokens too) is the
+exception: its bounds are the model's, so it has one validation path downstream, SamplingParams
+(>= 1) then RequestLimits.check (within the context and the cache), whose errors
+request_params.py turns into 400s naming the request's field. Integers may be of any size (JSON
+has no limit; pydantic keeps Python ints): each one is either bounded here, or bounded by the
+model where it is checked (max_tokens by the context, token ids and stop_token_ids by the
 vocabulary: RequestLimits.check), or clipped where that is its meaning (a top_k past the
 vocabulary is off)."""
 
@@ -62,7 +64,7 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = 16  # 0: score the prompt (with echo); ranges: request_params.py
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
@@ -70,8 +72,8 @@ class CompletionRequest(_Request):
 
 class ChatCompletionRequest(_Request):
     messages: list[dict[str, Any]] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = None  # ranges: request_params.py (SamplingParams, RequestLimits)
+    max_completion_tokens: int | None = None  # OpenAI's newer name of max_tokens: given, it wins
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None

@@ -28,7 +28,7 @@ _tokenizer = None  # the worker process's own
 
 def _load(source: str, mode: str) -> None:
     global _tokenizer
-    from mistral_jax.tokenizer.tokenizer import load_tokenizer
+    from mistral_jax.tokenizer import load_tokenizer
     from mistral_jax.entrypoints.server import die_with_parent, name_process
 
     name_process("mj-tokenizer")

@@ -61,11 +61,11 @@ import json
 import re
 import socket
 import threading
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 from urllib.parse import quote, unquote, urlsplit
-
 
 LAST_MODIFIED = "2024-01-01T00:00:00.000Z"
 HOUSEKEEPING_PATHS = ("/api/agent-harnesses",)  # fetched by huggingface_hub on its own (user-agent)
@@ -186,7 +186,7 @@ class HubStandin:
         self.endpoint = self.cdn_endpoint = ""
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> "HubStandin":
+    def start(self) -> HubStandin:
         hub_server = self._serve("hub")
         self.endpoint = f"http://127.0.0.1:{hub_server.server_address[1]}"
         cdn_server = self._serve("cdn")  # another port = another origin: no auth header follows
@@ -206,7 +206,7 @@ class HubStandin:
                 pass
         self._servers.clear()
 
-    def __enter__(self) -> "HubStandin":
+    def __enter__(self) -> HubStandin:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 from mistral_jax.config import ModelConfig
 from mistral_jax.engine.engine import Engine, EngineConfig
 from mistral_jax.sample.sampling import SamplingParams
-from mistral_jax.tokenizer.tokenizer import Tokenizer
+from mistral_jax.tokenizer import Tokenizer
 
 # Mistral-Small-2501's real shapes: over tp=2 its FP8 w1, w3 and w2 stacks are 3.36 GB per GPU,
 # the 2-4 GiB range where Pallas's Triton lowering overflowed its i32 offsets (issue 22).

@@ -17,8 +17,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from mistral_jax.loading.checkpoint import expected_shapes
 from mistral_jax.config import ModelConfig
+from mistral_jax.loading.checkpoint import expected_shapes
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 

@@ -1,0 +1,194 @@
+"""/v1/chat/completions: a conversation (and its tools) to n choices, whole or as server-sent
+events.
+
+A reply offered tools may turn into tool calls, which the tokenizer finds in its generated ids
+(tool_call_format(tokenizer).parse): then the message carries tool_calls and finish_reason is "tool_calls"."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from mistral_jax.engine.outputs import StepEvent
+from mistral_jax.entrypoints.server.bridge import EngineStopped, RequestFailed
+from mistral_jax.entrypoints.server.constraints import constrained
+from mistral_jax.entrypoints.server.context import ServerContext
+from mistral_jax.entrypoints.server.events import (
+    Result,
+    Streams,
+    collect_unless_disconnected,
+    merged,
+    submit,
+)
+from mistral_jax.entrypoints.server.inputs import (
+    chat_messages,
+    check_text,
+    is_big,
+    request_tools,
+    templated,
+    within_context,
+)
+from mistral_jax.entrypoints.server.logprobs import chat_logprob
+from mistral_jax.entrypoints.server.protocol import ChatCompletionRequest
+from mistral_jax.entrypoints.server.request_params import admit, chat_params, seeded
+from mistral_jax.entrypoints.server.sse import (
+    EventStream,
+    failed_stream_end,
+    sse,
+    stream_end,
+)
+from mistral_jax.entrypoints.server.usage import Usage
+from mistral_jax.tool_calls import tool_call_format
+
+Delta = tuple[dict, str | None, dict | None]  # (a chunk's delta, its finish_reason, its logprobs)
+
+
+async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, request: Request):
+    """The response to a checked request: a body (dict), or an EventStream when req.stream.
+    Every check runs before any job reaches the engine."""
+    ctx.check_model(req.model)
+    tools = request_tools(req)
+    check_text(req.stop, "stop")
+    check_text(req.tools, "tools")
+    ids = within_context(await templated(ctx.tokenizing.encode_chat(chat_messages(req.messages), tools,
+                                                                    is_big(request))),
+                         "the conversation", ctx.max_model_len)
+    params = chat_params(req, ctx.defaults)
+    jobs = [(c, ids, admit(ctx.bridge, ids, seeded(params, c), "the conversation", req)) for c in range(req.n)]
+    jobs = await constrained(jobs, req, ctx.tokenizer, tools, ctx.vocab_size)
+    head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
+            "model": ctx.model_name}
+    streams = submit(ctx.bridge, jobs, request)
+    if req.stream:
+        stream = ChatStream(ctx.tokenizer, req, dict(head, object="chat.completion.chunk"), ids, tools)
+        return EventStream(stream.lines(streams), streams)
+    results = await collect_unless_disconnected(request, streams)
+    choices, usage = [], Usage(req.n)
+    for (index, _, _), r in zip(jobs, results):
+        message, finish = _message(ctx.tokenizer, r, tools)
+        logprobs = ({"content": [chat_logprob(ctx.tokenizer, t, d, _top(req)) for t, d in zip(r.token_ids, r.logprobs)]}
+                    if req.logprobs else None)
+        choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
+        usage.add_result(index, ids, r.token_ids, r.cached)
+    return dict(head, choices=choices, usage=usage.body())
+
+
+def _message(tokenizer, r: Result, tools) -> tuple[dict[str, Any], str | None]:
+    """A whole reply as OpenAI's assistant message, and its finish_reason."""
+    if tools:
+        content, calls = tool_call_format(tokenizer).parse(r.token_ids)
+        if calls:
+            return {"role": "assistant", "content": content or None,
+                    "tool_calls": [c.to_openai() for c in calls]}, "tool_calls"
+    return {"role": "assistant", "content": r.text}, r.finish_reason
+
+
+def _top(req: ChatCompletionRequest) -> int:
+    """Alternatives per token in logprobs (chat_params checked top_logprobs against logprobs)."""
+    return (req.top_logprobs or 0) if req.logprobs else 0
+
+
+class ChatStream:
+    """The server-sent events of a streamed chat completion. Each choice opens with a chunk
+    carrying the assistant's role, then one chunk per engine event with its text as content;
+    with tools, each choice's ToolCallDeltas decides what its events send.
+
+    State: the usage so far, the choices that have opened and those that have finished (a stream
+    that fails midway closes the others with finish_reason "error"), and each choice's tool-call
+    state."""
+
+    def __init__(self, tokenizer, req: ChatCompletionRequest, head: dict, prompt_ids: list[int], tools):
+        self.tokenizer, self.head, self.prompt_ids, self.tools = tokenizer, head, prompt_ids, tools
+        self.n, self.logprobs, self.top, self.stream_options = req.n, req.logprobs, _top(req), req.stream_options
+        self.usage = Usage(req.n)
+        self.started: set[int] = set()
+        self.finished: set[int] = set()
+        self.tool_calls: dict[int, ToolCallDeltas] = {}
+
+    async def lines(self, streams: Streams) -> AsyncIterator[str]:
+        try:
+            async for index, event in merged(streams):
+                for line in self.on_event(index, event):
+                    yield line
+            for line in stream_end(self.head, self.usage, self.stream_options):
+                yield line
+        except (EngineStopped, RequestFailed) as e:
+            open_choices = [self.chunk(i, {}, "error") for i in range(self.n) if i not in self.finished]
+            for line in failed_stream_end(e, open_choices):
+                yield line
+
+    def on_event(self, index: int, event: StepEvent) -> list[str]:
+        """The chunks for one of choice `index`'s events."""
+        if event.finished:
+            self.finished.add(index)
+        out = []
+        if index not in self.started:
+            self.started.add(index)
+            out.append(self.chunk(index, {"role": "assistant", "content": ""}))
+        self.usage.add_event(index, self.prompt_ids, event)
+        lps = {"content": [chat_logprob(self.tokenizer, event.token_id, event.logprobs, self.top)]} \
+            if self.logprobs else None
+        if self.tools:
+            deltas = self.tool_calls.get(index)
+            if deltas is None:
+                deltas = self.tool_calls[index] = ToolCallDeltas(self.tokenizer)
+            out += [self.chunk(index, delta, finish, logprobs) for delta, finish, logprobs in deltas.step(event, lps)]
+        else:
+            out.append(self.chunk(index, {"content": event.text} if event.text else {},
+                                  event.finish_reason if event.finished else None, lps))
+        return out
+
+    def chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+        return sse(dict(self.head, choices=[{"index": index, "delta": delta, "logprobs": logprobs,
+                                             "finish_reason": finish}]))
+
+
+class ToolCallDeltas:
+    """One streamed choice of a request offered tools. Its text streams as content until the reply
+    turns into tool calls, where the tokenizer's format tells (tool_call_started: Mistral's
+    [TOOL_CALLS] token; a format that cannot tell, None, holds the whole reply back). At the last
+    event the reply's ids are parsed: calls go out in OpenAI's order (per call, a delta with its
+    id and name, then one with its arguments), then finish_reason "tool_calls"; a reply without
+    calls sends the text not yet sent, with the engine's finish_reason.
+
+    State: every generated id and the text so far (the format's parse reads the whole reply),
+    whether the calls have begun (text is held from then on), and how much text went out."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.in_calls = False
+        self.sent = 0  # characters of text sent as content
+
+    def step(self, event: StepEvent, logprobs: dict | None) -> list[Delta]:
+        self.ids.append(event.token_id)
+        self.text += event.text
+        if tool_call_format(self.tokenizer).started([event.token_id]) is not False:  # begun, or cannot tell
+            self.in_calls = True
+        if event.finished:
+            return self._end(event.finish_reason)
+        if self.in_calls:
+            return []
+        self.sent = len(self.text)
+        return [({"content": event.text} if event.text else {}, None, logprobs)]
+
+    def _end(self, finish_reason: str | None) -> list[Delta]:
+        content, calls = tool_call_format(self.tokenizer).parse(self.ids)
+        if not calls:
+            return [({"content": self.text[self.sent:]}, finish_reason, None)]
+        # Content before the calls goes out only where none streamed (a format that held the reply).
+        out: list[Delta] = [({"content": content}, None, None)] if content and not self.sent else []
+        for k, c in enumerate(calls):
+            call = c.to_openai()
+            out.append(({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                         "function": {"name": call["function"]["name"], "arguments": ""}}]},
+                        None, None))
+            out.append(({"tool_calls": [{"index": k, "function": {"arguments": call["function"]["arguments"]}}]},
+                        None, None))
+        out.append(({}, "tool_calls", None))
+        return out
