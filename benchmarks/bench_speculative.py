@@ -135,7 +135,7 @@ def run_gpu(args) -> dict:
 
     from mistral_jax import LLM, SamplingParams
     from mistral_jax.loading.dummy import dummy_config
-    from mistral_jax.engine.scheduler import Scheduled
+    from mistral_jax.engine.plan import Scheduled, StepPlan
 
     context = min(4096, dummy_config(args.config).max_seq_len)
     llm = LLM(load_format="dummy", config=args.config, quantization=args.quantization, max_model_len=context,
@@ -169,7 +169,7 @@ def run_gpu(args) -> dict:
             for rep in range(3 + args.steps):
                 if rep == 3:
                     t0 = time.perf_counter()
-                launched = eng._launch(batch)
+                launched = eng._launch(StepPlan(tuple(batch)))
                 jax.device_get(launched.result.tokens)
             ms = (time.perf_counter() - t0) / args.steps * 1e3
             tokens = B * (1 + k)

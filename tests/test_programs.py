@@ -27,7 +27,8 @@ llm = LLM(load_format="dummy", config="tiny", max_model_len=256, max_num_batched
 warm = len(lowerings)
 out = llm.generate([{"prompt_token_ids": [5, 9, 200, 7, 31, 8]}], SamplingParams(temperature=0, max_tokens=6, logprobs=2, prompt_logprobs=2))[0]
 e = llm.engine
-progs = [e._step_program, e._prompt_lp_program, e._top_lp_program, e._reset_row_program]
+r = e.runner
+progs = [r.step_program, r.prompt_lp_program, r.top_lp_program, r.reset_row_program]
 print(json.dumps({"warmup_lowerings": warm, "lowerings": len(lowerings), "programs": llm.warmup_programs,
                   "loaded": sum(p.loaded for p in progs), "compiled": sum(p.compiled for p in progs),
                   "tokens": out.outputs[0].token_ids, "logprobs": repr(out.outputs[0].logprobs),

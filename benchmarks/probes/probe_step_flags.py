@@ -40,7 +40,7 @@ def main():
 
         fp8.GPU_TRITON_MAX_M = args.fp8_triton_max_m
     if args.min_token_bucket is not None:
-        from mistral_jax.engine import engine as engine_module
+        from mistral_jax.engine import buckets as engine_module
 
         engine_module.MIN_TOKEN_BUCKET = args.min_token_bucket
     sampled = dict(temperature=0.7, top_p=args.top_p, seed=0) if args.top_p else dict(temperature=0.0)

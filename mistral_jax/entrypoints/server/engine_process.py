@@ -182,10 +182,7 @@ def stats_of(engine) -> Stats:
 
 
 def _programs_held(engine) -> int:
-    from mistral_jax.engine.programs import Program
-
-    owners = [engine] + ([engine.draft] if engine.draft is not None else [])
-    return sum(len(p._by_bucket) for owner in owners for p in vars(owner).values() if isinstance(p, Program))
+    return engine.programs_held()
 
 
 class EngineLoop:
