@@ -26,10 +26,10 @@ import math
 import statistics
 import time
 
+import harness
 import jax
 import jax.numpy as jnp
 
-import harness
 from pallas_kernels.fp8_matmul import GPU_TRITON_MAX_M, fp8_matmul_reference, fp8_matmul_xla, quantize_weight
 from pallas_kernels.fp8_matmul.mgpu import Tiles, fp8_matmul_mgpu
 from pallas_kernels.fp8_matmul.triton import fp8_matmul_group_triton, fp8_matmul_triton, plan
@@ -361,7 +361,7 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     res = dict(device=str(dev.device_kind), jax=jax.__version__,
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                rows=[])
     res["copy_bw_TBs"] = copy_bandwidth() / 1e12
     res["bf16_8192_tflops"] = square_matmul_tflops("bf16")

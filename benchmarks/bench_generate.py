@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 
-import harness
 import mistral_jax  # noqa: F401  (applies the engine's XLA flags before JAX starts, ceilings included)
 
 PREFILL_LENS = (512, 4096)
@@ -89,9 +89,9 @@ def random_engine(config: str, dtype: str, quantization: str | None = None, fp8_
     from mistral_jax.config import ModelConfig
     from mistral_jax.engine.engine import Engine, EngineConfig
     from mistral_jax.entrypoints.llm import resolve_dtype
+    from mistral_jax.loading.weights import random_weights
     from mistral_jax.runtime.sharding import parse_mesh
     from mistral_jax.tokenizer import Tokenizer
-    from mistral_jax.loading.weights import random_weights
 
     class IdsOnly(Tokenizer):
         """Random weights emit random ids: no text to detokenize (the peer does not either)."""
@@ -118,7 +118,8 @@ def bench_ours(config: str, dtype: str, quantization: str | None = None, fp8_imp
     from mistral_jax.sample.sampling import SamplingParams
 
     # Each prefill in one step (as issue 2's dense engine did), to compare like with like.
-    engine, cfg, init_s = random_engine(config, dtype, quantization, fp8_impl, mesh, max_num_seqs=max(decode_batches, default=1),
+    engine, cfg, init_s = random_engine(config, dtype, quantization, fp8_impl, mesh,
+                                        max_num_seqs=max(decode_batches, default=1),
                                         max_num_batched_tokens=max(prefill_lens), enable_prefix_caching=False)
     # Bytes a decode step must read: every parameter (fp8 projections are 1 byte each).
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.state))
@@ -214,13 +215,13 @@ def bench_hf(config: str, dtype: str) -> dict:
     with torch.inference_mode():
         for length in PREFILL_LENS:
             ids = torch.tensor(_random_prompts(1, length, cfg.vocab_size, length), device="cuda")
-            sync_time(lambda: model(ids, logits_to_keep=1))
-            warm = statistics.median(sync_time(lambda: model(ids, logits_to_keep=1)) for _ in range(3))
+            sync_time(lambda ids=ids: model(ids, logits_to_keep=1))
+            warm = statistics.median(sync_time(lambda ids=ids: model(ids, logits_to_keep=1)) for _ in range(3))
             out["prefill"][str(length)] = {"ttft_s": warm, "tokens_per_s": length / warm}
         for batch in DECODE_BATCHES:
             ids = torch.tensor(_random_prompts(batch, DECODE_PROMPT, cfg.vocab_size, batch), device="cuda")
 
-            def gen(n):
+            def gen(n, ids=ids):
                 model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
             sync_time(lambda: gen(4))
@@ -274,7 +275,8 @@ def table(paths: list[str]) -> str:
     lines.append("| measure | " + " | ".join(r["engine"] for r in engines) + " |")
     lines.append("|---|" + "---|" * len(engines))
     for length in lengths:
-        lines.append(f"| prefill 1x{length} tokens/s | " + " | ".join(cell(r, "prefill", length) for r in engines) + " |")
+        lines.append(f"| prefill 1x{length} tokens/s | "
+                     + " | ".join(cell(r, "prefill", length) for r in engines) + " |")
     for batch in batches:
         lines.append(f"| decode batch {batch} tokens/s (step) | "
                      + " | ".join(cell(r, "decode", batch) for r in engines) + " |")
@@ -297,7 +299,8 @@ def scaling(paths: list[str]) -> str:
     base = next((r for r in runs if r.get("mesh", {}).get("tp", 1) == 1), None)
     measures = [("prefill", n) for n in sorted({int(n) for r in runs for n in r["prefill"]})]
     measures += [("decode", n) for n in sorted({int(n) for r in runs for n in r["decode"]})]
-    lines = ["| run | " + " | ".join(f"{m} {'1x' if m == 'prefill' else 'batch '}{n} tok/s" for m, n in measures) + " |",
+    lines = ["| run | " + " | ".join(f"{m} {'1x' if m == 'prefill' else 'batch '}{n} tok/s" for m, n in measures)
+             + " |",
              "|---|" + "---|" * len(measures)]
     for r in runs:
         tp, cells = r.get("mesh", {}).get("tp", 1), []
@@ -345,7 +348,8 @@ def main() -> int:
     if distributed.is_main_process():  # every process measured the same steps; one reports
         print(json.dumps(result, indent=1))
         if args.out:
-            harness.write_result(args.out, "ceilings" if args.engine == "ceilings" else f"generate_{args.engine}", result)
+            harness.write_result(args.out, "ceilings" if args.engine == "ceilings" else f"generate_{args.engine}",
+                                 result)
     return 0
 
 

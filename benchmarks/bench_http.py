@@ -29,9 +29,8 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 import harness
+import numpy as np
 
 WORKLOADS = ("1x128x128", "16x128x128", "64x128x128", "1x1024x256", "16x1024x256", "64x1024x256")
 
@@ -290,7 +289,8 @@ def main():
         log = tempfile.TemporaryFile("w+")  # a file, not an unread pipe that could fill and block the server
         server = subprocess.Popen([sys.executable, "-m", "mistral_jax.serve", *engine_flags(args), "--port", str(port),
                                    "--served-model-name", args.model_name,
-                                   *(["--api-server-count", str(args.api_server_count)] if args.api_server_count else [])],
+                                   *(["--api-server-count", str(args.api_server_count)]
+                                     if args.api_server_count else [])],
                                   stderr=log, text=True)
         url = f"http://127.0.0.1:{port}"
         try:

@@ -28,11 +28,11 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 import harness
-import mistral_jax  # noqa: F401  (XLA flags before JAX starts)
+import numpy as np
 from bench_generate import _versions, random_engine, random_hf_model
+
+import mistral_jax  # noqa: F401  (XLA flags before JAX starts)
 
 CONCURRENCY = (1, 8, 64, 256)
 HF_CONCURRENCY = (1, 8)
@@ -55,7 +55,7 @@ def prefix_workload(vocab: int, seed: int) -> list[tuple[list[int], int]]:
 
 
 def summarize(wall: float, first: list[float], last: list[float], counts: list[int]) -> dict:
-    tpot = [(l - f) / (n - 1) for f, l, n in zip(first, last, counts) if n > 1]
+    tpot = [(end - f) / (n - 1) for f, end, n in zip(first, last, counts) if n > 1]
     return {"requests": len(counts), "output_tokens": sum(counts), "wall_s": wall,
             "output_tokens_per_s": sum(counts) / wall, "ttft_median_s": statistics.median(first),
             "ttft_max_s": max(first), "tpot_median_ms": 1e3 * statistics.median(tpot) if tpot else None}
@@ -191,7 +191,8 @@ def table(paths: list[str]) -> str:
         hcols = (f"{h['output_tokens_per_s']:,.0f} | {h['ttft_median_s']:.2f} s | {h['tpot_median_ms']:.1f} ms"
                  if h else "n/a | n/a | n/a")
         lines.append(f"| {c} | {r['output_tokens_per_s']:,.0f} | {r['ttft_median_s']:.2f} s ({r['ttft_max_s']:.2f}) | "
-                     f"{r['tpot_median_ms']:.1f} ms | {hcols} | {ours['cold_wall_s'][c]:.0f} s vs {r['wall_s']:.0f} s |")
+                     f"{r['tpot_median_ms']:.1f} ms | {hcols} | "
+                     f"{ours['cold_wall_s'][c]:.0f} s vs {r['wall_s']:.0f} s |")
     p = ours.get("prefix_cache", {})
     lines += ["", f"Prefix cache, {PREFIX_REQUESTS - 1} requests sharing a {SYSTEM_TOKENS}-token system prompt:",
               "", "| prefix cache | tok/s | TTFT med | cached / prompt tokens |", "|---|---|---|---|"]

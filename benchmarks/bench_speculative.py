@@ -25,9 +25,8 @@ import platform
 import sys
 import time
 
-import numpy as np
-
 import harness
+import numpy as np
 
 CPU_PROMPTS = {
     "correct a paragraph": (
@@ -134,8 +133,8 @@ def run_gpu(args) -> dict:
     import jax
 
     from mistral_jax import LLM, SamplingParams
-    from mistral_jax.loading.dummy import dummy_config
     from mistral_jax.engine.plan import Scheduled, StepPlan
+    from mistral_jax.loading.dummy import dummy_config
 
     context = min(4096, dummy_config(args.config).max_seq_len)
     llm = LLM(load_format="dummy", config=args.config, quantization=args.quantization, max_model_len=context,
@@ -155,7 +154,7 @@ def run_gpu(args) -> dict:
             s.spec = None  # plain decoding here; the handcrafted verify steps below carry the drafts
         while min(s.num_generated for s in seqs) < 3:
             eng.step()
-        t0, n0 = time.perf_counter(), 0
+        t0 = time.perf_counter()
         for _ in range(args.steps):  # plain pipelined decode: the engine's steady state
             eng.step()
         plain_ms = (time.perf_counter() - t0) / args.steps * 1e3
@@ -206,7 +205,8 @@ def run_gpu(args) -> dict:
     e2e = result["end_to_end"]
 
     def diverge(a, b):  # first index where two token lists differ, None if equal
-        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                    None if len(a) == len(b) else min(len(a), len(b)))
 
     result["end_to_end_same_output"] = all(r["tokens"] == e2e[0]["tokens"] for r in e2e)
     result["end_to_end_first_divergence"] = {  # plain vs plain tells nondeterminism from speculation

@@ -46,7 +46,8 @@ def one_run(args) -> dict:
             pass
         return first
 
-    fresh = lambda: rng.integers(min(1000, llm.config.vocab_size // 2), llm.config.vocab_size, size=args.prompt).tolist()  # noqa: E731
+    vocab = llm.config.vocab_size
+    fresh = lambda: rng.integers(min(1000, vocab // 2), vocab, size=args.prompt).tolist()
     a = fresh()
     out = {"start_seconds": start, "warmup_seconds": llm.warmup_seconds, "programs": llm.warmup_programs,
            "ttft_first_request": ttft(a), "ttft_prefix_hit": ttft(a), "ttft_steady": ttft(fresh()),

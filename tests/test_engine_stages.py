@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from mistral_jax.cache.page_allocator import PageAllocator
+from mistral_jax.engine.buckets import Buckets
 from mistral_jax.engine.output_processor import OutputProcessor
 from mistral_jax.engine.packing import pack
-from mistral_jax.engine.buckets import Buckets
 from mistral_jax.engine.plan import Scheduled, SeqOutput, StepOutputs, StepPlan, StepResult
 from mistral_jax.engine.scheduler import Scheduler, Sequence, Status
-from mistral_jax.engine.speculative import SpeculativeConfig, Speculator, SpecState
+from mistral_jax.engine.speculative import SpecState, SpeculativeConfig, Speculator
 from mistral_jax.sample.sampling import SamplingParams
 from mistral_jax.tokenizer import Tokenizer
 
@@ -195,7 +195,8 @@ def test_the_engine_launches_a_step_before_reading_the_previous_one(tiny_checkpo
     calls = []
     for stage in ("launch", "collect"):
         real = getattr(engine.runner, stage)
-        monkeypatch.setattr(engine.runner, stage, lambda *a, _real=real, _stage=stage, **k: (calls.append(_stage), _real(*a, **k))[1])
+        monkeypatch.setattr(engine.runner, stage,
+                            lambda *a, _real=real, _stage=stage, **k: (calls.append(_stage), _real(*a, **k))[1])
     engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert engine.step() == [] and calls == ["launch"]  # nothing read yet: the step runs
     tokens = []

@@ -21,14 +21,16 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors.torch import load_file as load_torch, save_file as save_torch
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
 
-from helpers.checkpoints import hf_fp8_model_dequantized, make_tiny_fp8_hf_checkpoint
-from helpers.models import V3_TOKENIZER, dense_logits, qkv_part
 from mistral_jax.loading.checkpoint import CheckpointError, open_checkpoint
 from mistral_jax.loading.checkpoint.hf import unpermute_rotary
 from mistral_jax.loading.weights import load_weights
 from mistral_jax.model.projections import Fp8Weight
+
+from helpers.checkpoints import hf_fp8_model_dequantized, make_tiny_fp8_hf_checkpoint
+from helpers.models import V3_TOKENIZER, dense_logits, qkv_part
 
 
 def rel_err(a, b):
@@ -186,9 +188,8 @@ def test_fused_quantization_only_where_no_kernel_pads_rows():
     # The model hands FP8 projections x quantized by the kernel that also ran the norm (or silu),
     # unless a kernel would then copy x into padded rows: the wgmma kernel pads m to its tile
     # (192 rows at 4,096 tokens; 64 at 33-64), where quantizing inside the product pads for free.
-    from pallas_kernels.fp8_matmul import pads_rows
-
     from mistral_jax.model.projections import _fused_impl
+    from pallas_kernels.fp8_matmul import pads_rows
 
     def stacked(n, k, impl):  # an Fp8Weight [layers, n, k] of shapes only (its arrays are never read)
         return nnx.eval_shape(lambda: Fp8Weight(jnp.zeros((2, n, k), jnp.float8_e4m3fn), jnp.ones((2, n), jnp.float32),

@@ -222,7 +222,8 @@ def test_quantize_rows_triton_lowers_for_cuda(m, k, fused):
 
     x = jax.ShapeDtypeStruct((m, k), BF16)
     extra = {"norm": dict(norm=jax.ShapeDtypeStruct((k,), BF16)), "gate": dict(gate=x), None: {},
-             "stacked": dict(norm=jax.ShapeDtypeStruct((40, k), BF16), layer=jax.ShapeDtypeStruct((), jnp.int32))}[fused]
+             "stacked": dict(norm=jax.ShapeDtypeStruct((40, k), BF16),
+                             layer=jax.ShapeDtypeStruct((), jnp.int32))}[fused]
     fn = jax.jit(lambda x, extra: quantize_rows_triton(x, eps=1e-5, **extra))
     text = fn.trace(x, extra).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -303,11 +304,12 @@ def test_stacked_weights_read_the_asked_layer(impl, kw):
     ws, ss = zip(*(quantize_weight(jnp.asarray(rng.normal(size=(n, k)) * 0.05, F32)) for _ in range(layers)))
     w, w_scale = jnp.stack(ws), jnp.stack(ss)  # [layers, n, k], [layers, n]
     if impl == "triton":
-        run = jax.jit(lambda x, w, s, l: fp8_matmul_triton(x, w, s, layer=l, out_dtype=F32, interpret=True, **kw))
+        run = jax.jit(lambda x, w, s, layer: fp8_matmul_triton(x, w, s, layer=layer, out_dtype=F32, interpret=True,
+                                                               **kw))
     elif impl == "tpu":
-        run = jax.jit(lambda x, w, s, l: fp8_matmul_tpu(x, w, s, layer=l, out_dtype=F32, interpret=True))
+        run = jax.jit(lambda x, w, s, layer: fp8_matmul_tpu(x, w, s, layer=layer, out_dtype=F32, interpret=True))
     else:
-        run = jax.jit(lambda x, w, s, l: fp8_matmul(x, w, s, layer=l, impl=impl, out_dtype=F32))
+        run = jax.jit(lambda x, w, s, layer: fp8_matmul(x, w, s, layer=layer, impl=impl, out_dtype=F32))
     for layer in (2, 0, 1):
         out = run(x, w, w_scale, jnp.int32(layer))
         ref = np.asarray(fp8_matmul_reference(x, ws[layer], ss[layer], out_dtype=F32), np.float64)
@@ -373,8 +375,8 @@ def test_triton_byte_pairs_read_the_asked_layer(m, k, n, layers, kw):
     x = jnp.asarray(rng.normal(size=(m, k)), BF16)
     ws, ss = zip(*(quantize_weight(jnp.asarray(rng.normal(size=(n, k)) * 0.05, F32)) for _ in range(layers)))
     w, w_scale = jnp.stack(ws), jnp.stack(ss)
-    run = jax.jit(lambda x, w, s, l: fp8_matmul_triton(x, w, s, layer=l, out_dtype=F32, interpret=True,
-                                                       pairs=True, **kw))
+    run = jax.jit(lambda x, w, s, layer: fp8_matmul_triton(x, w, s, layer=layer, out_dtype=F32, interpret=True,
+                                                           pairs=True, **kw))
     for layer in range(layers)[::-1]:
         ref = np.asarray(fp8_matmul_reference(x, ws[layer], ss[layer], out_dtype=F32), np.float64)
         assert rel_err(run(x, w, w_scale, jnp.int32(layer)), ref) < 1e-5, layer
@@ -627,8 +629,9 @@ class TestGPU:
         # Stacks over 4 GiB: Triton lowering switches to 64-bit offsets, and the last layer's
         # rows start past int32 elements. [2, 458752, 5120] is 4.7 GB; [40, 32768, 5120] is
         # Mistral-Small-2501's w1 stack (6.7 GB). (k stays at 5120: with these weights' spread of
-        # exponents, Hopper's fp8 accumulation drifts past 1e-5 at k = 69632.) The last layer against the plain product on
-        # that layer alone; on failure, also against layer 0 (were the wrong rows read?).
+        # exponents, Hopper's fp8 accumulation drifts past 1e-5 at k = 69632.) The last layer against
+        # the plain product on that layer alone; on failure, also against layer 0 (were the wrong
+        # rows read?).
         rng = np.random.default_rng(4)
         x = jnp.asarray(rng.normal(size=(3, k)), BF16)
         # Drawn 1024 rows at a time: random bits come as u32 first, 4x the stack in one draw.

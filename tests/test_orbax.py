@@ -9,14 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.checkpoints import make_tiny_fp8_hf_checkpoint
-from helpers.models import V3_TOKENIZER, dense_logits
 from flax import nnx
 
-from mistral_jax.loading.checkpoint import CheckpointError, OrbaxCheckpoint, open_checkpoint
 from mistral_jax.entrypoints.convert import convert, main
-from mistral_jax.runtime.sharding import make_mesh
+from mistral_jax.loading.checkpoint import CheckpointError, OrbaxCheckpoint, open_checkpoint
 from mistral_jax.loading.weights import load_weights, param_sharding, saved_params
+from mistral_jax.runtime.sharding import make_mesh
+
+from helpers.checkpoints import make_tiny_fp8_hf_checkpoint
+from helpers.models import V3_TOKENIZER, dense_logits
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,8 @@ def test_fp8_checkpoint_stays_fp8(tiny_checkpoints, tmp_path, tokens):
     assert model.layers.attention.wqkv.quant[...].dtype == jnp.float8_e4m3fn
     assert model.layers.feed_forward.w2.scale[...].shape == ref.layers.feed_forward.w2.scale[...].shape
     for a, b in zip(_params(model), _params(ref), strict=True):
-        assert a.dtype == b.dtype and np.array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+        assert a.dtype == b.dtype
+        assert np.array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
     np.testing.assert_array_equal(dense_logits(model, tokens), dense_logits(ref, tokens))
 
 

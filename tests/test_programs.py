@@ -25,7 +25,8 @@ jax.monitoring.register_event_duration_secs_listener(
 from mistral_jax import LLM, SamplingParams
 llm = LLM(load_format="dummy", config="tiny", max_model_len=256, max_num_batched_tokens=64, warmup=True, progress=False)
 warm = len(lowerings)
-out = llm.generate([{"prompt_token_ids": [5, 9, 200, 7, 31, 8]}], SamplingParams(temperature=0, max_tokens=6, logprobs=2, prompt_logprobs=2))[0]
+out = llm.generate([{"prompt_token_ids": [5, 9, 200, 7, 31, 8]}],
+                   SamplingParams(temperature=0, max_tokens=6, logprobs=2, prompt_logprobs=2))[0]
 e = llm.engine
 r = e.runner
 progs = [r.step_program, r.prompt_lp_program, r.top_lp_program, r.reset_row_program]

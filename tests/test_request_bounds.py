@@ -13,8 +13,24 @@ from mistral_jax import LLM, SamplingParams
 from mistral_jax.engine.engine import Engine
 from mistral_jax.engine.output_processor import OutputProcessor
 from mistral_jax.engine.runner import ModelRunner
-from mistral_jax.sample.sampling import INT32_MAX, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_REPETITION_PENALTY, SamplingArrays, show
-from mistral_jax.entrypoints.server.protocol import MAX_N, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from mistral_jax.entrypoints.server.protocol import (
+    MAX_N,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from mistral_jax.sample.sampling import (
+    INT32_MAX,
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_LENGTH,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    SamplingArrays,
+    show,
+)
 
 PROMPT = [1, 5, 6, 7, 8]
 CHAT = [{"role": "user", "content": "hi"}]

@@ -8,7 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.sample.sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams, apply_penalties, init_penalty_state, keep_mask, sample, update_penalty_state
+from mistral_jax.sample.sampling import (
+    MAX_LOGPROBS,
+    SamplingArrays,
+    SamplingParams,
+    apply_penalties,
+    init_penalty_state,
+    keep_mask,
+    sample,
+    update_penalty_state,
+)
 
 TRACES = []  # one entry per trace of _sample: counts compilations
 

@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mistral_jax.cache.page_allocator import NULL_PAGE, PageAllocator
-from mistral_jax.sample.sampling import SamplingParams
 from mistral_jax.engine.plan import SeqOutput, StepOutputs
 from mistral_jax.engine.scheduler import Scheduler, Sequence, Status
+from mistral_jax.sample.sampling import SamplingParams
 
 PAGE = 4
 BASES = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 11, 12, 13, 14], [21, 22, 23, 24, 25]]
@@ -87,7 +87,7 @@ class Driver:
             assert seq.num_computed <= seq.num_tokens
             for i, p in enumerate(seq.pages):
                 owners.setdefault(p, []).append((seq, i))
-        for p, who in owners.items():
+        for _page, who in owners.items():
             if len(who) > 1:  # only a cached prefix page may be shared, at the same position
                 assert len({i for _, i in who}) == 1
                 assert all(i < seq.num_registered for seq, i in who), "a private page is owned twice"

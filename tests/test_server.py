@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from mistral_jax import LLM, SamplingParams
+
 from helpers.server import MODEL, SETTINGS, Server, children, free_port, wait_gone
 
 pytestmark = pytest.mark.slow  # the module starts server subprocesses
@@ -60,7 +61,8 @@ def test_models_health_tokenize(server, client, llm):
 def test_completion_greedy_equals_llm(client, llm):
     for seed in range(3):
         ids = prompt_ids(seed)
-        got = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        got = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True})
         want = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         assert got.choices[0].text == want[0].outputs[0].text
         assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == 8
@@ -143,7 +145,8 @@ def test_hostile_completion_bodies_are_4xx(server, body, status, param):
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": 5}]}, "content"),
-    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": {"type": "function", "function": {"name": "nope"}},
+    ({"messages": [{"role": "user", "content": "hi"}],
+      "tool_choice": {"type": "function", "function": {"name": "nope"}},
       "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]},
      "nope"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, "response_format"),
@@ -209,7 +212,8 @@ async def _concurrent_streams_with_disconnects(server, llm):
 def guarded(tiny_checkpoints):
     """A second server: an API key, and n-gram speculative decoding; SIGTERM ends it with 0,
     and its engine process with it."""
-    s = Server(tiny_checkpoints[0], "--no-warmup", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
+    s = Server(tiny_checkpoints[0], "--no-warmup",
+               "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}',
                "--api-server-count", "1", api_key="s3cret")
     engines = children(s.proc.pid, comm="mj-engine")
     assert len(engines) == 1, engines  # the engine runs in its own process
@@ -255,8 +259,9 @@ def test_http_processes_share_the_port_and_sum_their_metrics(server):
     sessions = [httpx.Client(timeout=60) for _ in range(16)]  # 16 connections, kept open
     try:
         for http in sessions:
-            r = http.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": prompt_ids(7), "max_tokens": 2,
-                                                                "temperature": 0, "ignore_eos": True})
+            r = http.post(server.url + "/v1/completions",
+                          json={"model": MODEL, "prompt": prompt_ids(7), "max_tokens": 2, "temperature": 0,
+                                "ignore_eos": True})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
         # The kernel spread the connections over both (all 16 on one: a chance of 2 in 65,536).
         assert all(connections(p, "ESTABLISHED") for p in fronts)
@@ -398,8 +403,9 @@ def test_vllm_structured_output_fields(server):
     r = httpx.post(url + "/v1/completions", json={"prompt": "Answer:", "max_tokens": 20, "temperature": 1.0, "seed": 1,
                                                   "structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}}).json()
     assert re.fullmatch("[a-c]{3}-[0-9]{2}", r["choices"][0]["text"]), r
-    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Pick"}], "max_tokens": 20,
-                                                       "guided_choice": ["naïve", "日本", "plain"]}).json()
+    r = httpx.post(url + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "Pick"}], "max_tokens": 20,
+                         "guided_choice": ["naïve", "日本", "plain"]}).json()
     assert r["choices"][0]["message"]["content"] in ("naïve", "日本", "plain")
     r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 100, "temperature": 1.0, "seed": 2,
                                                   "guided_json": PERSON}).json()
@@ -460,7 +466,8 @@ def test_non_streamed_request_aborted_when_the_client_hangs_up(server):
 def test_stream_closed_before_its_first_token_is_aborted(server):
     # A streaming client that hangs up right after the response headers: its request is aborted
     # (the server notices the hang-up itself, with no chunk written to fail), its pages come back.
-    start_free, aborts = server.metric("num_free_pages"), server.metric("request_success_total", 'finished_reason="abort"')
+    start_free = server.metric("num_free_pages")
+    aborts = server.metric("request_success_total", 'finished_reason="abort"')
     body = {"prompt": prompt_ids(9, 40), "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 4}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", server.url + "/v1/completions", json=body) as r:

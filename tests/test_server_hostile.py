@@ -176,7 +176,8 @@ def test_lone_surrogates_are_400s_naming_the_field(server):
         assert r.status_code == 400 and r.headers["content-type"] == "application/json", (path, r.text)
         assert r.json()["error"]["param"] == param and "surrogate" in r.json()["error"]["message"]
     # A surrogate pair is text (U+1F600) and passes.
-    r = server.http.post("/tokenize", content=b'{"prompt": "\\ud83d\\ude00"}', headers={"content-type": "application/json"})
+    r = server.http.post("/tokenize", content=b'{"prompt": "\\ud83d\\ude00"}',
+                         headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["count"] > 0
     still_serves(server)
 
@@ -212,7 +213,7 @@ def chunked_upload(port: int, path: str, headers: dict, total: int, chunk: int =
                 sock.settimeout(5)
                 sock.sendall(data)
                 sent += len(piece)
-            except (ConnectionError, socket.timeout):
+            except (TimeoutError, ConnectionError):
                 break
             finally:
                 sock.setblocking(False)
@@ -329,7 +330,8 @@ def read_sse(r: httpx.Response) -> list[dict]:
 
 
 def test_engine_killed_ends_streams_with_an_error_and_the_server_exits_1(tiny_checkpoints):
-    s = Server(tiny_checkpoints[0], "--api-server-count", "2", "--no-warmup")  # the deaths, not the programs, count here
+    # the deaths, not the programs, count here
+    s = Server(tiny_checkpoints[0], "--api-server-count", "2", "--no-warmup")
     try:
         engine, processes = s.engine_pid(), children(s.proc.pid)
         os.kill(engine, signal.SIGSTOP)  # streams in flight when it dies
@@ -412,6 +414,7 @@ def test_a_broken_checkpoint_is_a_clear_start_failure(tiny_checkpoints, tmp_path
     weights = broken / "consolidated.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     r = subprocess.run([sys.executable, "-m", "mistral_jax.serve", "--model", str(broken), "--port", str(free_port()),
-                        *SETTINGS], capture_output=True, text=True, timeout=180, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                        *SETTINGS], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2, r.stderr[-3000:]
     assert "consolidated.safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]

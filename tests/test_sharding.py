@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mistral_jax import LLM, SamplingParams
+from mistral_jax.config import ModelConfig
+from mistral_jax.loading.checkpoint import base, open_checkpoint
+from mistral_jax.loading.weights import load_weights
+from mistral_jax.runtime.sharding import parse_mesh
+
 from helpers.checkpoints import make_tiny_fp8_hf_checkpoint, make_tiny_hf_checkpoint, make_tiny_mistral_checkpoint
 from helpers.models import qkv_part
-from mistral_jax import LLM, SamplingParams
-from mistral_jax.loading.checkpoint import open_checkpoint
-from mistral_jax.loading.checkpoint import base
-from mistral_jax.config import ModelConfig
-from mistral_jax.runtime.sharding import parse_mesh
-from mistral_jax.loading.weights import load_weights
 
 # Head counts divisible by 8 (tp up to 8), grouped-query attention (2 q heads per kv head).
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=8, hidden_dim=128,
@@ -230,8 +230,9 @@ def test_fp8_kernels_run_per_tp_shard(ckpts, monkeypatch, kernel, mesh_spec):
     the partial products), reading the layer from the stack; logits match one device's
     reference."""
     from mistral_jax.model import fp8_tp
-    from helpers.models import dense_logits
     from mistral_jax.runtime.sharding import use_mesh
+
+    from helpers.models import dense_logits
 
     tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, size=(2, 9)).astype(np.int32)
     want = dense_logits(load_weights(open_checkpoint(ckpts[0]), jnp.float32, progress=False,
@@ -356,10 +357,11 @@ def test_sampling_keeps_the_vocabulary_sharded():
     # Logits split over tp=8: greedy picks, logprobs and their top-k run per shard plus small
     # merges; no step gathers a [rows, vocab] array unconditionally. (Only top-k / top-p
     # filters, inside their own branch, sort the whole vocabulary: sharding.py says so.)
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from mistral_jax.sample.sampling import SamplingArrays, sample, top_k_over_vocab
     from mistral_jax.runtime.sharding import use_mesh
+    from mistral_jax.sample.sampling import SamplingArrays, sample, top_k_over_vocab
 
     mesh, vocab, rows = parse_mesh("tp=8"), 32768, 4
     rng = np.random.default_rng(0)
@@ -368,7 +370,7 @@ def test_sampling_keeps_the_vocabulary_sharded():
     arrays = SamplingArrays.from_params([SamplingParams(temperature=0)] * rows)
     zeros = (jnp.zeros((rows, vocab), jnp.int32), jnp.zeros((rows, vocab), bool))
     step = jnp.zeros(rows, jnp.int32)
-    fn = jax.jit(lambda l, a, s, c, m: sample(l, a, s, c, m, num_logprobs=5))
+    fn = jax.jit(lambda lg, a, s, c, m: sample(lg, a, s, c, m, num_logprobs=5))
     args = (jax.device_put(logits, split), arrays, step, *(jax.device_put(z, split) for z in zeros))
     with use_mesh(mesh):
         hlo = fn.lower(*args).compile().as_text()
@@ -383,7 +385,7 @@ def test_sampling_keeps_the_vocabulary_sharded():
                    and math.prod(map(int, re.search(r"\[([\d,]+)\]", ln.split("all-gather(")[0]).group(1).split(",")))
                    >= rows * vocab]
         assert not gathers, gathers[:2]
-    plain = jax.jit(lambda l, a, s, c, m: sample(l, a, s, c, m, num_logprobs=5))(logits, arrays, step, *zeros)
+    plain = jax.jit(lambda lg, a, s, c, m: sample(lg, a, s, c, m, num_logprobs=5))(logits, arrays, step, *zeros)
     for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
     top_plain = jax.lax.top_k(logits, 7)

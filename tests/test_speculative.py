@@ -11,11 +11,11 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from test_warmup import COMPILES
 
 from mistral_jax import LLM, SamplingParams
-from mistral_jax.loading.checkpoint import CheckpointError
 from mistral_jax.engine.speculative import SpeculativeConfig, ngram_propose
-from test_warmup import COMPILES
+from mistral_jax.loading.checkpoint import CheckpointError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -46,7 +46,7 @@ def brute_force_propose(tokens, k, n_min, n_max):
 def test_ngram_proposer_matches_its_definition(alphabet):
     rng = np.random.default_rng(alphabet)
     hits = 0
-    for trial in range(300):
+    for _trial in range(300):
         tokens = rng.integers(0, alphabet, size=int(rng.integers(1, 60))).astype(np.int32)
         n_min = int(rng.integers(1, 4))
         n_max = n_min + int(rng.integers(0, 4))
@@ -124,7 +124,7 @@ def test_speculation_gives_plain_decodings_tokens(tiny_checkpoints, plain_output
     repeated phrases and a second pass hit it)."""
     prompts, params, expected = plain_outputs
     llm = make_llm(tiny_checkpoints[0], ngram(k))
-    for attempt in range(2):  # the second pass finds the prompts in the prefix cache
+    for _attempt in range(2):  # the second pass finds the prompts in the prefix cache
         outs = llm.generate(prompts, params)
         for o, want, sp in zip(outs, expected, params):
             assert o.outputs[0].token_ids == want
@@ -292,7 +292,7 @@ def test_a_different_draft_is_mostly_rejected_and_changes_nothing(tiny_checkpoin
     params = [SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)] * 10
     want = [o.outputs[0].token_ids for o in make_llm(tiny_checkpoints[0], num_pages=200).generate(prompts, params)]
     llm = make_llm(tiny_checkpoints[0], draft(other_tiny, 3), num_pages=24)
-    for attempt in range(2):
+    for _attempt in range(2):
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
     assert llm.engine.scheduler.num_preemptions > 0
     stats = llm.engine.speculator.stats

@@ -4,8 +4,8 @@ bit for bit, what the host packed."""
 import jax
 import numpy as np
 
-from mistral_jax.sample.sampling import SamplingArrays, SamplingParams
 from mistral_jax.engine.step_inputs import StepInputs, empty_inputs, from_wire, to_wire
+from mistral_jax.sample.sampling import SamplingArrays, SamplingParams
 
 
 def _random_step(rng, T=16, S=8, pages=5):

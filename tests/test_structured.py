@@ -18,7 +18,7 @@ from mistral_jax.sample.sampling import allowed_tokens
 from mistral_jax.sample.structured import StructuredOutputs
 
 S = {"type": "string", "maxLength": 12}
-I = {"type": "integer", "minimum": -999, "maximum": 999}  # bounded: a small model may repeat digits forever
+INT = {"type": "integer", "minimum": -999, "maximum": 999}  # bounded: a small model may repeat digits forever
 N = {"type": "number", "minimum": -99, "maximum": 99}
 SCHEMAS = [
     {"type": "object", "properties": {"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
@@ -32,29 +32,31 @@ SCHEMAS = [
     {"type": "object", "properties": {"point": {"type": "object", "properties": {"x": N,
      "y": N}, "required": ["x", "y"], "additionalProperties": False}}, "required": ["point"],
      "additionalProperties": False},
-    {"type": "object", "properties": {"kind": {"const": "circle"}, "r": {"type": "number", "minimum": 0, "maximum": 10}},
+    {"type": "object", "properties": {"kind": {"const": "circle"},
+                                      "r": {"type": "number", "minimum": 0, "maximum": 10}},
      "required": ["kind", "r"], "additionalProperties": False},
-    {"anyOf": [I, {"type": "object", "properties": {"v": S}, "required": ["v"],
+    {"anyOf": [INT, {"type": "object", "properties": {"v": S}, "required": ["v"],
                                       "additionalProperties": False}]},
     {"type": "object", "properties": {"date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}},
      "required": ["date"], "additionalProperties": False},
     {"type": "object", "properties": {"maybe": {"type": ["string", "null"], "maxLength": 8}}, "required": ["maybe"],
      "additionalProperties": False},
-    {"type": "object", "$defs": {"item": {"type": "object", "properties": {"id": I},
+    {"type": "object", "$defs": {"item": {"type": "object", "properties": {"id": INT},
      "required": ["id"], "additionalProperties": False}}, "properties": {"items": {"type": "array",
      "items": {"$ref": "#/$defs/item"}, "maxItems": 3}}, "required": ["items"], "additionalProperties": False},
     {"type": "integer", "minimum": 10, "maximum": 99},
     {"type": "string", "enum": ["yes", "no", "maybe"]},
     {"type": "object", "properties": {"city": {"enum": ["Zürich", "São Paulo", "東京", "Αθήνα"]},
      "température": N}, "required": ["city", "température"], "additionalProperties": False},
-    {"type": "object", "properties": {"a": I, "b": I}, "required": ["a"],
+    {"type": "object", "properties": {"a": INT, "b": INT}, "required": ["a"],
      "additionalProperties": False},
     {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}},
      "required": ["score"], "additionalProperties": False},
     {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 3, "maxItems": 3},
-    {"type": "object", "properties": {"user": {"type": "object", "properties": {"name": S, "admin": {"type": "boolean"}},
+    {"type": "object", "properties": {"user": {"type": "object",
+                                               "properties": {"name": S, "admin": {"type": "boolean"}},
      "required": ["name", "admin"], "additionalProperties": False}, "ids": {"type": "array",
-     "items": I, "maxItems": 2}}, "required": ["user", "ids"], "additionalProperties": False},
+     "items": INT, "maxItems": 2}}, "required": ["user", "ids"], "additionalProperties": False},
     {"type": "object", "properties": {"emoji": {"type": "string", "pattern": "^[😀🎉]{1,3}$"}},
      "required": ["emoji"], "additionalProperties": False},
     {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100}},
@@ -84,7 +86,8 @@ def test_default_model_follows_every_schema(demo):
               for i, s in enumerate(SCHEMAS)]
     check_outputs(demo.generate(prompts, params), SCHEMAS)
     # The same model unconstrained fails most of them (what the constraint buys).
-    free = demo.generate(prompts, [SamplingParams(temperature=0.7, seed=i, max_tokens=120) for i in range(len(SCHEMAS))])
+    free = demo.generate(prompts,
+                         [SamplingParams(temperature=0.7, seed=i, max_tokens=120) for i in range(len(SCHEMAS))])
     valid = 0
     for out, schema in zip(free, SCHEMAS):
         try:
@@ -97,7 +100,8 @@ def test_default_model_follows_every_schema(demo):
 
 @pytest.mark.slow
 def test_regex_choice_grammar_and_json_object(demo):
-    specs = [StructuredOutputs(regex=r"[A-Z][a-z]{2,8} is [0-9]{2}"), StructuredOutputs(choice=["Paris", "Rome", "Oslo"]),
+    specs = [StructuredOutputs(regex=r"[A-Z][a-z]{2,8} is [0-9]{2}"),
+             StructuredOutputs(choice=["Paris", "Rome", "Oslo"]),
              StructuredOutputs(grammar='start: "The answer is " ("yes" | "no") "."'),
              StructuredOutputs(json_object=True)]
     prompts = ["Answer:"] * 3 + ["Describe Paris as a JSON object with keys name and country."]
@@ -133,11 +137,13 @@ def test_mistral_tokenizers_non_ascii(tmp_path, vocab):
               "norm_eps": 1e-5, "vocab_size": vocab, "rope_theta": 1e6, "max_seq_len": 256}
     (tmp_path / "params.json").write_text(json.dumps(params))
     llm = LLM(load_format="dummy", config=str(tmp_path), max_model_len=256, progress=False)
-    schemas = [SCHEMAS[13], SCHEMAS[18], {"type": "object", "properties": {"mot": {"enum": ["éléphant", "ñandú", "Straße"]},
-                                                                         "数": {"type": "integer", "maximum": 9}},
-                                          "required": ["mot", "数"], "additionalProperties": False}]
+    schemas = [SCHEMAS[13], SCHEMAS[18],
+               {"type": "object", "properties": {"mot": {"enum": ["éléphant", "ñandú", "Straße"]},
+                                                 "数": {"type": "integer", "maximum": 9}},
+                "required": ["mot", "数"], "additionalProperties": False}]
     outs = llm.generate([{"prompt_token_ids": [1, 100 + i]} for i in range(len(schemas))],
-                        [SamplingParams(temperature=1.0, seed=i, max_tokens=100, structured_outputs=StructuredOutputs(json=s))
+                        [SamplingParams(temperature=1.0, seed=i, max_tokens=100,
+                                        structured_outputs=StructuredOutputs(json=s))
                          for i, s in enumerate(schemas)])
     check_outputs(outs, schemas)
     out = llm.generate([{"prompt_token_ids": [1, 7]}], SamplingParams(
@@ -154,7 +160,8 @@ def test_bitmask_matches_llguidance_numpy_reference():
         logits = rng.standard_normal((rows, vocab)).astype(np.float32)
         ref = logits.copy()
         lnp.apply_token_bitmask_inplace(ref, bits)
-        ours = np.where(np.asarray(jax.jit(allowed_tokens, static_argnums=1)(jnp.asarray(bits), vocab)), logits, -np.inf)
+        allowed = np.asarray(jax.jit(allowed_tokens, static_argnums=1)(jnp.asarray(bits), vocab))
+        ours = np.where(allowed, logits, -np.inf)
         np.testing.assert_array_equal(ours, ref)
 
 

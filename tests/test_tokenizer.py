@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall as MCToolCall
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool
+from mistral_common.protocol.instruct.tool_calls import ToolCall as MCToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
 
-from helpers.tokenizer_files import DATA, TIME_TOOL, WEATHER_TOOL, mistral_tokenizer_files
 from mistral_jax.loading import default_model
 from mistral_jax.loading.default_model import default_model_path
 from mistral_jax.tokenizer import HFTokenizer, MistralTokenizer, StreamDecoder, load_tokenizer
+
+from helpers.tokenizer_files import DATA, TIME_TOOL, WEATHER_TOOL, mistral_tokenizer_files
 
 TEXTS = [
     "Hello world",

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall as MCToolCall
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool
+from mistral_common.protocol.instruct.tool_calls import ToolCall as MCToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
 
-from helpers.tokenizer_files import DATA, TIME_TOOL, WEATHER_TOOL, mistral_tokenizer_files
 from mistral_jax.loading.default_model import default_model_path
 from mistral_jax.sample.structured import JSON_STYLE, Matcher, StructuredOutputs, tool_calls
 from mistral_jax.tokenizer import MistralTokenizer, Tokenizer, load_tokenizer
 from mistral_jax.tool_calls import HermesToolCalls, MistralToolCalls, ToolCall, ToolCallFormat, tool_call_format
-from mistral_jax.tool_calls import tool_call_format
+
+from helpers.tokenizer_files import DATA, TIME_TOOL, WEATHER_TOOL, mistral_tokenizer_files
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,8 @@ def _reply(tok: Tokenizer, calls: list[tuple[str, dict]]) -> list[int]:
 
     text = llg_tokenizer(tok, tok.vocab_size).tokenize_str
     if tok.tool_call_parser == "hermes":
-        return text("\n".join(f'<tool_call>\n{json.dumps({"name": n, "arguments": a})}\n</tool_call>' for n, a in calls))
+        return text("\n".join(f'<tool_call>\n{json.dumps({"name": n, "arguments": a})}\n</tool_call>'
+                              for n, a in calls))
     fmt = tool_call_format(tok)
     if fmt.args_id is not None:  # v11+: one [TOOL_CALLS] per call
         return [t for n, a in calls for t in [fmt.tool_calls_id, *text(n), fmt.args_id, *text(json.dumps(a))]]

@@ -3,11 +3,11 @@ the prefix cache, however it is batched, preempted or aborted, whatever its samp
 
 import numpy as np
 import pytest
+from test_engine import LOWERINGS, CountEvents
 
 from mistral_jax import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow  # its module fixture warms up every program: ~30 s of CPU
-from test_engine import LOWERINGS, CountEvents
 
 BLOCK = 16
 

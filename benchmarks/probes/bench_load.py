@@ -27,8 +27,8 @@ def write_safetensors(src: str, dst: Path, dtype: str) -> None:
     """The canonical tensors of `src` as params.json + consolidated.safetensors, tokenizer copied."""
     from safetensors.numpy import save_file
 
-    from mistral_jax.loading.checkpoint import open_checkpoint
     from mistral_jax.entrypoints.convert import copy_tokenizer
+    from mistral_jax.loading.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(src)
     dst.mkdir(parents=True, exist_ok=True)

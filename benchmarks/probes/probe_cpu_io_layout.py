@@ -26,9 +26,8 @@ def worker(variant: str) -> int:
         import mistral_jax.entrypoints.llm
 
         mistral_jax.model.kernels.prefers_input_major = lambda platform=None: False
-    import numpy as np
-
     import bench_cpu_default as bench
+    import numpy as np
 
     rng = np.random.default_rng(0)
     prompts = {b: rng.integers(100, 49000, size=(b, bench.PROMPT_TOKENS)).tolist() for b in bench.BATCHES}
@@ -65,7 +64,8 @@ def main() -> int:
         os.kill(p.pid, signal.SIGCONT)
         p.stdin.close()
         p.wait()
-    out = {v: {f"batch{b}": dict(median=statistics.median(r), rounds=r) for b, r in by.items()} for v, by in res.items()}
+    out = {v: {f"batch{b}": dict(median=statistics.median(r), rounds=r) for b, r in by.items()}
+           for v, by in res.items()}
     out["io_over_base"] = {f"batch{b}": statistics.median(i / j for i, j in zip(res["io"][b], res["base"][b]))
                            for b in (1, 8)}
     print(json.dumps(out, indent=1))

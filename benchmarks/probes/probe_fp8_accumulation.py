@@ -4,11 +4,15 @@
     PYTHONPATH=.:benchmarks python benchmarks/probes/probe_fp8_accumulation.py
 """
 import sys
+
 sys.path.insert(0, "tests")
-import numpy as np, jax.numpy as jnp
+import jax.numpy as jnp
+import numpy as np
 from test_fp8_matmul import make_inputs
+
 from pallas_kernels.fp8_matmul import fp8_matmul_reference, fp8_matmul_xla
 from pallas_kernels.fp8_matmul.triton import fp8_matmul_triton
+
 F32 = jnp.float32
 for m, k, n in [(1, 5120, 5120), (64, 16384, 5120), (1, 32768, 5120), (64, 32768, 5120), (4096, 32768, 5120)]:
     x, w, s = make_inputs(np.random.default_rng(k + m), m, k, n)

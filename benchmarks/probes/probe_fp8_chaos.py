@@ -13,10 +13,13 @@ import jax
 import numpy as np
 
 sys.path.insert(0, "tests")
-from test_engine_gpu import CFG, run, prompts
-from helpers.models import dense_logits
+from test_engine_gpu import CFG, prompts, run
+
 from mistral_jax.loading.weights import random_weights
 from mistral_jax.runtime.sharding import make_mesh
+
+from helpers.models import dense_logits
+
 
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -29,7 +32,7 @@ for q in (None, "fp8"):
     for eps in (1e-7, 1e-5, 1e-3):
         m.tok_embeddings.value = emb * (1 + eps * jax.random.normal(jax.random.key(1), emb.shape))
         nudged = dense_logits(m, toks)
-        print(q or "f32", "embeddings nudged by", eps, "-> logits rel err", "%.3g" % rel(nudged, base),
+        print(q or "f32", "embeddings nudged by", eps, "-> logits rel err", f"{rel(nudged, base):.3g}",
               "argmax agree", float((nudged.argmax(-1) == base.argmax(-1)).mean()), flush=True)
     m.tok_embeddings.value = emb
 
@@ -41,11 +44,15 @@ for prec in ("default", "highest"):
         logits = {i: dense_logits(models[i], toks) for i in impls}
         ref = logits["reference"]
         srt = np.sort(ref, -1)
-        print(prec, "median top1-top2 logit gap", float(np.median(srt[..., -1] - srt[..., -2])), "logit std", float(ref.std()), flush=True)
+        print(prec, "median top1-top2 logit gap", float(np.median(srt[..., -1] - srt[..., -2])),
+              "logit std", float(ref.std()), flush=True)
         for i in impls:
-            print(prec, i, "logits rel err", "%.3g" % rel(logits[i], ref), "argmax agree", float((logits[i].argmax(-1) == ref.argmax(-1)).mean()), flush=True)
+            print(prec, i, "logits rel err", f"{rel(logits[i], ref):.3g}",
+                  "argmax agree", float((logits[i].argmax(-1) == ref.argmax(-1)).mean()), flush=True)
         outs = {i: run(models[i], "reference", batch, max_num_batched_tokens=128, num_pages=400) for i in impls}
         outs["reference2"] = run(models["reference"], "reference", batch, max_num_batched_tokens=128, num_pages=400)
         for i, o in outs.items():
-            first_div = [next((t for t, (a, b) in enumerate(zip(g, w)) if a != b), None) for g, w in zip(o, outs["reference"])]
-            print(prec, i, "engine agree", np.mean([g == w for g, w in zip(o, outs["reference"])]), "first divergence", first_div, flush=True)
+            first_div = [next((t for t, (a, b) in enumerate(zip(g, w)) if a != b), None)
+                         for g, w in zip(o, outs["reference"])]
+            print(prec, i, "engine agree", np.mean([g == w for g, w in zip(o, outs["reference"])]),
+                  "first divergence", first_div, flush=True)

@@ -18,7 +18,7 @@ import argparse
 import functools
 import json
 
-import mistral_jax  # noqa: F401  (the engine's XLA flags, under which the model runs)
+import mistral_jax  # noqa: F401  # isort: skip  (before jax: the engine's XLA flags, for the model)
 import jax
 import jax.numpy as jnp
 

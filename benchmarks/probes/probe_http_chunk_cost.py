@@ -1,7 +1,8 @@
 """The HTTP side's CPU per streamed chunk: the server's main thread (the event loop: parsing,
 SSE formatting, writes) over a streamed workload, in CPU microseconds per chunk and per request
 (a workload of one output token, e.g. 64x128x1, shows the per-request part), and the whole HTTP
-process's (the engine runs in a child process, not counted). On the GPU the step hides the host's work only while both fit in one core's GIL time.
+process's (the engine runs in a child process, not counted). On the GPU the step hides the host's
+work only while both fit in one core's GIL time.
 
     python benchmarks/probes/probe_http_chunk_cost.py --config tiny --workloads 64x128x128
 """
@@ -60,7 +61,8 @@ def main():
                 main0, all0 = cpu_seconds(server.pid, server.pid), cpu_seconds(server.pid)
                 r = asyncio.run(run_http(url, reqs, "bench"))
                 main1, all1 = cpu_seconds(server.pid, server.pid), cpu_seconds(server.pid)
-                print(f"{w}: {r['output_tokens_per_s']:8.1f} tok/s; event loop {1e6 * (main1 - main0) / r['tokens']:6.1f} "
+                print(f"{w}: {r['output_tokens_per_s']:8.1f} tok/s; "
+                      f"event loop {1e6 * (main1 - main0) / r['tokens']:6.1f} "
                       f"us CPU per chunk ({1e6 * (main1 - main0) / r['requests']:7.1f} per request), HTTP process "
                       f"{1e6 * (all1 - all0) / r['tokens']:6.1f} per chunk; TTFT p50 {r['ttft_ms_p50']:.1f} ms",
                       flush=True)

@@ -26,9 +26,9 @@ import time
 
 
 def run(args):
+    import bench_generate as bg
     import jax
 
-    import bench_generate as bg
     from mistral_jax.sample.sampling import SamplingParams
 
     engine, _, _ = bg.random_engine(args.config, "bfloat16", args.quantization, "auto", args.mesh,
@@ -36,7 +36,8 @@ def run(args):
                                     enable_prefix_caching=False)
     prompt = list(range(10, 74))
     for i in range(args.batch):  # enough tokens for the warm steps and the traced ones
-        engine.add_request(prompt, SamplingParams(max_tokens=args.steps + 64, temperature=0.0, ignore_eos=True), index=i)
+        engine.add_request(prompt, SamplingParams(max_tokens=args.steps + 64, temperature=0.0, ignore_eos=True),
+                           index=i)
 
     def steps(n):  # ms per engine step (launch one, read the one before)
         t = time.perf_counter()

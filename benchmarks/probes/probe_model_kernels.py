@@ -12,13 +12,13 @@ import dataclasses
 import json
 import re
 
-import mistral_jax  # noqa: F401  (the engine's XLA flags)
+import mistral_jax  # noqa: F401  # isort: skip  (before jax: the engine's XLA flags)
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mistral_jax.config import ModelConfig
 from mistral_jax.cache.kv_cache import DenseKVCache
+from mistral_jax.config import ModelConfig
 from mistral_jax.loading.weights import random_weights
 
 

@@ -21,7 +21,7 @@ import argparse
 import json
 import time
 
-import mistral_jax  # noqa: F401  (the engine's XLA flags)
+import mistral_jax  # noqa: F401  # isort: skip  (before jax: the engine's XLA flags)
 import jax
 import jax.numpy as jnp
 

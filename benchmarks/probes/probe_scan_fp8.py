@@ -16,7 +16,7 @@ import json
 import re
 import time
 
-import mistral_jax  # noqa: F401  (the engine's XLA flags, under which the model runs)
+import mistral_jax  # noqa: F401  # isort: skip  (before jax: the engine's XLA flags, for the model)
 import jax
 import jax.numpy as jnp
 

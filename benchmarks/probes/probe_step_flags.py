@@ -26,12 +26,13 @@ def main():
                     help="the engine's max_num_seqs (default the largest batch); it sets the sampling rows' bucket")
     ap.add_argument("--min-token-bucket", type=int, default=None,
                     help="engine.MIN_TOKEN_BUCKET: the smallest step (tokens) on an accelerator (default 16)")
-    ap.add_argument("--top-p", type=float, default=None, help="sample at temperature 0.7 with this top_p (default greedy)")
+    ap.add_argument("--top-p", type=float, default=None,
+                    help="sample at temperature 0.7 with this top_p (default greedy)")
     args = ap.parse_args()
     import bench_generate as bg
-    from mistral_jax.sample.sampling import SamplingParams
 
     from mistral_jax.sample import sampling
+    from mistral_jax.sample.sampling import SamplingParams
 
     if args.top_k_chunk is not None:
         sampling.TOP_K_CHUNK = {"gpu": args.top_k_chunk or None}
@@ -46,7 +47,8 @@ def main():
     sampled = dict(temperature=0.7, top_p=args.top_p, seed=0) if args.top_p else dict(temperature=0.0)
     batches = [int(b) for b in args.batches.split(",")]
     engine, _, _ = bg.random_engine(args.config, "bfloat16", args.quantization, "auto", None,
-                                    max_num_seqs=args.max_num_seqs or max(batches), max_num_batched_tokens=max(512, 64 * max(batches)),
+                                    max_num_seqs=args.max_num_seqs or max(batches),
+                                    max_num_batched_tokens=max(512, 64 * max(batches)),
                                     enable_prefix_caching=False)
     out = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "quantization": args.quantization,
            "top_k_chunk": sampling.TOP_K_CHUNK, "sampling": sampled, "fp8_triton_max_m": args.fp8_triton_max_m,

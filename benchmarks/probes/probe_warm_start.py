@@ -29,8 +29,8 @@ p.add_argument("--profile", type=int, default=0, help="print the N largest cumul
 args = p.parse_args()
 if args.min_compile_secs is not None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", args.min_compile_secs)
-from mistral_jax import LLM  # noqa: E402
 import mistral_jax.engine.programs as programs  # noqa: E402
+from mistral_jax import LLM  # noqa: E402
 
 # The engine's programs: seconds spent getting them (loading a stored executable, or lowering and
 # compiling), apart from running them (which, for a loaded program, includes XLA instantiating its

@@ -24,7 +24,8 @@ def main():
 
     batches = [int(b) for b in args.batches.split(",")]
     llm = LLM(load_format="dummy", config=args.config, dtype="bfloat16", quantization=args.quantization,
-              max_model_len=args.max_model_len, max_num_seqs=max(batches), max_num_batched_tokens=max(512, 64 * max(batches)),
+              max_model_len=args.max_model_len, max_num_seqs=max(batches),
+              max_num_batched_tokens=max(512, 64 * max(batches)),
               enable_prefix_caching=False, warmup=False, progress=False)
     engine = llm.engine
     out = {"label": args.label, "tree": mistral_jax.__file__, "quantization": args.quantization}

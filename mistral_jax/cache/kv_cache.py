@@ -16,12 +16,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mistral_jax.config import ModelConfig
+from mistral_jax.runtime.sharding import constrain
+
 # Finite, so that a query row with nothing to attend to (a padding token) gives a uniform
 # softmax instead of NaN; its output is discarded anyway. The kernels (the bottom layer) own it.
 from pallas_kernels.ragged_paged_attention import MASK_VALUE
-
-from mistral_jax.config import ModelConfig
-from mistral_jax.runtime.sharding import constrain
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
@@ -52,7 +52,7 @@ class DenseKVCache:
     v: jax.Array  # [layers, batch, max_len, n_kv_heads, head_dim]
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "DenseKVCache":
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> DenseKVCache:
         shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         zeros = constrain(jnp.zeros(shape, dtype), CACHE_AXES)
         return cls(k=zeros, v=zeros)
@@ -61,13 +61,13 @@ class DenseKVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def prepare(self, num_tokens: int, n_heads: int) -> "DenseKVCache":
+    def prepare(self, num_tokens: int, n_heads: int) -> DenseKVCache:
         """Per-forward work shared by the layers (PagedKVCache.prepare): none here."""
         return self
 
     def attend(
         self, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
-    ) -> tuple[jax.Array, "DenseKVCache"]:
+    ) -> tuple[jax.Array, DenseKVCache]:
         """Write this step's k/v at `positions` of `layer`, then attend over the layer's slab.
 
         q: [batch, t, n_heads, head_dim]; k, v: [batch, t, n_kv_heads, head_dim];

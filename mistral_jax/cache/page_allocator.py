@@ -17,7 +17,7 @@ import collections
 import dataclasses
 import hashlib
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 NULL_PAGE = 0
 _ROOT = 0  # the parent hash of a sequence's first page

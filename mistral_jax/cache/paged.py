@@ -22,11 +22,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import attention_schedule, ragged_paged_attention, write_kv_pages
-
-from mistral_jax.config import ModelConfig
 from mistral_jax.cache.page_allocator import NULL_PAGE
+from mistral_jax.config import ModelConfig
 from mistral_jax.runtime.sharding import current_mesh, named_sharding
+from pallas_kernels.ragged_paged_attention import attention_schedule, ragged_paged_attention, write_kv_pages
 
 PAGE_AXES = ("layers", None, None, "kv_heads", "head_dim")
 
@@ -59,7 +58,7 @@ class PagedKVCache:
     impl: str = flax.struct.field(pytree_node=False, default="auto")
     schedule: object = None  # the attention kernel's tables for this step's layout (prepare)
 
-    def prepare(self, num_tokens: int, n_heads: int) -> "PagedKVCache":
+    def prepare(self, num_tokens: int, n_heads: int) -> PagedKVCache:
         """Before the layer loop: what the attention kernel derives from the step's layout (not
         from the layer) is computed here once, not inside every layer."""
         return self.replace(schedule=attention_schedule(self.impl, num_tokens, n_heads, self.k, self.kv_lens,
@@ -67,7 +66,7 @@ class PagedKVCache:
 
     def attend(
         self, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
-    ) -> tuple[jax.Array, "PagedKVCache"]:
+    ) -> tuple[jax.Array, PagedKVCache]:
         """q: [1, num_tokens, n_heads, head_dim]; k, v: [1, num_tokens, n_kv_heads, head_dim].
         `positions` already placed the rotary phases; where the tokens go is slot_mapping."""
         # Padding tokens write into the null page, which no sequence reads: unconditional writes.

@@ -212,7 +212,8 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, namespace: argparse.Namespace) -> EngineArgs:
         """The settings among add_cli_args' parsed flags (a field a front door left out keeps its default)."""
-        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)})
+        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
+                      if hasattr(namespace, f.name)})
 
 
 def _is_int(value) -> bool:

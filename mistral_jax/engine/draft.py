@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mistral_jax.model.transformer import Transformer
 from mistral_jax.cache.paged import PAGE_AXES, PagedKVCache, init_pages, page_bytes
 from mistral_jax.engine.programs import Program
-from mistral_jax.runtime.sharding import constrain, use_mesh
 from mistral_jax.engine.step_inputs import StepWire, from_wire
+from mistral_jax.model.transformer import Transformer
+from mistral_jax.runtime.sharding import constrain, use_mesh
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("k_pages", "v_pages"))
@@ -69,7 +69,8 @@ class DraftModel:
     def __init__(self, model: Transformer, target_cfg, k: int):
         if model.cfg.vocab_size != target_cfg.vocab_size:
             raise ValueError(
-                f"the draft model's vocabulary has {model.cfg.vocab_size} tokens, the target's {target_cfg.vocab_size}: "
+                f"the draft model's vocabulary has {model.cfg.vocab_size} tokens, "
+                f"the target's {target_cfg.vocab_size}: "
                 "a draft must share the target's tokenizer (e.g. a smaller model of the same family)")
         self.graphdef, self.state = nnx.split(model)
         self.cfg, self.dtype, self.k = model.cfg, model.dtype, k

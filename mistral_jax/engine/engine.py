@@ -31,13 +31,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-
 from mistral_jax.cache.page_allocator import PageAllocator
 from mistral_jax.cache.paged import page_bytes
 from mistral_jax.engine import cache_size
 from mistral_jax.engine.buckets import Buckets
 from mistral_jax.engine.draft import DraftModel
-from mistral_jax.model.kernels import choose_kernels
 from mistral_jax.engine.output_processor import OutputProcessor
 from mistral_jax.engine.outputs import OutputState, StepEvent
 from mistral_jax.engine.placement import shared_seed
@@ -45,7 +43,8 @@ from mistral_jax.engine.plan import StepPlan
 from mistral_jax.engine.request_limits import RequestLimits
 from mistral_jax.engine.runner import Launched, ModelRunner
 from mistral_jax.engine.scheduler import Scheduler, Sequence
-from mistral_jax.engine.speculative import SpeculativeConfig, Speculator, SpecState
+from mistral_jax.engine.speculative import SpecState, SpeculativeConfig, Speculator
+from mistral_jax.model.kernels import choose_kernels
 from mistral_jax.model.transformer import Transformer
 from mistral_jax.runtime.sharding import mesh_size
 from mistral_jax.sample.sampling import SamplingParams

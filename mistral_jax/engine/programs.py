@@ -65,7 +65,6 @@ def _code_digest() -> str:
 @functools.cache
 def _platform_digest() -> str:
     import jaxlib
-
     from jax._src import config
 
     backend = jax.devices()[0].client

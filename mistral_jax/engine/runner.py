@@ -35,7 +35,7 @@ from mistral_jax.engine.step_programs import _prompt_logprobs_step, _reset_penal
 from mistral_jax.model.transformer import Transformer
 from mistral_jax.runtime.sharding import use_mesh
 from mistral_jax.sample.sampling import SamplingArrays
-from mistral_jax.sample.structured import Matcher, MaskBuffer
+from mistral_jax.sample.structured import MaskBuffer, Matcher
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,7 +73,7 @@ class SpeculativeConfig:
                              "use integers with 1 <= prompt_lookup_min <= prompt_lookup_max (e.g. 2 and 5)")
 
     @classmethod
-    def parse(cls, spec) -> "SpeculativeConfig | None":
+    def parse(cls, spec) -> SpeculativeConfig | None:
         """None, a SpeculativeConfig, a dict of vLLM's keys, or that dict as JSON text (the CLI)."""
         if spec is None or isinstance(spec, cls):
             return spec

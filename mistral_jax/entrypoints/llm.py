@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from mistral_jax.engine.args import EngineArgs
 from mistral_jax.engine.build import build, resolve_dtype  # noqa: F401  (resolve_dtype: re-exported for benchmarks)
 from mistral_jax.engine.outputs import StepEvent
 from mistral_jax.sample.sampling import SamplingParams
-from mistral_jax.tool_calls import ToolCall
-from mistral_jax.tool_calls import tool_call_format
+from mistral_jax.tool_calls import ToolCall, tool_call_format
 
 
 @dataclasses.dataclass

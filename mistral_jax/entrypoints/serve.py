@@ -217,8 +217,8 @@ def _serve(args, bridge, sock) -> int:
     app.state.on_startup.append(watch_companions)
 
     # What is loaded by now (JAX, the tokenizer, the app) lives as long as the process: out of the
-    # cyclic GC's full passes, each of which walked all of it with the event loop stopped (a CPU
-    # profile under load: one pass of 160 ms; 3.8 ms with this).
+    # cyclic GC's full passes, each of which walked all of it with the event loop stopped (a pass
+    # of a hundred milliseconds and more under load, a few without).
     gc.freeze()
     try:
         server.run(sockets=[sock])

@@ -92,7 +92,8 @@ def choose_layout(files: list[str], load_format: str, config_format: str, where:
                       None)
         if wanted is None:
             raise CheckpointError(f"{where}: no model found among its files {sorted(files)[:20]}: expected "
-                                  "params.json + consolidated*.safetensors, config.json + model*.safetensors, or one .gguf")
+                                  "params.json + consolidated*.safetensors, config.json + model*.safetensors, "
+                                  "or one .gguf")
     missing = list(LAYOUT_FILES[wanted]["config"]) if not has("config", wanted) else []  # a copy: += below
     if load_format != "dummy" and not has("weights", wanted):
         missing += LAYOUT_FILES[wanted]["weights"][:1]
@@ -158,8 +159,12 @@ def resolve_model(model: str, *, load_format: str = "auto", config_format: str =
 
 
 def _hub_error(e: Exception, repo_id: str, revision: str | None) -> CheckpointError:
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     page = f"https://huggingface.co/{repo_id}"
     if isinstance(e, GatedRepoError):
@@ -167,7 +172,8 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None) -> CheckpointEr
             f"{repo_id} is a gated repo: accept its license at {page} with your account, then set HF_TOKEN to an "
             f"access token of that account (https://huggingface.co/settings/tokens), or run `hf auth login`")
     if isinstance(e, RevisionNotFoundError):
-        return CheckpointError(f"{repo_id} has no revision {revision!r} on the Hub: give a branch, tag or commit it has")
+        return CheckpointError(f"{repo_id} has no revision {revision!r} on the Hub: "
+                               "give a branch, tag or commit it has")
     if isinstance(e, RepositoryNotFoundError):
         return CheckpointError(
             f"{repo_id}: no such repo on the Hub, or it is private (then set HF_TOKEN to a token that can read it). "

@@ -31,10 +31,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mistral_jax.config import ModelConfig
+from mistral_jax.loading.checkpoint.base import CheckpointError, Entry
 from mistral_jax.model.kernels import Kernels, choose_kernels
 from mistral_jax.model.projections import Fp8Weight
 from mistral_jax.model.transformer import Transformer, qkv_slots
-from mistral_jax.loading.checkpoint.base import CheckpointError, Entry
 from mistral_jax.runtime.sharding import check_mesh, logical_spec, make_mesh, use_mesh
 
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)\.weight(_scale)?$")

@@ -33,10 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.activations import rms_norm, silu_mul
-
 from mistral_jax.model.kernels import fp8_per_shard, prefers_input_major
 from mistral_jax.runtime.sharding import LOGICAL_RULES, constrain, current_mesh, mesh_size
+from pallas_kernels.activations import rms_norm, silu_mul
 
 __all__ = ["Fp8Param", "Fp8Weight", "QuantizedRows", "linear", "linears", "fused_input", "swiglu",
            "is_input_major", "prefers_input_major"]

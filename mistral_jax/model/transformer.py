@@ -247,7 +247,7 @@ class Transformer(nnx.Module):
 
     head_input_major = False  # the output head stored [embed, vocab] (to_input_major)
 
-    def to_input_major(self) -> "Transformer":
+    def to_input_major(self) -> Transformer:
         """The layers' 16-bit projections stored [(layers,) in..., out...] instead of the
         checkpoints' [(layers,) out..., in...], and the output head [embed, vocab], where the
         backend's product runs faster so (kernels.Kernels.input_major): for serving, not for

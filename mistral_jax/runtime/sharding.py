@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -69,7 +69,7 @@ def make_mesh(dp: int = 1, tp: int = 1, devices: Sequence[jax.Device] | None = N
     return Mesh(np.array(devices[: dp * tp]).reshape(dp, tp), MESH_AXES)
 
 
-def parse_mesh(spec: "str | Mesh | None" = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def parse_mesh(spec: str | Mesh | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """"tp=4", "dp=2,tp=4" (or "dp=2 tp=4"; an axis left out has size 1) -> Mesh.
     None or "" is one device; a Mesh passes through."""
     if isinstance(spec, Mesh):

@@ -208,14 +208,15 @@ class SamplingArrays:
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], pad_to: int | None = None,
-                    allowed: jax.Array | None = None) -> "SamplingArrays":
+                    allowed: jax.Array | None = None) -> SamplingArrays:
         """One row per request, then greedy padding rows up to pad_to. Unseeded rows get a fresh
         random seed here, on the host. allowed: the rows' grammar bitmask (structured.py).
         NumPy arrays: the engine moves them to the device with the step's other inputs in one
-        transfer (one jnp.asarray per field cost 2.5-2.8 ms per step on an H200 host)."""
+        transfer (one transfer per field costs the host milliseconds per step: step_inputs.py)."""
         batch = len(params) if pad_to is None else pad_to
         if batch < len(params):
-            raise ValueError(f"pad_to={pad_to} is smaller than the {len(params)} requests: pass pad_to >= {len(params)}")
+            raise ValueError(f"pad_to={pad_to} is smaller than the {len(params)} requests: "
+                             f"pass pad_to >= {len(params)}")
         pad = [SamplingParams(temperature=0.0, seed=0)] * (batch - len(params))
         rows = list(params) + pad
         greedy = np.array([p.greedy for p in rows])
@@ -326,8 +327,8 @@ def _draw(penalized, arrays: SamplingArrays, step):
 def argmax_rows(x):
     """jnp.argmax over the last axis of x [rows, vocab] -> [rows] i32 (the first maximum; the
     first NaN where a row has one). On XLA:CPU as a max, then the first index holding it: its
-    one-pass argmax (a reduction of value-index pairs) is not vectorized, 1.62 against 0.28 ms
-    at 8 rows x 49k entries (0.26 against 0.13 at one row), in every sampling step."""
+    one-pass argmax (a reduction of value-index pairs) is not vectorized and runs several times
+    slower, in every sampling step (docs/performance.md, "CPU")."""
     if jax.default_backend() != "cpu":
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
     top = jnp.max(x, axis=-1, keepdims=True)  # NaN if the row has one
@@ -336,10 +337,9 @@ def argmax_rows(x):
 
 
 # top_k_over_vocab's chunk (vocabulary entries) on GPUs: XLA:GPU sorts a whole row for lax.top_k
-# over 131k entries (an H200 at 32 rows: 0.84 ms per decode step); the top k of each chunk, then
-# of those candidates, is the same result for a fraction of the work (batch-1 decode step of
-# Mistral-Small-2501 13.92 -> 13.67 ms bf16, 8.62 -> 8.37 ms FP8). XLA:CPU's top_k is already a
-# partial sort: chunks there cost more (8 rows x 49k entries: 0.9 -> 1.7 ms), so not on CPUs.
+# over a 131k vocabulary; the top k of each chunk, then of those candidates, is the same result
+# for a fraction of the work. XLA:CPU's top_k is already a partial sort: chunks there cost more,
+# so not on CPUs (docs/performance.md, "XLA on GPUs: flags").
 TOP_K_CHUNK = {"gpu": 1024}
 
 

@@ -169,7 +169,8 @@ class Matcher:
         import llguidance
 
         # Built once: a grammar the matcher cannot build leaves it in an error state, with the reason.
-        self.matcher = llguidance.LLMatcher(llg_tokenizer(tokenizer, vocab_size), spec.llguidance_grammar(), log_level=0)
+        self.matcher = llguidance.LLMatcher(llg_tokenizer(tokenizer, vocab_size), spec.llguidance_grammar(),
+                                            log_level=0)
         if self.matcher.is_error():
             raise ValueError(f"the {spec.field()} constraint is invalid: {self.matcher.get_error().strip()}")
 
@@ -202,7 +203,8 @@ class MaskBuffer:
         return mask
 
 
-def tool_calls(tokenizer: Tokenizer, tools: list[dict], name: str | None = None, one: bool = False) -> StructuredOutputs:
+def tool_calls(tokenizer: Tokenizer, tools: list[dict], name: str | None = None,
+               one: bool = False) -> StructuredOutputs:
     """The constraint for tool_choice "required" (calls of the given tools: one or more, or
     exactly one) or a named function (a call of it), in the model's own tool-call format."""
     chosen = [t for t in tools if t["function"]["name"] == name] if name else tools

@@ -4,7 +4,6 @@ implementations share: their error type and OpenAI's chat-message roles."""
 from __future__ import annotations
 
 
-
 class TokenizerError(ValueError):
     """A tokenizer file that cannot be read: the message names it and the fix. A ValueError, so
     that the server reports it as a failed start, as it does a bad checkpoint."""

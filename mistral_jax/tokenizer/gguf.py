@@ -73,7 +73,8 @@ def read_gguf_vocabulary(path: str | Path) -> GGUFVocabulary:
 
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> Any:
-    from tokenizers import Regex, Tokenizer as HFRawTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFRawTokenizer
 
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
@@ -91,7 +92,8 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> An
 def _sentencepiece_bpe(tokens: list[str], scores: list[float], unk_id: int | None, add_space_prefix: bool) -> Any:
     """SentencePiece BPE (Mistral/Llama GGUFs): GGUF keeps pieces and scores but no merges; a piece's
     score ranks the merge that makes it, so rebuild merges from every split of every piece."""
-    from tokenizers import Tokenizer as HFRawTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFRawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
     ranked = []
@@ -100,7 +102,7 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float], unk_id: int | Non
             left, right = piece[:k], piece[k:]
             if left in vocab and right in vocab:
                 ranked.append((-score, vocab[left], vocab[right], left, right))
-    merges = [(l, r) for *_, l, r in sorted(ranked)]
+    merges = [(lhs, rhs) for *_, lhs, rhs in sorted(ranked)]
     unk = tokens[unk_id] if unk_id is not None else None
     tok = HFRawTokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     scheme = "first" if add_space_prefix else "never"

@@ -8,9 +8,10 @@ mistral_jax.tool_calls.hermes reads."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mistral_jax.tokenizer.base import Tokenizer, TokenizerError, openai_roles
 from mistral_jax.tokenizer.gguf import read_gguf_vocabulary
@@ -38,13 +39,13 @@ class HFTokenizer(Tokenizer):
     # -- construction --
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> "HFTokenizer":
+    def from_gguf(cls, path: str | Path) -> HFTokenizer:
         v = read_gguf_vocabulary(path)
         _set_bos_processor(v.tok, v.bos_id, v.add_bos)
         return cls(v.tok, v.bos_id, v.eos_id, v.chat_template, v.extra_stop_ids)
 
     @classmethod
-    def from_hf_dir(cls, folder: str | Path) -> "HFTokenizer":
+    def from_hf_dir(cls, folder: str | Path) -> HFTokenizer:
         from tokenizers import Tokenizer as HFRawTokenizer
 
         folder = Path(folder)

@@ -4,8 +4,8 @@ the file and the fix."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mistral_jax.tokenizer.base import PASS_TOKENIZER, Tokenizer, TokenizerError
 from mistral_jax.tokenizer.hf import HFTokenizer
@@ -32,7 +32,8 @@ def load_tokenizer(model_path: str | Path, mode: str = "auto") -> Tokenizer:
     if file.is_symlink() and not file.exists():  # a Hugging Face cache whose blob is gone
         raise TokenizerError(f"{file}: a broken symbolic link (to {os.readlink(file)}). Fix: re-download it")
     if file.is_dir():
-        raise TokenizerError(f"{file}: a directory, not a file. Fix: put the tokenizer file there, or pass {PASS_TOKENIZER}")
+        raise TokenizerError(f"{file}: a directory, not a file. "
+                             f"Fix: put the tokenizer file there, or pass {PASS_TOKENIZER}")
     try:
         return read(file)
     except (TokenizerError, CheckpointError):  # ours: they name the file already

@@ -26,7 +26,8 @@ def tool_call_format(tokenizer: Tokenizer) -> ToolCallFormat:
     built once per tokenizer and kept on it."""
     fmt = tokenizer.__dict__.get("_tool_call_format")
     if fmt is None:
-        fmt = tokenizer.__dict__["_tool_call_format"] = PARSERS.get(tokenizer.tool_call_parser, ToolCallFormat)(tokenizer)
+        parser = PARSERS.get(tokenizer.tool_call_parser, ToolCallFormat)
+        fmt = tokenizer.__dict__["_tool_call_format"] = parser(tokenizer)
     return fmt
 
 

@@ -35,4 +35,5 @@ class HermesToolCalls(ToolCallFormat):
     def grammar(self, tools: list[dict], one: bool, json_style: dict) -> str:
         # The blocks parse() reads: <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>
         more = "" if one else ' ("\\n" block)*'
-        return f'start: block{more}\nblock: "<tool_call>\\n" call "\\n</tool_call>"\ncall: {json_call(tools, json_style)}'
+        return (f'start: block{more}\nblock: "<tool_call>\\n" call "\\n</tool_call>"\n'
+                f'call: {json_call(tools, json_style)}')

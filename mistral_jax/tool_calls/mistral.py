@@ -50,7 +50,8 @@ class MistralToolCalls(ToolCallFormat):
             raise ValueError("this tokenizer has no [TOOL_CALLS] token: the model cannot call tools")
         if self.args_id is not None:  # v11+: [TOOL_CALLS]name[ARGS]{arguments}, once per call
             # (mistral-common writes one [TOOL_CALLS] before each call, and parse splits there)
-            calls = [f'"{lark_str(name)}" <[{self.args_id}]> %json {json.dumps(dict(params, **{"x-guidance": json_style}))}'
+            calls = [f'"{lark_str(name)}" <[{self.args_id}]> '
+                     f'%json {json.dumps(dict(params, **{"x-guidance": json_style}))}'
                      for name, params in functions(tools)]
             call = " | ".join(f"({c})" for c in calls)
             return f"start: (<[{self.tool_calls_id}]> ({call})){'' if one else '+'}"

@@ -77,16 +77,16 @@ def _fp8_matmul(x, x_scale, w, w_scale, layer, *, out_dtype, interpret, bm, bn, 
     w = jnp.pad(w, ((0, 0), (0, np_ - n), (0, kp - k)))  # no-op for block-aligned weights
     ws = jnp.pad(jax.lax.dynamic_index_in_dim(w_scale, layer, keepdims=False).astype(jnp.float32),
                  (0, np_ - n))[None, :]  # [1, Np], that layer's
-    cp = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    cp = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
     squeezed = pl.Squeezed() if hasattr(pl, "Squeezed") else None  # the layer axis of w's block
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(mp // bm, np_ // bn, kp // bk),
-        in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kb, l: (i, kb)),
-                  pl.BlockSpec((bm, 1), lambda i, j, kb, l: (i, 0)),
-                  pl.BlockSpec((squeezed, bn, bk), lambda i, j, kb, l: (l[0], j, kb)),
-                  pl.BlockSpec((1, bn), lambda i, j, kb, l: (0, j))],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kb, l: (i, j)),
+        in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kb, layer_ref: (i, kb)),
+                  pl.BlockSpec((bm, 1), lambda i, j, kb, layer_ref: (i, 0)),
+                  pl.BlockSpec((squeezed, bn, bk), lambda i, j, kb, layer_ref: (layer_ref[0], j, kb)),
+                  pl.BlockSpec((1, bn), lambda i, j, kb, layer_ref: (0, j))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kb, layer_ref: (i, j)),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
     )
     out = pl.pallas_call(

@@ -157,7 +157,7 @@ def _online_softmax(q, num_chunks, chunk_kv, eqs, scale):
     R, n_kv, group, head_dim = q.shape
 
     def one_chunk(c, carry):
-        m, l, acc = carry  # [R, kv, g] running max and sum, [R, kv, g, D] unnormalized output
+        m, row_sum, acc = carry  # [R, kv, g] running max and sum, [R, kv, g, D] unnormalized output
         k, v, visible = chunk_kv(c)
         scores = jnp.einsum(eqs[0], q, k, preferred_element_type=jnp.float32) * scale
         scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
@@ -165,9 +165,9 @@ def _online_softmax(q, num_chunks, chunk_kv, eqs, scale):
         p = jnp.exp(scores - m_new[..., None])
         correction = jnp.exp(m - m_new)
         pv = jnp.einsum(eqs[1], p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * correction + p.sum(-1), acc * correction[..., None] + pv
+        return m_new, row_sum * correction + p.sum(-1), acc * correction[..., None] + pv
 
     init = (jnp.full((R, n_kv, group), MASK_VALUE, jnp.float32), jnp.zeros((R, n_kv, group), jnp.float32),
             jnp.zeros((R, n_kv, group, head_dim), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, num_chunks, one_chunk, init)
-    return acc / jnp.maximum(l, 1e-30)[..., None]
+    _, row_sum, acc = jax.lax.fori_loop(0, num_chunks, one_chunk, init)
+    return acc / jnp.maximum(row_sum, 1e-30)[..., None]

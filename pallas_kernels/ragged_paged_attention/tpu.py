@@ -95,7 +95,7 @@ def _kernel(kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_ref, layer_re
             start(0, 0)
 
             def page_step(j, st):
-                m, l, acc = st
+                m, row_sum, acc = st
                 slot = j % 2
                 wait(j, slot)
 
@@ -119,7 +119,7 @@ def _kernel(kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_ref, layer_re
                     m_new = jnp.maximum(m[h], sc.max(axis=-1, keepdims=True))
                     alpha = jnp.exp(m[h] - m_new)
                     p = jnp.exp(sc - m_new)
-                    ls.append(alpha * l[h] + p.sum(axis=-1, keepdims=True))
+                    ls.append(alpha * row_sum[h] + p.sum(axis=-1, keepdims=True))
                     pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                              preferred_element_type=jnp.float32)
                     accs.append(alpha * acc[h] + pv)
@@ -129,8 +129,8 @@ def _kernel(kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_ref, layer_re
             init = (jnp.full((n_kv, rows, 1), -jnp.inf, jnp.float32),
                     jnp.zeros((n_kv, rows, 1), jnp.float32),
                     jnp.zeros((n_kv, rows, head_dim), jnp.float32))
-            m, l, acc = jax.lax.fori_loop(0, n_pages, page_step, init)
-            out = acc / l  # [Hkv, rows, D]; l >= 1 since MASK_VALUE is finite
+            m, row_sum, acc = jax.lax.fori_loop(0, n_pages, page_step, init)
+            out = acc / row_sum  # [Hkv, rows, D]; row_sum >= 1 since MASK_VALUE is finite
             out = jnp.concatenate([out[h].reshape(block_q, group, head_dim) for h in range(n_kv)], axis=1)
             row_ok = (b * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0)) < q_len
             old = o_ref[pl.ds(r0, block_q)]
@@ -163,7 +163,7 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer,
                         pltpu.VMEM((2, page_size, n_kv, head_dim), v_pages.dtype),
                         pltpu.SemaphoreType.DMA((2, 2))],
     )
-    cp = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    cp = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
     out = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,

@@ -247,12 +247,12 @@ def _combine_kernel(seq_ref, tok_ref, dec_ref, kv_lens_ref, o_ref, lse_ref, out_
     m = lax.fori_loop(1, n_used, lambda i, m: jnp.maximum(m, lse_of(i)), lse_of(0))
 
     def add(i, carry):
-        acc, l = carry
+        acc, weight_sum = carry
         w = jnp.exp2(lse_of(i) - m)
-        return acc + plgpu.load(o_ref.at[i, s, tok, h, g_idx, d_idx]) * w, l + w
+        return acc + plgpu.load(o_ref.at[i, s, tok, h, g_idx, d_idx]) * w, weight_sum + w
 
-    acc, l = lax.fori_loop(0, n_used, add, (jnp.zeros((GP, BD), jnp.float32), jnp.zeros((GP, 1), jnp.float32)))
-    out = acc / l  # [GP, BD]; rows not decoded here (n_used 0) are replaced below
+    acc, weight_sum = lax.fori_loop(0, n_used, add, (jnp.zeros((GP, BD), jnp.float32), jnp.zeros((GP, 1), jnp.float32)))
+    out = acc / weight_sum  # [GP, BD]; rows not decoded here (n_used 0) are replaced below
     plgpu.store(out_ref.at[t, h], jnp.where(dec > 0, out, 0.0).astype(out_ref.dtype))
 
 

@@ -19,16 +19,15 @@ import asyncio
 import itertools
 import multiprocessing
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 
 from mistral_jax.engine.args import EngineArgs
 from mistral_jax.engine.outputs import StepEvent
-from mistral_jax.sample.sampling import SamplingParams
-from mistral_jax.entrypoints.server import channel
-from mistral_jax.entrypoints.server import engine_process
+from mistral_jax.entrypoints.server import channel, engine_process
 from mistral_jax.entrypoints.server.engine_process import Abort, Add, Batch, Failed, Fault, Ready, Stats
+from mistral_jax.sample.sampling import SamplingParams
 
 
 class EngineStopped(RuntimeError):
@@ -130,7 +129,7 @@ class EngineClient:
         """The engine's request check (context, cache, vocabulary): raises ValueError with the fix."""
         return self.info.limits.check(prompt_ids, params, where, self._rng)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, arrived: float | None = None) -> "RequestStream":
+    def submit(self, prompt_ids: list[int], params: SamplingParams, arrived: float | None = None) -> RequestStream:
         """Send a checked request to the engine now (a handler submits before it returns its
         response: under a burst, requests reach the engine as each is parsed, not after every
         other request's handler has run). Iterate the stream for its events; close() aborts it."""
@@ -151,7 +150,7 @@ class EngineClient:
         finally:
             stream.close()
 
-    def release(self, stream: "RequestStream", abort: bool) -> None:
+    def release(self, stream: RequestStream, abort: bool) -> None:
         """A stream is done with: forget it; abort its request if it has not finished."""
         self._queues.pop(stream.request_id, None)
         if abort:

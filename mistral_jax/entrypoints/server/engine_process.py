@@ -3,8 +3,8 @@ over a pair of pipes (vLLM's split of API server and engine core; --api-server-c
 processes in front of one engine).
 
 Why a process: in one process the engine's host work (launching a step, reading its tokens,
-detokenizing) and the event loop's per-chunk work share one GIL. On an H200 at 64 streams a
-step then launched late and HTTP kept 71-85% of the in-process tokens/s. Here the engine
+detokenizing) and the event loop's per-chunk work share one GIL: under many streams a step then
+launches late and the GPU idles (docs/performance.md, "Serving over HTTP"). Here the engine
 process does nothing but step; the HTTP process parses, checks, streams.
 
 Messages (channel.py's framing: any size) in, one at a time or as a list: Add (a request, its
@@ -36,16 +36,14 @@ from multiprocessing.connection import wait
 
 from mistral_jax.engine.outputs import StepEvent
 from mistral_jax.engine.request_limits import RequestLimits
-from mistral_jax.sample.sampling import SamplingParams
 from mistral_jax.entrypoints.server import channel
+from mistral_jax.sample.sampling import SamplingParams
 
 # Requests that arrive together after an idle spell start in one step: the HTTP process parses a
-# burst one request at a time (~0.5-1 ms each), and the first would otherwise start alone while
-# the rest wait a whole step (a prefill step of 2,048 tokens of Mistral-Small takes ~145 ms on
-# an H200). A lone request waits one gap; a burst waits until a step is full or the window ends.
-# Measured (H200, 4 HTTP processes): a 1 ms gap took 2-5 ms off a lone request's first token but
-# split bursts of 64 (the rest a step later: FP8 64 x 128 x 128 kept 90.8% of the in-process
-# tokens/s against 99.7% with 2 ms).
+# burst one request at a time, and the first would otherwise start alone while the rest wait a
+# whole (prefill) step. A lone request waits one gap; a burst waits until a step is full or the
+# window ends. A shorter gap split bursts of 64 streams and lost throughput; a longer one delays
+# a lone request's first token (docs/performance.md, "Serving over HTTP").
 ARRIVAL_GAP_S = 0.002
 ARRIVAL_WINDOW_S = 0.030
 # MISTRAL_JAX_STEP_LOG=path: one JSON line per step (when its requests arrived and were taken, when
@@ -105,7 +103,8 @@ class Stats:
     prompt_tokens: int = 0  # prefix cache: prompt tokens looked up, and those found
     cached_tokens: int = 0
     spec: tuple[int, int, int] = (0, 0, 0)  # drafts, draft tokens, accepted tokens
-    programs: int = 0  # compiled programs the engine holds: constant after warm-up (a rise: a request waited on a compile)
+    # compiled programs the engine holds: constant after warm-up (a rise: a request waited on a compile)
+    programs: int = 0
 
 
 @dataclasses.dataclass

@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mistral_jax.sample.sampling import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TEMPERATURE, MIN_REPETITION_PENALTY
+from mistral_jax.sample.sampling import (
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_LENGTH,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+)
 
 MAX_N = 16  # choices per request: each is a job of its own in the engine
 _TokenId = Annotated[int, Field(ge=0)]  # the upper bound is the vocabulary's (RequestLimits.check)

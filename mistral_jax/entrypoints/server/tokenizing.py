@@ -19,8 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-# Bodies up to this many bytes are tokenized inline: at the slowest tokenizer's ~1.2 us a
-# character (the demo's byte-level BPE on this CPU), at most ~10 ms of the loop.
+# Bodies up to this many bytes are tokenized inline: even the slowest tokenizer (the demo's
+# byte-level BPE) then holds the event loop for milliseconds at most; larger ones go to the worker.
 INLINE_BODY_BYTES = 8 << 10
 
 _tokenizer = None  # the worker process's own
@@ -28,8 +28,8 @@ _tokenizer = None  # the worker process's own
 
 def _load(source: str, mode: str) -> None:
     global _tokenizer
-    from mistral_jax.tokenizer import load_tokenizer
     from mistral_jax.entrypoints.server import die_with_parent, name_process
+    from mistral_jax.tokenizer import load_tokenizer
 
     name_process("mj-tokenizer")
     die_with_parent()

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mistral_jax.loading.checkpoint import hf
-from mistral_jax.loading.checkpoint import mistral
+from mistral_jax.loading.checkpoint import hf, mistral
 from mistral_jax.loading.checkpoint.base import Checkpoint, CheckpointError, expected_shapes
 from mistral_jax.loading.checkpoint.gguf import GGUFCheckpoint
 from mistral_jax.loading.checkpoint.hf import HFCheckpoint

@@ -13,8 +13,8 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -86,7 +86,7 @@ def _shape_formula(name: str, keys: dict) -> str:
     return re.sub(r"[a-z_]+", lambda m: key_name(keys, m.group()), formula)
 
 
-def _check(entry: Entry, expected: dict, ckpt: "Checkpoint") -> None:
+def _check(entry: Entry, expected: dict, ckpt: Checkpoint) -> None:
     cfg, config_file = ckpt.config, ckpt.config_file
     if entry.name not in expected:
         hint = " (the config ties the output head to tok_embeddings)" if entry.name == "output.weight" else ""
@@ -361,7 +361,7 @@ def _read_fp8(file: Path, source: str, index: tuple[slice, ...] = ()) -> np.ndar
     return np.array(data[index]).view(ml_dtypes.float8_e4m3fn)
 
 
-def rename_to_canonical(name: str, global_names: dict[str, str], layer_pattern: "re.Pattern[str]",
+def rename_to_canonical(name: str, global_names: dict[str, str], layer_pattern: re.Pattern[str],
                         layer_names: dict[str, str]) -> str:
     """A format's tensor name -> canonical name, from its table of global names and a layer regex
     (group 1: layer index, group 2: per-layer suffix). Unknown names come back unchanged, so that

@@ -17,8 +17,8 @@ import ml_dtypes
 import numpy as np
 
 from mistral_jax.config import ModelConfig, gguf_keys
-from mistral_jax.loading.checkpoint.base import Checkpoint, CheckpointError, Entry, rename_to_canonical
 from mistral_jax.gguf_file import open_gguf
+from mistral_jax.loading.checkpoint.base import Checkpoint, CheckpointError, Entry, rename_to_canonical
 
 # Architectures whose q/k rows are stored in the interleaved (canonical) order.
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -55,7 +55,8 @@ def read_tensor(tensor, shape: tuple[int, ...], index: tuple[slice, ...] = ()) -
     A quantized tensor is stored as rows of blocks (`block` values in `block_bytes` bytes, along
     the innermost axis), so a part is read by itself: its rows, and within them the bytes of the
     blocks its columns cover (a tp shard's columns are whole blocks; others are cut after)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
 
     from mistral_jax.loading.checkpoint.gguf_dequant import dequantize
 

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from mistral_jax.config import HF_KEYS, ModelConfig, read_json
-from mistral_jax.loading.checkpoint.base import Checkpoint, CheckpointError, rename_to_canonical, safetensors_entries, safetensors_header
+from mistral_jax.loading.checkpoint.base import (
+    Checkpoint,
+    CheckpointError,
+    rename_to_canonical,
+    safetensors_entries,
+    safetensors_header,
+)
 from mistral_jax.loading.checkpoint.quantization import parse_compressed_tensors
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
