@@ -84,3 +84,22 @@ def tokens(tiny_cfg):
     import numpy as np
 
     return np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, size=(3, 37)).astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def mistral_files(tmp_path_factory):
+    """mistral-common's tokenizer files (SentencePiece and Tekken, several versions), by name."""
+    from helpers.tokenizer_files import mistral_tokenizer_files
+
+    return mistral_tokenizer_files(tmp_path_factory.mktemp("tekken"))
+
+
+@pytest.fixture(scope="session")
+def mistral_pairs(mistral_files):
+    """Ours and mistral-common's own tokenizer, loaded independently, per tokenizer file (shared by
+    the tokenizer and tool-call tests: loading them is the slowest part of both)."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
+
+    from mistral_jax.tokenizer import load_tokenizer
+
+    return {name: (load_tokenizer(path), MCTokenizer.from_file(str(path))) for name, path in mistral_files.items()}

@@ -12,13 +12,12 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool
 from mistral_common.protocol.instruct.tool_calls import ToolCall as MCToolCall
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
 
 from mistral_jax.loading import default_model
 from mistral_jax.loading.default_model import default_model_path
 from mistral_jax.tokenizer import HFTokenizer, MistralTokenizer, StreamDecoder, load_tokenizer
 
-from helpers.tokenizer_files import DATA, TIME_TOOL, WEATHER_TOOL, mistral_tokenizer_files
+from helpers.tokenizer_files import DATA, TIME_TOOL, WEATHER_TOOL
 
 TEXTS = [
     "Hello world",
@@ -34,17 +33,6 @@ TEXTS = [
 
 
 # ---- fixtures: tokenizer files --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mistral_files(tmp_path_factory) -> dict[str, Path]:
-    return mistral_tokenizer_files(tmp_path_factory.mktemp("tekken"))
-
-
-@pytest.fixture(scope="module")
-def mistral_pairs(mistral_files) -> dict[str, tuple[MistralTokenizer, MCTokenizer]]:
-    """Ours and mistral-common's own, loaded independently, per tokenizer file."""
-    return {name: (load_tokenizer(path), MCTokenizer.from_file(str(path))) for name, path in mistral_files.items()}
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,13 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, ToolMess
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool
 from mistral_common.protocol.instruct.tool_calls import ToolCall as MCToolCall
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MCTokenizer
 
 from mistral_jax.loading.default_model import default_model_path
 from mistral_jax.sample.structured import JSON_STYLE, Matcher, StructuredOutputs, tool_calls
 from mistral_jax.tokenizer import MistralTokenizer, Tokenizer, load_tokenizer
 from mistral_jax.tool_calls import HermesToolCalls, MistralToolCalls, ToolCall, ToolCallFormat, tool_call_format
 
-from helpers.tokenizer_files import DATA, TIME_TOOL, WEATHER_TOOL, mistral_tokenizer_files
-
-
-@pytest.fixture(scope="module")
-def mistral_pairs(tmp_path_factory) -> dict[str, tuple[MistralTokenizer, MCTokenizer]]:
-    """Ours and mistral-common's own, loaded independently, per tokenizer file."""
-    files = mistral_tokenizer_files(tmp_path_factory.mktemp("tekken"))
-    return {name: (load_tokenizer(path), MCTokenizer.from_file(str(path))) for name, path in files.items()}
+from helpers.tokenizer_files import DATA, TIME_TOOL, WEATHER_TOOL
 
 
 @pytest.fixture(scope="module")
