@@ -2,7 +2,7 @@
 
 Measurements are identified by their date and commit, and live in docs/performance.md and
 benchmarks/results/; design reasoning in docs/design.md. So the code, the README and
-pyproject.toml carry no diary labels ("session 21", "s21", result folders named after them), no
+pyproject.toml carry no diary labels (a work session's number, or result folders named after one), no
 references to the old benchmarks/NOTES.md, and the code's comments no dated measurements (a date
 in a .py file under mistral_jax/ or pallas_kernels/ is one: cite docs/performance.md instead).
 The docs and benchmarks are checked for diary labels too. Plain file scans: no imports, no JAX.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SESSION = re.compile(r"\bsession\s+\d+\b", re.IGNORECASE)  # "session 21", "Session 9"
+SESSION = re.compile(r"\bsession\s+\d+\b", re.IGNORECASE)  # the word, a space, a number
 SHORT_LABEL = re.compile(r"\bs\d{2}\b")  # "s21", "(s19)"
 RESULT_LABEL = re.compile(r"20\d{2}-\d{2}-\d{2}_\w*?_s\d{2}(?!\d)")  # results/2026-12-04_h200_s21_host
 NOTES = re.compile(r"NOTES\.md")
