@@ -171,25 +171,13 @@ class EngineArgs:
         tp = self.tensor_parallel_size
         if tp is not None and (not _is_int(tp) or tp < 1):
             raise ValueError(f"tensor_parallel_size={tp!r}: give an integer >= 1")
-        checks = [
-            ("max_model_len", self.max_model_len, self.max_model_len is None or self.max_model_len >= 2,
-             "None (the model's context) or an integer >= 2"),
-            ("block_size", self.block_size, 1 <= self.block_size <= 1024, "an integer in [1, 1024], e.g. 16"),
-            ("max_num_seqs", self.max_num_seqs, self.max_num_seqs >= 1, "an integer >= 1"),
-            ("max_num_batched_tokens", self.max_num_batched_tokens, self.max_num_batched_tokens >= 1,
-             "an integer >= 1 (e.g. 2048)"),
-            ("gpu_memory_utilization", self.gpu_memory_utilization, 0 < self.gpu_memory_utilization <= 1,
-             "a fraction in (0, 1], e.g. 0.9"),
-            ("num_pages", self.num_pages, self.num_pages is None or self.num_pages >= 2,
-             "None (size from memory) or an integer >= 2"),
-            ("seed", self.seed, self.seed is None or (_is_int(self.seed) and self.seed >= 0),
-             "None (fresh each run) or an integer >= 0"),
-            ("distributed_timeout", self.distributed_timeout, self.distributed_timeout > 0,
-             "a number of seconds > 0, e.g. 300"),
-        ]
-        for name, value, ok, fix in checks:
-            if not ok:
-                raise ValueError(f"{name}={value!r} is invalid: use {fix}")
+        if not (self.max_model_len is None or self.max_model_len >= 2):
+            raise ValueError(f"max_model_len={self.max_model_len!r} is invalid: use None (the model's context) "
+                             "or an integer >= 2")
+        if not self.distributed_timeout > 0:
+            raise ValueError(f"distributed_timeout={self.distributed_timeout!r} is invalid: use a number of "
+                             "seconds > 0, e.g. 300")
+        check_serving_ranges(self)
         # Parsed once here (JSON text from the command line, or vLLM's dict): a bad key or value
         # fails before anything is loaded, and the engine receives the parsed config.
         from mistral_jax.engine.speculative import SpeculativeConfig
@@ -218,6 +206,27 @@ class EngineArgs:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+def check_serving_ranges(settings) -> None:
+    """The ranges of the serving settings that EngineArgs and the engine's EngineConfig share (one
+    list, so the two cannot drift): a ValueError naming the setting and what to use."""
+    s = settings
+    checks = [
+        ("block_size", s.block_size, 1 <= s.block_size <= 1024, "an integer in [1, 1024], e.g. 16"),
+        ("max_num_seqs", s.max_num_seqs, s.max_num_seqs >= 1, "an integer >= 1"),
+        ("max_num_batched_tokens", s.max_num_batched_tokens, s.max_num_batched_tokens >= 1,
+         "an integer >= 1 (e.g. 2048)"),
+        ("gpu_memory_utilization", s.gpu_memory_utilization, 0 < s.gpu_memory_utilization <= 1,
+         "a fraction in (0, 1], e.g. 0.9"),
+        ("num_pages", s.num_pages, s.num_pages is None or s.num_pages >= 2,
+         "None (size from memory) or an integer >= 2"),
+        ("seed", s.seed, s.seed is None or (_is_int(s.seed) and s.seed >= 0),
+         "None (fresh each run) or an integer >= 0"),
+    ]
+    for name, value, ok, fix in checks:
+        if not ok:
+            raise ValueError(f"{name}={value!r} is invalid: use {fix}")
+
 
 
 # ---- the command line ----------------------------------------------------------------------------

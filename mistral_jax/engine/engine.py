@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from mistral_jax.cache.page_allocator import PageAllocator
 from mistral_jax.cache.paged import page_bytes
 from mistral_jax.engine import cache_size
+from mistral_jax.engine.args import check_serving_ranges
 from mistral_jax.engine.buckets import Buckets
 from mistral_jax.engine.draft import DraftModel
 from mistral_jax.engine.output_processor import OutputProcessor
@@ -71,21 +72,7 @@ class EngineConfig:
 
     def __post_init__(self):
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
-        checks = [
-            ("block_size", self.block_size, 1 <= self.block_size <= 1024, "an integer in [1, 1024], e.g. 16"),
-            ("max_num_seqs", self.max_num_seqs, self.max_num_seqs >= 1, "an integer >= 1"),
-            ("max_num_batched_tokens", self.max_num_batched_tokens, self.max_num_batched_tokens >= 1,
-             "an integer >= 1 (e.g. 2048)"),
-            ("gpu_memory_utilization", self.gpu_memory_utilization, 0 < self.gpu_memory_utilization <= 1,
-             "a fraction in (0, 1], e.g. 0.9"),
-            ("num_pages", self.num_pages, self.num_pages is None or self.num_pages >= 2,
-             "None (size from memory) or an integer >= 2"),
-            ("seed", self.seed, self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
-             "None (fresh each run) or an integer >= 0"),
-        ]
-        for name, value, ok, fix in checks:
-            if not ok:
-                raise ValueError(f"{name}={value!r} is invalid: use {fix}")
+        check_serving_ranges(self)  # the same list EngineArgs checks
 
 
 class Engine:
