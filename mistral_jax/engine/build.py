@@ -62,8 +62,12 @@ class BuiltEngine:
         return self.timings["weights"]
 
 
-def build(args: EngineArgs, progress: bool = True) -> BuiltEngine:
-    """Build the engine that args describe. progress: print the start-up report (process 0 only)."""
+def build(args: EngineArgs, progress: bool = True, platform: str | None = None) -> BuiltEngine:
+    """Build the engine that args describe. progress: print the start-up report (process 0 only).
+    platform: the platform its programs are made for, kernels and token buckets included (None: the
+    mesh devices'). Another one ("tpu" on a CPU-only machine) makes an engine whose programs are
+    lowered for that platform and never run there (tests/test_tpu_lowering.py); it warms up only
+    when asked."""
     join_processes(args)  # before anything else touches JAX
     progress = progress and distributed.is_main_process()
     mesh = parse_mesh(tensor_parallel_mesh(args.mesh, args.tensor_parallel_size))  # fails before anything opens
@@ -111,7 +115,8 @@ def build(args: EngineArgs, progress: bool = True) -> BuiltEngine:
     timings["tokenizer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    kernels = choose_kernels(mesh.devices.flat[0].platform, attention=args.attention_impl, fp8=args.fp8_impl)
+    platform = platform or mesh.devices.flat[0].platform
+    kernels = choose_kernels(platform, attention=args.attention_impl, fp8=args.fp8_impl)
     model = load_model(checkpoint, config, dtype, mesh, progress=progress, quantization=args.quantization,
                        kernels=kernels)
     timings["weights"] = time.perf_counter() - t0
@@ -125,7 +130,7 @@ def build(args: EngineArgs, progress: bool = True) -> BuiltEngine:
         timings["draft model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    engine = Engine(model, tokenizer, mesh, engine_config, draft=draft)
+    engine = Engine(model, tokenizer, mesh, engine_config, draft=draft, kernels=kernels)
     timings["engine (KV cache)"] = time.perf_counter() - t0
     if progress:
         weights = (f"weights fp8 (e4m3 per-channel, per-token dynamic activations, fp8_matmul "
@@ -134,7 +139,7 @@ def build(args: EngineArgs, progress: bool = True) -> BuiltEngine:
         print(f"[{weights}; {engine.describe_cache()}]", file=sys.stderr)
     warmup = args.warmup
     if warmup is None:  # an accelerator: a request must never wait on a compile; a CPU: start fast
-        warmup = mesh.devices.flat[0].platform != "cpu"
+        warmup = platform == mesh.devices.flat[0].platform != "cpu"
     warmup_programs, warmup_seconds = engine.warmup() if warmup else (0, 0.0)
     timings["warm-up"] = warmup_seconds
     if progress:

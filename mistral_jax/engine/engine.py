@@ -45,7 +45,7 @@ from mistral_jax.engine.request_limits import RequestLimits
 from mistral_jax.engine.runner import Launched, ModelRunner
 from mistral_jax.engine.scheduler import Scheduler, Sequence
 from mistral_jax.engine.speculative import SpecState, SpeculativeConfig, Speculator
-from mistral_jax.model.kernels import choose_kernels
+from mistral_jax.model.kernels import Kernels, choose_kernels
 from mistral_jax.model.transformer import Transformer
 from mistral_jax.runtime.sharding import mesh_size
 from mistral_jax.sample.sampling import SamplingParams
@@ -77,8 +77,10 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, mesh: Mesh, config: EngineConfig,
-                 draft: Transformer | None = None):
-        """draft: the draft model of speculative_config's draft_model method, loaded."""
+                 draft: Transformer | None = None, kernels: Kernels | None = None):
+        """draft: the draft model of speculative_config's draft_model method, loaded. kernels: the
+        ones the model was loaded for (build's choose_kernels); None: chosen here for the mesh's
+        platform and config.attention_impl. Their platform sets the token buckets too."""
         self.cfg, self.dtype = model.cfg, model.dtype
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -90,13 +92,15 @@ class Engine:
         self.max_model_len = config.max_model_len
         self.page_size = config.block_size
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
-        platform = mesh.devices.flat[0].platform
-        self.buckets = Buckets.make(on_cpu=platform == "cpu", max_num_seqs=config.max_num_seqs,
+        kernels = kernels or choose_kernels(mesh.devices.flat[0].platform, attention=config.attention_impl)
+        if config.attention_impl not in ("auto", kernels.attention):
+            raise ValueError(f"attention_impl={config.attention_impl!r}, but the kernels given run "
+                             f"{kernels.attention!r}")
+        self.kernels = kernels
+        self.buckets = Buckets.make(on_cpu=kernels.platform == "cpu", max_num_seqs=config.max_num_seqs,
                                     max_num_batched_tokens=config.max_num_batched_tokens,
                                     max_model_len=self.max_model_len, page_size=self.page_size)
-        self.attention_impl = config.attention_impl
-        if self.attention_impl == "auto":
-            self.attention_impl = choose_kernels(platform).attention
+        self.attention_impl = kernels.attention
         spec = config.speculative_config
         if (draft is not None) != (spec is not None and spec.method == "draft_model"):
             raise ValueError("a draft model goes with speculative_config's draft_model method, and only with it")

@@ -33,7 +33,7 @@ class Kernels:
 
     platform: str  # the devices' platform: "cpu", "gpu"/"cuda", "tpu"
     attention: str  # ragged_paged_attention's impl: "reference", "triton" or "tpu"
-    # fp8_matmul's impl. "auto" stays "auto": on the GPU the kernel depends on each product's
+    # fp8_matmul's impl. On the GPU "auto" stays "auto": the kernel depends on each product's
     # rows (Triton up to fp8_matmul.GPU_TRITON_MAX_M, wgmma above), so fp8_matmul.default_impl
     # picks it per product; elsewhere it names one implementation for every shape.
     fp8: str
@@ -70,6 +70,13 @@ def choose_kernels(platform: str | None = None, attention: str = "auto", fp8: st
         from pallas_kernels.ragged_paged_attention import default_impl
 
         attention = default_impl(platform)
+    if fp8 == "auto" and platform not in ("gpu", "cuda"):
+        # One implementation for every shape there, named now for this platform: left "auto", a
+        # product would resolve it against JAX's default backend, which differs from `platform`
+        # where programs are made for another one (lowering for TPU on a CPU).
+        from pallas_kernels.fp8_matmul import default_impl as fp8_default
+
+        fp8 = fp8_default(platform)
     return Kernels(platform=platform, attention=attention, fp8=fp8)
 
 
