@@ -4,6 +4,7 @@ field, so nothing out of range reaches a step; and an LLM whose step raised keep
 (Engine.abort_all)."""
 
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -110,6 +111,48 @@ def test_stop_token_ids_within_the_vocabulary(llm, vocab):
     with pytest.raises(ValueError, match=r"SamplingParams\.stop_token_ids=5 "):
         SamplingParams(stop_token_ids=5)  # not a list: a ValueError, not list()'s TypeError
     assert_idle(llm.engine)
+
+
+def test_logit_bias_within_the_vocabulary(llm, vocab):
+    """Ids below the vocabulary bias (+100 forces the top id, sampled at temperature 1); ids at or
+    past it are refused by RequestLimits naming the field, however large; a key no int can hold
+    is refused by SamplingParams."""
+    assert tokens(llm, logit_bias={str(vocab - 1): 100, 0: -100}) == [vocab - 1] * 4
+    for key in (vocab, str(vocab), 2**31, 2**63, 10**30, "9" * 4000):
+        outside = rf"SamplingParams\.logit_bias has token ids outside \[0, {vocab}\)"
+        with pytest.raises(ValueError, match=outside) as err:
+            tokens(llm, logit_bias={1: 1.0, key: -100})
+        assert len(str(err.value)) < 400
+    with pytest.raises(ValueError, match=r"SamplingParams\.logit_bias=.* allowed is") as err:
+        SamplingParams(logit_bias={"9" * 5000: -100})  # past Python's 4300 digits
+    assert len(str(err.value)) < 400
+    assert_idle(llm.engine)
+
+
+def test_logit_bias_refusals_are_400s_naming_the_field(llm, vocab):
+    """The server's one path for logit_bias (its request model types it; SamplingParams, then
+    RequestLimits.check through the bridge, check it): each refusal a 400 whose param is
+    logit_bias, on completions and chat alike."""
+    from mistral_jax.entrypoints.server.errors import BadRequest
+    from mistral_jax.entrypoints.server.request_params import admit, chat_params, completion_params
+
+    bridge = SimpleNamespace(check=llm.engine.check_request)
+    for bias in ({"5": 101}, {"5": -100.001}, {"x": 1}, {str(t): 1 for t in range(301)}):
+        for params, req in ((completion_params, CompletionRequest.model_validate(_completion(logit_bias=bias))),
+                            (chat_params, ChatCompletionRequest.model_validate(_chat(logit_bias=bias)))):
+            with pytest.raises(BadRequest) as err:
+                params(req, {})
+            assert err.value.param == "logit_bias" and err.value.status == 400, err.value.message
+    req = ChatCompletionRequest.model_validate(_chat(logit_bias={str(vocab): -100}))
+    with pytest.raises(BadRequest) as err:
+        admit(bridge, PROMPT, chat_params(req, {}), "the prompt", req)
+    assert err.value.param == "logit_bias" and "outside" in err.value.message
+    req = CompletionRequest.model_validate(_completion(logit_bias={"7": -100, str(vocab - 1): 2.5}))
+    assert admit(bridge, PROMPT, completion_params(req, {})[0], "the prompt", req).logit_bias == {7: -100.0,
+                                                                                             vocab - 1: 2.5}
+    with pytest.raises(ValidationError) as err:  # a type pydantic refuses: its error names the field too
+        CompletionRequest.model_validate(_completion(logit_bias={"5": "strong"}))
+    assert err.value.errors()[0]["loc"][0] == "logit_bias"
 
 
 @pytest.mark.parametrize("field, value", [

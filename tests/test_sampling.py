@@ -1,5 +1,6 @@
 """Sampling: seeds, greedy, exact filter sets, penalties, distributions, logprobs, no recompiles."""
 
+import collections
 import dataclasses
 import functools
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from mistral_jax.sample.sampling import (
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     SamplingArrays,
     SamplingParams,
@@ -365,6 +367,10 @@ def test_one_compilation_serves_any_mix_of_settings():
     ("ignore_eos", "yes"), ("skip_special_tokens", None),
     ("max_tokens", 0), ("max_tokens", -5), ("max_tokens", 2.0),
     ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1), ("prompt_logprobs", -1), ("prompt_logprobs", 100),
+    ("logit_bias", {"5": 101}), ("logit_bias", {5: -100.5}), ("logit_bias", {"5": float("nan")}),
+    ("logit_bias", {"5": True}), ("logit_bias", {"5": "1"}), ("logit_bias", {"abc": 1}), ("logit_bias", {"-1": 1}),
+    ("logit_bias", {-1: 1}), ("logit_bias", {"1.5": 1}), ("logit_bias", {2.0: 1}), ("logit_bias", {"5": 1, 5: 2}),
+    ("logit_bias", {"05": 1, "5": 2}), ("logit_bias", [(5, 1)]), ("logit_bias", "5"),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=") as err:
@@ -378,6 +384,17 @@ def test_valid_edge_values_and_normalization():
     assert p.greedy and p.stop == ["###"] and p.stop_token_ids == []
     assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-5).greedy
     assert SamplingParams(seed=np.int64(7)).seed == 7
+    bias = SamplingParams(logit_bias={"5": 1, 7: -100, np.int64(9): np.float32(0.5), "0": 100}).logit_bias
+    assert bias == {5: 1.0, 7: -100.0, 9: 0.5, 0: 100.0} and all(type(t) is int for t in bias)
+    assert all(type(v) is float for v in bias.values())
+    assert SamplingParams(logit_bias={}).logit_bias is None
+
+
+def test_logit_bias_entries_are_capped():
+    most = {str(t): -100 for t in range(MAX_LOGIT_BIAS)}
+    assert len(SamplingParams(logit_bias=most).logit_bias) == MAX_LOGIT_BIAS
+    with pytest.raises(ValueError, match=rf"SamplingParams\.logit_bias has {MAX_LOGIT_BIAS + 1} entries.*allowed"):
+        SamplingParams(logit_bias={**most, str(MAX_LOGIT_BIAS): 1})
 
 
 def test_argmax_rows_is_jnp_argmax():
@@ -396,3 +413,191 @@ def test_argmax_rows_is_jnp_argmax():
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
     assert list(got[1:5]) == [10, 3, 0, 999]
+
+
+# ---- logit bias ---------------------------------------------------------------------------------
+
+
+def padded_bias(arrays: SamplingArrays) -> SamplingArrays:
+    """arrays with all-padding bias arrays where they have none (as the engine's step has them)."""
+    if arrays.bias_ids is not None:
+        return arrays
+    batch = len(arrays.greedy)
+    return arrays.replace(bias_ids=np.full((batch, MAX_LOGIT_BIAS), -1, np.int32),
+                          bias_values=np.zeros((batch, MAX_LOGIT_BIAS), np.float32))
+
+
+def test_a_bias_of_minus_100_bans_the_top_token_sampled_and_greedy():
+    vocab, n = 64, 2000
+    row = random_logits(20, (vocab,))
+    top = int(np.argmax(row))
+    row[top] += 4.0  # drawn nearly always at temperature 1, unbiased
+    logits = np.broadcast_to(row, (n, vocab))
+    sampled = [SamplingParams(temperature=1.0, seed=s) for s in range(n)]  # many seeds, one row each
+    free = run(logits, SamplingArrays.from_params(sampled)).tokens
+    assert np.mean(free == top) > 0.9  # what the ban has to undo
+    banned = [dataclasses.replace(p, logit_bias={top: -100}) for p in sampled]
+    assert top not in run(logits, SamplingArrays.from_params(banned)).tokens
+    # Greedy: the argmax of the biased logits, the runner-up, on the all-greedy path and beside sampled rows.
+    second = int(np.argsort(-row)[1])
+    greedy = SamplingParams(temperature=0, logit_bias={str(top): -100.0})
+    assert run(logits[:4], SamplingArrays.from_params([greedy] * 4)).tokens.tolist() == [second] * 4
+    mixed = run(logits[:4], SamplingArrays.from_params([greedy, sampled[0], greedy, banned[1]])).tokens
+    assert mixed[0] == mixed[2] == second and mixed[1] == free[0] and mixed[3] != top
+
+
+def test_a_bias_of_plus_100_forces_a_token():
+    vocab = 64
+    logits = random_logits(21, (8, vocab))
+    low = np.argmin(logits, axis=-1)  # each row's least likely token
+    params = [SamplingParams(temperature=t, seed=r, logit_bias={int(low[r]): 100})
+              for r, t in enumerate([0, 1.0, 2.0, 0, 0.5, 1.0, 1.5, 0])]
+    for step in range(20):
+        assert np.array_equal(run(logits, SamplingArrays.from_params(params), step=step).tokens, low)
+
+
+def test_rows_without_a_bias_are_unchanged_bit_for_bit_and_one_program_serves_any_bias():
+    """Rows without a bias give the same tokens and logprobs, to the bit, whether no row of the
+    batch has a bias (no bias arrays), the arrays are all padding (the engine's unbiased steps)
+    or other rows have biases; logprobs are the raw model's (before the bias), biased rows too.
+    Any biases run in the program compiled for all-padding arrays."""
+    batch, vocab, n = 6, 300, 5
+    x = random_logits(22, (batch, vocab))
+    counts = np.random.default_rng(1).integers(0, 2, (batch, vocab)).astype(np.int32)
+    plain = [SamplingParams(temperature=0.8, top_k=40, seed=1, logprobs=n), SamplingParams(temperature=0),
+             SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, seed=2), SamplingParams(top_p=0.7, seed=3),
+             SamplingParams(temperature=1.5, min_p=0.05, seed=4), SamplingParams(temperature=0, frequency_penalty=1)]
+    biased_rows = {1: {int(np.argmax(x[1])): -100, 7: 2.5}, 4: {str(t): 5.0 for t in range(0, vocab, 3)}}
+    params = [dataclasses.replace(p, logit_bias=biased_rows.get(r)) for r, p in enumerate(plain)]
+
+    def sample_all(arrays, step):
+        return run(x, arrays, step=step, counts=counts, seen=counts > 0, num_logprobs=n)
+
+    unbiased = [r for r in range(batch) if r not in biased_rows]
+    ref = log_softmax(x)
+    sample_all(padded_bias(SamplingArrays.from_params(plain)), 0)  # compiles the program with bias arrays
+    before = len(TRACES)
+    for step in range(4):
+        none = sample_all(SamplingArrays.from_params(plain), step)
+        padding = sample_all(padded_bias(SamplingArrays.from_params(plain)), step)
+        some = sample_all(SamplingArrays.from_params(params), step)
+        for out in (padding, some):
+            for field in ("tokens", "logprob", "top_ids", "top_logprobs"):
+                a, b = getattr(none, field)[unbiased], getattr(out, field)[unbiased]
+                assert a.tobytes() == b.tobytes(), (step, field)
+        assert some.tokens[1] != np.argmax(x[1])  # the bias is applied: the greedy row's top is banned
+        np.testing.assert_allclose(some.logprob, ref[np.arange(batch), some.tokens], atol=1e-5)
+        np.testing.assert_array_equal(some.top_ids, none.top_ids)  # raw distribution, biased rows too
+    assert len(TRACES) == before + 1  # the first `none` (no bias arrays: its own pytree); nothing for any bias
+
+
+class _Lowerings:
+    """Every jaxpr -> MLIR lowering in the process (any jit cache miss, whatever the function)."""
+
+    count = 0
+
+    @classmethod
+    def listen(cls, event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            cls.count += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_Lowerings.listen)
+
+
+@pytest.mark.slow
+def test_engine_bans_tokens_and_a_biased_request_joining_a_batch_compiles_nothing(tiny_checkpoints):
+    """Two requests run, then two more join; the second time the late ones carry a bias of -100
+    on the token each produced most the first time. That token never appears (greedy and
+    sampled, 48 tokens each), the unbiased requests' tokens are unchanged, and the biased run
+    lowers no new program: it runs the steps the first run compiled."""
+    from mistral_jax import LLM
+
+    # No prefix cache: the second run's prompts then take the first run's steps exactly.
+    llm = LLM(model=str(tiny_checkpoints[0]), dtype="float32", max_model_len=256, enable_prefix_caching=False,
+              progress=False)
+    engine = llm.engine
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(5, 32768, size=n).tolist() for n in (20, 25, 30, 35)]
+    kw = dict(max_tokens=48, ignore_eos=True)
+    first = [SamplingParams(temperature=0, **kw), SamplingParams(temperature=1.0, seed=1, **kw)]
+    late = [SamplingParams(temperature=0, **kw), SamplingParams(temperature=1.0, seed=2, **kw)]
+
+    def generate(late_params):
+        out = {}
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:2], first)]
+
+        def record(events):
+            for e in events:
+                if e.token_id is not None:
+                    out.setdefault(e.request_id, []).append(e.token_id)
+
+        for _ in range(4):
+            record(engine.step())
+        ids += [engine.add_request(p, sp) for p, sp in zip(prompts[2:], late_params)]
+        while engine.has_unfinished_requests():
+            record(engine.step())
+        return [out[i] for i in ids]
+
+    base = generate(late)
+    banned = [collections.Counter(tokens).most_common(1)[0][0] for tokens in base[2:]]
+    before = _Lowerings.count
+    biased = generate([dataclasses.replace(sp, logit_bias={t: -100}) for sp, t in zip(late, banned)])
+    assert _Lowerings.count == before
+    assert biased[:2] == base[:2]
+    assert all(len(tokens) == 48 for tokens in biased)
+    assert banned[0] not in biased[2] and banned[1] not in biased[3]
+
+
+def test_logit_bias_keeps_the_vocabulary_sharded():
+    """Logits split over tp=8 (as the model's head leaves them): the bias scatter runs per shard,
+    each device adding the entries of its own part of the vocabulary; the step's own computation
+    gathers no [rows, vocab] array for it, and the tokens are the unsharded ones."""
+    import math
+    import re
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from mistral_jax.runtime.sharding import parse_mesh, use_mesh
+
+    mesh, vocab, rows = parse_mesh("tp=8"), 32768, 4
+    x = random_logits(23, (rows, vocab))
+    tops = np.argsort(-x, axis=-1)[:, :2]
+    params = [SamplingParams(temperature=0, logit_bias={int(tops[r, 0]): -100, 5000 * r + 7: 0.5}) for r in range(3)]
+    arrays = SamplingArrays.from_params(params + [SamplingParams(temperature=0, logit_bias={vocab - 1: 100})])
+    state = (jnp.zeros((rows, vocab), jnp.int32), jnp.zeros((rows, vocab), bool))
+    step = jnp.zeros(rows, jnp.int32)
+    split = NamedSharding(mesh, P(None, "tp"))
+    fn = jax.jit(sample)
+    args = (jax.device_put(x, split), arrays, step, *(jax.device_put(z, split) for z in state))
+    with use_mesh(mesh):
+        hlo = fn.lower(*args).compile().as_text()
+        sharded = fn(*args).tokens
+    entry = hlo[hlo.index("\nENTRY"):].split("\n}\n")[0]  # the step's own computation, not its branches
+    gathers = [ln for ln in entry.splitlines() if "all-gather(" in ln
+               and math.prod(map(int, re.search(r"\[([\d,]+)\]", ln.split("all-gather(")[0]).group(1).split(",")))
+               >= rows * vocab]
+    assert not gathers, gathers[:2]
+    assert np.asarray(sharded).tolist() == [*tops[:3, 1], vocab - 1]
+    assert np.asarray(sharded).tolist() == fn(x, arrays, step, *state).tokens.tolist()
+
+
+def test_the_step_wire_carries_the_bias_bit_for_bit():
+    """The engine's step takes the bias apart from its third int32 array (step_inputs.py): the
+    ids and the values' bits the host packed, padding included; none when no row has a bias."""
+    from mistral_jax.engine.step_inputs import BIAS_COLUMNS, empty_inputs, from_wire, no_bias, to_wire
+
+    params = [SamplingParams(logit_bias={3: -100, "70000": 1e-7, 5: -0.0}), SamplingParams(),
+              SamplingParams(temperature=0, logit_bias={str(t): t / 7 for t in range(MAX_LOGIT_BIAS)})]
+    sampling = SamplingArrays.from_params(params, pad_to=4)
+    wire = to_wire(empty_inputs(T=8, S=4, pages=2, no_slot=8), sampling)
+    assert wire.bias.shape == (4, BIAS_COLUMNS) and wire.bias.dtype == np.int32
+    _, got = jax.jit(from_wire)(wire)
+    for name in ("bias_ids", "bias_values"):
+        assert np.asarray(getattr(got, name)).tobytes() == getattr(sampling, name).tobytes(), name
+    assert sampling.bias_ids[0, :4].tolist() == [3, 70000, 5, -1] and sampling.bias_ids[1].max() == -1
+    unbiased = SamplingArrays.from_params(params[1:2], pad_to=4)
+    assert to_wire(empty_inputs(T=8, S=4, pages=2, no_slot=8), unbiased).bias is None
+    _, padding = from_wire(wire.replace(bias=no_bias(4)))
+    assert (np.asarray(padding.bias_ids) == -1).all() and not np.asarray(padding.bias_values).any()

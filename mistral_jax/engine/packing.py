@@ -91,7 +91,7 @@ def pack(plan: StepPlan, prev_rows: dict[Sequence, int], buckets: Buckets, page_
             slots[r + j] = seq.slot
             sampled[r + j] = s.sample
             step[r + j] = seq.num_generated - 1 + j if s.sample else 0
-        params += [seq.params] * s.rows
+        params += [seq.params] * s.rows  # draft rows too: logit_bias and the rest apply at every position
         if s.sample and seq.matcher is not None:
             constrained.append((r, seq.matcher))
         t += s.n

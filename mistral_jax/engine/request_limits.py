@@ -1,7 +1,8 @@
-"""What a request may ask of an engine: its prompt within the vocabulary and the context, its
-prompt and output within the KV cache, its sampling values within what the engine's step can
-pack. A plain value, so a front end in another process (the server's HTTP process) checks
-requests exactly as the engine does, before any work starts."""
+"""What a request may ask of an engine: its prompt, stop_token_ids and logit_bias within the
+vocabulary, its prompt within the context, its prompt and output within the KV cache, its
+sampling values within what the engine's step can pack. A plain value, so a front end in
+another process (the server's HTTP process) checks requests exactly as the engine does, before
+any work starts."""
 
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ class RequestLimits:
             raise ValueError(
                 f"SamplingParams.stop_token_ids has ids outside [0, {self.vocab_size}) (the model cannot "
                 f"produce them): {', '.join(bad[:5])}; use ids of this model's tokenizer")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            bad = [show(t) for t in params.logit_bias if t >= self.vocab_size]
+            raise ValueError(
+                f"SamplingParams.logit_bias has token ids outside [0, {self.vocab_size}) (the model has no such "
+                f"token): {', '.join(bad[:5])}; use ids of this model's tokenizer")
         params.max_tokens = max_tokens
         if params.seed is None:
             params.seed = int(rng.integers(2**63))

@@ -30,7 +30,7 @@ from mistral_jax.engine.plan import StepPlan, StepResult
 from mistral_jax.engine.programs import Program
 from mistral_jax.engine.sequence import Sequence
 from mistral_jax.engine.speculative import UNFILLED
-from mistral_jax.engine.step_inputs import StepWire, empty_inputs, to_wire
+from mistral_jax.engine.step_inputs import StepWire, empty_inputs, no_bias, to_wire
 from mistral_jax.engine.step_programs import _prompt_logprobs_step, _reset_penalty_row, _step, _top_logprobs
 from mistral_jax.model.transformer import Transformer
 from mistral_jax.runtime.sharding import use_mesh
@@ -65,6 +65,11 @@ class ModelRunner:
         # rows; other steps take one resident all-ones mask per sequence bucket.
         self.masks = MaskBuffer(buckets.max_seqs, self.cfg.vocab_size)
         self._all_allowed: dict[int, jax.Array] = {}
+        # Logit bias (step_inputs.py): a resident all-padding array per sequence bucket for steps
+        # where no row has a bias, and the last biased step's array (host copy, device copy),
+        # reused while the rows' biases stay the same.
+        self._no_bias: dict[int, jax.Array] = {}
+        self._last_bias: tuple[np.ndarray, jax.Array] | None = None
         # The compiled programs, by bucket; kept on disk across restarts (programs.py).
         devices = list(mesh.devices.flat)
         self.step_program = Program(_step, devices, graphdef=self.graphdef, impl=attention_impl,
@@ -117,8 +122,7 @@ class ModelRunner:
         row_of = after.row_of if after is not None else {}
         packed = self._pack(plan, row_of)
         S = packed.num_rows
-        wire = self.placement.to_mesh(to_wire(  # two transfers for all of the step's host arrays
-            packed.inputs, SamplingArrays.from_params(packed.params, pad_to=S)))
+        wire = self._place(to_wire(packed.inputs, SamplingArrays.from_params(packed.params, pad_to=S)))
         allowed = self._allowed(S, packed.constrained)
         with use_mesh(self.mesh):
             if self.draft is not None:  # the draft's cache follows the target's, step by step
@@ -146,6 +150,25 @@ class ModelRunner:
          self.seen) = self.step_program(wire.num_tokens, self.state, self.k_pages, self.v_pages, wire, allowed,
                                         self.prev_tokens, self.counts, self.seen)
         return result, hidden, logits
+
+    def _place(self, host: StepWire) -> StepWire:
+        """A step's wire for its programs: two transfers for all of its host arrays, and the
+        logit bias array (_bias)."""
+        bias = self._bias(len(host.per_seq), host.bias)
+        return self.placement.to_mesh(host.replace(bias=None)).replace(bias=bias)
+
+    def _bias(self, S: int, host: np.ndarray | None) -> jax.Array:
+        """The step's logit bias [S, BIAS_COLUMNS] on the device: the resident all-padding one
+        when no row has a bias (no transfer); else the step's own, placed as the resident one is
+        (another placement is another program), or the previous step's when it is the same."""
+        if host is None:
+            if S not in self._no_bias:
+                self._no_bias[S] = self.placement.replicated(no_bias(S))
+            return self._no_bias[S]
+        last = self._last_bias
+        if last is None or last[0].shape != host.shape or not np.array_equal(last[0], host):
+            last = self._last_bias = (host, self.placement.replicated(host))
+        return last[1]
 
     def _allowed(self, S: int, constrained: list[tuple[int, Matcher]]) -> jax.Array:
         """The step's grammar bitmask [S, vocab / 32]: all ones unless some row is constrained."""
@@ -219,9 +242,8 @@ class ModelRunner:
         with use_mesh(self.mesh):
             for T in self.buckets.tokens:
                 S = self.buckets.seqs(T)
-                wire = self.placement.to_mesh(to_wire(
-                    empty_inputs(T, S, self.buckets.page_table_width, self.max_num_seqs),
-                    SamplingArrays.from_params([], pad_to=S)))
+                wire = self._place(to_wire(empty_inputs(T, S, self.buckets.page_table_width, self.max_num_seqs),
+                                           SamplingArrays.from_params([], pad_to=S)))
                 if self.draft is not None:
                     self.draft.step(wire, self.prev_tokens)
                 result, hidden, logits = self._run_step(wire, self._allowed(S, []))

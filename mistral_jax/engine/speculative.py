@@ -13,6 +13,10 @@ speculative sampling accepts d with probability min(1, p(d) / q(d)) = p(d) and o
 from norm(max(p - q, 0)), which is p without d. Drawing t ~ p and accepting iff t == d does
 exactly that: the accept probability is p(d), and a rejected t is distributed as p given t != d.
 So the output distribution is the target's (tests/test_speculative.py checks it by chi-square).
+Each of the k + 1 sampling rows carries its request's SamplingParams (packing.py), logit_bias
+included, so each position is sampled from the biased distribution a plain step would use; the
+proposers ignore the bias (a draft that a bias of -100 bans is all but never sampled, so it is
+rejected): the kept tokens are those plain decoding under the bias gives.
 
 Proposers:
 - ngram (prompt lookup): the longest suffix of the sequence (prompt_lookup_min..max tokens) that

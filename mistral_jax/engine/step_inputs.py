@@ -7,6 +7,16 @@ leave the device idle (docs/performance.md). `to_wire` lays them out as two arra
 token, one per sequence row; floats and unsigned seeds by their bits), `from_wire` takes them
 apart inside the program (slices: no kernel of their own). The grammar bitmask stays apart: it
 is already on the device.
+
+Logit bias (OpenAI's logit_bias) is a third int32 array, `bias` [S, 2 * MAX_LOGIT_BIAS]: each
+row's token ids, then their biases' f32 bits. At the cap of 300 entries that is 2,400 bytes a
+row, 614,400 bytes (600 KiB) a step of 256 rows, where the per-sequence array is 68 bytes a row
+plus 4 per page-table entry (8,260 bytes at a 32k context in pages of 16, 1,092 at 4k). So it is
+sent only on steps where some row has a bias: every other step passes a resident all-padding
+array of the same shape (the model runner keeps one per sequence bucket), the same program with
+no transfer. A per-row array rather than per-slot state kept on the device: nothing to keep in
+step with admissions, preemptions and recovery, and a biased step costs one transfer, which the
+runner skips while the rows' biases stay the same (runner.py).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.sample.sampling import SamplingArrays
+from mistral_jax.sample.sampling import MAX_LOGIT_BIAS, SamplingArrays
 
 
 @flax.struct.dataclass
@@ -51,10 +61,13 @@ def empty_inputs(T: int, S: int, pages: int, no_slot: int) -> StepInputs:
 
 @flax.struct.dataclass
 class StepWire:
-    """StepInputs and SamplingArrays (less its bitmask) as two int32 arrays."""
+    """StepInputs and SamplingArrays (less its bitmask) as two int32 arrays, and the logit bias."""
 
     per_token: jax.Array  # [len(TOKEN_FIELDS), T]
     per_seq: jax.Array  # [S, len(SEQ_COLUMNS) + pages]: the columns below, then the page table
+    # [S, BIAS_COLUMNS]: token ids (-1 = padding), then their biases' f32 bits (0 on padding).
+    # None from to_wire when no row has a bias; a step's program always gets one (runner.py).
+    bias: jax.Array | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +89,13 @@ SAMPLING_ROWS = (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.
 # 0, num_seqs as a column of one value, the seed [S, 2] as two columns.
 SEQ_COLUMNS = (*INPUT_ROWS, ("cu_q_lens", np.int32), ("num_seqs", np.int32), *SAMPLING_ROWS,
                ("seed", np.uint32), ("seed_lo", np.uint32))
+BIAS_COLUMNS = 2 * MAX_LOGIT_BIAS
+
+
+def no_bias(S: int) -> np.ndarray:
+    """The bias array of a step where no row has one: [S, BIAS_COLUMNS], every entry padding."""
+    return np.concatenate([np.full((S, MAX_LOGIT_BIAS), -1, np.int32), np.zeros((S, MAX_LOGIT_BIAS), np.int32)],
+                          axis=1)
 
 
 def to_wire(inputs: StepInputs, sampling: SamplingArrays) -> StepWire:
@@ -88,7 +108,11 @@ def to_wire(inputs: StepInputs, sampling: SamplingArrays) -> StepWire:
     columns = [_bits(np.asarray(values[name], dtype)) for name, dtype in SEQ_COLUMNS]
     per_seq = np.concatenate([np.stack(columns, axis=1), np.asarray(inputs.page_indices, np.int32)], axis=1)
     per_token = np.stack([np.asarray(getattr(inputs, f), np.int32) for f in TOKEN_FIELDS])
-    return StepWire(per_token, per_seq)
+    bias = None
+    if sampling.bias_ids is not None:
+        bias = np.concatenate([np.asarray(sampling.bias_ids, np.int32),
+                               _bits(np.asarray(sampling.bias_values, np.float32))], axis=1)
+    return StepWire(per_token, per_seq, bias)
 
 
 def _bits(x: np.ndarray) -> np.ndarray:
@@ -103,8 +127,13 @@ def from_wire(wire: StepWire, allowed: jax.Array | None = None) -> tuple[StepInp
                         page_indices=wire.per_seq[:, len(SEQ_COLUMNS):],
                         cu_q_lens=jnp.concatenate([jnp.zeros(1, jnp.int32), col["cu_q_lens"]]),
                         num_seqs=col["num_seqs"][0])
+    bias_ids = bias_values = None
+    if wire.bias is not None:
+        bias_ids = wire.bias[:, :MAX_LOGIT_BIAS]
+        bias_values = jax.lax.bitcast_convert_type(wire.bias[:, MAX_LOGIT_BIAS:], jnp.float32)
     sampling = SamplingArrays(**{name: col[name] for name, _ in SAMPLING_ROWS},
-                              seed=jnp.stack([col["seed"], col["seed_lo"]], axis=1), allowed=allowed)
+                              seed=jnp.stack([col["seed"], col["seed_lo"]], axis=1), allowed=allowed,
+                              bias_ids=bias_ids, bias_values=bias_values)
     return inputs, sampling
 
 

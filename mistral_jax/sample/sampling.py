@@ -3,10 +3,12 @@
 Every per-request setting travels as a [batch] array, so a single compiled step serves any mix
 of greedy and sampled rows, penalties and filters without recompiling.
 
-Order (as in vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> draw. Greedy rows
-(temperature < 1e-5) take the argmax of the penalized logits. Filters keep ties: top-k keeps every
-token whose logit equals the k-th largest, top-p every token tied with the last one of the kept
-prefix, so the kept set never depends on how a sort orders equal values.
+Order (as in vLLM's v1 Sampler, whose logit-bias processor runs right before its penalties):
+logit bias -> penalties -> temperature -> top-k -> top-p -> min-p -> draw. Greedy rows
+(temperature < 1e-5) take the argmax of the biased, penalized logits (a bias of -100 bans a
+token there too). Filters keep ties: top-k keeps every token whose logit equals the k-th
+largest, top-p every token tied with the last one of the kept prefix, so the kept set never
+depends on how a sort orders equal values.
 
 Randomness: row b at generation step s draws with fold_in(fold_in(fold_in(key(0), seed_hi),
 seed_lo), s), so a seeded request gives the same tokens whatever else is in the batch.
@@ -18,6 +20,8 @@ import dataclasses
 import functools
 import math
 import numbers
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -40,9 +44,16 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 # text) and the longest holds that much text back from a stream: both bounded.
 MAX_STOP_STRINGS = 64
 MAX_STOP_LENGTH = 1024  # characters per stop string
+# logit_bias: OpenAI's range of a bias, and a fixed number of entries per request, so a step's
+# bias arrays have one shape ([rows, MAX_LOGIT_BIAS]) whatever the requests ask: no new program.
+MAX_LOGIT_BIAS = 300
+MAX_LOGIT_BIAS_VALUE = 100.0
 INT32_MAX = 2**31 - 1
 
 _HOST_RNG = np.random.default_rng()  # seeds for requests that give none
+# A row of no logit bias (SamplingParams.packed_logit_bias): every id -1, every bias 0.0.
+_NO_BIAS_ROW = np.concatenate([np.full(MAX_LOGIT_BIAS, -1, np.int32), np.zeros(MAX_LOGIT_BIAS, np.int32)])
+_NO_BIAS_ROW.flags.writeable = False
 
 
 # ---- user-facing parameters -----------------------------------------------------------------
@@ -60,9 +71,12 @@ class SamplingParams:
     presence_penalty, frequency_penalty [-2, 2]; seed any integer, taken modulo 2**64 (so -1
     draws as 2**64 - 1), or None; stop up to MAX_STOP_STRINGS non-empty strings of at most
     MAX_STOP_LENGTH characters; stop_token_ids integers >= 0 (RequestLimits.check: below the
-    vocabulary size); max_tokens >= 1 or None (RequestLimits.check: within the context);
-    logprobs, prompt_logprobs None or [0, MAX_LOGPROBS]. Numbers are stored as Python int and
-    float."""
+    vocabulary size); logit_bias None or a mapping of at most MAX_LOGIT_BIAS token ids (ints or
+    decimal strings, as JSON keys are; >= 0, no id twice; RequestLimits.check: below the
+    vocabulary size) to a bias in [-MAX_LOGIT_BIAS_VALUE, MAX_LOGIT_BIAS_VALUE], stored as
+    {int: float} or None (empty), each added to its token's logit before anything else;
+    max_tokens >= 1 or None (RequestLimits.check: within the context); logprobs,
+    prompt_logprobs None or [0, MAX_LOGPROBS]. Numbers are stored as Python int and float."""
 
     n: int = 1
     temperature: float = 1.0
@@ -75,6 +89,7 @@ class SamplingParams:
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] | None = None  # OpenAI's: {token id: bias added to its logit}
     ignore_eos: bool = False
     max_tokens: int | None = 16
     logprobs: int | None = None
@@ -115,6 +130,7 @@ class SamplingParams:
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             _bad("stop_token_ids", self.stop_token_ids, "a list of token ids >= 0", "pass integer token ids")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self.logit_bias = _checked_logit_bias(self.logit_bias)
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, getattr(self, name), "True or False", "pass a bool")
@@ -152,9 +168,68 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    def packed_logit_bias(self) -> np.ndarray:
+        """logit_bias as a row of a batch's bias arrays: [2 * MAX_LOGIT_BIAS] i32, the token ids
+        (-1 = padding), then the biases' f32 bits (0 = padding). Built once per dict and kept: a
+        step packs every running request's row, and a 300-entry dict made into arrays at every
+        step would cost the host tens of microseconds a row. Rebuilt when the field is given a
+        new dict (the engine runs checked copies, which nothing changes in place)."""
+        bias = self.logit_bias or {}
+        cached = self.__dict__.get("_packed_logit_bias")
+        if cached is None or cached[0] is not bias:
+            row = _NO_BIAS_ROW.copy()
+            row[: len(bias)] = np.fromiter(bias.keys(), np.int32, len(bias))  # an id past int32 raises
+            row[MAX_LOGIT_BIAS : MAX_LOGIT_BIAS + len(bias)] = np.fromiter(bias.values(), np.float32,
+                                                                           len(bias)).view(np.int32)
+            cached = self.__dict__["_packed_logit_bias"] = (bias, row)
+        return cached[1]
+
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+_DECIMAL = re.compile(r"[0-9]+")  # a token id as a JSON key: ASCII digits only
+
+
+def _checked_logit_bias(bias) -> dict[int, float] | None:
+    """SamplingParams.logit_bias -> {token id: bias} (None when empty), or a ValueError naming
+    the first bad entry. Keys are ints or decimal strings (JSON object keys are strings); two
+    keys naming one id ("5" and 5, "05") are refused rather than one silently winning."""
+    if bias is None:
+        return None
+    allowed = (f"a mapping of at most {MAX_LOGIT_BIAS} token ids (ints or decimal strings) to a bias in "
+               f"[-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}]")
+    if not isinstance(bias, Mapping):
+        _bad("logit_bias", bias, allowed, 'pass e.g. {"1234": -100} to ban token 1234')
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"SamplingParams.logit_bias has {len(bias)} entries: allowed is {allowed}; "
+                         f"bias at most {MAX_LOGIT_BIAS} tokens")
+    checked: dict[int, float] = {}
+    for key, value in bias.items():
+        token = _token_id(key)
+        if token is None:
+            _bad("logit_bias", {key: value}, allowed, "key each bias by a token id >= 0")
+        if token in checked:
+            _bad("logit_bias", {key: value}, allowed, f"token id {token} is given twice: give it once")
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (ok and -MAX_LOGIT_BIAS_VALUE <= value <= MAX_LOGIT_BIAS_VALUE):  # NaN fails too
+            _bad("logit_bias", {key: value}, allowed,
+                 f"use -{MAX_LOGIT_BIAS_VALUE:g} to ban a token, {MAX_LOGIT_BIAS_VALUE:g} to force it")
+        checked[token] = float(value)
+    return checked or None
+
+
+def _token_id(key) -> int | None:
+    """A logit_bias key as a token id >= 0: an int, or a string of ASCII digits; else None."""
+    if _is_int(key):
+        return int(key) if key >= 0 else None
+    if isinstance(key, str) and _DECIMAL.fullmatch(key):
+        try:
+            return int(key)
+        except ValueError:  # past Python's 4300 digits: no vocabulary's id
+            return None
+    return None
 
 
 def _as_list(field: str, value, allowed: str) -> list:
@@ -205,6 +280,11 @@ class SamplingArrays:
     # [batch, ceil(vocab / 32)] i32 bitmask of the tokens a grammar allows (bit t % 32 of word
     # t // 32; -1 = every token: unconstrained rows). None: no request in this program constrains.
     allowed: jax.Array | None = None
+    # logit_bias, MAX_LOGIT_BIAS entries a row: bias_ids [batch, MAX_LOGIT_BIAS] i32 token ids
+    # (-1 = padding), bias_values [batch, MAX_LOGIT_BIAS] f32 (0.0 on padding). None: no row has a
+    # bias (the engine's step always has them, all padding then: step_inputs.py).
+    bias_ids: jax.Array | None = None
+    bias_values: jax.Array | None = None
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], pad_to: int | None = None,
@@ -224,6 +304,7 @@ class SamplingArrays:
         col = lambda f, dtype, neutral: np.array([neutral if p.greedy else f(p) for p in rows], dtype)
         seeds = [int(_HOST_RNG.integers(2**64, dtype=np.uint64) if p.seed is None else p.seed) % 2**64
                  for p in rows]
+        bias_ids, bias_values = _bias_rows(rows)
         return cls(
             temperature=col(lambda p: p.temperature, np.float32, 1.0),
             # Any top_k >= the vocabulary keeps every token: capped so it always fits int32.
@@ -236,7 +317,23 @@ class SamplingArrays:
             greedy=greedy,
             seed=np.array([(s >> 32, s & 0xFFFFFFFF) for s in seeds], np.uint32).reshape(batch, 2),
             allowed=allowed,
+            bias_ids=bias_ids,
+            bias_values=bias_values,
         )
+
+
+def _bias_rows(rows: list[SamplingParams]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The rows' logit_bias as (ids [batch, MAX_LOGIT_BIAS] i32, -1 = padding; values [batch,
+    MAX_LOGIT_BIAS] f32, 0.0 on padding), or (None, None) when no row has one. Both are views of
+    one array: padding rows broadcast, then each biased row's packed_logit_bias copied in."""
+    if not any(p.logit_bias for p in rows):
+        return None, None
+    packed = np.empty((len(rows), 2 * MAX_LOGIT_BIAS), np.int32)  # [batch, 2 * MAX_LOGIT_BIAS]
+    packed[:] = _NO_BIAS_ROW
+    for r, p in enumerate(rows):
+        if p.logit_bias:
+            packed[r] = p.packed_logit_bias()
+    return packed[:, :MAX_LOGIT_BIAS], packed[:, MAX_LOGIT_BIAS:].view(np.float32)
 
 
 @flax.struct.dataclass
@@ -269,6 +366,17 @@ def update_penalty_state(output_counts: jax.Array, seen_mask: jax.Array, tokens:
 
 
 # ---- sampling -------------------------------------------------------------------------------
+
+
+def apply_logit_bias(logits, ids, values):
+    """OpenAI's logit_bias: each row's biases added to its logits. logits: [batch, vocab] f32;
+    ids: [batch, n] i32 token ids, -1 = padding; values: [batch, n] f32 -> [batch, vocab] f32.
+    Padding is dropped by the scatter, not added as 0.0: a row without a bias keeps its logits
+    bit for bit (-0.0 + 0.0 would be +0.0)."""
+    vocab = logits.shape[-1]
+    rows = jnp.arange(logits.shape[0])[:, None]  # [batch, 1]
+    ids = jnp.where(ids < 0, vocab, ids)  # padding -> out of range
+    return logits.at[rows, ids].add(values, mode="drop")
 
 
 def apply_penalties(logits, arrays: SamplingArrays, output_counts, seen_mask):
@@ -403,10 +511,19 @@ def sample(logits, arrays: SamplingArrays, step, output_counts, seen_mask, num_l
 
     logits: [batch, vocab] any float dtype; step: [batch] i32 tokens generated so far per row;
     output_counts: [batch, vocab] i32 generated-token counts; seen_mask: [batch, vocab] bool
-    prompt or generated tokens. Logprobs are of the raw model distribution (vLLM's default).
+    prompt or generated tokens.
+
+    Logprobs (the chosen token's and the top ones) are of the raw model distribution, before
+    logit bias, penalties, temperature and filters: vLLM's default (logprobs_mode raw_logprobs);
+    OpenAI does not document which it returns. So a token forced by a bias of +100 may show a
+    low logprob, as a token favoured by a penalty does. (Prompt logprobs are raw too: they are
+    not sampled, step_programs._prompt_logprobs.)
     """
     logits = logits.astype(jnp.float32)
-    penalized = apply_penalties(logits, arrays, output_counts, seen_mask)
+    # vLLM's Sampler applies logit bias (with its other non-argmax-invariant logits processors)
+    # right before the penalties: the same order here, and greedy rows take the argmax after it.
+    biased = logits if arrays.bias_ids is None else apply_logit_bias(logits, arrays.bias_ids, arrays.bias_values)
+    penalized = apply_penalties(biased, arrays, output_counts, seen_mask)
     if arrays.allowed is not None:  # a grammar's tokens only (structured outputs)
         penalized = jnp.where(allowed_tokens(arrays.allowed, logits.shape[-1]), penalized, -jnp.inf)
     greedy_only = lambda p, a, s: argmax_rows(p)

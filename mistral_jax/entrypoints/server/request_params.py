@@ -3,9 +3,9 @@
 One validation path for each value: the request models (protocol.py) parse types and bound what
 nothing downstream bounds; SamplingParams checks every value's range; RequestLimits.check
 (through the bridge) checks what depends on the model: max_tokens against the context and the
-cache, stop_token_ids against the vocabulary. Their ValueErrors become 400s whose param is the
-request's own field (chat's max_completion_tokens feeds SamplingParams.max_tokens, a completion's
-logprobs its prompt_logprobs too)."""
+cache, stop_token_ids and logit_bias against the vocabulary. Their ValueErrors become 400s whose
+param is the request's own field (chat's max_completion_tokens feeds SamplingParams.max_tokens, a
+completion's logprobs its prompt_logprobs too)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from mistral_jax.sample.sampling import SamplingParams
 # Request fields passed to SamplingParams under their own names, when given; the model's
 # generation_config (defaults) fills the ones a request leaves unset.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty")
+                   "frequency_penalty", "repetition_penalty", "logit_bias")
 
 
 def sampling_params(req, *, max_tokens, logprobs, prompt_logprobs=None, defaults: dict | None = None) -> SamplingParams:
