@@ -173,7 +173,9 @@ class LLM:
         results = self.generate(prompts, sampling_params)
         for res in results:
             out = res.outputs[0]
-            content, calls = tool_call_format(self.tokenizer).parse(out.token_ids)
-            if calls:
-                out.text, out.tool_calls = content, calls
+            # A call cut off by max_tokens is not text: the text is what came before the calls.
+            reply = tool_call_format(self.tokenizer).read(out.token_ids, out.text,
+                                                          cut_off=out.finish_reason == "length")
+            if reply.begun:
+                out.text, out.tool_calls = reply.content, reply.calls
         return results

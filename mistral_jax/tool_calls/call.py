@@ -1,39 +1,31 @@
-"""A tool call as read from a model's output, in the shape OpenAI's API returns it."""
+"""A tool call as read from a model's output, in the shape OpenAI's API returns it, and call ids."""
 
 from __future__ import annotations
 
 import json
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-# What reading a malformed call raises (bad JSON, a missing key, a wrong type): the formats then
-# give the whole reply back as text instead of calls.
-MALFORMED = (ValueError, KeyError, TypeError, AttributeError)
 
 
 @dataclass
 class ToolCall:
+    """A whole call. arguments_json: the arguments as the model wrote them (one JSON object's
+    text), which OpenAI's API returns and streams; None for a call made here, which gets
+    json.dumps of arguments. Calls compare by id, name and arguments."""
+
     id: str | None
     name: str
     arguments: dict[str, Any]
+    arguments_json: str | None = field(default=None, compare=False, repr=False)
 
     def to_openai(self) -> dict[str, Any]:
         """OpenAI's shape; the arguments travel as a JSON string there."""
+        args = self.arguments_json if self.arguments_json is not None else json.dumps(self.arguments,
+                                                                                     ensure_ascii=False)
         return {"id": self.id or new_tool_call_id(), "type": "function",
-                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
-
-    @classmethod
-    def parsed(cls, call_id: Any, name: Any, arguments: Any) -> ToolCall:
-        """A call from what a model wrote, checked; raises ValueError/TypeError for anything that
-        is not a call. An id that is missing or empty gets a new one."""
-        if isinstance(arguments, str):  # some models write the arguments as a JSON string
-            arguments = json.loads(arguments)
-        if not isinstance(name, str) or not name or not isinstance(arguments, dict):
-            raise ValueError(f"not a tool call: name={name!r} arguments={arguments!r}")
-        valid_id = isinstance(call_id, str) and call_id not in ("", "null")
-        return cls(call_id if valid_id else new_tool_call_id(), name, arguments)
+                "function": {"name": self.name, "arguments": args}}
 
 
 def new_tool_call_id() -> str:
@@ -41,7 +33,6 @@ def new_tool_call_id() -> str:
     return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
 
-def calls_from_json(value: Any) -> list[ToolCall]:
-    """The calls in a parsed JSON object {"name", "arguments"[, "id"]}, or in a list of them."""
-    items = value if isinstance(value, list) else [value]
-    return [ToolCall.parsed(it.get("id"), it["name"], it.get("arguments", {})) for it in items]
+def call_id_or_new(value: Any) -> str:
+    """The id a model wrote for a call, or a new one where it wrote none (missing, empty, null)."""
+    return value if isinstance(value, str) and value not in ("", "null") else new_tool_call_id()

@@ -1,8 +1,10 @@
 """/v1/chat/completions: a conversation (and its tools) to n choices, whole or as server-sent
 events.
 
-A reply offered tools may turn into tool calls, which the tokenizer finds in its generated ids
-(tool_call_format(tokenizer).parse): then the message carries tool_calls and finish_reason is "tool_calls"."""
+A reply offered tools may turn into tool calls, which its tool-call format reads from the generated
+ids as they come (tool_call_stream.py): streamed, each call goes out as it is written; whole or
+streamed, the message carries tool_calls and finish_reason is "tool_calls" ("length" where
+max_tokens cut the reply)."""
 
 from __future__ import annotations
 
@@ -41,10 +43,8 @@ from mistral_jax.entrypoints.server.sse import (
     sse,
     stream_end,
 )
+from mistral_jax.entrypoints.server.tool_call_stream import ToolCallDeltas, tool_call_message
 from mistral_jax.entrypoints.server.usage import Usage
-from mistral_jax.tool_calls import tool_call_format
-
-Delta = tuple[dict, str | None, dict | None]  # (a chunk's delta, its finish_reason, its logprobs)
 
 
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, request: Request):
@@ -80,10 +80,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
 def _message(tokenizer, r: Result, tools) -> tuple[dict[str, Any], str | None]:
     """A whole reply as OpenAI's assistant message, and its finish_reason."""
     if tools:
-        content, calls = tool_call_format(tokenizer).parse(r.token_ids)
-        if calls:
-            return {"role": "assistant", "content": content or None,
-                    "tool_calls": [c.to_openai() for c in calls]}, "tool_calls"
+        return tool_call_message(tokenizer, r.token_ids, r.text, r.finish_reason)
     return {"role": "assistant", "content": r.text}, r.finish_reason
 
 
@@ -145,50 +142,3 @@ class ChatStream:
     def chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse(dict(self.head, choices=[{"index": index, "delta": delta, "logprobs": logprobs,
                                              "finish_reason": finish}]))
-
-
-class ToolCallDeltas:
-    """One streamed choice of a request offered tools. Its text streams as content until the reply
-    turns into tool calls, where the tokenizer's format tells (tool_call_started: Mistral's
-    [TOOL_CALLS] token; a format that cannot tell, None, holds the whole reply back). At the last
-    event the reply's ids are parsed: calls go out in OpenAI's order (per call, a delta with its
-    id and name, then one with its arguments), then finish_reason "tool_calls"; a reply without
-    calls sends the text not yet sent, with the engine's finish_reason.
-
-    State: every generated id and the text so far (the format's parse reads the whole reply),
-    whether the calls have begun (text is held from then on), and how much text went out."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-        self.in_calls = False
-        self.sent = 0  # characters of text sent as content
-
-    def step(self, event: StepEvent, logprobs: dict | None) -> list[Delta]:
-        self.ids.append(event.token_id)
-        self.text += event.text
-        if tool_call_format(self.tokenizer).started([event.token_id]) is not False:  # begun, or cannot tell
-            self.in_calls = True
-        if event.finished:
-            return self._end(event.finish_reason)
-        if self.in_calls:
-            return []
-        self.sent = len(self.text)
-        return [({"content": event.text} if event.text else {}, None, logprobs)]
-
-    def _end(self, finish_reason: str | None) -> list[Delta]:
-        content, calls = tool_call_format(self.tokenizer).parse(self.ids)
-        if not calls:
-            return [({"content": self.text[self.sent:]}, finish_reason, None)]
-        # Content before the calls goes out only where none streamed (a format that held the reply).
-        out: list[Delta] = [({"content": content}, None, None)] if content and not self.sent else []
-        for k, c in enumerate(calls):
-            call = c.to_openai()
-            out.append(({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
-                                         "function": {"name": call["function"]["name"], "arguments": ""}}]},
-                        None, None))
-            out.append(({"tool_calls": [{"index": k, "function": {"arguments": call["function"]["arguments"]}}]},
-                        None, None))
-        out.append(({}, "tool_calls", None))
-        return out
