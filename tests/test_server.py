@@ -454,6 +454,7 @@ def test_non_streamed_request_aborted_when_the_client_hangs_up(server):
     # (16 x 210 tokens: ~210 steps of the tiny model, well past the client's 0.25 s; 8 x 210
     # once finished inside a 1 s timeout on this CPU.)
     start_free = server.metric("num_free_pages")
+    logged = len(server.output())
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/completions", timeout=0.25,
                    json={"prompt": prompt_ids(7, 40), "max_tokens": 210, "ignore_eos": True, "n": 16})
@@ -461,6 +462,10 @@ def test_non_streamed_request_aborted_when_the_client_hangs_up(server):
     while server.metric("num_free_pages") != start_free and time.time() < deadline:
         time.sleep(0.2)
     assert server.metric("num_free_pages") == start_free and server.metric("num_requests_running") == 0
+    # The log says so in one line, not with a traceback (a CancelledError nobody retrieved).
+    log = server.output()[logged:]
+    assert log.count("the client disconnected before its response") == 1 and "16 generation(s)" in log, log
+    assert "Traceback" not in log and "CancelledError" not in log, log
 
 
 def test_stream_closed_before_its_first_token_is_aborted(server):
@@ -487,3 +492,31 @@ def test_cached_tokens_count_a_prompt_once_over_n_choices(client):
         out = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, n=3, temperature=1.0, seed=1)
     assert out.usage.prompt_tokens == 40
     assert out.usage.prompt_tokens_details.cached_tokens == 32
+
+
+def test_logit_bias_bans_the_greedy_first_token_and_bad_biases_are_400s(server, client, llm):
+    """logit_bias reaches the sampler from both endpoints: -100 on the token a greedy completion
+    started with bans it (the reply is the LLM's under the same bias), +100 forces a token in a
+    chat reply; an id past the vocabulary and a bias of 101 are 400s naming logit_bias."""
+    ids = prompt_ids(43, 20)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = llm.generate([{"prompt_token_ids": ids}], greedy)[0].outputs[0].token_ids[0]
+    want = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                                    logit_bias={first: -100}))[0]
+    assert want.outputs[0].token_ids[0] != first
+    kw = dict(model=MODEL, prompt=ids, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw).choices[0].text
+    banned = client.completions.create(logit_bias={str(first): -100}, **kw).choices[0].text
+    assert banned == want.outputs[0].text != plain
+    forced = llm.tokenizer.encode("Hello", add_bos=False)[-1]
+    messages = [{"role": "user", "content": "Say something."}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                           logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == llm.tokenizer.decode([forced] * 4)
+    vocab = llm.config.vocab_size
+    for path, body in (("completions", {"prompt": ids, "logit_bias": {str(vocab): -100}}),
+                       ("chat/completions", {"messages": messages, "logit_bias": {str(vocab): -100}}),
+                       ("completions", {"prompt": ids, "logit_bias": {str(first): 101}}),
+                       ("chat/completions", {"messages": messages, "logit_bias": {"5": -101}})):
+        r = httpx.post(f"{server.url}/v1/{path}", json={"model": MODEL, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", (path, body, r.text)

@@ -6,9 +6,16 @@ FakeEngine stands where the bridge's EngineClient stands (create_app's `bridge`)
 requests with the engine's own RequestLimits and answers each with scripted events. FakeTokenizer
 spells text one ASCII character per token, with Mistral's [TOOL_CALLS] marker as a token."""
 
+import asyncio
+import contextlib
 import dataclasses
+import gc
+import http.client
 import inspect
 import json
+import logging
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,13 +28,20 @@ from mistral_jax.entrypoints.server.app import create_app
 from mistral_jax.entrypoints.server.bridge import EngineClient, EngineStopped, RequestFailed, RequestStream
 from mistral_jax.entrypoints.server.chat import ToolCallDeltas
 from mistral_jax.entrypoints.server.engine_process import EngineInfo, Stats
+from mistral_jax.entrypoints.server.errors import BadRequest
+from mistral_jax.entrypoints.server.events import collect_unless_disconnected
+from mistral_jax.entrypoints.server.inputs import (
+    as_legacy_function_call,
+    chat_messages,
+    mistral_id,
+    with_legacy_functions,
+)
 from mistral_jax.entrypoints.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
 from mistral_jax.entrypoints.server.request_params import completion_params, refusal
 from mistral_jax.entrypoints.server.usage import Usage
-from mistral_jax.tool_calls import ToolCallFormat
 
 BOS, EOS, TOOL_CALLS = 1, 2, 3
 VOCAB = 128
@@ -35,20 +49,13 @@ CONTEXT = 64
 MODEL = "fake"
 
 
-class FakeCall:
-    def __init__(self, id, name, arguments):
-        self.id, self.name, self.arguments = id, name, arguments
-
-    def to_openai(self):
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": json.dumps(self.arguments)}}
-
-
 class FakeTokenizer:
-    """Token t >= 32 is chr(t); [TOOL_CALLS] starts calls, a JSON list of {"name", "arguments", "id"}."""
+    """Token t >= 32 is chr(t); [TOOL_CALLS] starts calls, a JSON list of {"name", "arguments", "id"}
+    (Mistral's v2-v7 format, read by the real MistralToolCalls)."""
 
     bos_id, eos_id, vocab_size, stop_token_ids = BOS, EOS, VOCAB, frozenset({EOS})
     SPECIAL = {BOS: "<s>", EOS: "</s>", TOOL_CALLS: "[TOOL_CALLS]"}
+    tool_call_parser = "mistral"
 
     def encode(self, text, add_bos=True):
         return [BOS] * add_bos + [ord(c) for c in text]
@@ -59,32 +66,8 @@ class FakeTokenizer:
     def encode_chat(self, messages, tools=None):
         return self.encode("".join(f"{m['role']}:{m.get('content') or ''}\n" for m in messages))
 
-    def __init__(self):  # tool_call_format(tokenizer) finds this format kept on the tokenizer
-        self._tool_call_format = self.Format(self)
-
-    class Format(ToolCallFormat):
-        def parse(self, token_ids):
-            decode = self.tokenizer.decode
-            ids = [t for t in token_ids if t != EOS]
-            if TOOL_CALLS not in ids:
-                return decode(ids), []
-            cut = ids.index(TOOL_CALLS)
-            try:
-                calls = [FakeCall(c["id"], c["name"], c["arguments"]) for c in json.loads(decode(ids[cut + 1:]))]
-            except (ValueError, KeyError, TypeError):
-                return decode(ids), []
-            return decode(ids[:cut]), calls
-
-        def started(self, token_ids):
-            return TOOL_CALLS in token_ids
-
-
-class HeldTokenizer(FakeTokenizer):
-    """A format that only tells at the end whether the reply is tool calls (Hermes blocks)."""
-
-    class Format(FakeTokenizer.Format):
-        def started(self, token_ids):
-            return None
+    def special_id(self, token):
+        return {"[TOOL_CALLS]": TOOL_CALLS}.get(token)
 
 
 def spell(text: str) -> list[int]:
@@ -210,31 +193,18 @@ def test_streamed_tool_calls_follow_the_text_before_them():
     got = sse_events(client_for(engine).post("/v1/chat/completions", json={
         "messages": CHAT, "tools": TOOLS, "stream": True, "stream_options": {"include_usage": True}}))
     assert got[-1] == "[DONE]"
-    assert deltas(got) == [
-        ({"role": "assistant", "content": ""}, None),
-        ({"content": "H"}, None), ({"content": "i"}, None),  # the text streams until [TOOL_CALLS]...
-        ({"tool_calls": [{"index": 0, "id": "abcDEF123", "type": "function",  # ... then nothing until the end
-                          "function": {"name": "get", "arguments": ""}}]}, None),
-        ({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]}, None),
-        ({}, "tool_calls"),
-    ]
+    chunks = deltas(got)
+    assert chunks[:3] == [({"role": "assistant", "content": ""}, None), ({"content": "H"}, None),
+                          ({"content": "i"}, None)]
+    (head, _), *args, last = chunks[3:]  # the text streams until [TOOL_CALLS], then the call as it comes
+    (call,) = head["tool_calls"]
+    assert call["index"] == 0 and call["function"] == {"name": "get", "arguments": ""} and len(call["id"]) == 9
+    assert [d["tool_calls"][0]["function"]["arguments"] for d, _ in args] == list('{"city": "Paris"}')  # a token each
+    assert last == ({}, "tool_calls")
     usage = got[-2]["usage"]
     assert got[-2]["choices"] == [] and usage["completion_tokens"] == 3 + len(CALL) + 1
     assert usage["prompt_tokens"] == len(engine.submitted[0][0])
     assert all(e["object"] == "chat.completion.chunk" for e in got[:-1])
-
-
-def test_a_format_that_tells_only_at_the_end_holds_the_reply():
-    engine = FakeEngine(lambda ids, p: (spell("Hi") + [TOOL_CALLS] + spell(CALL) + [EOS], "stop", 0))
-    got = sse_events(client_for(engine, HeldTokenizer()).post("/v1/chat/completions", json={
-        "messages": CHAT, "tools": TOOLS, "stream": True}))
-    assert [d for d, _ in deltas(got)][:2] == [{"role": "assistant", "content": ""}, {"content": "Hi"}]
-    assert [f for _, f in deltas(got)] == [None, None, None, None, "tool_calls"]
-
-    engine = FakeEngine(lambda ids, p: (spell("no call") + [EOS], "stop", 0))
-    got = sse_events(client_for(engine, HeldTokenizer()).post("/v1/chat/completions", json={
-        "messages": CHAT, "tools": TOOLS, "stream": True}))
-    assert deltas(got) == [({"role": "assistant", "content": ""}, None), ({"content": "no call"}, "stop")]
 
 
 def test_a_reply_without_calls_streams_as_text_and_a_malformed_call_ends_as_text():
@@ -243,10 +213,12 @@ def test_a_reply_without_calls_streams_as_text_and_a_malformed_call_ends_as_text
         "messages": CHAT, "tools": TOOLS, "stream": True}))
     assert deltas(got)[1:] == [({"content": "a"}, None), ({"content": "b"}, None), ({"content": "c"}, "length")]
 
+    # held from [TOOL_CALLS] until it is clearly no call ("o" is no JSON key), then text as it comes
     engine = FakeEngine(lambda ids, p: (spell("a") + [TOOL_CALLS] + spell("[{oops"), "length", 0))
     got = sse_events(client_for(engine).post("/v1/chat/completions", json={
         "messages": CHAT, "tools": TOOLS, "stream": True}))
-    assert deltas(got)[1:] == [({"content": "a"}, None), ({"content": "[{oops"}, "length")]
+    assert deltas(got)[1:] == [({"content": "a"}, None), ({"content": "[{o"}, None), ({"content": "o"}, None),
+                               ({"content": "p"}, None), ({"content": "s"}, "length")]
 
 
 def test_tool_call_deltas_state():
@@ -255,13 +227,10 @@ def test_tool_call_deltas_state():
 
     state = ToolCallDeltas(FakeTokenizer())
     assert state.step(event(ord("x")), {"lp": 1}) == [({"content": "x"}, None, {"lp": 1})]
-    assert (state.sent, state.in_calls) == (1, False)
-    assert state.step(event(TOOL_CALLS), None) == [] and state.in_calls
-    for t in spell(CALL):
-        assert state.step(event(t), None) == []
-    end = state.step(event(EOS, finished=True), None)
-    assert end[0][0]["tool_calls"][0]["function"]["name"] == "get"
-    assert end[-1] == ({}, "tool_calls", None) and len(end) == 3  # no content again: "x" went out already
+    assert state.step(event(TOOL_CALLS), None) == []
+    out = [d for t in spell(CALL) for d in state.step(event(t), None)]
+    assert out[0][0]["tool_calls"][0]["function"]["name"] == "get" and (state.begun, state.completed) == (1, 1)
+    assert state.step(event(EOS, finished=True), None) == [({}, "tool_calls", None)]
 
 
 def test_a_whole_reply_with_tool_calls():
@@ -445,3 +414,235 @@ def test_plain_routes():
     r = client.get("/health")
     assert r.status_code == 503 and "exited" in r.json()["error"]["message"]
     assert client.post("/v1/completions", json={"prompt": "hi"}).status_code == 503
+
+
+# ---- request ids and faults of ours ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def served(app):
+    """The app behind a real uvicorn server on a loopback port, in a thread: real connections
+    (keep-alive), and uvicorn's own logging left to the root logger (caplog sees it)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None,
+                                           log_level="info"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_fault_of_ours_is_a_500_with_a_request_id_logged_once_and_the_connection_serves_on(caplog):
+    def reply(ids, params):
+        raise ZeroDivisionError("a bug")
+
+    caplog.set_level(logging.INFO)
+    with served(create_app(FakeEngine(reply), FakeTokenizer(), MODEL)) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "hi"}), {"content-type": "application/json"})
+        r = conn.getresponse()
+        error = json.loads(r.read())["error"]
+        rid = r.getheader("x-request-id")
+        sock = conn.sock
+        assert r.status == 500 and error["type"] == "server_error" and error["code"] == 500
+        assert rid.startswith("req-") and rid in error["message"] and "ZeroDivisionError" in error["message"]
+        conn.request("GET", "/v1/models")  # the same connection: kept open, and the server serves on
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["data"][0]["id"] == MODEL
+        assert conn.sock is sock and r.getheader("x-request-id") != rid
+        conn.close()
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1, [rec.getMessage() for rec in tracebacks]  # ours, not uvicorn's too
+    assert rid in tracebacks[0].getMessage() and tracebacks[0].exc_info[0] is ZeroDivisionError
+    assert sum(rid in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_a_stream_that_faults_midway_ends_with_an_error_event():
+    engine = FakeEngine(lambda ids, p: [StepEvent(0, ord("a"), "a", None), KeyError("a bug")])
+    r = client_for(engine).post("/v1/chat/completions", json={"messages": CHAT, "stream": True},
+                                headers={"X-Request-Id": "client-7"})
+    got = sse_events(r)
+    assert r.headers["x-request-id"] == "client-7"
+    assert deltas(got)[1] == ({"content": "a"}, None)
+    assert got[-2]["error"]["type"] == "server_error" and "client-7" in got[-2]["error"]["message"]
+    assert got[-1] == "[DONE]" and all(s.done for s in engine.streams)
+
+
+def test_every_response_carries_its_request_id():
+    client = TestClient(create_app(FakeEngine(), FakeTokenizer(), MODEL, api_key="k"))
+    refused = client.get("/v1/models")  # the guard's 401: the id is given before the guard runs
+    assert refused.status_code == 401 and refused.headers["x-request-id"].startswith("req-")
+    ids = {client.get("/health").headers["x-request-id"] for _ in range(3)}
+    assert len(ids) == 3
+    assert client.get("/health", headers={"X-Request-Id": "trace-42"}).headers["x-request-id"] == "trace-42"
+    for unusable in ("has space", "x" * 200, "é"):  # not echoed into a header and the log as sent
+        assert client.get("/health", headers={"X-Request-Id": unusable.encode()}).headers[
+            "x-request-id"].startswith("req-")
+
+
+class HangingStream(FakeStream):
+    """A request whose generation never ends (the engine is busy)."""
+
+    async def __anext__(self):
+        await asyncio.get_running_loop().create_future()
+
+
+def test_a_client_gone_before_its_response_aborts_its_request_in_one_log_line(caplog):
+    engine = FakeEngine()
+    streams = [(i, HangingStream(engine, f"r{i}", [])) for i in range(3)]
+
+    async def disconnected():
+        return True
+
+    request = SimpleNamespace(is_disconnected=disconnected, state=SimpleNamespace(request_id="req-gone"))
+    loop_errors = []
+
+    async def run():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: loop_errors.append(context))
+        status = None
+        try:
+            await collect_unless_disconnected(request, streams)
+        except BadRequest as e:  # not kept: its traceback would keep the handler's futures alive
+            status = e.status
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gc.collect()  # a future whose exception nobody read reports it when collected
+        await asyncio.sleep(0)
+        return status
+
+    caplog.set_level(logging.INFO, logger="mistral_jax.server")
+    assert asyncio.run(run()) == 499 and sorted(engine.aborted) == ["r0", "r1", "r2"]
+    assert loop_errors == []  # no "exception was never retrieved" CancelledError traceback
+    (line,) = [rec for rec in caplog.records if rec.name == "mistral_jax.server"]
+    assert line.levelno == logging.INFO and "req-gone" in line.getMessage() and not line.exc_info
+
+
+# ---- OpenAI's deprecated functions / function_call ---------------------------------------------
+
+
+FUNCTIONS = [{"name": "get", "parameters": {"type": "object"}}]
+
+
+def test_legacy_functions_read_as_tools():
+    legacy = with_legacy_functions(ChatCompletionRequest(messages=CHAT, functions=FUNCTIONS,
+                                                         function_call={"name": "get"}))
+    assert legacy.tools == [{"type": "function", "function": FUNCTIONS[0]}]
+    assert legacy.tool_choice == {"type": "function", "function": {"name": "get"}}
+    assert legacy.functions == FUNCTIONS  # kept: the response answers in the legacy shape
+    for call in ("none", "auto"):
+        assert with_legacy_functions(ChatCompletionRequest(messages=CHAT, functions=FUNCTIONS,
+                                                           function_call=call)).tool_choice == call
+    plain = ChatCompletionRequest(messages=CHAT, tools=TOOLS)
+    assert with_legacy_functions(plain) is plain
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"functions": FUNCTIONS, "tools": TOOLS}, "functions"),
+    ({"functions": FUNCTIONS, "function_call": "auto", "tool_choice": "auto"}, "function_call"),
+    ({"functions": FUNCTIONS, "function_call": "required"}, "function_call"),  # not a legacy value
+    ({"functions": FUNCTIONS, "function_call": {"nam": "get"}}, "function_call"),
+    ({"functions": [{"parameters": {}}]}, "functions"),
+    ({"functions": FUNCTIONS, "function_call": {"name": "other"}}, "tool_choice"),  # checked as tool_choice
+])
+def test_legacy_functions_refusals_name_the_field(body, param):
+    engine = FakeEngine()
+    r = client_for(engine).post("/v1/chat/completions", json={"messages": CHAT, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert engine.submitted == []
+
+
+class ToolsSeen(FakeTokenizer):
+    """Keeps the tools the chat template was given."""
+
+    def encode_chat(self, messages, tools=None):
+        self.tools = tools
+        return super().encode_chat(messages, tools)
+
+
+def test_legacy_functions_reach_the_template_and_none_hides_them():
+    tokenizer = ToolsSeen()
+    client = client_for(FakeEngine(), tokenizer)
+    client.post("/v1/chat/completions", json={"messages": CHAT, "functions": FUNCTIONS})
+    assert tokenizer.tools == [{"type": "function", "function": FUNCTIONS[0]}]
+    client.post("/v1/chat/completions", json={"messages": CHAT, "functions": FUNCTIONS, "function_call": "none"})
+    assert tokenizer.tools is None
+
+
+def test_a_reply_to_legacy_functions_in_their_shape():
+    call = {"id": "abcDEF123", "type": "function", "function": {"name": "get", "arguments": '{"city": "Paris"}'}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call, dict(call, id="xyzXYZ789")]}
+    assert as_legacy_function_call(message, "tool_calls") == (
+        {"role": "assistant", "content": None, "function_call": {"name": "get", "arguments": '{"city": "Paris"}'}},
+        "function_call")
+    text = {"role": "assistant", "content": "sunny"}
+    assert as_legacy_function_call(text, "stop") == (text, "stop")
+
+
+def test_a_legacy_conversation_pairs_each_function_result_with_its_call():
+    messages = chat_messages([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get", "arguments": '{"city": "Paris"}'}},
+        {"role": "function", "name": "get", "content": "sunny"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get", "arguments": '{"city": "Rome"}'}},
+        {"role": "function", "name": "get", "content": "rain"},
+        {"role": "assistant", "content": "Sunny, then rain.", "function_call": None},  # as clients echo it
+    ])
+    calls = [m["tool_calls"][0] for m in messages if m["role"] == "assistant" and "tool_calls" in m]
+    results = [m for m in messages if m["role"] == "tool"]
+    assert [c["function"]["arguments"] for c in calls] == ['{"city": "Paris"}', '{"city": "Rome"}']
+    assert [r["tool_call_id"] for r in results] == [c["id"] for c in calls]  # each result answers its call
+    assert calls[0]["id"] != calls[1]["id"] and all(mistral_id(c["id"]) == c["id"] for c in calls)
+    assert [r["content"] for r in results] == ["sunny", "rain"]
+    assert all("function_call" not in m for m in messages) and messages[-1]["content"] == "Sunny, then rain."
+
+
+# ---- /tokenizer_info, as lm-eval's remote tokenizer reads it -----------------------------------
+
+
+def remote_tokenizer(client) -> dict:
+    """What lm-eval's RemoteTokenizer (tokenizer_backend="remote") learns from a server: the
+    special tokens' names from /tokenizer_info, their ids from /tokenize (the first id of the
+    name, without special tokens added), text back from /detokenize."""
+    info = client.get("/tokenizer_info").json()
+    assert "eos_token" in info  # lm-eval's check_remote_tokenizer_support requires it
+
+    def encode(text):
+        return client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+    return {"info": info, "eos_token_id": encode(info["eos_token"])[0], "bos_token_id": encode(info["bos_token"])[0],
+            "round_trip": client.post("/detokenize", json={"tokens": encode("Hello world")}).json()["prompt"]}
+
+
+def test_tokenizer_info_as_lm_eval_reads_it():
+    got = remote_tokenizer(client_for(FakeEngine()))
+    assert got["info"] == {"tokenizer_class": "FakeTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                           "add_bos_token": True, "model_max_length": CONTEXT, "vocab_size": VOCAB}
+    assert (got["bos_token_id"], got["eos_token_id"], got["round_trip"]) == (BOS, EOS, "Hello world")
+
+
+def test_tokenizer_info_of_a_mistral_tokenizer_gives_its_special_ids():
+    # mistral-common reads "</s>" in a text as plain text; /tokenize still gives a lone name its id.
+    from mistral_jax.tokenizer import MistralTokenizer
+
+    from helpers.models import v3_tokenizer
+
+    tokenizer = MistralTokenizer(v3_tokenizer())
+    engine = FakeEngine()
+    engine.info.limits = RequestLimits(tokenizer.vocab_size, CONTEXT, 4, 40)  # /detokenize checks ids against it
+    client = client_for(engine, tokenizer)
+    got = remote_tokenizer(client)
+    assert got["info"]["tokenizer_class"] == "MistralTokenizer" and "chat_template" not in got["info"]
+    assert (got["bos_token_id"], got["eos_token_id"]) == (tokenizer.bos_id, tokenizer.eos_id)
+    assert got["round_trip"] == "Hello world"
+    with_bos = client.post("/tokenize", json={"prompt": "</s>"}).json()["tokens"]
+    assert with_bos == [tokenizer.bos_id, tokenizer.eos_id]
+    in_text = client.post("/tokenize", json={"prompt": "a</s>", "add_special_tokens": False}).json()["tokens"]
+    assert tokenizer.eos_id not in in_text  # inside a text it stays text, as in a completion's prompt

@@ -2,8 +2,11 @@
 (guard.py), with OpenAI's error objects (errors.py).
 
 Bad input is a 4xx with OpenAI's error object naming the field and the fix; only a fault of
-ours is a 500. Streams are server-sent events (`data: {...}`, then `data: [DONE]`); a client
-that goes away has its request aborted."""
+ours is a 500, logged once with the request's id (every response carries it in x-request-id).
+Streams are server-sent events (`data: {...}`, then `data: [DONE]`); a client that goes away
+has its request aborted. The OpenAPI document (/openapi.json) says so: errors as OpenAI's error
+object (never FastAPI's 422), streams as text/event-stream, /metrics as text/plain, /health
+without a body (routes.py declares each)."""
 
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from mistral_jax.entrypoints.server.bridge import EngineClient
 from mistral_jax.entrypoints.server.context import ServerContext
 from mistral_jax.entrypoints.server.errors import (
     BadRequest,
+    RequestIds,
     error_response,
     install_error_handlers,
+    log_to_stderr,
 )
 from mistral_jax.entrypoints.server.guard import MAX_BODY_BYTES, Guard
 from mistral_jax.entrypoints.server.request_params import (
@@ -56,8 +61,10 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
     app = FastAPI(title="mistral_jax", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.bridge, app.state.metrics, app.state.on_startup, app.state.server = bridge, metrics, [], ctx
     install_error_handlers(app)
+    log_to_stderr()
     app.add_middleware(Guard, max_body_bytes=max_body_bytes, api_key=api_key, public_metrics=public_metrics,
                        reject=lambda status, message, type_: error_response(status, message, type_=type_),
                        fault=lambda: bridge.fault)
+    app.add_middleware(RequestIds)  # added last: the outermost, so the Guard's refusals carry an id too
     app.include_router(routes.router)
     return app

@@ -27,6 +27,7 @@ from mistral_jax.entrypoints.server.events import (
     submit,
 )
 from mistral_jax.entrypoints.server.inputs import (
+    as_legacy_function_call,
     chat_messages,
     check_text,
     is_big,
@@ -70,6 +71,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     choices, usage = [], Usage(req.n)
     for (index, _, _), r in zip(jobs, results):
         message, finish = _message(ctx.tokenizer, r, tools)
+        if req.functions is not None:  # a legacy request: its call answers as message.function_call
+            message, finish = as_legacy_function_call(message, finish)
         logprobs = ({"content": [chat_logprob(ctx.tokenizer, t, d, _top(req)) for t, d in zip(r.token_ids, r.logprobs)]}
                     if req.logprobs else None)
         choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})

@@ -2,18 +2,41 @@
 of ours is a 500.
 
 Handlers raise BadRequest; the exception handlers installed here turn it, FastAPI's own
-validation errors, the engine's refusals and anything unexpected into JSON error responses."""
+validation errors and the engine's refusals into JSON error responses. Anything else that a
+request raises is a fault of ours, which RequestIds (the outermost layer of the app) answers:
+every response carries its request id (the `x-request-id` header), and a fault is logged once,
+with its traceback and that id, and answered with a 500 naming the id; the connection stays
+open and the server serves on."""
 
 from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import sys
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistral_jax.entrypoints.server.bridge import EngineStopped, RequestFailed
 from mistral_jax.entrypoints.server.constraints import ConstraintError
 from mistral_jax.entrypoints.server.protocol import ErrorType, error_body
+
+log = logging.getLogger("mistral_jax.server")
+
+
+def log_to_stderr() -> None:
+    """The server's log lines (faults, aborted requests) on stderr, beside uvicorn's, unless the
+    process has configured logging itself (a handler here or on the root logger)."""
+    if not log.hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 class BadRequest(Exception):
@@ -24,6 +47,21 @@ class BadRequest(Exception):
                  type_: ErrorType = "invalid_request_error"):
         super().__init__(message)
         self.message, self.param, self.status, self.type = message, param, status, type_
+
+
+class ErrorObject(BaseModel):
+    """OpenAI's error fields; code is the HTTP status here."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object, as every error response carries it (the OpenAPI document's schema)."""
+
+    error: ErrorObject
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -57,11 +95,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _failed(_, e: RequestFailed):
         return error_response(e.status, str(e), type_="server_error" if e.status >= 500 else "invalid_request_error")
 
-    @app.exception_handler(Exception)
-    async def _ours(_, e: Exception):
-        # a fault of ours: still OpenAI's JSON error object (the traceback goes to the log)
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", type_="server_error")
-
 
 def _validation_error(e: RequestValidationError) -> JSONResponse:
     """pydantic's first complaint about a body, as a 400 naming the request's field (a union's
@@ -74,3 +107,63 @@ def _validation_error(e: RequestValidationError) -> JSONResponse:
     got = first.get("input")
     got = repr(got)[:80] if not isinstance(got, dict) else "an object"
     return error_response(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')} (got {got})", param)
+
+
+# A client's own X-Request-Id is kept if it is printable ASCII without spaces, of a sane length:
+# it goes into a response header and the log as it is.
+_CLIENT_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+class RequestIds:
+    """The outermost layer of the app (an ASGI wrapper, in front of the Guard): every HTTP request
+    gets an id, `req-<16 hex>` or the client's own X-Request-Id, kept in its scope's state
+    (request.state.request_id: the log names requests by it) and sent back in an
+    `x-request-id` header on whatever response it gets.
+
+    Anything a request raises that no exception handler took is a fault of ours: it is logged
+    here once, with its traceback and the request id, and answered with OpenAI's error object
+    (500, type server_error, the id in the message). Nothing is re-raised, so neither
+    Starlette nor uvicorn logs it again, and uvicorn keeps the connection (it closes one whose
+    application raised). A response that had already started cannot become a 500: a stream of
+    server-sent events ends with OpenAI's error event and [DONE], as streams whose engine failed
+    do (sse.py); any other body (no route streams one) just ends."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        rid = given.decode() if _CLIENT_ID.fullmatch(given) else f"req-{secrets.token_hex(8)}"
+        scope.setdefault("state", {})["request_id"] = rid
+        header = (b"x-request-id", rid.encode())
+        started = ended = False
+        event_stream = False
+
+        async def send_with_id(message):
+            nonlocal started, ended, event_stream
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", ()))
+                event_stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                   for k, v in headers)
+                message = dict(message, headers=[*headers, header])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as e:  # noqa: BLE001  a fault of ours: logged and answered here, once
+            log.error("request %s (%s %s) failed: %s: %s", rid, scope["method"], scope["path"],
+                      type(e).__name__, e, exc_info=e)
+            message = f"internal error (request {rid}): {type(e).__name__}: {e}"
+            if not started:
+                await error_response(500, message, type_="server_error")(scope, receive, send_with_id)
+            elif not ended:
+                tail = b""
+                if event_stream:
+                    event = error_body(message, "server_error", None, 500)
+                    tail = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
+                await send({"type": "http.response.body", "body": tail, "more_body": False})

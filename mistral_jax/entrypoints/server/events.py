@@ -14,7 +14,7 @@ from fastapi import Request
 
 from mistral_jax.engine.outputs import StepEvent
 from mistral_jax.entrypoints.server.bridge import EngineClient, RequestStream
-from mistral_jax.entrypoints.server.errors import BadRequest
+from mistral_jax.entrypoints.server.errors import BadRequest, log
 
 Streams = list[tuple[int, RequestStream]]  # (choice index, its stream)
 
@@ -48,16 +48,25 @@ async def _collect(stream: RequestStream) -> Result:
 
 async def collect_unless_disconnected(request: Request, streams: Streams) -> list[Result]:
     """A non-streamed request's generations, collected; a client that hangs up before they end
-    has them aborted (the engine frees their pages)."""
-    work = asyncio.ensure_future(asyncio.gather(*(_collect(s) for _, s in streams)))
+    (a client-side timeout) has them aborted (the engine frees their pages), which the log says
+    in one line: a routine event, not a fault."""
+    tasks = [asyncio.ensure_future(_collect(s)) for _, s in streams]
+    work = asyncio.gather(*tasks)
     try:
         while not work.done():
             await asyncio.wait([work], timeout=0.5)
             if not work.done() and await request.is_disconnected():
-                work.cancel()
+                log.info("request %s: the client disconnected before its response; aborting its %d generation(s) "
+                         "(the engine frees their pages)", request.state.request_id, len(streams))
                 raise BadRequest("the client disconnected", status=499)
         return work.result()
     finally:
+        # Whatever ended the wait (the client gone, a choice failed, the handler cancelled), no
+        # collector outlives it. A gather whose tasks were cancelled holds a CancelledError as
+        # its exception; it is retrieved here, or asyncio would log it with a traceback.
+        for task in tasks:
+            task.cancel()
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())
         for _, stream in streams:
             stream.close()
 

@@ -1,6 +1,7 @@
 """A request's prompt as the tokenizer takes it: text checked, completion prompts (text or token
 ids) and chat messages (roles, text parts, tool-call ids) made ready, and the tools a chat
-template sees. Every refusal is a 400 naming the request's field."""
+template sees (OpenAI's deprecated `functions` and `function_call` read as tools and
+tool_choice). Every refusal is a 400 naming the request's field."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ async def completion_prompts(tokenizing: Tokenizing, prompt, big: bool) -> list[
 
 def chat_messages(messages: list[dict]) -> list[dict]:
     """OpenAI-shaped messages checked and made ready for the chat template."""
+    messages = _legacy_function_messages(messages)
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {CHAT_ROLES}", f"messages.{i}.role")
@@ -78,6 +80,49 @@ async def templated(work):
         raise
     except Exception as e:  # noqa: BLE001  mistral-common / the template said no: the client's input
         raise BadRequest(f"the conversation cannot be templated: {type(e).__name__}: {e}", "messages") from e
+
+
+def with_legacy_functions(req: ChatCompletionRequest) -> ChatCompletionRequest:
+    """A request in OpenAI's deprecated function-calling fields, read as its tools: `functions`
+    (function definitions) becomes tools of type "function", and `function_call` ("none",
+    "auto", {"name": ...}) the matching tool_choice. The legacy fields stay set on the copy, so
+    the response can answer in their shape. Either one beside its newer name is a 400: which of
+    the two was meant is not for us to guess."""
+    if req.functions is None and req.function_call is None:
+        return req
+    update = {}
+    if req.functions is not None:
+        if req.tools is not None:
+            raise BadRequest("functions is the deprecated form of tools: send one of them, not both", "functions")
+        if not all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in req.functions):
+            raise BadRequest("functions must be function definitions, each {'name': ..., 'parameters': {...}}",
+                             "functions")
+        update["tools"] = [{"type": "function", "function": f} for f in req.functions]
+    if req.function_call is not None:
+        if req.tool_choice is not None:
+            raise BadRequest("function_call is the deprecated form of tool_choice: send one of them, not both",
+                             "function_call")
+        call = req.function_call
+        if call in ("none", "auto"):
+            update["tool_choice"] = call
+        elif isinstance(call, dict) and isinstance(call.get("name"), str):
+            update["tool_choice"] = {"type": "function", "function": {"name": call["name"]}}
+        else:
+            raise BadRequest(f"function_call {call!r} is not one of 'none', 'auto' or {{'name': ...}}",
+                             "function_call")
+    return req.model_copy(update=update)
+
+
+def as_legacy_function_call(message: dict, finish_reason: str | None) -> tuple[dict, str | None]:
+    """A whole reply to a request made with `functions`, in that API's shape: its tool call as
+    message.function_call ({name, arguments}) and finish_reason "function_call". The legacy API
+    made one call per reply: any after the first are dropped."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message, finish_reason
+    legacy = {k: v for k, v in message.items() if k != "tool_calls"}
+    legacy["function_call"] = {"name": calls[0]["function"]["name"], "arguments": calls[0]["function"]["arguments"]}
+    return legacy, "function_call" if finish_reason == "tool_calls" else finish_reason
 
 
 def request_tools(req: ChatCompletionRequest) -> list[dict] | None:
@@ -99,6 +144,34 @@ def request_tools(req: ChatCompletionRequest) -> list[dict] | None:
         raise BadRequest(f"tool_choice {choice!r} is not one of 'auto', 'none', 'required' or a named function",
                          "tool_choice")
     return req.tools
+
+
+def _legacy_function_messages(messages: list[dict]) -> list[dict]:
+    """A conversation in OpenAI's deprecated function-calling shape, in its newer one: an
+    assistant message's `function_call` becomes its one tool call, and the `function` message
+    that answers it a `tool` message. The legacy shape has no call ids, which Mistral's templates
+    need to pair a call with its result: each call gets one from its position, and the next
+    function message naming it takes the same (a result for a function never called gets an id
+    of its own)."""
+    if not any(isinstance(m, dict) and (m.get("role") == "function" or "function_call" in m) for m in messages):
+        return messages
+    out, open_calls = [], {}  # function name -> the id of its latest call without a result yet
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            out.append(m)
+        elif m.get("role") == "assistant" and "function_call" in m:  # a client may echo it back as null
+            call = m["function_call"]
+            m = {k: v for k, v in m.items() if k != "function_call"}
+            if isinstance(call, dict):
+                call_id = open_calls[call.get("name")] = mistral_id(f"legacy-function-call-{i}")
+                m = dict(m, tool_calls=[{"id": call_id, "type": "function", "function": call}])
+            out.append(m)
+        elif m.get("role") == "function":
+            call_id = open_calls.pop(m.get("name"), None) or mistral_id(f"legacy-function-result-{i}")
+            out.append({"role": "tool", "name": m.get("name"), "content": m.get("content"), "tool_call_id": call_id})
+        else:
+            out.append(m)
+    return out
 
 
 def _text_content(message: dict) -> dict:

@@ -43,6 +43,9 @@ class _Request(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # int64 or uint64; the sampler takes it modulo 2**64
     stop: str | list[str] | None = None  # bounded by _bounded_stop
     stop_token_ids: list[_TokenId] | None = None
+    # OpenAI's {token id: bias}: JSON keys are strings; ids, their count and the biases' range are
+    # checked once, by SamplingParams (and the vocabulary by RequestLimits.check)
+    logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
@@ -86,6 +89,9 @@ class ChatCompletionRequest(_Request):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # False: at most one call (with tool_choice required: exactly one)
+    # OpenAI's deprecated names of tools and tool_choice: inputs.with_legacy_functions maps them
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
 
