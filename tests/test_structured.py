@@ -2,7 +2,8 @@
 our code, is the judge), on the default model, which cannot do it unconstrained, and on both
 Mistral tokenizers (SentencePiece v3, Tekken) with non-ASCII schemas; the bitmask against
 llguidance's own NumPy reference; constrained rows leave unconstrained ones unchanged; bad
-constraints fail with a message that names them."""
+constraints fail with a message that names them. Forced tool calls on the default model finish
+with valid arguments (issue 43; its unit tests: test_forced_tool_calls.py)."""
 
 import json
 import re
@@ -15,7 +16,8 @@ import pytest
 
 from mistral_jax import LLM, SamplingParams
 from mistral_jax.sample.sampling import allowed_tokens
-from mistral_jax.sample.structured import StructuredOutputs
+from mistral_jax.sample.structured import StructuredOutputs, tool_calls
+from mistral_jax.tool_calls import tool_call_format
 
 S = {"type": "string", "maxLength": 12}
 INT = {"type": "integer", "minimum": -999, "maximum": 999}  # bounded: a small model may repeat digits forever
@@ -96,6 +98,123 @@ def test_default_model_follows_every_schema(demo):
         except (ValueError, jsonschema.ValidationError):
             pass
     assert valid < len(SCHEMAS) // 2
+
+
+# ---- forced tool calls ------------------------------------------------------------------------
+
+
+def _tool(name: str, description: str, properties: dict, required: list[str] = ()) -> dict:
+    """An OpenAI function tool with an ordinary object schema (additionalProperties unset)."""
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": list(required)}}}
+
+
+def _object(properties: dict, required: list[str] = ()) -> dict:
+    return {"type": "object", "properties": properties, **({"required": list(required)} if required else {})}
+
+
+STR, NUM, BOOL, INTEGER = {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "integer"}
+TEXT = {"type": "string", "maxLength": 60}  # free text, bounded (see TOOLS)
+
+
+def _list(items: dict, most: int = 4) -> dict:
+    return {"type": "array", "items": items, "maxItems": most}
+
+
+# (tool, the user's request): ordinary schemas as clients send them: nested objects, arrays,
+# enums, optional fields, no additionalProperties anywhere. Free text and lists are bounded
+# (maxLength, maxItems), as SCHEMAS' are: greedy decoding of a 135M model may repeat itself
+# inside an unbounded value ("at 3pm at 3pm at 3pm..."), a failure of its own that closing
+# objects does not address.
+TOOLS = [
+    (_tool("get_weather", "Current weather in a city",
+           {"city": STR, "unit": {"enum": ["celsius", "fahrenheit"]}}, ["city"]),
+     "What's the weather in Paris?"),
+    (_tool("get_time", "Local time in a time zone", {"timezone": STR}),
+     "What time is it in Tokyo?"),
+    (_tool("send_email", "Send an email", {"to": STR, "subject": TEXT, "body": TEXT}, ["to", "subject", "body"]),
+     "Email bob@example.com that the meeting moved to 3pm."),
+    (_tool("add", "Add two numbers", {"a": NUM, "b": NUM}, ["a", "b"]),
+     "What is 17 plus 25?"),
+    (_tool("search_web", "Search the web", {"query": STR, "max_results": INTEGER}, ["query"]),
+     "Find recent news about solar panels."),
+    (_tool("create_event", "Create a calendar event",
+           {"title": STR, "start": _object({"date": STR, "time": STR}, ["date"]), "attendees": _list(STR)},
+           ["title", "start"]),
+     "Schedule lunch with Ana on 2024-05-02 at noon."),
+    (_tool("set_thermostat", "Set the thermostat",
+           {"temperature": NUM, "mode": {"enum": ["heat", "cool", "auto"]}}, ["temperature", "mode"]),
+     "Heat the house to 21 degrees."),
+    (_tool("translate", "Translate text", {"text": STR, "target_language": STR}, ["text", "target_language"]),
+     "Translate 'good morning' into Spanish."),
+    (_tool("book_flight", "Book a flight",
+           {"origin": STR, "destination": STR, "passengers": _object({"adults": INTEGER, "children": INTEGER},
+                                                                     ["adults"]),
+            "class": {"enum": ["economy", "business"]}}, ["origin", "destination", "passengers"]),
+     "Book a flight from Boston to Denver for two adults."),
+    (_tool("convert_currency", "Convert money between currencies",
+           {"amount": NUM, "from": STR, "to": STR}, ["amount", "from", "to"]),
+     "How much is 100 US dollars in euros?"),
+    (_tool("add_todo", "Add items to the to-do list",
+           {"items": _list(_object({"task": STR, "done": BOOL}, ["task"]))}, ["items"]),
+     "Add 'buy milk' and 'call mom' to my to-do list."),
+    (_tool("get_stock_price", "Latest stock price", {"symbol": STR}, ["symbol"]),
+     "How is Apple stock doing?"),
+    (_tool("play_music", "Play music", {"artist": STR, "song": STR, "shuffle": BOOL}),
+     "Play some Beatles songs."),
+    (_tool("order_pizza", "Order a pizza",
+           {"size": {"enum": ["small", "medium", "large"]}, "toppings": _list(STR),
+            "address": _object({"street": STR, "city": STR}, ["street"])}, ["size", "address"]),
+     "Order a large pepperoni pizza to 12 Main Street."),
+    (_tool("set_alarm", "Set an alarm", {"hour": INTEGER, "minute": INTEGER, "label": STR}, ["hour", "minute"]),
+     "Wake me up at 6:30."),
+    (_tool("lookup_user", "Find a user account",
+           {"filter": _object({"email": STR, "name": STR, "active": BOOL})}, ["filter"]),
+     "Find the account of jane@example.com."),
+    (_tool("rate_movie", "Rate a movie",
+           {"title": STR, "stars": {"type": "integer", "enum": [1, 2, 3, 4, 5]}, "review": TEXT}, ["title", "stars"]),
+     "Give Inception five stars."),
+    (_tool("resize_image", "Resize an image",
+           {"url": STR, "size": _object({"width": INTEGER, "height": INTEGER}, ["width", "height"])},
+           ["url", "size"]),
+     "Make https://example.com/cat.png 200 by 100 pixels."),
+    (_tool("run_sql", "Run a read-only SQL query",
+           {"query": STR, "params": _list({"type": ["string", "number"]})}, ["query"]),
+     "How many users signed up last week?"),
+    (_tool("get_directions", "Route between two places",
+           {"from": STR, "to": STR, "mode": {"enum": ["driving", "walking", "transit"]},
+            "avoid": _list({"enum": ["tolls", "highways", "ferries"]}, 3)}, ["from", "to"]),
+     "How do I walk from the Louvre to the Eiffel Tower?"),
+]
+
+
+@pytest.mark.slow
+def test_default_model_forced_tool_calls_finish(demo):
+    """Every greedy forced call over TOOLS' ordinary schemas ends (no finish_reason "length")
+    in one call whose arguments validate against its tool's schema: tool_choice "required"
+    (with parallel_tool_calls false) for half of them, the function named for the others (what
+    LangChain's with_structured_output sends), each prompt offering the tool and the next one.
+
+    Parallel calls are left out: the grammar lets a "required" reply add call after call, and
+    this model, greedy, sometimes does until max_tokens; how many calls a reply makes is not
+    what closing objects is about."""
+    tok = demo.tokenizer
+    prompts, params, expected = [], [], []
+    for i, (t, request) in enumerate(TOOLS):
+        offered = [t, TOOLS[(i + 1) % len(TOOLS)][0]]
+        name = t["function"]["name"] if i % 2 else None  # None: tool_choice "required"
+        prompts.append({"prompt_token_ids": tok.encode_chat([{"role": "user", "content": request}], tools=offered)})
+        params.append(SamplingParams(temperature=0, max_tokens=200,
+                                     structured_outputs=tool_calls(tok, offered, name=name, one=True)))
+        expected.append({x["function"]["name"]: x["function"]["parameters"] for x in offered
+                         if name in (None, x["function"]["name"])})
+    outs = demo.generate(prompts, params)
+    for out, schemas in zip(outs, expected):
+        o = out.outputs[0]
+        assert o.finish_reason == "stop", o.text
+        content, calls = tool_call_format(tok).parse(o.token_ids)
+        assert content == "" and len(calls) == 1 and calls[0].name in schemas, o.text
+        jsonschema.validate(calls[0].arguments, schemas[calls[0].name])
 
 
 @pytest.mark.slow

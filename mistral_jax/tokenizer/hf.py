@@ -3,7 +3,8 @@
 
 Chat templates are compiled and rendered as transformers does, so prompts match it token for
 token. Tool calls are written in the Hermes format (`<tool_call>` blocks), which
-mistral_jax.tool_calls.hermes reads."""
+mistral_jax.tool_calls.hermes reads. A template that has no place for the tools (it never reads
+`tools`) gets them in a system message (tool_prompt.py), so the model sees what it may call."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from mistral_jax.tokenizer.base import Tokenizer, TokenizerError, openai_roles
 from mistral_jax.tokenizer.gguf import read_gguf_vocabulary
+from mistral_jax.tokenizer.tool_prompt import hermes_tools_text, with_tools_message
 
 
 class HFTokenizer(Tokenizer):
@@ -34,6 +36,9 @@ class HFTokenizer(Tokenizer):
         self.eos_token = tok.id_to_token(eos_id)
         self.chat_template = chat_template
         self._template = compile_chat_template(chat_template) if chat_template else None
+        # Whether the template places the tools itself; if not, render_chat adds them as a system message.
+        self.template_takes_tools = (self._template is not None
+                                     and "tools" in template_variables(self._template, chat_template))
         self.stop_token_ids = frozenset({eos_id, *extra_stop_ids, *self._turn_end_ids()})
 
     # -- construction --
@@ -102,6 +107,8 @@ class HFTokenizer(Tokenizer):
         # Templates concatenate content as a string: an assistant turn that only called tools comes
         # back from OpenAI's clients with content null or absent, which is no text.
         messages = [dict(m, content="") if m.get("content") is None else m for m in openai_roles(messages)]
+        if tools and not self.template_takes_tools:
+            messages = with_tools_message(messages, hermes_tools_text(tools))
         return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token, eos_token=self.eos_token)
 
@@ -150,6 +157,14 @@ def compile_chat_template(source: str) -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
+
+
+def template_variables(template: Any, source: str) -> set[str]:
+    """The variables a chat template (compiled from source) reads from its caller: messages,
+    tools, add_generation_prompt..."""
+    from jinja2 import meta
+
+    return meta.find_undeclared_variables(template.environment.parse(source))
 
 
 def _set_bos_processor(tok: Any, bos_id: int | None, add_bos: bool) -> None:
