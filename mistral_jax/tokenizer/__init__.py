@@ -7,6 +7,7 @@ vocabularies otherwise, chat templates, and incremental detokenization.
 - gguf.py: a GGUF file's vocabulary rebuilt as a tokenizers.Tokenizer
 - load.py: `load_tokenizer`, which file a model path names per tokenizer_mode
 - stream.py: `StreamDecoder`, text from generated ids one token at a time
+- tool_prompt.py: tool definitions as prompt text, for chat templates with no place for them
 
 Tool calls (their types, parsing and grammars) are mistral_jax.tool_calls, the layer above.
 Importing this package never imports JAX: the server's HTTP processes use it."""
