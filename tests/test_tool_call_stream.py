@@ -171,17 +171,7 @@ def test_mistral_reply_cut_off_by_max_tokens(mistral_pairs, name):
     ours = mistral_pairs[name][0]
     ids = mistral_reply(mistral_pairs[name])
     first = ids.index(ours.special_id("[TOOL_CALLS]"))
-    completed_seen = set()
-    for cut in range(first + 1, len(ids)):  # max_tokens = cut: the reply ends after ids[:cut]
-        run = Run(ours, ids, max_tokens=cut)
-        assert run.finish == "length"
-        check_agrees(run)
-        message, finish = run.whole
-        assert finish == "length" and run.content == CONTENT and message["content"] == CONTENT, cut
-        completed = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
-                     for c in message.get("tool_calls", [])]
-        assert completed == [(n, a) for _, n, a in CALLS[: len(completed)]]
-        completed_seen.add(len(completed))
+    completed_seen = completed_at_cuts(ours, ids, range(first + 1, len(ids)))
     # cut in the first call, in the second with the first whole, and just before </s>
     assert completed_seen == {0, 1, 2}
 
@@ -243,17 +233,7 @@ def test_hermes_holds_back_only_what_could_begin_a_call(hermes):
 def test_hermes_reply_cut_off_by_max_tokens(hermes):
     ids = hermes_reply(hermes)
     marker_done = next(k for k in range(len(ids)) if "<tool_call>" in hermes.decode(ids[:k]))
-    completed_seen = set()
-    for cut in range(marker_done, len(ids)):
-        run = Run(hermes, ids, max_tokens=cut)
-        assert run.finish == "length"
-        check_agrees(run)
-        message, finish = run.whole
-        assert finish == "length" and run.content == CONTENT and message["content"] == CONTENT, cut
-        completed = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
-                     for c in message.get("tool_calls", [])]
-        assert completed == [(n, a) for _, n, a in CALLS[: len(completed)]]
-        completed_seen.add(len(completed))
+    completed_seen = completed_at_cuts(hermes, ids, range(marker_done, len(ids)))
     assert completed_seen == {0, 1, 2}  # 2: cut before "</tool_call>" of a whole second call
 
 
@@ -351,3 +331,21 @@ def test_finish_reason():
     assert finish_reason("length", begun=2, completed=1) == "length"  # cut off in a call
     assert finish_reason("length", begun=1, completed=1) == "length"  # cut off: more calls may have followed
     assert finish_reason("stop", begun=1, completed=0) == "stop"  # a call began and broke
+
+
+def completed_at_cuts(tokenizer, ids: list[int], cuts) -> set[int]:
+    """For each cut (max_tokens = cut: the reply ends after ids[:cut]): finish "length" in both
+    paths, which agree, the content exactly the text before the calls, and the completed calls a
+    prefix of CALLS. Returns how many calls had completed, per cut."""
+    completed_seen = set()
+    for cut in cuts:
+        run = Run(tokenizer, ids, max_tokens=cut)
+        assert run.finish == "length"
+        check_agrees(run)
+        message, finish = run.whole
+        assert finish == "length" and run.content == CONTENT and message["content"] == CONTENT, cut
+        completed = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                     for c in message.get("tool_calls", [])]
+        assert completed == [(n, a) for _, n, a in CALLS[: len(completed)]]
+        completed_seen.add(len(completed))
+    return completed_seen
