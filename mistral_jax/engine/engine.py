@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 
 from mistral_jax.cache.page_allocator import PageAllocator
 from mistral_jax.cache.paged import page_bytes
-from mistral_jax.engine import cache_size
+from mistral_jax.engine import cache_size, sizing
 from mistral_jax.engine.args import check_serving_ranges
 from mistral_jax.engine.buckets import Buckets
 from mistral_jax.engine.draft import DraftModel
@@ -81,7 +81,7 @@ class Engine:
         """draft: the draft model of speculative_config's draft_model method, loaded. kernels: the
         ones the model was loaded for (build's choose_kernels); None: chosen here for the mesh's
         platform and config.attention_impl. Their platform sets the token buckets too."""
-        self.cfg, self.dtype = model.cfg, model.dtype
+        self.cfg, self.dtype, self.quantization = model.cfg, model.dtype, model.quantization
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.config = config
@@ -271,10 +271,19 @@ class Engine:
             per_page += self.draft.page_bytes(self.page_size)
         if self.config.num_pages is not None:
             return self.config.num_pages
-        return cache_size.num_pages(
-            per_page, stats=self.device_memory(), gpu_memory_utilization=self.config.gpu_memory_utilization,
-            activations=self._activation_bytes(), tp=mesh_size(self.mesh, "tp"),
-            max_num_seqs=self.config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq)
+        try:
+            return cache_size.num_pages(
+                per_page, stats=self.device_memory(), gpu_memory_utilization=self.config.gpu_memory_utilization,
+                activations=self._activation_bytes(), tp=mesh_size(self.mesh, "tp"),
+                max_num_seqs=self.config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq)
+        except ValueError as e:
+            if self.kernels.platform != "tpu":
+                raise
+            hint = sizing.fit_hint(self.cfg, self.dtype, self.quantization,
+                                   max_model_len=self.max_model_len, max_num_seqs=self.config.max_num_seqs,
+                                   max_num_batched_tokens=self.config.max_num_batched_tokens,
+                                   page_size=self.page_size)
+            raise ValueError(f"{e}. On TPU, {hint}") from None
 
     def describe_cache(self) -> str:
         gib = self.num_pages * page_bytes(self.cfg, self.page_size, self.dtype) / 2**30 / mesh_size(self.mesh, "tp")
