@@ -69,3 +69,27 @@ def test_nan_garbage_does_not_leak_stacked_layer():
                                      layer=jnp.int32(1), interpret=True)
     assert np.isfinite(np.asarray(out)).all()
     assert rel_err(out, ref) < 1e-5
+
+
+# The smallest default scoped VMEM limit of the generations we lower for (v5e's 16 MiB; v6e and
+# v7x allow more): a kernel under it fits every one.
+SCOPED_VMEM = 16 << 20
+
+
+@pytest.mark.parametrize("config", ["mistral-small-2409", "mistral-small-2501"])
+def test_vmem_per_program_fits_every_generation_at_any_step_size(config):
+    """The attention kernel holds one query block, not the step's tokens: its VMEM is the same at
+    1 and 2,048 tokens and under the limit at every tp; the FP8 product's largest plan too."""
+    from mistral_jax.config import ModelConfig
+    from pallas_kernels.fp8_matmul.tpu import plan
+    from pallas_kernels.fp8_matmul.tpu import vmem_bytes as fp8_vmem
+    from pallas_kernels.ragged_paged_attention.tpu import vmem_bytes
+
+    cfg = ModelConfig.named(config)
+    for tp in (1, 2, 4, 8):
+        heads, kv = cfg.n_heads // tp, cfg.n_kv_heads // tp
+        assert vmem_bytes(heads, kv, cfg.head_dim, 16, jnp.bfloat16) < SCOPED_VMEM // 8, tp
+        for m in (1, 256, 2048):
+            for n, k in ((cfg.hidden_dim // tp, cfg.dim), (cfg.dim, cfg.hidden_dim // tp)):
+                assert fp8_vmem(**plan(m, n, k)) < SCOPED_VMEM // 2, (tp, m, n, k)
+

@@ -25,7 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.fp8_matmul.common import check_stacked
 from pallas_kernels.fp8_matmul.reference import quantize_unless
 
-__all__ = ["fp8_matmul_tpu", "plan"]
+__all__ = ["fp8_matmul_tpu", "plan", "vmem_bytes"]
 
 
 def _round_up(a: int, b: int) -> int:
@@ -43,6 +43,14 @@ def plan(m: int, n: int, k: int) -> dict:
     bn, bk multiples of 128; caps keep the double-buffered blocks a few MiB of VMEM."""
     return dict(bm=min(256, _round_up(m, 32)), bn=min(512, _round_up(n, 128)),
                 bk=min(512, _round_up(k, 128)))
+
+
+def vmem_bytes(bm: int, bn: int, bk: int, out_dtype=jnp.bfloat16) -> int:
+    """VMEM of one grid step: the double-buffered x, x-scale, w, w-scale and output blocks, the f32
+    accumulator, and the bf16 copies of the x and w blocks the dot takes. Kept under each TPU
+    generation's scoped VMEM limit by a test."""
+    blocks = bm * bk + bm * 4 + bn * bk + bn * 4 + bm * bn * jnp.dtype(out_dtype).itemsize
+    return 2 * blocks + bm * bn * 4 + 2 * (bm * bk + bn * bk)
 
 
 def _kernel(layer_ref, x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref):

@@ -1,26 +1,27 @@
 """Ragged paged attention as a Pallas TPU kernel (spec: `reference.py`).
 
 Design. Grid = (max_seqs,): program s handles live sequence s (programs with s >= num_seqs do
-nothing). kv_lens, page_indices, cu_q_lens, num_seqs and layer are scalar-prefetch operands
-(SMEM). The packed queries and the output are whole VMEM blocks, padded by one query block of
-rows so a block starting at any row cu_q_lens[s] stays in bounds; the output block is
-resident across the grid (zeroed by program 0), so padding rows come out as exact zeros.
-Inside a program: a loop over query blocks of `block_q` rows of the sequence, and for each a
-loop over the sequence's pages. Pages stay in HBM (`memory_space=ANY`); each [page_size,
-n_kv_heads, head_dim] page of K and V (from the stacked 5-D pool with the layer index in the
-DMA source, never sliced in XLA) is copied whole into a 2-slot VMEM buffer with
-`make_async_copy`, page j+1 being fetched while page j is computed. DMA'd refs are only
-indexed, never reshaped (the failure of the public kernels in interpret mode). Online softmax
-(flash attention) in f32 per kv head over its group of query heads; scores at cache positions
->= kv_len are masked and those value rows zeroed, so stale NaN garbage cannot leak.
+nothing); the grid runs in order ("arbitrary"). kv_lens, page_indices, cu_q_lens, num_seqs and
+layer are scalar-prefetch operands (SMEM). The packed queries, the pools and the output stay in
+HBM (`memory_space=ANY`): VMEM holds one query block and one output block of `block_q` rows at a
+time, whatever the step's token count (a whole-step q block would outgrow VMEM: 17 MiB at 512
+tokens of Mistral-Small-2501, over v5e's scoped default; `vmem_bytes`). Inside a program: a loop
+over query blocks of the sequence; each is copied in from its row cu_q_lens[s] + b * block_q (q is
+padded by one block so it stays in bounds), then a loop over the sequence's pages: each
+[page_size, n_kv_heads, head_dim] page of K and V (from the stacked 5-D pool with the layer index
+in the DMA source, never sliced in XLA) is copied whole into a 2-slot VMEM buffer with
+`make_async_copy`, page j+1 being fetched while page j is computed. DMA'd refs are only indexed,
+never reshaped (the failure of the public kernels in interpret mode). Online softmax (flash
+attention) in f32 per kv head over its group of query heads; scores at cache positions >= kv_len
+are masked and those value rows zeroed, so stale NaN garbage cannot leak. The block is copied out
+to the same rows, rows past the sequence as zeros: they belong to a later sequence, which writes
+them after, or to padding. The output starts as zeros (an aliased operand), so rows no sequence
+writes are exact zeros.
 
 Shapes compile once per static (T, S, pages_per_seq, ...) bucket: num_seqs, kv_lens and
-cu_q_lens are traced. Limits / what a real TPU needs: VMEM must hold q and the output whole
-(T * n_heads * head_dim, fine for serving-step token budgets of a few thousand at Mistral-Small
-shapes, 8 MiB in bf16 for T=1024); the Mosaic layout wants the last two dims of the page
-buffers, (n_kv_heads, head_dim), tile-friendly -- head_dim a multiple of 128 (pad it to 128 at
-cache allocation for head_dim 24/64) and page_size a multiple of 8 (16 for bf16) for
-efficient DMA. Interpret mode (CPU) accepts any of head_dim 24/64/128 and page_size 1..128.
+cu_q_lens are traced. What a real TPU needs: head_dim a multiple of 128 (pad it to 128 at cache
+allocation for head_dim 24/64) and page_size a multiple of 8 (16 for bf16) for efficient DMA.
+Interpret mode (CPU) accepts any of head_dim 24/64/128 and page_size 1..128.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ragged_paged_attention.common import MASK_VALUE
 
-__all__ = ["ragged_paged_attention_tpu"]
+__all__ = ["ragged_paged_attention_tpu", "vmem_bytes"]
 
 _ANY = getattr(pltpu, "ANY", None) or getattr(pl, "ANY", None) or pltpu.MemorySpace.ANY
 _SMEM = getattr(pltpu, "SMEM", None) or pltpu.MemorySpace.SMEM
@@ -48,22 +49,31 @@ def _interpret_arg(interpret: bool):
     return True
 
 
+def vmem_bytes(n_heads: int, n_kv: int, head_dim: int, page_size: int, dtype, *, block_q: int = 8) -> int:
+    """VMEM one program uses, whatever the step's token count: the 2-slot K and V page buffers,
+    the query and output blocks, and the f32 online-softmax state and temporaries of one query
+    block (scores, probabilities and accumulators of every kv head's group, as the body holds
+    them at once). Kept under each TPU generation's scoped VMEM limit by a test."""
+    item = jnp.dtype(dtype).itemsize
+    rows = block_q * (n_heads // n_kv)
+    pages = 2 * 2 * page_size * n_kv * head_dim * item  # k_buf, v_buf
+    blocks = 2 * block_q * n_heads * head_dim * item  # q_buf, o_buf
+    state = n_kv * rows * (2 + head_dim) * 4 * 2  # m, row_sum, acc (and their next values)
+    temps = n_kv * rows * (2 * page_size + head_dim) * 4 + n_kv * rows * head_dim * item  # scores, p, pv; q heads
+    return pages + blocks + state + temps
+
+
 def _kernel(kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_ref, layer_ref,
-            q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sem,
+            q_hbm, k_hbm, v_hbm, _zeros_hbm, o_hbm, k_buf, v_buf, q_buf, o_buf, sem, io_sem,
             *, block_q, page_size, n_kv, group, scale, stacked):
     s = pl.program_id(0)
-
-    @pl.when(s == 0)
-    def _():
-        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
-
     kv_len = kv_lens_ref[s]
     q_start = cu_q_lens_ref[s]
     q_len = cu_q_lens_ref[s + 1] - q_start
     n_pages = (kv_len + page_size - 1) // page_size
     n_qblocks = (q_len + block_q - 1) // block_q
     live = (s < num_seqs_ref[0]) & (q_len > 0) & (n_pages > 0)
-    head_dim = q_ref.shape[-1]
+    head_dim = q_hbm.shape[-1]
     rows = block_q * group
 
     def copies(j, slot):
@@ -87,7 +97,10 @@ def _kernel(kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_ref, layer_re
     def _():
         def q_block(b, carry):
             r0 = q_start + b * block_q
-            qblk = q_ref[pl.ds(r0, block_q)]  # [block_q, Hq, D]
+            fetch_q = pltpu.make_async_copy(q_hbm.at[pl.ds(r0, block_q)], q_buf, io_sem.at[0])
+            fetch_q.start()
+            fetch_q.wait()
+            qblk = q_buf[...]  # [block_q, Hq, D]
             # Row r of the flattened [block_q * group] rows is query row r // group.
             qi = b * block_q + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group
             q_pos = kv_len - q_len + qi  # [rows, 1]
@@ -132,9 +145,13 @@ def _kernel(kv_lens_ref, page_indices_ref, cu_q_lens_ref, num_seqs_ref, layer_re
             m, row_sum, acc = jax.lax.fori_loop(0, n_pages, page_step, init)
             out = acc / row_sum  # [Hkv, rows, D]; row_sum >= 1 since MASK_VALUE is finite
             out = jnp.concatenate([out[h].reshape(block_q, group, head_dim) for h in range(n_kv)], axis=1)
+            # Rows past q_len belong to later sequences (written after this one: the grid runs in
+            # order) or are padding: zeros here, their own values later.
             row_ok = (b * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1, 1), 0)) < q_len
-            old = o_ref[pl.ds(r0, block_q)]
-            o_ref[pl.ds(r0, block_q)] = jnp.where(row_ok, out.astype(o_ref.dtype), old)
+            o_buf[...] = jnp.where(row_ok, out.astype(o_buf.dtype), jnp.zeros((), o_buf.dtype))
+            write = pltpu.make_async_copy(o_buf, o_hbm.at[pl.ds(r0, block_q)], io_sem.at[1])
+            write.start()
+            write.wait()
             return carry
 
         jax.lax.fori_loop(0, n_qblocks, q_block, 0)
@@ -151,26 +168,28 @@ def _rpa(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, layer,
     qp = jnp.pad(q, ((0, block_q), (0, 0), (0, 0)))
     kernel = functools.partial(_kernel, block_q=block_q, page_size=page_size, n_kv=n_kv,
                                group=group, scale=sm_scale, stacked=stacked)
-    full = lambda s, *_: (0, 0, 0)  # noqa: E731
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=5,
         grid=(S,),
-        in_specs=[pl.BlockSpec(qp.shape, full),
-                  pl.BlockSpec(memory_space=_ANY),
-                  pl.BlockSpec(memory_space=_ANY)],
-        out_specs=pl.BlockSpec(qp.shape, full),
+        in_specs=[pl.BlockSpec(memory_space=_ANY)] * 4,  # q, the k and v pools, the zeroed output
+        out_specs=pl.BlockSpec(memory_space=_ANY),
         scratch_shapes=[pltpu.VMEM((2, page_size, n_kv, head_dim), k_pages.dtype),
                         pltpu.VMEM((2, page_size, n_kv, head_dim), v_pages.dtype),
-                        pltpu.SemaphoreType.DMA((2, 2))],
+                        pltpu.VMEM((block_q, n_heads, head_dim), q.dtype),
+                        pltpu.VMEM((block_q, n_heads, head_dim), q.dtype),
+                        pltpu.SemaphoreType.DMA((2, 2)),
+                        pltpu.SemaphoreType.DMA((2,))],
     )
     cp = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
     out = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        # The output starts as zeros (operand 8, aliased): rows no live sequence writes stay 0.
+        input_output_aliases={8: 0},
         compiler_params=cp(dimension_semantics=("arbitrary",)),
         interpret=_interpret_arg(interpret),
-    )(kv_lens, page_indices, cu_q_lens, num_seqs, layer, qp, k_pages, v_pages)
+    )(kv_lens, page_indices, cu_q_lens, num_seqs, layer, qp, k_pages, v_pages, jnp.zeros_like(qp))
     return out[:T]
 
 
