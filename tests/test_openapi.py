@@ -11,10 +11,12 @@ from starlette.testclient import TestClient
 from test_server_units import MODEL, FakeEngine, FakeTokenizer
 
 from mistral_jax.entrypoints.server.app import create_app
+from mistral_jax.entrypoints.server.messages_protocol import ANTHROPIC_PATHS
 
-POSTS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
-STREAMED = ["/v1/completions", "/v1/chat/completions"]
+POSTS = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"]
+STREAMED = ["/v1/completions", "/v1/chat/completions", "/v1/responses"]
 ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
+ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicErrorResponse"}  # on ANTHROPIC_PATHS
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def operations(doc):
 
 
 def test_every_route_is_documented(doc):
-    assert set(doc["paths"]) == {"/health", "/v1/models", "/metrics", "/tokenizer_info", *POSTS}
+    assert set(doc["paths"]) == {"/health", "/v1/models", "/metrics", "/tokenizer_info", *POSTS,
+                                 "/v1/responses/{response_id}", *ANTHROPIC_PATHS}
 
 
 def test_no_422_anywhere(doc):
@@ -46,8 +49,9 @@ def test_errors_are_openais_error_object(doc):
     assert set(obj["required"]) == {"message", "type", "param", "code"}
     for path in POSTS:
         assert doc["paths"][path]["post"]["responses"]["400"]["content"] == {"application/json": {"schema": ERROR}}
-    for path, method, op in operations(doc):  # whatever else goes wrong, on every route
-        assert op["responses"]["default"]["content"] == {"application/json": {"schema": ERROR}}, (method, path)
+    for path, method, op in operations(doc):  # whatever else goes wrong, on every route: its API's error object
+        error = ANTHROPIC_ERROR if path in ANTHROPIC_PATHS else ERROR
+        assert op["responses"]["default"]["content"] == {"application/json": {"schema": error}}, (method, path)
 
 
 def test_media_types_are_what_is_sent(doc):
@@ -98,7 +102,8 @@ def test_schemathesis_finds_the_server_as_documented():
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
               response_headers_conformance]
     streamed = {"/v1/completions": {"prompt": "hi", "stream": True},
-                "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "stream": True}}
+                "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+                "/v1/responses": {"input": "hi", "stream": True}}
     failures = []
     for result in schema.get_all_operations():
         operation = result.ok()

@@ -8,6 +8,10 @@
 - app.py: the app (guard, error handlers, router); routes.py: the endpoints; context.py: what
   every route shares;
 - completions.py, chat.py: the two generation endpoints and their stream state machines;
+  tool_call_stream.py: a reply's tool calls as chat deltas, as it is generated;
+- responses.py (+ responses_protocol.py): OpenAI's Responses API over chat's jobs;
+  messages.py (+ messages_protocol.py): Anthropic's Messages API over chat's jobs;
+- chat_page.py: the chat page at / (static/chat.html: one file, no network);
 - request_params.py: request -> SamplingParams, the one validation path; inputs.py, usage.py,
   events.py, sse.py, logprobs.py, errors.py, guard.py, warmup.py, constraints.py, metrics.py.
 """

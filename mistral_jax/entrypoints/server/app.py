@@ -15,7 +15,7 @@ import contextlib
 
 from fastapi import FastAPI
 
-from mistral_jax.entrypoints.server import routes
+from mistral_jax.entrypoints.server import chat_page, messages, responses, routes
 from mistral_jax.entrypoints.server.bridge import EngineClient
 from mistral_jax.entrypoints.server.context import ServerContext
 from mistral_jax.entrypoints.server.errors import (
@@ -67,4 +67,7 @@ def create_app(bridge: EngineClient, tokenizer, served_model_name: str | None = 
                        fault=lambda: bridge.fault)
     app.add_middleware(RequestIds)  # added last: the outermost, so the Guard's refusals carry an id too
     app.include_router(routes.router)
+    app.include_router(responses.router)  # /v1/responses (OpenAI's Responses API)
+    app.include_router(messages.router)  # /v1/messages (Anthropic's Messages API)
+    app.include_router(chat_page.router)  # the chat page at / and /chat
     return app

@@ -51,16 +51,7 @@ from mistral_jax.entrypoints.server.usage import Usage
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, request: Request):
     """The response to a checked request: a body (dict), or an EventStream when req.stream.
     Every check runs before any job reaches the engine."""
-    ctx.check_model(req.model)
-    tools = request_tools(req)
-    check_text(req.stop, "stop")
-    check_text(req.tools, "tools")
-    ids = within_context(await templated(ctx.tokenizing.encode_chat(chat_messages(req.messages), tools,
-                                                                    is_big(request))),
-                         "the conversation", ctx.max_model_len)
-    params = chat_params(req, ctx.defaults)
-    jobs = [(c, ids, admit(ctx.bridge, ids, seeded(params, c), "the conversation", req)) for c in range(req.n)]
-    jobs = await constrained(jobs, req, ctx.tokenizer, tools, ctx.vocab_size)
+    tools, ids, jobs = await chat_jobs(ctx, req, request)
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
             "model": ctx.model_name}
     streams = submit(ctx.bridge, jobs, request)
@@ -78,6 +69,24 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
         usage.add_result(index, ids, r.token_ids, r.cached)
     return dict(head, choices=choices, usage=usage.body())
+
+
+async def chat_jobs(ctx: ServerContext, req: ChatCompletionRequest, request: Request):
+    """A chat request checked and made into the engine's jobs: (the tools the template shows, the
+    prompt ids, the jobs (choice index, ids, params), each with the request's output constraint).
+    Every check runs here, before any job reaches the engine. /v1/responses and /v1/messages
+    build their jobs here too (responses.py, messages.py), from the chat request theirs amounts
+    to, so every endpoint templates, samples and constrains alike."""
+    ctx.check_model(req.model)
+    tools = request_tools(req)
+    check_text(req.stop, "stop")
+    check_text(req.tools, "tools")
+    ids = within_context(await templated(ctx.tokenizing.encode_chat(chat_messages(req.messages), tools,
+                                                                    is_big(request))),
+                         "the conversation", ctx.max_model_len)
+    params = chat_params(req, ctx.defaults)
+    jobs = [(c, ids, admit(ctx.bridge, ids, seeded(params, c), "the conversation", req)) for c in range(req.n)]
+    return tools, ids, await constrained(jobs, req, ctx.tokenizer, tools, ctx.vocab_size)
 
 
 def _message(tokenizer, r: Result, tools) -> tuple[dict[str, Any], str | None]:

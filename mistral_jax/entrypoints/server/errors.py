@@ -6,7 +6,8 @@ validation errors and the engine's refusals into JSON error responses. Anything 
 request raises is a fault of ours, which RequestIds (the outermost layer of the app) answers:
 every response carries its request id (the `x-request-id` header), and a fault is logged once,
 with its traceback and that id, and answered with a 500 naming the id; the connection stays
-open and the server serves on."""
+open and the server serves on. On the paths of Anthropic's Messages API (/v1/messages), every
+such error comes as Anthropic's error object instead (its type, the field first in its message)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistral_jax.entrypoints.server.bridge import EngineStopped, RequestFailed
 from mistral_jax.entrypoints.server.constraints import ConstraintError
+from mistral_jax.entrypoints.server.messages_protocol import ANTHROPIC_PATHS, anthropic_error_body
 from mistral_jax.entrypoints.server.protocol import ErrorType, error_body
 
 log = logging.getLogger("mistral_jax.server")
@@ -66,7 +68,22 @@ class ErrorResponse(BaseModel):
 
 def error_response(status: int, message: str, param: str | None = None,
                    type_: ErrorType = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, status), status_code=status)
+    return _ErrorJSON(status, message, param, type_)
+
+
+class _ErrorJSON(JSONResponse):
+    """An error as OpenAI's error object, or as Anthropic's on the paths of Anthropic's Messages
+    API (messages_protocol.ANTHROPIC_PATHS), chosen by the path it answers when it is sent: every
+    error (a handler's, the Guard's 401/413/503, a fault's 500) speaks the API its route speaks."""
+
+    def __init__(self, status: int, message: str, param: str | None, type_: ErrorType):
+        super().__init__(error_body(message, type_, param, status), status_code=status)
+        self.anthropic = anthropic_error_body(status, message, param, type_)
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("path") in ANTHROPIC_PATHS:
+            return await JSONResponse(self.anthropic, status_code=self.status_code)(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -163,7 +180,10 @@ class RequestIds:
                 await error_response(500, message, type_="server_error")(scope, receive, send_with_id)
             elif not ended:
                 tail = b""
-                if event_stream:
+                if event_stream and scope["path"] in ANTHROPIC_PATHS:  # Anthropic's error event
+                    event = anthropic_error_body(500, message, None, "server_error")
+                    tail = f"event: error\ndata: {json.dumps(event)}\n\n".encode()
+                elif event_stream:
                     event = error_body(message, "server_error", None, 500)
                     tail = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
                 await send({"type": "http.response.body", "body": tail, "more_body": False})

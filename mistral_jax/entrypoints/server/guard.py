@@ -9,18 +9,22 @@ from __future__ import annotations
 import hmac
 import time
 
+from mistral_jax.entrypoints.server.messages_protocol import ANTHROPIC_PATHS
+
 MAX_BODY_BYTES = 8 << 20  # the default limit on a request's body
 
 
 class Guard:
     """Every request, before any route runs: when the engine has stopped, a 503 that says why
     (every endpoint: the server is on its way out); with an API key, a 401 for a missing or wrong
-    key (constant-time comparison) on every path but /health (and /metrics with public_metrics);
-    a body over the limit, a 413. The limit holds on the bytes read, whatever the transfer
-    encoding: the body is read here, chunk by chunk, and refused as soon as it passes the limit,
-    before anything parses it (a chunked body carries no Content-Length to check up front)."""
+    key (constant-time comparison) on every path but /health, /metrics with public_metrics, and
+    the chat page (/ and /chat: a static page with no secret, which asks for the key and sends it
+    with its API calls; chat_page.py); a body over the limit, a 413. The limit holds on the bytes
+    read, whatever the transfer encoding: the body is read here, chunk by chunk, and refused as
+    soon as it passes the limit, before anything parses it (a chunked body carries no
+    Content-Length to check up front)."""
 
-    OPEN_PATHS = ("/health",)
+    OPEN_PATHS = ("/health", "/", "/chat")
 
     def __init__(self, app, max_body_bytes: int, api_key: str | None, reject, fault, public_metrics: bool = False):
         self.app, self.max_body_bytes, self.reject, self.fault = app, max_body_bytes, reject, fault
@@ -37,8 +41,13 @@ class Guard:
         if self.api_key is not None and scope["path"] not in self.open_paths:
             given = headers.get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
+            anthropic = scope["path"] in ANTHROPIC_PATHS  # Anthropic's clients send the key as x-api-key
+            if anthropic and not token:
+                token = headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(token, self.api_key):
-                return await self.reject(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                how = "'x-api-key: <key>' or 'Authorization: Bearer <key>'" if anthropic else \
+                    "'Authorization: Bearer <key>'"
+                return await self.reject(401, f"missing or wrong API key: send {how}",
                                          "authentication_error")(scope, receive, send)
         too_big = self.reject(413, f"the body is over {self.max_body_bytes} bytes: send a smaller request",
                               "invalid_request_error")
