@@ -27,9 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mistral_jax.loading.default_model import default_model_path
-
-from helpers.server import Server
+from helpers.server import default_model_server
 
 NAME = "SmolLM2-135M-Instruct"
 KEY = "chat-page-test-key"
@@ -51,8 +49,7 @@ def test_the_page_loads_nothing_from_elsewhere():
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(default_model_path(), "--served-model-name", NAME, "--max-model-len", "2048", "--num-pages", "600",
-               "--no-warmup", api_key=KEY)
+    s = default_model_server(api_key=KEY)
     try:
         yield s
     finally:

@@ -35,7 +35,7 @@ import pytest
 
 from mistral_jax.loading.default_model import default_model_path
 
-from helpers.server import Server
+from helpers.server import default_model_server
 
 NAME = "SmolLM2-135M-Instruct"  # the default model's served name when no --model is given
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -45,8 +45,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def server():
     """The default model, in float32 (the CPU default) as lm-eval's hf backend runs it; no warm-up:
     the few programs these clients need compile on first use."""
-    s = Server(default_model_path(), "--served-model-name", NAME, "--max-model-len", "2048", "--num-pages", "600",
-               "--no-warmup")
+    s = default_model_server()
     try:
         yield s
     finally:

@@ -28,9 +28,8 @@ from test_server_units import EOS, MODEL, TOOL_CALLS, FakeEngine, FakeTokenizer,
 from mistral_jax.engine.outputs import StepEvent
 from mistral_jax.entrypoints.server.app import create_app
 from mistral_jax.entrypoints.server.bridge import EngineStopped
-from mistral_jax.loading.default_model import default_model_path
 
-from helpers.server import Server
+from helpers.server import default_model_server
 
 NAME = "SmolLM2-135M-Instruct"  # the default model's served name when no --model is given
 GREEDY = {"temperature": 0}  # the anthropic client sends sampling fields as extra_body
@@ -43,8 +42,7 @@ WEATHER_FUNCTION = {"type": "function", "function": {"name": WEATHER["name"], "d
 @pytest.fixture(scope="module")
 def server():
     """The default model; no warm-up: the few programs these requests need compile on first use."""
-    s = Server(default_model_path(), "--served-model-name", NAME, "--max-model-len", "2048", "--num-pages", "600",
-               "--no-warmup")
+    s = default_model_server()
     try:
         yield s
     finally:

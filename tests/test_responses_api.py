@@ -36,9 +36,8 @@ from test_server_units import CALL, EOS, TOOL_CALLS, FakeEngine, FakeTokenizer, 
 from mistral_jax.engine.outputs import StepEvent
 from mistral_jax.entrypoints.server.bridge import RequestFailed
 from mistral_jax.entrypoints.server.responses import ResponseStore
-from mistral_jax.loading.default_model import default_model_path
 
-from helpers.server import Server
+from helpers.server import default_model_server
 
 # The SDK's event types by their `type` (its union is discriminated by the SDK, not by pydantic).
 EVENTS = {typing.get_args(cls.model_fields["type"].annotation)[0]: cls
@@ -271,8 +270,7 @@ CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items(
 def client():
     """The default model without the prefix cache (module docstring), no warm-up: the few programs
     these requests need compile on first use."""
-    s = Server(default_model_path(), "--served-model-name", NAME, "--max-model-len", "2048", "--num-pages", "600",
-               "--no-warmup", "--no-enable-prefix-caching")
+    s = default_model_server("--no-enable-prefix-caching")
     try:
         yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=300)
     finally:

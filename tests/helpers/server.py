@@ -100,3 +100,16 @@ def wait_gone(pid: int, seconds: float) -> bool:
     return False
 
 
+
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"  # the default model's served name when no --model is given
+
+
+def default_model_server(*extra: str, api_key: str | None = None) -> Server:
+    """The embedded default model as its users start it, with the settings the client suites
+    share: a 2k context, 600 pages, no warm-up (the few programs a suite needs compile on first
+    use), served under its own name."""
+    from mistral_jax.loading.default_model import default_model_path
+
+    return Server(default_model_path(), "--served-model-name", DEFAULT_NAME, "--max-model-len", "2048",
+                  "--num-pages", "600", "--no-warmup", *extra, api_key=api_key)
