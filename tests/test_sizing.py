@@ -49,6 +49,7 @@ def test_weights_per_chip_equal_what_the_loader_places(quantization):
         leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
 
 
+@pytest.mark.slow
 def test_a_slice_fit_is_the_engines_own_sizing(monkeypatch):
     """An engine whose device reports a v5e chip's limit with its weights in use sizes its cache
     to the pages sizing.fit reports."""
